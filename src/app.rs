@@ -1,0 +1,201 @@
+//! The running proxy: shared state, the listener and admin server, signals, and the graceful
+//! drain (stop accepting, not ready, let sessions finish within `shutdown_grace`, end the rest,
+//! revoke every outstanding lease, exit).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cancel::CancelMap;
+use crate::config::{Config, DatabaseConfig};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::tls::{self, TlsError};
+use crate::vault::{Revoker, VaultClient, VaultError};
+
+/// A `[[databases]]` entry with its ready-made TLS connector.
+pub struct DatabaseEntry {
+    /// The configured entry.
+    pub config: DatabaseConfig,
+    /// TLS towards the upstream, `None` for `tls = "disable"`.
+    pub tls: Option<TlsConnector>,
+}
+
+/// Everything sessions share.
+pub struct AppState {
+    /// Client-facing TLS.
+    pub tls: TlsAcceptor,
+    /// The compiled grants.
+    pub policy: Policy,
+    /// Database entries by client-facing name.
+    pub databases: HashMap<String, Arc<DatabaseEntry>>,
+    /// Vault client (shared connection pool).
+    pub vault: Arc<VaultClient>,
+    /// Background revocation queue.
+    pub revoker: Revoker,
+    /// Every exported metric.
+    pub metrics: Arc<Metrics>,
+    /// Cancel keys of live sessions.
+    pub cancels: Arc<CancelMap>,
+    /// Limit for TLS handshake plus startup packet.
+    pub login_timeout: Duration,
+    /// False while starting and while draining.
+    ready: AtomicBool,
+}
+
+impl AppState {
+    /// Whether `/readyz` should answer 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Failures starting the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material problems.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// Vault client problems.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// Builds the shared state (must run inside a Tokio runtime: the revoker starts here).
+pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let vault = Arc::new(VaultClient::new(&config.vault, metrics.clone())?);
+    let mut databases = HashMap::new();
+    for db in &config.databases {
+        let entry = DatabaseEntry {
+            tls: tls::upstream::connector(db)?,
+            config: db.clone(),
+        };
+        databases.insert(db.name.clone(), Arc::new(entry));
+    }
+    Ok(Arc::new(AppState {
+        tls: tls::server::acceptor(&config.listen)?,
+        policy: Policy::new(&config.grants),
+        databases,
+        revoker: Revoker::spawn(vault.clone(), metrics.clone()),
+        vault,
+        metrics,
+        cancels: Arc::new(CancelMap::default()),
+        login_timeout: config.listen.login_timeout,
+        ready: AtomicBool::new(false),
+    }))
+}
+
+/// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let state = build_state(&config)?;
+    let listener = TcpListener::bind(config.listen.address)
+        .await
+        .map_err(|e| StartError::Bind(config.listen.address, e))?;
+    let accepting = CancellationToken::new();
+    let sessions = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    if let Some(metrics) = &config.metrics {
+        let admin = TcpListener::bind(metrics.address)
+            .await
+            .map_err(|e| StartError::Bind(metrics.address, e))?;
+        tracing::info!(address = %admin.local_addr().map_err(|e| StartError::Bind(metrics.address, e))?, "metrics listening");
+        tokio::spawn(crate::admin::serve(
+            admin,
+            state.clone(),
+            admin_stop.clone(),
+        ));
+    }
+    let local = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.listen.address, e))?;
+    let tracker = TaskTracker::new();
+    let accept = tokio::spawn(crate::listener::accept_loop(
+        listener,
+        state.clone(),
+        config.listen.max_connections,
+        tracker.clone(),
+        accepting.clone(),
+        sessions.clone(),
+    ));
+    state.ready.store(true, Ordering::SeqCst);
+    tracing::info!(address = %local, "leasegate listening");
+
+    let mut signals = Signals::new();
+    let signal = signals.next().await;
+    tracing::info!(signal, grace = ?config.listen.shutdown_grace, "shutting down: no new sessions");
+    state.ready.store(false, Ordering::SeqCst);
+    accepting.cancel();
+    let _ = accept.await;
+    tracker.close();
+    let drain = async {
+        if tokio::time::timeout(config.listen.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = tracker.len(),
+                "grace period over: ending open sessions"
+            );
+            sessions.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+        }
+        let left = state.revoker.drain(config.vault.timeout * 4).await;
+        if left > 0 {
+            tracing::error!(
+                pending = left,
+                "leases left unrevoked at exit; they expire at their TTL"
+            );
+        }
+    };
+    tokio::select! {
+        _ = drain => tracing::info!("shutdown complete"),
+        s = signals.next() => {
+            tracing::warn!(signal = s, "second signal: exiting immediately");
+            std::process::exit(130);
+        }
+    }
+    admin_stop.cancel();
+    Ok(())
+}
+
+/// SIGTERM and SIGINT as one stream.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.term) => "SIGTERM",
+            _ = recv(&mut self.int) => "SIGINT",
+        }
+    }
+}

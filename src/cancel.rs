@@ -1,0 +1,141 @@
+//! Query cancellation. Each session gets a random key of leasegate's own, mapped to the
+//! upstream's key; a CancelRequest with a known key is forwarded to the upstream over a fresh
+//! connection (TLS per the database entry). Unknown keys are dropped silently. Secrets are
+//! compared in constant time, and a session's key is removed when the session ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::app::DatabaseEntry;
+use crate::protocol::startup::CancelKey;
+
+/// Where a cancel for one session must go.
+#[derive(Clone)]
+pub struct CancelTarget {
+    /// The database entry the session is connected to.
+    pub database: Arc<DatabaseEntry>,
+    /// The upstream backend's pid.
+    pub pid: i32,
+    /// The upstream backend's secret.
+    pub secret: i32,
+}
+
+struct Entry {
+    secret: [u8; 4],
+    target: CancelTarget,
+}
+
+/// Proxy key → upstream key.
+#[derive(Default)]
+pub struct CancelMap {
+    entries: Mutex<HashMap<i32, Entry>>,
+}
+
+/// Removes the key from the map when the session ends.
+pub struct Registration {
+    map: Arc<CancelMap>,
+    pid: i32,
+    /// The key handed to the client: (pid, secret).
+    pub key: (i32, i32),
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut entries) = self.map.entries.lock() {
+            entries.remove(&self.pid);
+        }
+    }
+}
+
+impl CancelMap {
+    /// Issues a fresh random key for `target`.
+    pub fn register(self: &Arc<Self>, target: CancelTarget) -> Registration {
+        let mut rng = rand::rng();
+        let secret: i32 = rng.random();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = loop {
+            let pid = rng.random_range(1..i32::MAX);
+            if !entries.contains_key(&pid) {
+                break pid;
+            }
+        };
+        entries.insert(
+            pid,
+            Entry {
+                secret: secret.to_be_bytes(),
+                target,
+            },
+        );
+        Registration {
+            map: self.clone(),
+            pid,
+            key: (pid, secret),
+        }
+    }
+
+    /// The target for a client's cancel key, if the key is one of ours.
+    pub fn lookup(&self, key: &CancelKey) -> Option<CancelTarget> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.get(&key.pid)?;
+        constant_time_eq(&entry.secret, &key.secret).then(|| entry.target.clone())
+    }
+
+    /// Number of live keys.
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    /// True when no session holds a key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Sends the cancel to the upstream; failures are logged, never reported to the requester
+/// (PostgreSQL does not answer cancel requests either).
+pub async fn forward(target: CancelTarget) {
+    let db = &target.database;
+    let attempt = async {
+        let mut stream = crate::upstream::connect(&db.config, db.tls.as_ref()).await?;
+        let mut buf = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::cancel_request(target.pid, target.secret, &mut buf);
+        stream.write_all(&buf).await?;
+        stream.shutdown().await?;
+        Ok::<_, crate::upstream::UpstreamError>(())
+    };
+    match tokio::time::timeout(
+        Duration::from_secs(5).min(db.config.connect_timeout * 2),
+        attempt,
+    )
+    .await
+    {
+        Ok(Ok(())) => tracing::debug!(database = %db.config.name, "cancel request forwarded"),
+        Ok(Err(e)) => {
+            tracing::warn!(database = %db.config.name, error = %e, "cancel forward failed")
+        }
+        Err(_) => tracing::warn!(database = %db.config.name, "cancel forward timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(&[1, 2, 3, 4], &[1, 2, 3, 4]));
+        assert!(!constant_time_eq(&[1, 2, 3, 4], &[1, 2, 3, 5]));
+        assert!(!constant_time_eq(&[1, 2, 3, 4], &[1, 2, 3]));
+    }
+}

@@ -1,0 +1,444 @@
+//! Configuration: the TOML file's serde structs (unknown keys are errors), defaults, and
+//! `validate()`, which checks everything that can be checked without the network and reports
+//! every problem at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::policy::IdentityPattern;
+
+/// The whole configuration file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing listener and its TLS material.
+    pub listen: ListenConfig,
+    /// Where credentials come from.
+    pub vault: VaultConfig,
+    /// Admin HTTP endpoint; absent means no metrics server.
+    pub metrics: Option<MetricsConfig>,
+    /// Upstream databases clients may ask for, by name.
+    #[serde(default)]
+    pub databases: Vec<DatabaseConfig>,
+    /// Which identities may use which roles on which databases.
+    #[serde(default)]
+    pub grants: Vec<GrantConfig>,
+}
+
+/// `[listen]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Address clients connect to.
+    pub address: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER) checked for client certificates.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    /// Limit for the whole pre-authentication phase: TLS handshake and startup packet.
+    #[serde(default = "default_login_timeout", with = "humantime_serde")]
+    pub login_timeout: Duration,
+    /// Most client connections open at once; further connections wait in the accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long open sessions may run on after SIGTERM/SIGINT before they are ended.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[vault]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// Base URL of Vault or OpenBao.
+    pub address: String,
+    /// CA bundle for an https Vault address (PEM); default: the system roots.
+    pub ca_cert: Option<PathBuf>,
+    /// Vault Enterprise / OpenBao namespace sent as `X-Vault-Namespace`.
+    pub namespace: Option<String>,
+    /// Limit for every Vault HTTP request.
+    #[serde(default = "default_vault_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How leasegate authenticates to Vault.
+    pub auth: VaultAuthConfig,
+}
+
+/// `[vault.auth]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultAuthConfig {
+    /// Only `token` for now.
+    pub method: AuthMethod,
+    /// Token given inline (prefer `token_file`).
+    pub token: Option<SecretString>,
+    /// File holding the token.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Supported Vault auth methods.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    /// A Vault token from config, file or `VAULT_TOKEN`.
+    Token,
+}
+
+/// `[metrics]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
+    pub address: SocketAddr,
+}
+
+/// One `[[databases]]` entry.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The database name clients ask for.
+    pub name: String,
+    /// Upstream host name or address.
+    pub host: String,
+    /// Upstream port.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Database name on the upstream server; default: `name`.
+    pub upstream_database: Option<String>,
+    /// TLS to the upstream server.
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// CA bundle for `verify-ca` / `verify-full` (PEM).
+    pub ca_cert: Option<PathBuf>,
+    /// Limit for connecting and logging in upstream.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Vault database secrets engine mount.
+    pub mount: String,
+    /// Vault roles clients may ask for, as their user name.
+    pub roles: Vec<String>,
+    /// Accept MD5 password authentication from the upstream (off: SCRAM only).
+    #[serde(default)]
+    pub allow_md5: bool,
+}
+
+impl DatabaseConfig {
+    /// The database name sent upstream.
+    pub fn upstream_database(&self) -> &str {
+        self.upstream_database.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// Upstream TLS mode, with libpq's `sslmode` meanings.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS without certificate verification.
+    Require,
+    /// TLS, certificate must chain to `ca_cert`.
+    VerifyCa,
+    /// TLS, certificate must chain to `ca_cert` and name `host`.
+    VerifyFull,
+}
+
+/// One `[[grants]]` entry.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    /// Identity pattern: `uri:…`, `dns:…` or `cn:…`, with `*` / `**` globs.
+    pub identity: String,
+    /// Database names (`[[databases]].name`) this grant covers; `*` for all.
+    pub databases: Vec<String>,
+    /// Vault roles this grant covers; `*` for all roles of the database.
+    pub roles: Vec<String>,
+}
+
+fn default_login_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_vault_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// Problems found while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The config path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config path.
+        path: PathBuf,
+        /// The TOML error, with line and column.
+        message: String,
+    },
+    /// Semantic problems, all of them.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Reads, parses and validates the file; relative paths are resolved against the file's
+    /// directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        if let Some(base) = path.parent() {
+            config.resolve_paths(base);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.listen.cert);
+        fix(&mut self.listen.key);
+        fix(&mut self.listen.client_ca);
+        self.listen.crl.iter_mut().for_each(fix);
+        self.vault.ca_cert.iter_mut().for_each(fix);
+        self.vault.auth.token_file.iter_mut().for_each(fix);
+        for db in &mut self.databases {
+            db.ca_cert.iter_mut().for_each(fix);
+        }
+    }
+
+    /// Checks cross-references and values; returns every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        self.validate_files(&mut problems);
+        if !(self.vault.address.starts_with("http://")
+            || self.vault.address.starts_with("https://"))
+        {
+            problems.push(format!(
+                "vault.address {:?} must start with http:// or https://",
+                self.vault.address
+            ));
+        }
+        if self.listen.max_connections == 0 {
+            problems.push("listen.max_connections must be at least 1".into());
+        }
+        self.validate_databases(&mut problems);
+        self.validate_grants(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn validate_files(&self, problems: &mut Vec<String>) {
+        let mut files: Vec<(&str, &PathBuf)> = vec![
+            ("listen.cert", &self.listen.cert),
+            ("listen.key", &self.listen.key),
+            ("listen.client_ca", &self.listen.client_ca),
+        ];
+        files.extend(self.listen.crl.iter().map(|p| ("listen.crl", p)));
+        files.extend(self.vault.ca_cert.iter().map(|p| ("vault.ca_cert", p)));
+        files.extend(
+            self.vault
+                .auth
+                .token_file
+                .iter()
+                .map(|p| ("vault.auth.token_file", p)),
+        );
+        files.extend(
+            self.databases
+                .iter()
+                .filter_map(|d| d.ca_cert.as_ref())
+                .map(|p| ("databases.ca_cert", p)),
+        );
+        for (key, path) in files {
+            if let Err(e) = std::fs::metadata(path) {
+                problems.push(format!("{key}: cannot read {}: {e}", path.display()));
+            }
+        }
+    }
+
+    fn validate_databases(&self, problems: &mut Vec<String>) {
+        let mut seen = std::collections::HashSet::new();
+        for db in &self.databases {
+            if !seen.insert(db.name.as_str()) {
+                problems.push(format!("database {:?} is configured twice", db.name));
+            }
+            if db.roles.is_empty() {
+                problems.push(format!("database {:?} lists no roles", db.name));
+            }
+            for role in &db.roles {
+                if !is_safe_path_segment(role) {
+                    problems.push(format!(
+                        "database {:?}: role {role:?} may only contain letters, digits, '-', '_' and '.'",
+                        db.name
+                    ));
+                }
+            }
+            if !db.mount.split('/').all(is_safe_path_segment) {
+                problems.push(format!(
+                    "database {:?}: mount {:?} is not a valid Vault path",
+                    db.name, db.mount
+                ));
+            }
+            if matches!(db.tls, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull)
+                && db.ca_cert.is_none()
+            {
+                problems.push(format!(
+                    "database {:?}: tls = verify-ca/verify-full needs ca_cert",
+                    db.name
+                ));
+            }
+        }
+    }
+
+    fn validate_grants(&self, problems: &mut Vec<String>) {
+        for (i, grant) in self.grants.iter().enumerate() {
+            if let Err(e) = IdentityPattern::parse(&grant.identity) {
+                problems.push(format!("grants[{i}]: {e}"));
+            }
+            for name in &grant.databases {
+                if name == "*" {
+                    continue;
+                }
+                match self.databases.iter().find(|d| &d.name == name) {
+                    None => problems.push(format!(
+                        "grants[{i}] ({}) names database {name:?}, which is not configured",
+                        grant.identity
+                    )),
+                    Some(db) => {
+                        for role in grant.roles.iter().filter(|r| *r != "*") {
+                            if !db.roles.contains(role) {
+                                problems.push(format!(
+                                    "grants[{i}] ({}) names role {role:?}, which database {name:?} does not list",
+                                    grant.identity
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The database entry a client asks for.
+    pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+}
+
+/// True for names that can stand in a Vault URL path segment without escaping.
+pub fn is_safe_path_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[listen]
+address = "127.0.0.1:6432"
+cert = "/nonexistent/server.pem"
+key = "/nonexistent/server-key.pem"
+client_ca = "/nonexistent/ca.pem"
+[vault]
+address = "http://127.0.0.1:8200"
+[vault.auth]
+method = "token"
+token = "s.supersecret"
+[[databases]]
+name = "myapp"
+host = "127.0.0.1"
+mount = "database"
+roles = ["readonly"]
+[[grants]]
+identity = "uri:spiffe://example.org/app/*"
+databases = ["myapp", "other"]
+roles = ["readonly", "readwrite"]
+"#;
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let cfg = Config::parse(BASE).expect("parses");
+        let Err(ConfigError::Invalid(problems)) = cfg.validate() else {
+            panic!("expected problems");
+        };
+        let all = problems.join("\n");
+        assert!(all.contains("listen.cert"), "{all}");
+        assert!(all.contains("\"other\", which is not configured"), "{all}");
+        assert!(all.contains("role \"readwrite\""), "{all}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = BASE.replace("[vault]\n", "[vault]\nadress = 1\n");
+        let err = Config::parse(&text).err().expect("unknown key refused");
+        assert!(err.contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn defaults_and_debug_redaction() {
+        let cfg = Config::parse(BASE).expect("parses");
+        assert_eq!(cfg.listen.login_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.databases[0].port, 5432);
+        assert_eq!(cfg.databases[0].tls, UpstreamTls::Disable);
+        let shown = format!("{:?}", cfg.vault);
+        assert!(!shown.contains("supersecret"), "{shown}");
+    }
+
+    #[test]
+    fn safe_segments() {
+        assert!(is_safe_path_segment("read-only_1.x"));
+        for bad in ["", "..", "a/b", "a%2Fb", "a'b", "a\0b", &"x".repeat(200)] {
+            assert!(!is_safe_path_segment(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! leasegate: a PostgreSQL wire-protocol proxy that authenticates clients by their TLS client
+//! certificate and logs them in upstream with a per-session dynamic credential from Vault or
+//! OpenBao, revoking it when the session ends.
+//!
+//! # Layout
+//! - [`app`]: shared state, listener and admin startup, signals, graceful drain.
+//! - [`config`]: the TOML schema, defaults and validation.
+//! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
+//! - [`listener`]: accept loop, connection limit, socket options.
+//! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
+//! - [`protocol`]: pre-authentication packets, messages leasegate writes, message framing.
+//! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close.
+//! - [`policy`]: grants: identity + database + role → allow or the reason for denial.
+//! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.
+//! - [`upstream`]: upstream connect (TLS per config) and login (SCRAM, MD5 where allowed).
+//! - [`cancel`]: proxy cancel keys and their forwarding upstream.
+//! - [`metrics`] and [`admin`]: the Prometheus registry and `/metrics`, `/healthz`, `/readyz`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod app;
+pub mod cancel;
+pub mod config;
+pub mod error;
+pub mod listener;
+pub mod metrics;
+pub mod policy;
+pub mod protocol;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+pub mod vault;

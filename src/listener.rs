@@ -1,0 +1,64 @@
+//! The accept loop: one connection permit per client (so `max_connections` bounds memory), one
+//! task per session on the shared tracker, each with a child of the sessions' stop token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::AppState;
+
+/// NODELAY (the protocol is request/response) and TCP keepalive, so a peer that vanished
+/// without closing is noticed and its session (and lease) ended.
+pub fn tune_socket(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// Accepts until `accepting` is cancelled.
+pub async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    max_connections: usize,
+    tracker: TaskTracker,
+    accepting: CancellationToken,
+    sessions: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = accepting.cancelled() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = accepting.cancelled() => return,
+        };
+        tune_socket(&tcp);
+        let state = state.clone();
+        let stop = sessions.child_token();
+        tracker.spawn(async move {
+            crate::session::run(state, tcp, peer, stop).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,99 @@
+//! The `leasegate` command line: run the proxy, or check a configuration file.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use leasegate::config::Config;
+
+/// PostgreSQL proxy with mutual TLS in and per-session Vault/OpenBao credentials out.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Log line format on stderr; filter with RUST_LOG (default "info").
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and exit: 0 when valid, 1 with every problem listed.
+    CheckConfig,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leasegate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let path = cli
+        .config
+        .context("--config PATH is required (see leasegate --help)")?;
+    let config = Config::load(&path)?;
+    if let Some(Command::CheckConfig) = cli.command {
+        check(&config)?;
+        println!("{}: configuration is valid", path.display());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(leasegate::app::run(config))?;
+    Ok(())
+}
+
+/// Checks that need more than parsing: TLS material loads, the Vault token is present.
+fn check(config: &Config) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    if let Err(e) = leasegate::tls::server::acceptor(&config.listen) {
+        problems.push(format!("listen TLS: {e}"));
+    }
+    for db in &config.databases {
+        if let Err(e) = leasegate::tls::upstream::connector(db) {
+            problems.push(format!("database {:?} TLS: {e}", db.name));
+        }
+    }
+    if let Err(e) = leasegate::vault::client::load_token(&config.vault.auth) {
+        problems.push(e.to_string());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
+    }
+}

@@ -1,0 +1,293 @@
+//! Grants: which certificate identities may use which Vault roles on which databases.
+//!
+//! An identity is written `uri:<URI SAN>`, `dns:<DNS SAN>` or `cn:<subject CN>`. Patterns use
+//! two wildcards: `*` matches any run of characters that contains no `/` and no `.`, so it never
+//! crosses a path segment or a DNS label; `**` matches any run of characters at all. DNS names
+//! compare case-insensitively, everything else exactly. Deny by default.
+
+use crate::config::GrantConfig;
+use crate::tls::identity::Principal;
+
+/// The kind of certificate field an identity pattern applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// A URI subject alternative name (e.g. a SPIFFE ID).
+    Uri,
+    /// A DNS subject alternative name.
+    Dns,
+    /// The subject common name.
+    Cn,
+}
+
+impl IdentityKind {
+    /// The prefix used in config and messages.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            IdentityKind::Uri => "uri",
+            IdentityKind::Dns => "dns",
+            IdentityKind::Cn => "cn",
+        }
+    }
+}
+
+/// A parsed `identity = "..."` pattern.
+#[derive(Debug, Clone)]
+pub struct IdentityPattern {
+    kind: IdentityKind,
+    pattern: String,
+}
+
+impl IdentityPattern {
+    /// Parses `uri:…`, `dns:…` or `cn:…`.
+    pub fn parse(text: &str) -> Result<IdentityPattern, String> {
+        let (prefix, pattern) = text
+            .split_once(':')
+            .ok_or_else(|| format!("identity {text:?} must start with uri:, dns: or cn:"))?;
+        let kind = match prefix {
+            "uri" => IdentityKind::Uri,
+            "dns" => IdentityKind::Dns,
+            "cn" => IdentityKind::Cn,
+            _ => {
+                return Err(format!(
+                    "identity {text:?} must start with uri:, dns: or cn:"
+                ));
+            }
+        };
+        if pattern.is_empty() {
+            return Err(format!("identity {text:?} has an empty pattern"));
+        }
+        let pattern = if kind == IdentityKind::Dns {
+            pattern.to_ascii_lowercase()
+        } else {
+            pattern.to_owned()
+        };
+        Ok(IdentityPattern { kind, pattern })
+    }
+
+    /// True when the pattern matches one of the principal's identities.
+    pub fn matches(&self, principal: &Principal) -> bool {
+        principal.identities().any(|(kind, value)| {
+            kind == self.kind
+                && if kind == IdentityKind::Dns {
+                    glob_match(
+                        self.pattern.as_bytes(),
+                        value.to_ascii_lowercase().as_bytes(),
+                    )
+                } else {
+                    glob_match(self.pattern.as_bytes(), value.as_bytes())
+                }
+        })
+    }
+}
+
+/// Glob match with `*` (no `/` or `.`) and `**` (anything). Iterative backtracking over the
+/// last star, linear in practice and never recursive, so hostile names cannot blow the stack.
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    // Position of the last star seen: (pattern index after it, text index, star crosses separators)
+    let mut star: Option<(usize, usize, bool)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            let double = pattern.get(p + 1) == Some(&b'*');
+            let after = if double { p + 2 } else { p + 1 };
+            star = Some((after, t, double));
+            p = after;
+            continue;
+        }
+        if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+            continue;
+        }
+        match star {
+            Some((after, st, double)) if double || !matches!(text[st], b'/' | b'.') => {
+                star = Some((after, st + 1, double));
+                p = after;
+                t = st + 1;
+            }
+            _ => return false,
+        }
+    }
+    while p < pattern.len() && pattern[p] == b'*' {
+        p += 1;
+    }
+    p == pattern.len()
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// No grant matches any identity of the certificate.
+    NoGrant,
+    /// Grants match the identity, but none covers the database.
+    DatabaseNotGranted,
+    /// Grants cover the database, but not the role.
+    RoleNotGranted,
+}
+
+impl Denial {
+    /// Metric label for `leasegate_auth_failures_total{reason}`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Denial::NoGrant => "no_grant",
+            Denial::DatabaseNotGranted => "database_not_granted",
+            Denial::RoleNotGranted => "role_not_granted",
+        }
+    }
+}
+
+/// The compiled grant table.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    grants: Vec<(IdentityPattern, GrantConfig)>,
+}
+
+impl Policy {
+    /// Compiles the configured grants; patterns were checked by config validation, any that
+    /// still fail to parse are skipped (they could never match).
+    pub fn new(grants: &[GrantConfig]) -> Policy {
+        let grants = grants
+            .iter()
+            .filter_map(|g| {
+                IdentityPattern::parse(&g.identity)
+                    .ok()
+                    .map(|p| (p, g.clone()))
+            })
+            .collect();
+        Policy { grants }
+    }
+
+    /// Decides whether `principal` may use `role` on `database`. `database_roles` are the roles
+    /// the database entry lists (`None` when the database is not configured at all).
+    pub fn decide(
+        &self,
+        principal: &Principal,
+        database: &str,
+        role: &str,
+        database_roles: Option<&[String]>,
+    ) -> Result<(), Denial> {
+        let mut identity_matched = false;
+        let mut database_matched = false;
+        for (pattern, grant) in &self.grants {
+            if !pattern.matches(principal) {
+                continue;
+            }
+            identity_matched = true;
+            let Some(db_roles) = database_roles else {
+                continue;
+            };
+            if !grant.databases.iter().any(|d| d == "*" || d == database) {
+                continue;
+            }
+            database_matched = true;
+            let role_listed = db_roles.iter().any(|r| r == role);
+            if role_listed && grant.roles.iter().any(|r| r == "*" || r == role) {
+                return Ok(());
+            }
+        }
+        Err(if !identity_matched {
+            Denial::NoGrant
+        } else if !database_matched {
+            Denial::DatabaseNotGranted
+        } else {
+            Denial::RoleNotGranted
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(uris: &[&str], dns: &[&str], cn: Option<&str>) -> Principal {
+        Principal::new(
+            uris.iter().map(|s| s.to_string()).collect(),
+            dns.iter().map(|s| s.to_string()).collect(),
+            cn.map(str::to_owned),
+        )
+    }
+
+    fn grant(identity: &str, dbs: &[&str], roles: &[&str]) -> GrantConfig {
+        GrantConfig {
+            identity: identity.into(),
+            databases: dbs.iter().map(|s| s.to_string()).collect(),
+            roles: roles.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn glob_semantics() {
+        assert!(glob_match(b"spiffe://x/app/*", b"spiffe://x/app/billing"));
+        assert!(!glob_match(
+            b"spiffe://x/app/*",
+            b"spiffe://x/app/billing/extra"
+        ));
+        assert!(glob_match(
+            b"spiffe://x/**",
+            b"spiffe://x/app/billing/extra"
+        ));
+        assert!(glob_match(b"*.example.org", b"db.example.org"));
+        assert!(!glob_match(b"*.example.org", b"a.b.example.org"));
+        assert!(!glob_match(b"*.example.org", b"example.org"));
+        assert!(glob_match(b"app-*-prod", b"app-billing-prod"));
+        assert!(!glob_match(b"exact", b"exactly"));
+        assert!(!glob_match(
+            b"a*",
+            &[b'a'; 10_000]
+                .iter()
+                .chain(b"/")
+                .copied()
+                .collect::<Vec<_>>()
+        ));
+    }
+
+    #[test]
+    fn cn_and_uri_are_not_confused() {
+        let p = IdentityPattern::parse("uri:spiffe://x/app").expect("parses");
+        assert!(!p.matches(&principal(&[], &[], Some("spiffe://x/app"))));
+        let p = IdentityPattern::parse("cn:uri:spiffe://x/app").expect("parses");
+        assert!(!p.matches(&principal(&["spiffe://x/app"], &[], None)));
+        assert!(IdentityPattern::parse("spiffe://x").is_err());
+        assert!(IdentityPattern::parse("email:a@b").is_err());
+    }
+
+    #[test]
+    fn decisions_name_what_was_missing() {
+        let policy = Policy::new(&[
+            grant("uri:spiffe://x/app/billing", &["myapp"], &["readonly"]),
+            grant("dns:*.ops.example.org", &["*"], &["*"]),
+        ]);
+        let roles = vec!["readonly".to_string(), "readwrite".to_string()];
+        let billing = principal(&["spiffe://x/app/billing"], &[], Some("billing"));
+        assert_eq!(
+            policy.decide(&billing, "myapp", "readonly", Some(&roles)),
+            Ok(())
+        );
+        assert_eq!(
+            policy.decide(&billing, "myapp", "readwrite", Some(&roles)),
+            Err(Denial::RoleNotGranted)
+        );
+        assert_eq!(
+            policy.decide(&billing, "other", "readonly", Some(&roles)),
+            Err(Denial::DatabaseNotGranted)
+        );
+        assert_eq!(
+            policy.decide(&billing, "nodb", "readonly", None),
+            Err(Denial::DatabaseNotGranted)
+        );
+        let stranger = principal(&["spiffe://x/app/other"], &[], None);
+        assert_eq!(
+            policy.decide(&stranger, "myapp", "readonly", Some(&roles)),
+            Err(Denial::NoGrant)
+        );
+        let ops = principal(&[], &["Admin.OPS.example.org"], None);
+        assert_eq!(
+            policy.decide(&ops, "myapp", "readwrite", Some(&roles)),
+            Ok(())
+        );
+        assert_eq!(
+            policy.decide(&ops, "myapp", "superuser", Some(&roles)),
+            Err(Denial::RoleNotGranted)
+        );
+    }
+}

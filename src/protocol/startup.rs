@@ -1,0 +1,230 @@
+//! Reading the packets a client sends before it is authenticated: SSLRequest, GSSENCRequest,
+//! CancelRequest and StartupMessage. Reads are exact (never past the packet), so bytes a client
+//! pipelines after an SSLRequest are left on the socket for the TLS layer to reject instead of
+//! being mistaken for post-TLS input (the bug class of CVE-2021-23214).
+
+use std::collections::BTreeMap;
+
+use bytes::{Buf, BytesMut};
+use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::startup::Startup;
+use pgwire::messages::{DecodeContext, Message, ProtocolVersion};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest pre-authentication packet accepted, as PostgreSQL's own `MAX_STARTUP_PACKET_LENGTH`.
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+const SSL_REQUEST_CODE: u32 = 80_877_103;
+const GSSENC_REQUEST_CODE: u32 = 80_877_104;
+const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+
+/// One packet of the pre-authentication phase.
+#[derive(Debug)]
+pub enum InitialPacket {
+    /// The client asks to switch to TLS.
+    SslRequest,
+    /// The client asks for GSSAPI encryption, which leasegate does not offer.
+    GssEncRequest,
+    /// A query cancellation for the session the key belongs to.
+    Cancel(CancelKey),
+    /// The start of a session.
+    Startup(StartupRequest),
+}
+
+/// A cancel key as it appears on the wire (protocol 3.0 keys are 4 bytes, 3.2 up to 256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelKey {
+    /// Process id part of the key.
+    pub pid: i32,
+    /// Secret part of the key.
+    pub secret: Vec<u8>,
+}
+
+/// A decoded StartupMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupRequest {
+    /// Protocol major version (3 for every current client).
+    pub major: u16,
+    /// Protocol minor version.
+    pub minor: u16,
+    /// Startup parameters (user, database, application_name, options, ...).
+    pub params: BTreeMap<String, String>,
+}
+
+/// Why a pre-authentication packet was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PacketError {
+    /// The socket failed or closed mid-packet.
+    #[error("connection lost during startup: {0}")]
+    Io(#[from] std::io::Error),
+    /// Length field below the minimum or above [`MAX_STARTUP_PACKET`].
+    #[error("invalid startup packet length {0}")]
+    BadLength(u32),
+    /// A protocol version leasegate does not speak.
+    #[error("unsupported frontend protocol {0}.{1}: server supports 3.0 to 3.0")]
+    UnsupportedVersion(u16, u16),
+    /// The packet could not be decoded.
+    #[error("invalid startup packet layout: {0}")]
+    Malformed(String),
+}
+
+/// Reads exactly one pre-authentication packet from `stream`.
+pub async fn read_initial_packet<S>(stream: &mut S) -> Result<InitialPacket, PacketError>
+where
+    S: AsyncRead + Unpin,
+{
+    let len = stream.read_u32().await?;
+    if !(8..=MAX_STARTUP_PACKET as u32).contains(&len) {
+        return Err(PacketError::BadLength(len));
+    }
+    let mut buf = BytesMut::zeroed(len as usize);
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    stream.read_exact(&mut buf[4..]).await?;
+    parse_initial_packet(buf)
+}
+
+/// Decodes a complete pre-authentication packet (length prefix included).
+pub fn parse_initial_packet(mut buf: BytesMut) -> Result<InitialPacket, PacketError> {
+    if buf.len() < 8 {
+        return Err(PacketError::BadLength(buf.len() as u32));
+    }
+    let code = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    match code {
+        SSL_REQUEST_CODE if buf.len() == 8 => Ok(InitialPacket::SslRequest),
+        GSSENC_REQUEST_CODE if buf.len() == 8 => Ok(InitialPacket::GssEncRequest),
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => Err(PacketError::Malformed(
+            "encryption request with a body".into(),
+        )),
+        CANCEL_REQUEST_CODE => decode_cancel(buf),
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != 3 {
+                return Err(PacketError::UnsupportedVersion(major, minor));
+            }
+            if buf.last() != Some(&0) {
+                return Err(PacketError::Malformed(
+                    "startup packet not terminated".into(),
+                ));
+            }
+            let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
+            let startup = Startup::decode(&mut buf, &ctx)
+                .map_err(|e| PacketError::Malformed(e.to_string()))?
+                .ok_or_else(|| PacketError::Malformed("truncated startup packet".into()))?;
+            Ok(InitialPacket::Startup(StartupRequest {
+                major: startup.protocol_number_major,
+                minor: startup.protocol_number_minor,
+                params: startup.parameters,
+            }))
+        }
+    }
+}
+
+fn decode_cancel(mut buf: BytesMut) -> Result<InitialPacket, PacketError> {
+    if !(16..=12 + 256).contains(&buf.len()) {
+        return Err(PacketError::Malformed(
+            "cancel request of invalid length".into(),
+        ));
+    }
+    let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_2);
+    let req = CancelRequest::decode(&mut buf, &ctx)
+        .map_err(|e| PacketError::Malformed(e.to_string()))?
+        .ok_or_else(|| PacketError::Malformed("truncated cancel request".into()))?;
+    let mut secret = req.secret_key.to_bytes();
+    let secret = secret.copy_to_bytes(secret.remaining()).to_vec();
+    Ok(InitialPacket::Cancel(CancelKey {
+        pid: req.pid,
+        secret,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn packet(code: u32, body: &[u8]) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.put_u32(8 + body.len() as u32);
+        b.put_u32(code);
+        b.put_slice(body);
+        b
+    }
+
+    #[test]
+    fn decodes_ssl_gss_and_cancel() {
+        assert!(matches!(
+            parse_initial_packet(packet(SSL_REQUEST_CODE, b"")),
+            Ok(InitialPacket::SslRequest)
+        ));
+        assert!(matches!(
+            parse_initial_packet(packet(GSSENC_REQUEST_CODE, b"")),
+            Ok(InitialPacket::GssEncRequest)
+        ));
+        let mut body = Vec::new();
+        body.extend_from_slice(&7i32.to_be_bytes());
+        body.extend_from_slice(&[1, 2, 3, 4]);
+        match parse_initial_packet(packet(CANCEL_REQUEST_CODE, &body)) {
+            Ok(InitialPacket::Cancel(k)) => {
+                assert_eq!(k.pid, 7);
+                assert_eq!(k.secret, vec![1, 2, 3, 4]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_startup_parameters() {
+        let body = b"user\0readonly\0database\0myapp\0\0";
+        match parse_initial_packet(packet(196_608, body)) {
+            Ok(InitialPacket::Startup(s)) => {
+                assert_eq!((s.major, s.minor), (3, 0));
+                assert_eq!(s.params.get("user").map(String::as_str), Some("readonly"));
+                assert_eq!(s.params.get("database").map(String::as_str), Some("myapp"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_bad_versions_and_layouts() {
+        assert!(matches!(
+            parse_initial_packet(packet(2 << 16, b"user\0x\0\0")),
+            Err(PacketError::UnsupportedVersion(2, 0))
+        ));
+        assert!(matches!(
+            parse_initial_packet(packet(196_608, b"user\0x")),
+            Err(PacketError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_initial_packet(packet(SSL_REQUEST_CODE, b"xx")),
+            Err(PacketError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn refuses_oversized_and_tiny_lengths() {
+        let mut big: &[u8] = &[0, 1, 0, 0, 0, 3, 0, 0];
+        assert!(matches!(
+            read_initial_packet(&mut big).await,
+            Err(PacketError::BadLength(65536))
+        ));
+        let mut tiny: &[u8] = &[0, 0, 0, 4];
+        assert!(matches!(
+            read_initial_packet(&mut tiny).await,
+            Err(PacketError::BadLength(4))
+        ));
+    }
+
+    #[tokio::test]
+    async fn reads_exactly_one_packet_and_leaves_pipelined_bytes() {
+        let mut wire = packet(SSL_REQUEST_CODE, b"").to_vec();
+        wire.extend_from_slice(b"\0\0\0\x08pipelined");
+        let mut reader: &[u8] = &wire;
+        assert!(matches!(
+            read_initial_packet(&mut reader).await,
+            Ok(InitialPacket::SslRequest)
+        ));
+        assert_eq!(reader, b"\0\0\0\x08pipelined");
+    }
+}

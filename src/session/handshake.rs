@@ -1,0 +1,193 @@
+//! The client side of session setup: SSL negotiation with exact reads, the TLS handshake, the
+//! client certificate, and the StartupMessage read inside TLS. Refusals that can still be
+//! told to the client are written here, as ErrorResponse, before the error is returned.
+
+use std::collections::BTreeMap;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::error::SessionError;
+use crate::protocol::messages::{Severity, error_response};
+use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_initial_packet};
+use crate::tls::identity::Principal;
+
+/// A client TLS connection.
+pub type ClientStream = TlsStream<TcpStream>;
+
+/// What the pre-authentication phase produced.
+pub enum Accepted {
+    /// A cancel request (plaintext, or inside TLS as PostgreSQL 17 clients send it).
+    Cancel(CancelKey),
+    /// A client ready for policy checks.
+    Session(Box<ClientHello>),
+}
+
+/// A TLS client with a verified certificate and its startup request.
+pub struct ClientHello {
+    /// The TLS stream, positioned after the StartupMessage.
+    pub stream: ClientStream,
+    /// Who the certificate says the client is.
+    pub principal: Principal,
+    /// Requested Vault role (the startup `user`).
+    pub role: String,
+    /// Requested database (the startup `database`, default the user).
+    pub database: String,
+    /// Protocol minor version the client asked for.
+    pub minor: u16,
+    /// Every startup parameter, for forwarding.
+    pub params: BTreeMap<String, String>,
+}
+
+/// Writes `err` to the client as a FATAL ErrorResponse, best effort, and closes the write side.
+pub async fn report<S: AsyncWrite + Unpin>(stream: &mut S, err: &SessionError) {
+    if !err.reportable() {
+        return;
+    }
+    let mut buf = BytesMut::new();
+    error_response(
+        &mut buf,
+        Severity::Fatal,
+        err.sqlstate(),
+        &err.client_message(),
+    );
+    let write = async {
+        stream.write_all(&buf).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
+}
+
+/// Runs SSL negotiation, TLS and the startup packet. The caller bounds the time.
+pub async fn accept(mut tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<Accepted, SessionError> {
+    let mut gss_refused = false;
+    loop {
+        match read_initial_packet(&mut tcp).await {
+            Ok(InitialPacket::SslRequest) => {
+                tcp.write_all(b"S").await.map_err(SessionError::Tls)?;
+                break;
+            }
+            Ok(InitialPacket::GssEncRequest) if !gss_refused => {
+                gss_refused = true;
+                tcp.write_all(b"N").await.map_err(SessionError::Tls)?;
+            }
+            Ok(InitialPacket::Cancel(key)) => return Ok(Accepted::Cancel(key)),
+            Ok(InitialPacket::Startup(_)) => return fail(&mut tcp, SessionError::Plaintext).await,
+            Ok(InitialPacket::GssEncRequest) => {
+                let e = refused("08P01", "GSSENCRequest sent twice");
+                return fail(&mut tcp, e).await;
+            }
+            Err(e) => return fail(&mut tcp, e.into()).await,
+        }
+    }
+    let mut stream = acceptor.accept(tcp).await.map_err(SessionError::Tls)?;
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .cloned();
+    let startup = match read_initial_packet(&mut stream).await {
+        Ok(InitialPacket::Startup(s)) => s,
+        Ok(InitialPacket::Cancel(key)) => return Ok(Accepted::Cancel(key)),
+        Ok(InitialPacket::SslRequest | InitialPacket::GssEncRequest) => {
+            let e = refused("08P01", "encryption negotiation inside TLS is not allowed");
+            return fail(&mut stream, e).await;
+        }
+        Err(e) => return fail(&mut stream, e.into()).await,
+    };
+    let Some(cert) = cert else {
+        return fail(&mut stream, SessionError::NoClientCert).await;
+    };
+    let principal = match Principal::from_certificate(&cert) {
+        Ok(p) => p,
+        Err(msg) => return fail(&mut stream, refused("28000", &msg)).await,
+    };
+    let (role, database) = match requested(&startup) {
+        Ok(names) => names,
+        Err(e) => return fail(&mut stream, e).await,
+    };
+    Ok(Accepted::Session(Box::new(ClientHello {
+        stream,
+        principal,
+        role,
+        database,
+        minor: startup.minor,
+        params: startup.params,
+    })))
+}
+
+/// The requested role and database, or why the startup packet is refused.
+fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError> {
+    let params = &startup.params;
+    let Some(role) = params.get("user").filter(|u| !u.is_empty()).cloned() else {
+        return Err(refused(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        ));
+    };
+    if let Some(mode) = params.get("replication")
+        && !matches!(mode.as_str(), "false" | "off" | "no" | "0")
+    {
+        return Err(refused(
+            "0A000",
+            "replication connections are not supported through leasegate",
+        ));
+    }
+    let database = params
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .cloned()
+        .unwrap_or_else(|| role.clone());
+    Ok((role, database))
+}
+
+fn refused(code: &'static str, message: &str) -> SessionError {
+    SessionError::Refused {
+        code,
+        message: message.to_owned(),
+    }
+}
+
+async fn fail<S: AsyncWrite + Unpin, T>(
+    stream: &mut S,
+    err: SessionError,
+) -> Result<T, SessionError> {
+    report(stream, &err).await;
+    Err(err)
+}
+
+/// Quotes a client-supplied name for a message: at most 64 characters, control characters
+/// escaped, so hostile names cannot forge log or message lines.
+pub fn quoted(name: &str) -> String {
+    let mut out = String::with_capacity(name.len().min(64) + 2);
+    out.push('"');
+    for (i, c) in name.chars().enumerate() {
+        if i == 64 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_escapes_and_truncates() {
+        assert_eq!(quoted("readonly"), "\"readonly\"");
+        assert_eq!(quoted("a\nb\0"), "\"a\\nb\\u{0}\"");
+        assert_eq!(quoted(&"x".repeat(100)).chars().count(), 64 + 3);
+    }
+}

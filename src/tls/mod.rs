@@ -1,0 +1,80 @@
+//! TLS: the client-facing acceptor with its client-certificate verifier (`server`), the
+//! identity a verified certificate carries (`identity`), and TLS towards upstream databases
+//! (`upstream`). Every config is built with the aws-lc-rs provider, TLS 1.2 and 1.3 only.
+
+pub mod identity;
+pub mod server;
+pub mod upstream;
+
+use std::path::Path;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Problems loading TLS material or building a TLS config.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM/DER file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file held nothing usable.
+    #[error("{0}")]
+    Invalid(String),
+    /// rustls refused the material.
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads every certificate from a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = read(path)?;
+    let certs = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid(format!(
+            "{}: no PEM certificate found",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = read(path)?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| TlsError::Invalid(format!("{}: no PEM private key found", path.display())))
+}
+
+/// A root store holding every certificate of a PEM bundle.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+/// The crypto provider every leasegate TLS config uses.
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// TLS versions leasegate speaks.
+pub const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];

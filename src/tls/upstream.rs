@@ -1,0 +1,157 @@
+//! TLS towards upstream databases, with libpq's `sslmode` meanings: `require` encrypts without
+//! checking the certificate, `verify-ca` checks the chain, `verify-full` also the host name.
+//! Also computes the `tls-server-end-point` channel-binding data for SCRAM-SHA-256-PLUS.
+
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256, Sha384, Sha512};
+use tokio_rustls::TlsConnector;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::{TlsError, load_roots, provider};
+use crate::config::{DatabaseConfig, UpstreamTls};
+
+/// Builds the connector for a database entry; `None` for `tls = "disable"`.
+pub fn connector(db: &DatabaseConfig) -> Result<Option<TlsConnector>, TlsError> {
+    let verifier: Arc<dyn ServerCertVerifier> = match db.tls {
+        UpstreamTls::Disable => return Ok(None),
+        UpstreamTls::Require => Arc::new(NoVerify),
+        UpstreamTls::VerifyCa | UpstreamTls::VerifyFull => {
+            let path = db.ca_cert.as_ref().ok_or_else(|| {
+                TlsError::Invalid(format!("database {:?}: ca_cert required", db.name))
+            })?;
+            let roots = load_roots(path)?;
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
+            if db.tls == UpstreamTls::VerifyCa {
+                Arc::new(ChainOnly(inner))
+            } else {
+                inner
+            }
+        }
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(super::VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Some(TlsConnector::from(Arc::new(config))))
+}
+
+/// The server name to present (SNI) and, for `verify-full`, to check.
+pub fn server_name(host: &str) -> ServerName<'static> {
+    ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name is valid"))
+}
+
+/// `tls-server-end-point` channel-binding data (RFC 5929): the server certificate hashed with
+/// its signature's hash, SHA-256 for MD5/SHA-1 and unknown algorithms.
+pub fn server_end_point(cert: &CertificateDer<'_>) -> Vec<u8> {
+    let algorithm = X509Certificate::from_der(cert.as_ref())
+        .map(|(_, c)| c.signature_algorithm.algorithm.to_id_string())
+        .unwrap_or_default();
+    match algorithm.as_str() {
+        // sha384WithRSAEncryption, ecdsa-with-SHA384
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Sha384::digest(cert).to_vec(),
+        // sha512WithRSAEncryption, ecdsa-with-SHA512
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Sha512::digest(cert).to_vec(),
+        _ => Sha256::digest(cert).to_vec(),
+    }
+}
+
+/// `verify-ca`: the chain must verify, the name need not match.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `require`: encryption without authentication of the server, as libpq's `sslmode=require`.
+#[derive(Debug)]
+struct NoVerify;
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,290 @@
+//! Logging in upstream with the issued credential: StartupMessage with the client's harmless
+//! parameters, then SCRAM-SHA-256 (with `tls-server-end-point` channel binding over TLS, and
+//! the server's final signature verified before AuthenticationOk is believed), MD5 only where
+//! the database entry allows it, cleartext only over verified TLS. Collects what the client must
+//! see afterwards: ParameterStatus and NoticeResponse messages, the upstream cancel key, and
+//! the transaction status of the first ReadyForQuery.
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{UpstreamError, UpstreamStream};
+use crate::config::{DatabaseConfig, UpstreamTls};
+use crate::tls::upstream::server_end_point;
+
+const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// Largest message accepted from the upstream during login.
+const MAX_LOGIN_MESSAGE: usize = 1 << 20;
+
+/// Startup parameters that are leasegate's to set, never the client's.
+const RESERVED: &[&str] = &["user", "database", "replication"];
+
+/// A logged-in upstream connection and what the client must be told about it.
+pub struct LoggedIn {
+    /// The connection, positioned after the first ReadyForQuery.
+    pub stream: UpstreamStream,
+    /// ParameterStatus and NoticeResponse messages as received, in order.
+    pub to_client: BytesMut,
+    /// The upstream's cancel key (pid, secret).
+    pub cancel_key: Option<(i32, i32)>,
+    /// Transaction status byte of the first ReadyForQuery.
+    pub ready_status: u8,
+    /// Bytes received after ReadyForQuery (normally none); relayed before anything else.
+    pub leftover: BytesMut,
+}
+
+/// The startup parameters sent upstream: the client's, less the reserved and `_pq_.` ones,
+/// with leasegate's user and database.
+pub fn upstream_params<'a>(
+    client: &'a BTreeMap<String, String>,
+    user: &'a str,
+    database: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    let mut params = vec![("user", user), ("database", database)];
+    params.extend(
+        client
+            .iter()
+            .filter(|(k, _)| !RESERVED.contains(&k.as_str()) && !k.starts_with("_pq_."))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    params
+}
+
+/// Runs the login on a connected stream. The caller bounds the time.
+pub async fn login(
+    mut stream: UpstreamStream,
+    db: &DatabaseConfig,
+    username: &str,
+    password: &SecretString,
+    client_params: &BTreeMap<String, String>,
+) -> Result<LoggedIn, UpstreamError> {
+    let mut out = BytesMut::new();
+    frontend::startup_message(
+        upstream_params(client_params, username, db.upstream_database()),
+        &mut out,
+    )?;
+    stream.write_all(&out).await?;
+    let mut buf = BytesMut::with_capacity(8192);
+    authenticate(&mut stream, &mut buf, db, username, password).await?;
+    let mut logged_in = LoggedIn {
+        stream,
+        to_client: BytesMut::new(),
+        cancel_key: None,
+        ready_status: b'I',
+        leftover: BytesMut::new(),
+    };
+    loop {
+        let (raw, msg) = read_message(&mut logged_in.stream, &mut buf).await?;
+        match msg {
+            Message::ParameterStatus(_) | Message::NoticeResponse(_) => {
+                logged_in.to_client.extend_from_slice(&raw)
+            }
+            Message::BackendKeyData(k) => {
+                logged_in.cancel_key = Some((k.process_id(), k.secret_key()))
+            }
+            Message::ReadyForQuery(r) => {
+                logged_in.ready_status = r.status();
+                logged_in.leftover = buf;
+                return Ok(logged_in);
+            }
+            Message::ErrorResponse(body) => return Err(rejected(raw, &body)),
+            _ => return Err(unexpected("after authentication")),
+        }
+    }
+}
+
+async fn authenticate(
+    stream: &mut UpstreamStream,
+    buf: &mut BytesMut,
+    db: &DatabaseConfig,
+    username: &str,
+    password: &SecretString,
+) -> Result<(), UpstreamError> {
+    let mut out = BytesMut::new();
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let (raw, msg) = read_message(stream, buf).await?;
+        out.clear();
+        match msg {
+            Message::AuthenticationOk => {
+                return if scram.is_some() {
+                    Err(UpstreamError::Scram(
+                        "server accepted the login without proving it knows the password".into(),
+                    ))
+                } else {
+                    Ok(())
+                };
+            }
+            Message::AuthenticationSasl(body) => {
+                let mechanisms: Vec<String> = body
+                    .mechanisms()
+                    .map(|m| Ok(m.to_owned()))
+                    .collect()
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                let (mechanism, binding) = choose_mechanism(stream, &mechanisms)?;
+                let s = ScramSha256::new(password.expose_secret().as_bytes(), binding);
+                frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
+                scram = Some(s);
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = scram.as_mut().ok_or_else(|| unexpected("SASL continue"))?;
+                s.update(body.data())
+                    .map_err(|e| UpstreamError::Scram(e.to_string()))?;
+                frontend::sasl_response(s.message(), &mut out)?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let mut s = scram.take().ok_or_else(|| unexpected("SASL final"))?;
+                s.finish(body.data())
+                    .map_err(|e| UpstreamError::Scram(e.to_string()))?;
+                // Verified: the next AuthenticationOk is genuine.
+                return expect_ok(stream, buf).await;
+            }
+            Message::AuthenticationMd5Password(body) if db.allow_md5 => {
+                let hash = md5_hash(
+                    username.as_bytes(),
+                    password.expose_secret().as_bytes(),
+                    body.salt(),
+                );
+                frontend::password_message(hash.as_bytes(), &mut out)?;
+            }
+            Message::AuthenticationMd5Password(_) => {
+                return Err(UpstreamError::AuthMethod("MD5".into()));
+            }
+            Message::AuthenticationCleartextPassword
+                if matches!(db.tls, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull) =>
+            {
+                frontend::password_message(password.expose_secret().as_bytes(), &mut out)?;
+            }
+            Message::AuthenticationCleartextPassword => {
+                return Err(UpstreamError::AuthMethod("cleartext password".into()));
+            }
+            Message::ErrorResponse(body) => return Err(rejected(raw, &body)),
+            Message::AuthenticationGss
+            | Message::AuthenticationSspi
+            | Message::AuthenticationKerberosV5
+            | Message::AuthenticationScmCredential
+            | Message::AuthenticationGssContinue(_) => {
+                return Err(UpstreamError::AuthMethod("GSSAPI/SSPI/Kerberos".into()));
+            }
+            _ => return Err(unexpected("during authentication")),
+        }
+        stream.write_all(&out).await?;
+    }
+}
+
+fn choose_mechanism(
+    stream: &UpstreamStream,
+    mechanisms: &[String],
+) -> Result<(&'static str, ChannelBinding), UpstreamError> {
+    let cert = match stream {
+        UpstreamStream::Tls(tls) => tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(server_end_point),
+        UpstreamStream::Plain(_) => None,
+    };
+    let offers = |m: &str| mechanisms.iter().any(|x| x == m);
+    match cert {
+        Some(hash) if offers(SCRAM_SHA_256_PLUS) => Ok((
+            SCRAM_SHA_256_PLUS,
+            ChannelBinding::tls_server_end_point(hash),
+        )),
+        Some(_) if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, ChannelBinding::unrequested())),
+        None if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, ChannelBinding::unsupported())),
+        _ => Err(UpstreamError::AuthMethod(format!(
+            "SASL ({})",
+            mechanisms.join(", ")
+        ))),
+    }
+}
+
+async fn expect_ok(stream: &mut UpstreamStream, buf: &mut BytesMut) -> Result<(), UpstreamError> {
+    match read_message(stream, buf).await? {
+        (_, Message::AuthenticationOk) => Ok(()),
+        (raw, Message::ErrorResponse(body)) => Err(rejected(raw, &body)),
+        _ => Err(unexpected("after SASL final")),
+    }
+}
+
+fn unexpected(when: &str) -> UpstreamError {
+    UpstreamError::Protocol(format!("unexpected message {when}"))
+}
+
+fn rejected(
+    raw: Bytes,
+    body: &postgres_protocol::message::backend::ErrorResponseBody,
+) -> UpstreamError {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    UpstreamError::Rejected { code, message, raw }
+}
+
+/// Reads one whole message; returns its raw bytes and the parsed form.
+async fn read_message<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(Bytes, Message), UpstreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if !(4..=MAX_LOGIN_MESSAGE).contains(&len) {
+                return Err(UpstreamError::Protocol(format!("message length {len}")));
+            }
+            if buf.len() > len {
+                let raw = Bytes::copy_from_slice(&buf[..=len]);
+                return match Message::parse(buf)? {
+                    Some(msg) => Ok((raw, msg)),
+                    None => Err(unexpected("(incomplete parse)")),
+                };
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(UpstreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_cannot_override_reserved_params() {
+        let mut client = BTreeMap::new();
+        client.insert("user".to_string(), "postgres".to_string());
+        client.insert("database".to_string(), "template1".to_string());
+        client.insert("replication".to_string(), "true".to_string());
+        client.insert("_pq_.x".to_string(), "1".to_string());
+        client.insert("application_name".to_string(), "app".to_string());
+        let params = upstream_params(&client, "v_dyn", "myapp");
+        assert_eq!(
+            params,
+            vec![
+                ("user", "v_dyn"),
+                ("database", "myapp"),
+                ("application_name", "app")
+            ]
+        );
+    }
+}

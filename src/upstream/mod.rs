@@ -1,0 +1,150 @@
+//! The upstream side of a session: connecting (with TLS per the database entry) in `connect`,
+//! logging in with the issued credential in `login`.
+
+pub mod connect;
+pub mod login;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+pub use connect::connect;
+pub use login::{LoggedIn, login};
+
+/// Failures reaching or logging in to the upstream database.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP connect failed.
+    #[error("could not connect to upstream for database \"{database}\": {source}")]
+    Connect {
+        /// The `[[databases]]` name (not the address: that stays in the logs).
+        database: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Connecting and logging in took longer than `connect_timeout`.
+    #[error("upstream for database \"{0}\" did not answer in time")]
+    Timeout(String),
+    /// The upstream refused TLS or the TLS handshake failed.
+    #[error("TLS to upstream for database \"{database}\" failed: {reason}")]
+    Tls {
+        /// The `[[databases]]` name.
+        database: String,
+        /// Why.
+        reason: String,
+    },
+    /// The upstream answered the login with an ErrorResponse; forwarded verbatim.
+    #[error("upstream refused login: {code} {message}")]
+    Rejected {
+        /// SQLSTATE the upstream sent.
+        code: String,
+        /// Message the upstream sent.
+        message: String,
+        /// The whole ErrorResponse, as received.
+        raw: Bytes,
+    },
+    /// The upstream asked for an authentication method leasegate does not allow.
+    #[error("upstream asked for {0} authentication, which leasegate does not allow here")]
+    AuthMethod(String),
+    /// SCRAM failed, including a server signature that did not verify.
+    #[error("upstream SCRAM authentication failed: {0}")]
+    Scram(String),
+    /// The upstream broke the protocol.
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+    /// The connection failed during login.
+    #[error("upstream connection lost during login: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl UpstreamError {
+    /// SQLSTATE for the client.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            UpstreamError::AuthMethod(_) => "08004",
+            UpstreamError::Protocol(_) => "08P01",
+            // Rejected is forwarded verbatim; this is only its fallback.
+            _ => "08006",
+        }
+    }
+
+    /// Client-visible message.
+    pub fn client_message(&self) -> String {
+        match self {
+            UpstreamError::Connect { database, .. } => {
+                format!("could not connect to upstream for database \"{database}\"")
+            }
+            UpstreamError::Rejected { message, .. } => message.clone(),
+            UpstreamError::Io(_) => "upstream connection lost during login".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The upstream's own ErrorResponse, to forward as-is.
+    pub fn raw_error(&self) -> Option<&Bytes> {
+        match self {
+            UpstreamError::Rejected { raw, .. } => Some(raw),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to the upstream, plain or TLS.
+pub enum UpstreamStream {
+    /// `tls = "disable"`.
+    Plain(TcpStream),
+    /// Any TLS mode.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamStream::Plain(s) => s,
+            UpstreamStream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

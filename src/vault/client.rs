@@ -1,0 +1,233 @@
+//! Hand-written Vault HTTP calls: lease ids, durations and renewability matter here, and
+//! generic client crates drop them. Every request runs under the configured timeout; the
+//! connection pool is reused across sessions. Error bodies are logged, never shown to clients.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::lease::Lease;
+use crate::config::{VaultAuthConfig, VaultConfig};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+
+/// Failures talking to Vault.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// No token could be found in config, token_file or VAULT_TOKEN.
+    #[error("no Vault token: set vault.auth.token, vault.auth.token_file or VAULT_TOKEN")]
+    NoToken,
+    /// The token file could not be read.
+    #[error("cannot read Vault token file {0}: {1}")]
+    TokenFile(String, std::io::Error),
+    /// The CA bundle or client could not be set up.
+    #[error("Vault client setup: {0}")]
+    Setup(String),
+    /// The request did not complete in time.
+    #[error("Vault did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Connection refused, reset, DNS failure, TLS failure.
+    #[error("Vault unreachable: {0}")]
+    Unreachable(String),
+    /// Vault answered with an error status.
+    #[error("Vault answered {status}: {detail}")]
+    Status {
+        /// HTTP status.
+        status: StatusCode,
+        /// Vault's `errors` array, joined (for logs only).
+        detail: String,
+    },
+    /// The answer did not have the expected shape.
+    #[error("unexpected Vault answer: {0}")]
+    Malformed(String),
+}
+
+impl VaultError {
+    /// Short, client-safe description (no Vault bodies, tokens or addresses).
+    pub fn client_reason(&self) -> String {
+        match self {
+            VaultError::Timeout(d) => format!("Vault did not answer within {d:?}"),
+            VaultError::Unreachable(_) => "Vault is unreachable".into(),
+            VaultError::Status { status, .. } => {
+                format!("Vault refused the request (HTTP {})", status.as_u16())
+            }
+            VaultError::Malformed(_) => "Vault sent an unexpected answer".into(),
+            VaultError::NoToken | VaultError::TokenFile(..) | VaultError::Setup(_) => {
+                "leasegate has no usable Vault token".into()
+            }
+        }
+    }
+}
+
+/// A Vault client bound to one server, namespace and token.
+pub struct VaultClient {
+    http: reqwest::Client,
+    base: String,
+    namespace: Option<String>,
+    token: SecretString,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Deserialize)]
+struct CredsResponse {
+    lease_id: String,
+    lease_duration: u64,
+    #[serde(default)]
+    renewable: bool,
+    data: CredsData,
+}
+
+#[derive(Deserialize)]
+struct CredsData {
+    username: String,
+    password: SecretString,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+/// Finds the token: inline, then token_file, then `VAULT_TOKEN`.
+pub fn load_token(auth: &VaultAuthConfig) -> Result<SecretString, VaultError> {
+    if let Some(token) = &auth.token {
+        return Ok(token.clone());
+    }
+    if let Some(path) = &auth.token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| VaultError::TokenFile(path.display().to_string(), e))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(VaultError::NoToken);
+        }
+        return Ok(SecretString::from(token.to_owned()));
+    }
+    match std::env::var("VAULT_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Ok(SecretString::from(t.trim().to_owned())),
+        _ => Err(VaultError::NoToken),
+    }
+}
+
+impl VaultClient {
+    /// Builds the client from `[vault]`.
+    pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<VaultClient, VaultError> {
+        let token = load_token(&cfg.auth)?;
+        let mut builder = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .no_proxy();
+        if let Some(path) = &cfg.ca_cert {
+            let pem = std::fs::read(path)
+                .map_err(|e| VaultError::Setup(format!("{}: {e}", path.display())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| VaultError::Setup(format!("{}: {e}", path.display())))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| VaultError::Setup(e.to_string()))?;
+        Ok(VaultClient {
+            http,
+            base: cfg.address.trim_end_matches('/').to_owned(),
+            namespace: cfg.namespace.clone(),
+            token,
+            timeout: cfg.timeout,
+            metrics,
+        })
+    }
+
+    async fn request(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<reqwest::Response, VaultError> {
+        let started = Instant::now();
+        let mut req = self
+            .http
+            .request(method, format!("{}/v1/{path}", self.base))
+            .header("X-Vault-Token", self.token.expose_secret())
+            .header("X-Vault-Request", "true");
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let result = req.send().await;
+        self.metrics
+            .vault_request(op, started.elapsed().as_secs_f64());
+        let resp = result.map_err(|e| self.transport_error(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let detail = resp
+            .json::<ErrorBody>()
+            .await
+            .unwrap_or_default()
+            .errors
+            .join("; ");
+        Err(VaultError::Status { status, detail })
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> VaultError {
+        if e.is_timeout() {
+            VaultError::Timeout(self.timeout)
+        } else {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            VaultError::Unreachable(text)
+        }
+    }
+
+    /// `GET /v1/<mount>/creds/<role>`: a fresh database credential and its lease. Never retried
+    /// here: a retry after a timeout could create a second role nobody revokes.
+    pub async fn creds(&self, mount: &str, role: &str) -> Result<Lease, VaultError> {
+        let resp = self
+            .request("creds", Method::GET, &format!("{mount}/creds/{role}"), None)
+            .await?;
+        let body: CredsResponse = resp
+            .json()
+            .await
+            .map_err(|e| VaultError::Malformed(format!("creds response: {e}")))?;
+        if body.lease_id.is_empty() {
+            return Err(VaultError::Malformed(
+                "creds response without lease_id".into(),
+            ));
+        }
+        Ok(Lease {
+            id: body.lease_id,
+            duration: Duration::from_secs(body.lease_duration),
+            renewable: body.renewable,
+            username: body.data.username,
+            password: body.data.password,
+        })
+    }
+
+    /// `PUT /v1/sys/leases/revoke`. Idempotent, so the revoker retries it.
+    pub async fn revoke(&self, lease_id: &str) -> Result<(), VaultError> {
+        self.request(
+            "revoke",
+            Method::PUT,
+            "sys/leases/revoke",
+            Some(serde_json::json!({ "lease_id": lease_id })),
+        )
+        .await
+        .map(drop)
+    }
+}
