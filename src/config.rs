@@ -128,6 +128,13 @@ pub struct DatabaseConfig {
     /// Accept MD5 password authentication from the upstream (off: SCRAM only).
     #[serde(default)]
     pub allow_md5: bool,
+    /// End sessions after this long, whatever their credential allows.
+    #[serde(default, with = "humantime_serde")]
+    pub max_session_duration: Option<Duration>,
+    /// How long before leasegate ends a session (credential at its maximum lifetime, or
+    /// `max_session_duration`) the client gets a warning NoticeResponse.
+    #[serde(default = "default_expiry_warning", with = "humantime_serde")]
+    pub expiry_warning: Duration,
 }
 
 impl DatabaseConfig {
@@ -178,6 +185,9 @@ fn default_vault_timeout() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_expiry_warning() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_pg_port() -> u16 {
     5432

@@ -34,6 +34,12 @@ pub struct Metrics {
     pub vault_request_duration: HistogramFamily,
     /// Refused clients by reason.
     pub auth_failures_total: Family<Label, Counter>,
+    /// Lease renewals by result: ok, error.
+    pub lease_renewals_total: Family<Label, Counter>,
+    /// Revocations queued or in flight.
+    pub revocations_pending: Gauge,
+    /// Vault token renewals and re-logins by result: ok, error, relogin.
+    pub vault_auth_renewals_total: Family<Label, Counter>,
 }
 
 impl Default for Metrics {
@@ -54,6 +60,9 @@ impl Metrics {
             lease_revocations_total: Family::default(),
             vault_request_duration: Family::new_with_constructor(latency_histogram),
             auth_failures_total: Family::default(),
+            lease_renewals_total: Family::default(),
+            revocations_pending: Gauge::default(),
+            vault_auth_renewals_total: Family::default(),
         };
         registry.register(
             "leasegate_sessions_active",
@@ -85,6 +94,21 @@ impl Metrics {
             "Clients refused before any credential was issued, by reason",
             m.auth_failures_total.clone(),
         );
+        registry.register(
+            "leasegate_lease_renewals",
+            "Lease renewals, by result (ok, error)",
+            m.lease_renewals_total.clone(),
+        );
+        registry.register(
+            "leasegate_revocations_pending",
+            "Lease revocations queued or being retried",
+            m.revocations_pending.clone(),
+        );
+        registry.register(
+            "leasegate_vault_auth_renewals",
+            "Vault token renewals and logins, by result (ok, error, login)",
+            m.vault_auth_renewals_total.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -107,6 +131,20 @@ impl Metrics {
         self.vault_request_duration
             .get_or_create(&[("op", op)])
             .observe(seconds);
+    }
+
+    /// Counts a lease renewal.
+    pub fn lease_renewal(&self, result: &'static str) {
+        self.lease_renewals_total
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// Counts a Vault token renewal or login.
+    pub fn vault_auth_renewal(&self, result: &'static str) {
+        self.vault_auth_renewals_total
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     /// Counts a finished revocation.

@@ -2,6 +2,7 @@
 //! login, the client's view of startup, relay (`relay`), and the close that revokes the lease.
 
 pub mod handshake;
+pub mod lifecycle;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, split};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
@@ -20,7 +22,8 @@ use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::upstream::{self, LoggedIn, UpstreamError};
 use handshake::{Accepted, ClientHello, ClientStream, quoted, report};
-use relay::{RelayEnd, Relayed};
+use lifecycle::Lifetime;
+use relay::{Control, Relayed};
 
 /// How long the close phase waits for the upstream to close its socket.
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -125,6 +128,14 @@ async fn serve(
         }
         _ = stop.cancelled() => return fail(&mut hello.stream, SessionError::Shutdown).await,
     };
+    let life = Lifetime {
+        lease_id: lease.id.clone(),
+        ttl: lease.duration,
+        renewable: lease.renewable,
+        max_session: database.config.max_session_duration,
+        warning: database.config.expiry_warning,
+        role: hello.role.clone(),
+    };
     drop(lease);
     let logged_in = match logged_in {
         Ok(l) => l,
@@ -148,7 +159,8 @@ async fn serve(
     let registration = logged_in.cancel_key.map(|_| state.cancels.register(target));
     let started = Instant::now();
     state.metrics.sessions_active.inc();
-    let outcome = relay_session(hello, logged_in, registration.as_ref().map(|r| r.key), stop).await;
+    let key = registration.as_ref().map(|r| r.key);
+    let outcome = relay_session(state, hello, logged_in, key, life, stop).await;
     state.metrics.sessions_active.dec();
     drop(registration);
     drop(guard); // the upstream is closed: revoke now
@@ -170,9 +182,11 @@ async fn fail(stream: &mut ClientStream, err: SessionError) -> Result<(), Sessio
 
 /// Startup completion as the client sees it, then the relay, then the close.
 async fn relay_session(
+    state: &AppState,
     mut hello: ClientHello,
     logged_in: LoggedIn,
     key: Option<(i32, i32)>,
+    life: Lifetime,
     stop: &CancellationToken,
 ) -> Result<Relayed, SessionError> {
     let mut out = BytesMut::with_capacity(1024);
@@ -195,17 +209,14 @@ async fn relay_session(
     }
     let (mut cr, mut cw) = split(hello.stream);
     let (mut ur, mut uw) = split(upstream);
-    let relayed = relay::relay(&mut cr, &mut cw, &mut ur, &mut uw, stop).await;
+    let (tx, mut control) = mpsc::channel::<Control>(4);
+    let relayed = tokio::select! {
+        r = relay::relay(&mut cr, &mut cw, &mut ur, &mut uw, &mut control) => r,
+        never = lifecycle::watch(&state.vault, &state.metrics, life, stop, tx) => match never {},
+    };
     let mut client = cr.unsplit(cw);
     let mut upstream = ur.unsplit(uw);
-    if let RelayEnd::Stopped = relayed.end
-        && relayed.to_client.framer.at_boundary()
-        && !relayed.to_client.torn
-    {
-        report(&mut client, &SessionError::Shutdown).await;
-    } else {
-        let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
     let can_terminate = relayed.to_upstream.framer.at_boundary() && !relayed.to_upstream.torn;
     close_upstream(&mut upstream, can_terminate).await;
     Ok(relayed)

@@ -2,13 +2,30 @@
 //! direction, byte counters, and message-boundary tracking so that leasegate can end a session
 //! with its own ErrorResponse without cutting a message in half.
 
+use std::time::Duration;
+
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::protocol::framing::Framer;
 
 /// Size of each direction's buffer.
 pub const BUFFER_SIZE: usize = 16 * 1024;
+
+/// How long an `End` may wait for the upstream to finish the message it is sending before the
+/// session is cut without the closing ErrorResponse.
+const END_WAIT: Duration = Duration::from_secs(2);
+
+/// Messages leasegate injects into the upstream → client stream, between two messages.
+#[derive(Debug)]
+pub enum Control {
+    /// A NoticeResponse (or other message) to deliver; the session continues.
+    Notice(BytesMut),
+    /// A final ErrorResponse to deliver; the session ends.
+    End(BytesMut),
+}
 
 /// Why the relay stopped.
 #[derive(Debug)]
@@ -19,8 +36,12 @@ pub enum RelayEnd {
     ClientGone(Option<std::io::Error>),
     /// The upstream closed or failed.
     UpstreamGone(Option<std::io::Error>),
-    /// leasegate asked the session to stop (shutdown, expiry).
-    Stopped,
+    /// leasegate ended the session (shutdown, expiry); `delivered` tells whether the client got
+    /// the closing ErrorResponse.
+    Ended {
+        /// The ErrorResponse reached the client at a message boundary.
+        delivered: bool,
+    },
 }
 
 impl RelayEnd {
@@ -30,7 +51,7 @@ impl RelayEnd {
             RelayEnd::ClientTerminated => "client_terminate",
             RelayEnd::ClientGone(_) => "client_gone",
             RelayEnd::UpstreamGone(_) => "upstream_gone",
-            RelayEnd::Stopped => "stopped",
+            RelayEnd::Ended { .. } => "ended_by_leasegate",
         }
     }
 }
@@ -83,13 +104,83 @@ where
     }
 }
 
-/// Relays until either side closes or `stop` fires. Returns the halves for the close phase.
+/// What ended the upstream → client direction.
+enum DownEnd {
+    Closed(Option<std::io::Error>),
+    Ended { delivered: bool },
+}
+
+/// Upstream → client, with injected messages written only at message boundaries.
+async fn pump_down<R, W>(
+    reader: &mut ReadHalf<R>,
+    writer: &mut WriteHalf<W>,
+    dir: &mut Direction,
+    control: &mut mpsc::Receiver<Control>,
+) -> DownEnd
+where
+    R: AsyncRead,
+    W: AsyncWrite,
+{
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut control_open = true;
+    let mut ending: Option<(BytesMut, Instant)> = None;
+    let mut notices: Vec<BytesMut> = Vec::new();
+    loop {
+        if dir.framer.at_boundary() {
+            for msg in notices.drain(..) {
+                if let Err(e) = writer.write_all(&msg).await {
+                    return DownEnd::Closed(Some(e));
+                }
+            }
+        }
+        if let Some((msg, _)) = ending.as_ref().filter(|_| dir.framer.at_boundary()) {
+            let delivered = writer.write_all(msg).await.is_ok() && writer.flush().await.is_ok();
+            return DownEnd::Ended { delivered };
+        }
+        let end_at = ending.as_ref().map(|(_, at)| *at);
+        let n = tokio::select! {
+            biased;
+            ctl = control.recv(), if control_open && ending.is_none() => {
+                match ctl {
+                    // Delivered at the next boundary (at once when idle).
+                    Some(Control::Notice(msg)) => notices.push(msg),
+                    Some(Control::End(msg)) => ending = Some((msg, Instant::now() + END_WAIT)),
+                    None => control_open = false,
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(end_at.unwrap_or_else(Instant::now)), if end_at.is_some() => {
+                return DownEnd::Ended { delivered: false };
+            }
+            r = reader.read(&mut buf) => match r {
+                Ok(0) => return DownEnd::Closed(None),
+                Ok(n) => n,
+                Err(e) => return DownEnd::Closed(Some(e)),
+            },
+        };
+        let mut chunk = &buf[..n];
+        // While ending, forward only up to the next boundary, then deliver the ErrorResponse.
+        if ending.is_some() {
+            let mut probe = dir.framer.clone();
+            chunk = &chunk[..probe.advance(chunk)];
+        }
+        dir.torn = true;
+        if let Err(e) = writer.write_all(chunk).await {
+            return DownEnd::Closed(Some(e));
+        }
+        dir.torn = false;
+        dir.bytes += chunk.len() as u64;
+        dir.framer.feed(chunk);
+    }
+}
+
+/// Relays until either side closes or a `Control::End` is delivered.
 pub async fn relay<C, U>(
     client_r: &mut ReadHalf<C>,
     client_w: &mut WriteHalf<C>,
     upstream_r: &mut ReadHalf<U>,
     upstream_w: &mut WriteHalf<U>,
-    stop: &CancellationToken,
+    control: &mut mpsc::Receiver<Control>,
 ) -> Relayed
 where
     C: AsyncRead + AsyncWrite,
@@ -105,8 +196,10 @@ where
                 RelayEnd::ClientGone(err)
             }
         }
-        err = pump(upstream_r, client_w, &mut to_client) => RelayEnd::UpstreamGone(err),
-        _ = stop.cancelled() => RelayEnd::Stopped,
+        down = pump_down(upstream_r, client_w, &mut to_client, control) => match down {
+            DownEnd::Closed(err) => RelayEnd::UpstreamGone(err),
+            DownEnd::Ended { delivered } => RelayEnd::Ended { delivered },
+        },
     };
     Relayed {
         end,
@@ -126,9 +219,9 @@ mod tests {
         let (upstream_proxy, upstream_db) = duplex(1024);
         let (mut cr, mut cw) = split(client_proxy);
         let (mut ur, mut uw) = split(upstream_proxy);
-        let stop = CancellationToken::new();
+        let (_tx, mut control) = mpsc::channel(4);
         let task = tokio::spawn(async move {
-            let r = relay(&mut cr, &mut cw, &mut ur, &mut uw, &stop).await;
+            let r = relay(&mut cr, &mut cw, &mut ur, &mut uw, &mut control).await;
             (r.end.label(), r.to_upstream.bytes, r.to_client.bytes)
         });
         let (mut app_r, mut app_w) = split(client_app);
@@ -145,5 +238,43 @@ mod tests {
         drop(app_r);
         let (end, up, down) = task.await.expect("join");
         assert_eq!((end, up, down), ("client_terminate", 15, 6));
+    }
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+    use tokio::io::{duplex, split};
+
+    #[tokio::test]
+    async fn end_waits_for_a_message_boundary() {
+        let (client_app, client_proxy) = duplex(1024);
+        let (upstream_proxy, upstream_db) = duplex(1024);
+        let (mut cr, mut cw) = split(client_proxy);
+        let (mut ur, mut uw) = split(upstream_proxy);
+        let (tx, mut control) = mpsc::channel(4);
+        let task =
+            tokio::spawn(
+                async move { relay(&mut cr, &mut cw, &mut ur, &mut uw, &mut control).await },
+            );
+        let (mut app_r, _app_w) = split(client_app);
+        let (_db_r, mut db_w) = split(upstream_db);
+        // Half a DataRow, then leasegate decides to end the session.
+        db_w.write_all(b"D\0\0\0\x0aab").await.expect("write");
+        let mut first = [0u8; 7];
+        app_r.read_exact(&mut first).await.expect("read");
+        tx.send(Control::Notice(BytesMut::from(&b"N\0\0\0\x04"[..])))
+            .await
+            .expect("send");
+        tx.send(Control::End(BytesMut::from(&b"E\0\0\0\x04"[..])))
+            .await
+            .expect("send");
+        // The rest of the row and a second message arrive in one chunk.
+        db_w.write_all(b"cdefZ\0\0\0\x05I").await.expect("write");
+        let mut rest = [0u8; 14];
+        app_r.read_exact(&mut rest).await.expect("read");
+        assert_eq!(&rest, b"cdefN\0\0\0\x04E\0\0\0\x04");
+        let relayed = task.await.expect("join");
+        assert!(matches!(relayed.end, RelayEnd::Ended { delivered: true }));
     }
 }

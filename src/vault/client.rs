@@ -86,6 +86,22 @@ struct CredsData {
     password: SecretString,
 }
 
+#[derive(Deserialize)]
+struct RenewResponse {
+    lease_duration: u64,
+    #[serde(default)]
+    renewable: bool,
+}
+
+/// What a lease renewal granted.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewed {
+    /// New time to live, from now.
+    pub duration: Duration,
+    /// Whether further renewals are possible.
+    pub renewable: bool,
+}
+
 #[derive(Deserialize, Default)]
 struct ErrorBody {
     #[serde(default)]
@@ -216,6 +232,29 @@ impl VaultClient {
             renewable: body.renewable,
             username: body.data.username,
             password: body.data.password,
+        })
+    }
+
+    /// `PUT /v1/sys/leases/renew`: asks for `increment` more; returns what Vault granted.
+    pub async fn renew(&self, lease_id: &str, increment: Duration) -> Result<Renewed, VaultError> {
+        let resp = self
+            .request(
+                "renew",
+                Method::PUT,
+                "sys/leases/renew",
+                Some(serde_json::json!({
+                    "lease_id": lease_id,
+                    "increment": increment.as_secs().max(1),
+                })),
+            )
+            .await?;
+        let body: RenewResponse = resp
+            .json()
+            .await
+            .map_err(|e| VaultError::Malformed(format!("renew response: {e}")))?;
+        Ok(Renewed {
+            duration: Duration::from_secs(body.lease_duration),
+            renewable: body.renewable,
         })
     }
 

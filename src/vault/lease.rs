@@ -108,6 +108,7 @@ impl Revoker {
 
     fn enqueue(&self, id: String) {
         self.pending.fetch_add(1, Ordering::SeqCst);
+        self.metrics.revocations_pending.inc();
         if self.tx.send(id).is_err() {
             // The runtime is gone; nothing can revoke any more. The lease dies at its TTL.
             self.finished();
@@ -116,6 +117,7 @@ impl Revoker {
 
     fn finished(&self) {
         self.metrics.leases_active.dec();
+        self.metrics.revocations_pending.dec();
         if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }

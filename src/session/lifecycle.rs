@@ -1,0 +1,200 @@
+//! A live session's clock: renews the lease ahead of expiry (at two thirds of the remaining
+//! time, with jitter), and when the credential cannot live on (Vault's max_ttl reached,
+//! renewals failing, `max_session_duration`, shutdown) warns the client and then ends the
+//! session with FATAL 57P01 before the credential expires. Dropping the role does not end a
+//! live backend, so this is what keeps a session from outliving its credential.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rand::RngExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::relay::Control;
+use crate::metrics::Metrics;
+use crate::protocol::messages::{Severity, error_response, notice_response};
+use crate::vault::VaultClient;
+
+/// The lease and limits one session lives under.
+pub struct Lifetime {
+    /// Vault lease id.
+    pub lease_id: String,
+    /// TTL Vault granted at issue, also the increment asked for on renewal.
+    pub ttl: Duration,
+    /// Whether Vault allows renewing.
+    pub renewable: bool,
+    /// `max_session_duration` of the database entry.
+    pub max_session: Option<Duration>,
+    /// `expiry_warning` of the database entry.
+    pub warning: Duration,
+    /// The role, for messages.
+    pub role: String,
+}
+
+/// Why leasegate ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Credential,
+    MaxSession,
+}
+
+/// How long before the credential's expiry the session is ended: a tenth of the TTL, between
+/// one and five seconds.
+fn end_margin(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+/// When to renew: two thirds of the remaining time, minus up to a tenth of it as jitter.
+fn renew_time(now: Instant, expires: Instant) -> Instant {
+    let remaining = expires.saturating_duration_since(now);
+    let jitter_ms = rand::rng().random_range(0..=remaining.as_millis() as u64 / 10);
+    now + remaining * 2 / 3 - Duration::from_millis(jitter_ms).min(remaining * 2 / 3)
+}
+
+fn fatal(message: &str) -> BytesMut {
+    let mut buf = BytesMut::new();
+    error_response(&mut buf, Severity::Fatal, "57P01", message);
+    buf
+}
+
+fn notice(message: &str) -> BytesMut {
+    let mut buf = BytesMut::new();
+    notice_response(&mut buf, "01000", message);
+    buf
+}
+
+/// Parks forever: the watcher's work is done and the relay decides when the session ends.
+async fn park() -> Infallible {
+    std::future::pending().await
+}
+
+/// Watches the session until it must end and sends `Control` messages to the relay. Never
+/// completes: run it in a `select!` beside the relay, which ends the session.
+pub async fn watch(
+    vault: &VaultClient,
+    metrics: &Metrics,
+    life: Lifetime,
+    stop: &CancellationToken,
+    control: mpsc::Sender<Control>,
+) -> Infallible {
+    let started = Instant::now();
+    let session_end = life.max_session.map(|d| started + d);
+    let expiring = !life.ttl.is_zero();
+    let mut expires = started + life.ttl;
+    let mut renewable = life.renewable && expiring;
+    let mut renew_failing = false;
+    let mut warned = false;
+    let mut next_renew = renew_time(started, expires);
+    loop {
+        let credential_end = expiring.then(|| expires - end_margin(life.ttl));
+        let (end_at, ending) = match (credential_end, session_end) {
+            (Some(c), Some(s)) if s < c => (s, Ending::MaxSession),
+            (Some(c), _) => (c, Ending::Credential),
+            (None, Some(s)) => (s, Ending::MaxSession),
+            (None, None) => (
+                started + Duration::from_secs(100 * 365 * 86_400),
+                Ending::MaxSession,
+            ),
+        };
+        // A renewable credential's end moves; warn about it only once renewals stopped working.
+        let end_is_final = ending == Ending::MaxSession || !renewable || renew_failing;
+        let warn_at =
+            (!warned && end_is_final).then(|| end_at - life.warning.min(end_at - started));
+        let mut next = end_at;
+        if renewable {
+            next = next.min(next_renew);
+        }
+        if let Some(w) = warn_at {
+            next = next.min(w);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = stop.cancelled() => {
+                let _ = control.send(Control::End(fatal("terminating connection due to administrator command"))).await;
+                return park().await;
+            }
+            _ = control.closed() => return park().await,
+        }
+        let now = Instant::now();
+        if now >= end_at {
+            let message = match ending {
+                Ending::Credential => format!(
+                    "terminating connection: the database credential for role \"{}\" reached its maximum lifetime",
+                    life.role
+                ),
+                Ending::MaxSession => format!(
+                    "terminating connection: the session reached max_session_duration ({})",
+                    humantime::format_duration(life.max_session.unwrap_or_default())
+                ),
+            };
+            let _ = control.send(Control::End(fatal(&message))).await;
+            return park().await;
+        }
+        if warn_at.is_some_and(|w| now >= w) {
+            warned = true;
+            let left = humantime::format_duration(Duration::from_secs(
+                end_at.saturating_duration_since(now).as_secs(),
+            ));
+            let message = match ending {
+                Ending::Credential => format!(
+                    "the database credential for role \"{}\" cannot be extended; this session will be ended in {left}",
+                    life.role
+                ),
+                Ending::MaxSession => {
+                    format!("this session reaches max_session_duration and will be ended in {left}")
+                }
+            };
+            let _ = control.send(Control::Notice(notice(&message))).await;
+        }
+        if renewable && now >= next_renew {
+            match vault.renew(&life.lease_id, life.ttl).await {
+                Ok(r) => {
+                    metrics.lease_renewal("ok");
+                    let now = Instant::now();
+                    expires = now + r.duration;
+                    renew_failing = false;
+                    // Vault caps renewals at max_ttl: a shorter grant means this is the end.
+                    if !r.renewable || r.duration + Duration::from_secs(1) < life.ttl {
+                        renewable = false;
+                        tracing::info!(lease_id = %life.lease_id, ttl = ?r.duration,
+                            "lease reached its maximum lifetime");
+                    }
+                    next_renew = renew_time(now, expires);
+                }
+                Err(e) => {
+                    metrics.lease_renewal("error");
+                    renew_failing = true;
+                    tracing::warn!(lease_id = %life.lease_id, error = %e, "lease renewal failed, will retry");
+                    let remaining = expires.saturating_duration_since(Instant::now());
+                    next_renew = Instant::now()
+                        + (remaining / 4)
+                            .clamp(Duration::from_millis(500), Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn margins_and_renew_times() {
+        assert_eq!(end_margin(Duration::from_secs(5)), Duration::from_secs(1));
+        assert_eq!(end_margin(Duration::from_secs(20)), Duration::from_secs(2));
+        assert_eq!(
+            end_margin(Duration::from_secs(3600)),
+            Duration::from_secs(5)
+        );
+        let now = Instant::now();
+        for _ in 0..100 {
+            let at = renew_time(now, now + Duration::from_secs(30));
+            assert!(at >= now + Duration::from_secs(17), "{:?}", at - now);
+            assert!(at <= now + Duration::from_secs(20), "{:?}", at - now);
+        }
+    }
+}
