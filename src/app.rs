@@ -53,7 +53,7 @@ pub struct AppState {
 impl AppState {
     /// Whether `/readyz` should answer 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.vault.tokens.healthy()
     }
 }
 
@@ -99,6 +99,20 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
 /// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let state = build_state(&config)?;
+    let auth_stop = CancellationToken::new();
+    let vault_login = tokio::spawn(crate::vault::auth::maintain(
+        state.vault.clone(),
+        config.vault.auth.clone(),
+        auth_stop.clone(),
+    ));
+    // Give the first login a moment so the first clients do not race it; failures are
+    // retried in the background and /readyz stays 503 until a token works.
+    let first_login = async {
+        while state.vault.tokens.current().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(config.vault.timeout, first_login).await;
     let listener = TcpListener::bind(config.listen.address)
         .await
         .map_err(|e| StartError::Bind(config.listen.address, e))?;
@@ -166,6 +180,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
     }
     admin_stop.cancel();
+    auth_stop.cancel();
+    let _ = vault_login.await;
     Ok(())
 }
 

@@ -73,15 +73,79 @@ pub struct VaultConfig {
 }
 
 /// `[vault.auth]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct VaultAuthConfig {
-    /// Only `token` for now.
+    /// How leasegate logs in: token, approle, cert or kubernetes.
     pub method: AuthMethod,
-    /// Token given inline (prefer `token_file`).
+    /// `token`: the token inline (prefer `token_file`).
     pub token: Option<SecretString>,
-    /// File holding the token.
+    /// `token`: file holding the token; re-read when it changes.
     pub token_file: Option<PathBuf>,
+    /// Mount path of the auth method; default: the method's name.
+    pub mount: Option<String>,
+    /// `approle`: the role_id.
+    pub role_id: Option<String>,
+    /// `approle`: file holding the role_id (instead of `role_id`).
+    pub role_id_file: Option<PathBuf>,
+    /// `approle`: file holding the secret_id (re-read at every login).
+    pub secret_id_file: Option<PathBuf>,
+    /// `kubernetes`: the Vault role to log in as; `cert`: the certificate role name (optional).
+    pub role: Option<String>,
+    /// `kubernetes`: service-account token file.
+    #[serde(default = "default_jwt_file")]
+    pub jwt_file: PathBuf,
+    /// `cert`: leasegate's client certificate for Vault (PEM).
+    pub cert: Option<PathBuf>,
+    /// `cert`: its private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl VaultAuthConfig {
+    /// Mount path of the auth method.
+    pub fn mount(&self) -> &str {
+        self.mount.as_deref().unwrap_or(match self.method {
+            AuthMethod::Token => "token",
+            AuthMethod::Approle => "approle",
+            AuthMethod::Cert => "cert",
+            AuthMethod::Kubernetes => "kubernetes",
+        })
+    }
+
+    fn problems(&self, problems: &mut Vec<String>) {
+        let need = |ok: bool, what: &str, problems: &mut Vec<String>| {
+            if !ok {
+                problems.push(format!("vault.auth: method {:?} needs {what}", self.method));
+            }
+        };
+        match self.method {
+            AuthMethod::Token => {}
+            AuthMethod::Approle => {
+                need(
+                    self.role_id.is_some() || self.role_id_file.is_some(),
+                    "role_id or role_id_file",
+                    problems,
+                );
+                need(self.secret_id_file.is_some(), "secret_id_file", problems);
+            }
+            AuthMethod::Cert => need(
+                self.cert.is_some() && self.key.is_some(),
+                "cert and key",
+                problems,
+            ),
+            AuthMethod::Kubernetes => need(self.role.is_some(), "role", problems),
+        }
+        if !self.mount().split('/').all(is_safe_path_segment) {
+            problems.push(format!(
+                "vault.auth.mount {:?} is not a valid Vault path",
+                self.mount()
+            ));
+        }
+    }
+}
+
+fn default_jwt_file() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
 
 /// Supported Vault auth methods.
@@ -90,6 +154,12 @@ pub struct VaultAuthConfig {
 pub enum AuthMethod {
     /// A Vault token from config, file or `VAULT_TOKEN`.
     Token,
+    /// AppRole: role_id and secret_id.
+    Approle,
+    /// TLS certificate auth with leasegate's own client certificate.
+    Cert,
+    /// Kubernetes service-account JWT.
+    Kubernetes,
 }
 
 /// `[metrics]`
@@ -252,7 +322,12 @@ impl Config {
         fix(&mut self.listen.client_ca);
         self.listen.crl.iter_mut().for_each(fix);
         self.vault.ca_cert.iter_mut().for_each(fix);
-        self.vault.auth.token_file.iter_mut().for_each(fix);
+        let auth = &mut self.vault.auth;
+        auth.token_file.iter_mut().for_each(fix);
+        auth.role_id_file.iter_mut().for_each(fix);
+        auth.secret_id_file.iter_mut().for_each(fix);
+        auth.cert.iter_mut().for_each(fix);
+        auth.key.iter_mut().for_each(fix);
         for db in &mut self.databases {
             db.ca_cert.iter_mut().for_each(fix);
         }
@@ -270,6 +345,7 @@ impl Config {
                 self.vault.address
             ));
         }
+        self.vault.auth.problems(&mut problems);
         if self.listen.max_connections == 0 {
             problems.push("listen.max_connections must be at least 1".into());
         }

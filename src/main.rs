@@ -88,7 +88,9 @@ fn check(config: &Config) -> anyhow::Result<()> {
             problems.push(format!("database {:?} TLS: {e}", db.name));
         }
     }
-    if let Err(e) = leasegate::vault::client::load_token(&config.vault.auth) {
+    if config.vault.auth.method == leasegate::config::AuthMethod::Token
+        && let Err(e) = leasegate::vault::client::load_token(&config.vault.auth)
+    {
         problems.push(e.to_string());
     }
     if problems.is_empty() {

@@ -108,7 +108,7 @@ async fn serve(
             return fail(&mut hello.stream, SessionError::Vault { role, source }).await;
         }
     };
-    let guard = state.revoker.guard(lease.id.clone());
+    let guard = state.revoker.guard(&lease);
     tracing::info!(%peer, identity = %identity, database = %hello.database, role = %hello.role,
         username = %lease.username, lease_id = %guard.id(), "credential issued");
     let login = async {

@@ -8,8 +8,9 @@ use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use super::auth::TokenStore;
 use super::lease::Lease;
-use crate::config::{VaultAuthConfig, VaultConfig};
+use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 
@@ -61,14 +62,16 @@ impl VaultError {
     }
 }
 
-/// A Vault client bound to one server, namespace and token.
+/// A Vault client bound to one server and namespace, with the token store its auth method
+/// keeps filled.
 pub struct VaultClient {
     http: reqwest::Client,
     base: String,
     namespace: Option<String>,
-    token: SecretString,
+    /// The current token and the retired ones still parenting live leases.
+    pub tokens: TokenStore,
     timeout: Duration,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 #[derive(Deserialize)]
@@ -131,7 +134,6 @@ pub fn load_token(auth: &VaultAuthConfig) -> Result<SecretString, VaultError> {
 impl VaultClient {
     /// Builds the client from `[vault]`.
     pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<VaultClient, VaultError> {
-        let token = load_token(&cfg.auth)?;
         let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
@@ -147,6 +149,21 @@ impl VaultClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
+        if cfg.auth.method == AuthMethod::Cert
+            && let (Some(cert), Some(key)) = (&cfg.auth.cert, &cfg.auth.key)
+        {
+            let mut pem = std::fs::read(cert)
+                .map_err(|e| VaultError::Setup(format!("{}: {e}", cert.display())))?;
+            pem.push(b'\n');
+            pem.extend(
+                std::fs::read(key)
+                    .map_err(|e| VaultError::Setup(format!("{}: {e}", key.display())))?,
+            );
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| VaultError::Setup(format!("vault.auth cert/key: {e}")))?;
+            zeroize::Zeroize::zeroize(&mut pem);
+            builder = builder.identity(identity);
+        }
         let http = builder
             .build()
             .map_err(|e| VaultError::Setup(e.to_string()))?;
@@ -154,7 +171,7 @@ impl VaultClient {
             http,
             base: cfg.address.trim_end_matches('/').to_owned(),
             namespace: cfg.namespace.clone(),
-            token,
+            tokens: TokenStore::default(),
             timeout: cfg.timeout,
             metrics,
         })
@@ -167,12 +184,28 @@ impl VaultClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<reqwest::Response, VaultError> {
+        let token = self.tokens.current().ok_or(VaultError::NoToken)?;
+        self.request_as(op, method, path, body, Some(token.secret()))
+            .await
+    }
+
+    /// A request with an explicit token (`None`: a login, which carries no token).
+    pub(crate) async fn request_as(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&SecretString>,
+    ) -> Result<reqwest::Response, VaultError> {
         let started = Instant::now();
         let mut req = self
             .http
             .request(method, format!("{}/v1/{path}", self.base))
-            .header("X-Vault-Token", self.token.expose_secret())
             .header("X-Vault-Request", "true");
+        if let Some(token) = token {
+            req = req.header("X-Vault-Token", token.expose_secret());
+        }
         if let Some(ns) = &self.namespace {
             req = req.header("X-Vault-Namespace", ns);
         }
@@ -214,8 +247,15 @@ impl VaultClient {
     /// `GET /v1/<mount>/creds/<role>`: a fresh database credential and its lease. Never retried
     /// here: a retry after a timeout could create a second role nobody revokes.
     pub async fn creds(&self, mount: &str, role: &str) -> Result<Lease, VaultError> {
+        let token = self.tokens.current().ok_or(VaultError::NoToken)?;
         let resp = self
-            .request("creds", Method::GET, &format!("{mount}/creds/{role}"), None)
+            .request_as(
+                "creds",
+                Method::GET,
+                &format!("{mount}/creds/{role}"),
+                None,
+                Some(token.secret()),
+            )
             .await?;
         let body: CredsResponse = resp
             .json()
@@ -232,6 +272,7 @@ impl VaultClient {
             renewable: body.renewable,
             username: body.data.username,
             password: body.data.password,
+            parent: token,
         })
     }
 

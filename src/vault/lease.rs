@@ -11,6 +11,7 @@ use rand::RngExt;
 use secrecy::SecretString;
 use tokio::sync::{Notify, mpsc};
 
+use super::auth::Token;
 use super::client::VaultClient;
 use crate::metrics::Metrics;
 
@@ -26,12 +27,17 @@ pub struct Lease {
     pub username: String,
     /// Its password; redacted in Debug, zeroized on drop.
     pub password: SecretString,
+    /// The Vault token that created the lease: Vault revokes a token's leases when the token
+    /// dies, so it is kept renewed while this reference lives.
+    pub parent: Arc<Token>,
 }
 
 /// Owns a lease id until the lease is handed to the revoker.
 pub struct LeaseGuard {
     id: Option<String>,
     revoker: Revoker,
+    /// Keeps the parent token renewed until the lease is revoked.
+    _parent: Arc<Token>,
 }
 
 impl std::fmt::Debug for LeaseGuard {
@@ -98,11 +104,12 @@ impl Revoker {
     }
 
     /// Registers a freshly issued lease and returns its guard.
-    pub fn guard(&self, lease_id: String) -> LeaseGuard {
+    pub fn guard(&self, lease: &Lease) -> LeaseGuard {
         self.metrics.leases_active.inc();
         LeaseGuard {
-            id: Some(lease_id),
+            id: Some(lease.id.clone()),
             revoker: self.clone(),
+            _parent: lease.parent.clone(),
         }
     }
 
