@@ -275,7 +275,7 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
         let now = Instant::now();
         for (token, current) in client.tokens.tokens() {
             let state = token.state();
-            if !state.next_renew.is_some_and(|at| now >= at) {
+            if state.next_renew.is_none_or(|at| now < at) {
                 // Not renewable any more and close to expiry: replace the current token.
                 if current
                     && !state.renewable
