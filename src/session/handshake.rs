@@ -14,6 +14,7 @@ use crate::error::SessionError;
 use crate::protocol::messages::{Severity, error_response};
 use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_initial_packet};
 use crate::tls::identity::Principal;
+use crate::tls::server::ALPN_POSTGRESQL;
 
 /// A client TLS connection.
 pub type ClientStream = TlsStream<TcpStream>;
@@ -61,29 +62,56 @@ pub async fn report<S: AsyncWrite + Unpin>(stream: &mut S, err: &SessionError) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
 }
 
-/// Runs SSL negotiation, TLS and the startup packet. The caller bounds the time.
+/// First byte of a TLS handshake record: a PostgreSQL 17 client in `sslnegotiation=direct`
+/// mode starts TLS at once instead of sending an SSLRequest.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Runs SSL negotiation (or direct TLS), TLS and the startup packet. The caller bounds the
+/// time.
 pub async fn accept(mut tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<Accepted, SessionError> {
+    let mut first = [0u8; 1];
+    let direct = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE_RECORD);
+    if !direct && let Some(key) = negotiate(&mut tcp).await? {
+        return Ok(Accepted::Cancel(key));
+    }
+    let mut stream = acceptor.accept(tcp).await.map_err(SessionError::Tls)?;
+    if direct && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        let e = refused(
+            "08P01",
+            "direct TLS connections must negotiate the ALPN protocol \"postgresql\"",
+        );
+        return fail(&mut stream, e).await;
+    }
+    after_tls(stream).await
+}
+
+/// The plaintext pre-TLS exchange: GSSENCRequest → `N`, SSLRequest → `S` (then `None`: go on
+/// with TLS), or a plaintext CancelRequest (its key).
+async fn negotiate(tcp: &mut TcpStream) -> Result<Option<CancelKey>, SessionError> {
     let mut gss_refused = false;
     loop {
-        match read_initial_packet(&mut tcp).await {
+        match read_initial_packet(tcp).await {
             Ok(InitialPacket::SslRequest) => {
                 tcp.write_all(b"S").await.map_err(SessionError::Tls)?;
-                break;
+                return Ok(None);
             }
             Ok(InitialPacket::GssEncRequest) if !gss_refused => {
                 gss_refused = true;
                 tcp.write_all(b"N").await.map_err(SessionError::Tls)?;
             }
-            Ok(InitialPacket::Cancel(key)) => return Ok(Accepted::Cancel(key)),
-            Ok(InitialPacket::Startup(_)) => return fail(&mut tcp, SessionError::Plaintext).await,
+            Ok(InitialPacket::Cancel(key)) => return Ok(Some(key)),
+            Ok(InitialPacket::Startup(_)) => return fail(tcp, SessionError::Plaintext).await,
             Ok(InitialPacket::GssEncRequest) => {
                 let e = refused("08P01", "GSSENCRequest sent twice");
-                return fail(&mut tcp, e).await;
+                return fail(tcp, e).await;
             }
-            Err(e) => return fail(&mut tcp, e.into()).await,
+            Err(e) => return fail(tcp, e.into()).await,
         }
     }
-    let mut stream = acceptor.accept(tcp).await.map_err(SessionError::Tls)?;
+}
+
+/// Inside TLS: the client certificate and the StartupMessage (or an encrypted cancel).
+async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
     let cert = stream
         .get_ref()
         .1
@@ -191,3 +219,7 @@ mod tests {
         assert_eq!(quoted(&"x".repeat(100)).chars().count(), 64 + 3);
     }
 }
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod handshake_tests;
