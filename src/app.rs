@@ -4,15 +4,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
 use crate::config::{Config, DatabaseConfig};
 use crate::metrics::Metrics;
@@ -28,14 +31,45 @@ pub struct DatabaseEntry {
     pub tls: Option<TlsConnector>,
 }
 
-/// Everything sessions share.
-pub struct AppState {
+/// What SIGHUP reloads. A session takes one snapshot when it starts and keeps it, so a reload
+/// never changes a session in flight.
+pub struct Live {
     /// Client-facing TLS.
     pub tls: TlsAcceptor,
     /// The compiled grants.
     pub policy: Policy,
     /// Database entries by client-facing name.
     pub databases: HashMap<String, Arc<DatabaseEntry>>,
+    /// Limit for TLS handshake plus startup packet.
+    pub login_timeout: Duration,
+}
+
+impl Live {
+    /// Builds everything reloadable from a validated config.
+    pub fn build(config: &Config) -> Result<Live, TlsError> {
+        let mut databases = HashMap::new();
+        for db in &config.databases {
+            let entry = DatabaseEntry {
+                tls: tls::upstream::connector(db)?,
+                config: db.clone(),
+            };
+            databases.insert(db.name.clone(), Arc::new(entry));
+        }
+        Ok(Live {
+            tls: tls::server::acceptor(&config.listen)?,
+            policy: Policy::new(&config.grants),
+            databases,
+            login_timeout: config.listen.login_timeout,
+        })
+    }
+}
+
+/// Everything sessions share.
+pub struct AppState {
+    /// Reloadable configuration.
+    pub live: ArcSwap<Live>,
+    /// Audit log writer.
+    pub audit: AuditLog,
     /// Vault client (shared connection pool).
     pub vault: Arc<VaultClient>,
     /// Background revocation queue.
@@ -44,8 +78,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancel keys of live sessions.
     pub cancels: Arc<CancelMap>,
-    /// Limit for TLS handshake plus startup packet.
-    pub login_timeout: Duration,
     /// False while starting and while draining.
     ready: AtomicBool,
 }
@@ -69,35 +101,60 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log: {0}")]
+    Audit(std::io::Error),
 }
 
 /// Builds the shared state (must run inside a Tokio runtime: the revoker starts here).
 pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
     let vault = Arc::new(VaultClient::new(&config.vault, metrics.clone())?);
-    let mut databases = HashMap::new();
-    for db in &config.databases {
-        let entry = DatabaseEntry {
-            tls: tls::upstream::connector(db)?,
-            config: db.clone(),
-        };
-        databases.insert(db.name.clone(), Arc::new(entry));
-    }
     Ok(Arc::new(AppState {
-        tls: tls::server::acceptor(&config.listen)?,
-        policy: Policy::new(&config.grants),
-        databases,
+        live: ArcSwap::from_pointee(Live::build(config)?),
+        audit: AuditLog::spawn(config.audit.path.clone()).map_err(StartError::Audit)?,
         revoker: Revoker::spawn(vault.clone(), metrics.clone()),
         vault,
         metrics,
         cancels: Arc::new(CancelMap::default()),
-        login_timeout: config.listen.login_timeout,
         ready: AtomicBool::new(false),
     }))
 }
 
+/// Reloads the configuration file into `state` (SIGHUP). A config that does not load leaves
+/// the running one in force. Settings that need a restart are reported, not applied.
+pub fn reload(state: &AppState, running: &Config, path: &Path) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: keeping the running configuration");
+            return;
+        }
+    };
+    let live = match Live::build(&config) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: keeping the running configuration");
+            return;
+        }
+    };
+    if config.listen.address != running.listen.address
+        || config.vault.address != running.vault.address
+        || config.metrics.as_ref().map(|m| m.address) != running.metrics.as_ref().map(|m| m.address)
+    {
+        tracing::warn!("listen/vault/metrics addresses changed: they take effect after a restart");
+    }
+    state.live.store(Arc::new(live));
+    tracing::info!(
+        databases = config.databases.len(),
+        grants = config.grants.len(),
+        "configuration reloaded"
+    );
+}
+
 /// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once.
-pub async fn run(config: Config) -> Result<(), StartError> {
+/// SIGHUP reloads `path`.
+pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     let state = build_state(&config)?;
     let auth_stop = CancellationToken::new();
     let vault_login = tokio::spawn(crate::vault::auth::maintain(
@@ -146,7 +203,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(address = %local, "leasegate listening");
 
     let mut signals = Signals::new();
-    let signal = signals.next().await;
+    let signal = loop {
+        match signals.next().await {
+            "SIGHUP" => reload(&state, &config, &path),
+            other => break other,
+        }
+    };
     tracing::info!(signal, grace = ?config.listen.shutdown_grace, "shutting down: no new sessions");
     state.ready.store(false, Ordering::SeqCst);
     accepting.cancel();
@@ -185,10 +247,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT as one stream.
+/// SIGTERM, SIGINT and SIGHUP as one stream.
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -197,6 +260,7 @@ impl Signals {
         Signals {
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
         }
     }
 
@@ -212,6 +276,7 @@ impl Signals {
         tokio::select! {
             _ = recv(&mut self.term) => "SIGTERM",
             _ = recv(&mut self.int) => "SIGINT",
+            _ = recv(&mut self.hup) => "SIGHUP",
         }
     }
 }

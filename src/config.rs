@@ -27,6 +27,17 @@ pub struct Config {
     /// Which identities may use which roles on which databases.
     #[serde(default)]
     pub grants: Vec<GrantConfig>,
+    /// Audit log destination; absent: stderr.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// File the JSON lines are appended to; absent or `-`: stderr.
+    pub path: Option<PathBuf>,
 }
 
 /// `[listen]`
@@ -322,6 +333,11 @@ impl Config {
         fix(&mut self.listen.client_ca);
         self.listen.crl.iter_mut().for_each(fix);
         self.vault.ca_cert.iter_mut().for_each(fix);
+        self.audit
+            .path
+            .iter_mut()
+            .filter(|p| p.as_os_str() != "-")
+            .for_each(fix);
         let auth = &mut self.vault.auth;
         auth.token_file.iter_mut().for_each(fix);
         auth.role_id_file.iter_mut().for_each(fix);

@@ -3,7 +3,8 @@
 //! OpenBao, revoking it when the session ends.
 //!
 //! # Layout
-//! - [`app`]: shared state, listener and admin startup, signals, graceful drain.
+//! - [`app`]: shared state, reload, listener and admin startup, signals, graceful drain.
+//! - [`audit`]: the JSON audit log of session starts, ends and refusals.
 //! - [`config`]: the TOML schema, defaults and validation.
 //! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
 //! - [`listener`]: accept loop, connection limit, socket options.
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod cancel;
 pub mod config;
 pub mod error;

@@ -73,7 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(leasegate::app::run(config))?;
+    runtime.block_on(leasegate::app::run(config, path))?;
     Ok(())
 }
 

@@ -15,23 +15,26 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
+use crate::app::{AppState, DatabaseEntry, Live};
+use crate::audit::AuditEvent;
 use crate::cancel::{self, CancelTarget};
 use crate::error::SessionError;
 use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::upstream::{self, LoggedIn, UpstreamError};
+use crate::vault::Lease;
 use handshake::{Accepted, ClientHello, ClientStream, quoted, report};
 use lifecycle::Lifetime;
-use relay::{Control, Relayed};
+use relay::{Control, RelayEnd, Relayed};
 
 /// How long the close phase waits for the upstream to close its socket.
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Serves one accepted TCP connection to its end, recording metrics and logs.
+/// Serves one accepted TCP connection to its end, recording metrics, logs and audit lines.
 pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+    let live = state.live.load_full();
     let accepted = tokio::select! {
-        r = tokio::time::timeout(state.login_timeout, handshake::accept(tcp, &state.tls)) => {
+        r = tokio::time::timeout(live.login_timeout, handshake::accept(tcp, &live.tls)) => {
             r.unwrap_or(Err(SessionError::LoginTimeout))
         }
         _ = stop.cancelled() => Err(SessionError::Shutdown),
@@ -43,8 +46,25 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
             }
             return;
         }
-        Ok(Accepted::Session(hello)) => serve(&state, *hello, peer, &stop).await,
-        Err(e) => Err(e),
+        Ok(Accepted::Session(hello)) => {
+            let audit = AuditEvent::new("session_start", peer)
+                .principal(&hello.principal)
+                .request(&hello.database, &hello.role);
+            let session = Session {
+                state: &state,
+                live: &live,
+                peer,
+                stop: &stop,
+                audit,
+            };
+            session.serve(*hello).await
+        }
+        Err(e) => {
+            state
+                .audit
+                .record(AuditEvent::new("refused", peer).error(&e));
+            Err(e)
+        }
     };
     match result {
         Ok(()) => state.metrics.session_finished("ok"),
@@ -76,108 +96,168 @@ fn denial_message(hello: &ClientHello, denial: &Denial) -> String {
     }
 }
 
-async fn serve(
-    state: &Arc<AppState>,
-    mut hello: ClientHello,
+/// One session after the handshake: what it needs from the proxy, and its audit facts.
+struct Session<'a> {
+    state: &'a AppState,
+    live: &'a Live,
     peer: SocketAddr,
-    stop: &CancellationToken,
-) -> Result<(), SessionError> {
-    let database = state.databases.get(&hello.database).cloned();
-    let db_roles = database.as_ref().map(|d| d.config.roles.as_slice());
-    let decision = state
-        .policy
-        .decide(&hello.principal, &hello.database, &hello.role, db_roles);
-    let database = match (decision, database) {
-        (Ok(()), Some(database)) => database,
-        (decision, _) => {
-            // The policy never allows a database that is not configured.
-            let denial = decision.err().unwrap_or(Denial::DatabaseNotGranted);
-            let message = denial_message(&hello, &denial);
-            return fail(&mut hello.stream, SessionError::Denied { denial, message }).await;
+    stop: &'a CancellationToken,
+    audit: AuditEvent,
+}
+
+impl Session<'_> {
+    /// Tells the client, writes the audit line (`refused` for the client's fault, `failed`
+    /// otherwise), and returns the error.
+    async fn fail(&self, stream: &mut ClientStream, err: SessionError) -> Result<(), SessionError> {
+        report(stream, &err).await;
+        let kind = if err.auth_failure_reason().is_some() {
+            "refused"
+        } else {
+            "failed"
+        };
+        self.state.audit.record(self.audit.again(kind).error(&err));
+        Err(err)
+    }
+
+    /// The grant check: the database entry the client may use, or the denial.
+    fn authorize(&self, hello: &ClientHello) -> Result<Arc<DatabaseEntry>, SessionError> {
+        let database = self.live.databases.get(&hello.database).cloned();
+        let db_roles = database.as_ref().map(|d| d.config.roles.as_slice());
+        let decision =
+            self.live
+                .policy
+                .decide(&hello.principal, &hello.database, &hello.role, db_roles);
+        match (decision, database) {
+            (Ok(()), Some(database)) => Ok(database),
+            (decision, _) => {
+                // The policy never allows a database that is not configured.
+                let denial = decision.err().unwrap_or(Denial::DatabaseNotGranted);
+                let message = denial_message(hello, &denial);
+                Err(SessionError::Denied { denial, message })
+            }
         }
-    };
-    let identity = hello.principal.display_name();
-    let creds = tokio::select! {
-        r = state.vault.creds(&database.config.mount, &hello.role) => r,
-        _ = stop.cancelled() => return fail(&mut hello.stream, SessionError::Shutdown).await,
-    };
-    let lease = match creds {
-        Ok(lease) => lease,
-        Err(source) => {
-            let role = hello.role.clone();
-            return fail(&mut hello.stream, SessionError::Vault { role, source }).await;
-        }
-    };
-    let guard = state.revoker.guard(&lease);
-    tracing::info!(%peer, identity = %identity, database = %hello.database, role = %hello.role,
-        username = %lease.username, lease_id = %guard.id(), "credential issued");
+    }
+
+    async fn serve(mut self, mut hello: ClientHello) -> Result<(), SessionError> {
+        let database = match self.authorize(&hello) {
+            Ok(d) => d,
+            Err(e) => return self.fail(&mut hello.stream, e).await,
+        };
+        let creds = tokio::select! {
+            r = self.state.vault.creds(&database.config.mount, &hello.role) => r,
+            _ = self.stop.cancelled() => return self.fail(&mut hello.stream, SessionError::Shutdown).await,
+        };
+        let lease = match creds {
+            Ok(lease) => lease,
+            Err(source) => {
+                let role = hello.role.clone();
+                return self
+                    .fail(&mut hello.stream, SessionError::Vault { role, source })
+                    .await;
+            }
+        };
+        // From here on every path drops the guard, which revokes the lease.
+        let guard = self.state.revoker.guard(&lease);
+        self.audit.upstream_user = Some(lease.username.clone());
+        self.audit.lease_id = Some(lease.id.clone());
+        tracing::info!(peer = %self.peer, identity = %hello.principal.display_name(),
+            database = %hello.database, role = %hello.role, username = %lease.username,
+            lease_id = %guard.id(), "credential issued");
+        let life = Lifetime {
+            lease_id: lease.id.clone(),
+            ttl: lease.duration,
+            renewable: lease.renewable,
+            max_session: database.config.max_session_duration,
+            warning: database.config.expiry_warning,
+            role: hello.role.clone(),
+        };
+        let logged_in = tokio::select! {
+            r = login_upstream(&database, &lease, &hello) => r,
+            _ = self.stop.cancelled() => Err(SessionError::Shutdown),
+        };
+        drop(lease);
+        let logged_in = match logged_in {
+            Ok(l) => l,
+            Err(SessionError::Upstream(e)) if e.raw_error().is_some() => {
+                forward_raw(&mut hello.stream, e.raw_error()).await;
+                let e = SessionError::Upstream(e);
+                self.state
+                    .audit
+                    .record(self.audit.again("failed").error(&e));
+                return Err(e);
+            }
+            Err(e) => return self.fail(&mut hello.stream, e).await,
+        };
+        self.relay(hello, logged_in, &database, life).await;
+        drop(guard); // the upstream is closed: revoke now
+        Ok(())
+    }
+
+    async fn relay(
+        &self,
+        hello: ClientHello,
+        logged_in: LoggedIn,
+        database: &Arc<DatabaseEntry>,
+        life: Lifetime,
+    ) {
+        let registration = logged_in.cancel_key.map(|(pid, secret)| {
+            self.state.cancels.register(CancelTarget {
+                database: database.clone(),
+                pid,
+                secret,
+            })
+        });
+        self.state.audit.record(self.audit.again("session_start"));
+        let started = Instant::now();
+        self.state.metrics.sessions_active.inc();
+        let key = registration.as_ref().map(|r| r.key);
+        let relayed = relay_session(self.state, hello, logged_in, key, life, self.stop).await;
+        self.state.metrics.sessions_active.dec();
+        drop(registration);
+        let mut end = self.audit.again("session_end");
+        end.duration_ms = Some(started.elapsed().as_millis() as u64);
+        end.bytes_to_upstream = Some(relayed.to_upstream.bytes);
+        end.bytes_to_client = Some(relayed.to_client.bytes);
+        end.reason = Some(relayed.end.label().to_owned());
+        tracing::info!(peer = %self.peer, end = relayed.end.label(),
+            bytes_to_upstream = relayed.to_upstream.bytes, bytes_to_client = relayed.to_client.bytes,
+            duration_ms = started.elapsed().as_millis() as u64, "session ended");
+        self.state.audit.record(end);
+    }
+}
+
+/// Connects and logs in upstream within the database's `connect_timeout`.
+async fn login_upstream(
+    database: &DatabaseEntry,
+    lease: &Lease,
+    hello: &ClientHello,
+) -> Result<LoggedIn, SessionError> {
+    let config = &database.config;
     let login = async {
-        let stream = upstream::connect(&database.config, database.tls.as_ref()).await?;
+        let stream = upstream::connect(config, database.tls.as_ref()).await?;
         upstream::login(
             stream,
-            &database.config,
+            config,
             &lease.username,
             &lease.password,
             &hello.params,
         )
         .await
     };
-    let logged_in = tokio::select! {
-        r = tokio::time::timeout(database.config.connect_timeout, login) => {
-            r.unwrap_or_else(|_| Err(UpstreamError::Timeout(database.config.name.clone())))
-        }
-        _ = stop.cancelled() => return fail(&mut hello.stream, SessionError::Shutdown).await,
-    };
-    let life = Lifetime {
-        lease_id: lease.id.clone(),
-        ttl: lease.duration,
-        renewable: lease.renewable,
-        max_session: database.config.max_session_duration,
-        warning: database.config.expiry_warning,
-        role: hello.role.clone(),
-    };
-    drop(lease);
-    let logged_in = match logged_in {
-        Ok(l) => l,
-        Err(e) => {
-            if let Some(raw) = e.raw_error() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    hello.stream.write_all(raw).await?;
-                    hello.stream.shutdown().await
-                })
-                .await;
-                return Err(e.into());
-            }
-            return fail(&mut hello.stream, e.into()).await;
-        }
-    };
-    let target = CancelTarget {
-        database: database.clone(),
-        pid: logged_in.cancel_key.map(|k| k.0).unwrap_or(0),
-        secret: logged_in.cancel_key.map(|k| k.1).unwrap_or(0),
-    };
-    let registration = logged_in.cancel_key.map(|_| state.cancels.register(target));
-    let started = Instant::now();
-    state.metrics.sessions_active.inc();
-    let key = registration.as_ref().map(|r| r.key);
-    let outcome = relay_session(state, hello, logged_in, key, life, stop).await;
-    state.metrics.sessions_active.dec();
-    drop(registration);
-    drop(guard); // the upstream is closed: revoke now
-    match outcome {
-        Ok(r) => {
-            tracing::info!(%peer, identity = %identity, end = r.end.label(),
-                bytes_to_upstream = r.to_upstream.bytes, bytes_to_client = r.to_client.bytes,
-                duration_ms = started.elapsed().as_millis() as u64, "session ended");
-            Ok(())
-        }
-        Err(e) => Err(e),
+    match tokio::time::timeout(config.connect_timeout, login).await {
+        Ok(r) => r.map_err(SessionError::from),
+        Err(_) => Err(UpstreamError::Timeout(config.name.clone()).into()),
     }
 }
 
-async fn fail(stream: &mut ClientStream, err: SessionError) -> Result<(), SessionError> {
-    report(stream, &err).await;
-    Err(err)
+/// Forwards the upstream's own ErrorResponse and closes.
+async fn forward_raw(stream: &mut ClientStream, raw: Option<&bytes::Bytes>) {
+    let Some(raw) = raw else { return };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        stream.write_all(raw).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Startup completion as the client sees it, then the relay, then the close.
@@ -188,7 +268,7 @@ async fn relay_session(
     key: Option<(i32, i32)>,
     life: Lifetime,
     stop: &CancellationToken,
-) -> Result<Relayed, SessionError> {
+) -> Relayed {
     let mut out = BytesMut::with_capacity(1024);
     negotiate_protocol(&mut out, &hello);
     messages::authentication_ok(&mut out);
@@ -205,7 +285,11 @@ async fn relay_session(
     };
     if let Err(e) = write.await {
         close_upstream(&mut upstream, true).await;
-        return Err(SessionError::Upstream(UpstreamError::Io(e)));
+        return Relayed {
+            end: RelayEnd::ClientGone(Some(e)),
+            to_upstream: Default::default(),
+            to_client: Default::default(),
+        };
     }
     let (mut cr, mut cw) = split(hello.stream);
     let (mut ur, mut uw) = split(upstream);
@@ -219,7 +303,7 @@ async fn relay_session(
     let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
     let can_terminate = relayed.to_upstream.framer.at_boundary() && !relayed.to_upstream.torn;
     close_upstream(&mut upstream, can_terminate).await;
-    Ok(relayed)
+    relayed
 }
 
 /// NegotiateProtocolVersion when the client asked for a newer minor version or `_pq_.`
