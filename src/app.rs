@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
 use crate::config::{Config, DatabaseConfig};
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::tls::{self, TlsError};
@@ -70,6 +71,8 @@ pub struct AppState {
     pub live: ArcSwap<Live>,
     /// Audit log writer.
     pub audit: AuditLog,
+    /// Session limits (not reloaded: counts must survive a reload).
+    pub limiter: Limiter,
     /// Vault client (shared connection pool).
     pub vault: Arc<VaultClient>,
     /// Background revocation queue.
@@ -113,6 +116,7 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     Ok(Arc::new(AppState {
         live: ArcSwap::from_pointee(Live::build(config)?),
         audit: AuditLog::spawn(config.audit.path.clone()).map_err(StartError::Audit)?,
+        limiter: Limiter::new(config.limits.clone()),
         revoker: Revoker::spawn(vault.clone(), metrics.clone()),
         vault,
         metrics,

@@ -30,6 +30,34 @@ pub struct Config {
     /// Audit log destination; absent: stderr.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Abuse limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Sessions (in setup or relaying) through this instance at once.
+    pub max_sessions: u32,
+    /// Concurrent sessions per certificate identity.
+    pub max_sessions_per_identity: u32,
+    /// Sustained rate of new sessions per identity (token bucket refill per second).
+    pub new_sessions_per_second_per_identity: f64,
+    /// Bucket size: new sessions an identity may open in a burst.
+    pub burst_per_identity: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: 10_000,
+            max_sessions_per_identity: 1_000,
+            new_sessions_per_second_per_identity: 100.0,
+            burst_per_identity: 200,
+        }
+    }
 }
 
 /// `[audit]`

@@ -2,6 +2,7 @@
 //! client-safe message, and the metric labels. Vault bodies, tokens and internal addresses
 //! never reach a client message; the full error goes to the log.
 
+use crate::limits::LimitHit;
 use crate::policy::Denial;
 use crate::protocol::startup::PacketError;
 use crate::upstream::UpstreamError;
@@ -41,6 +42,14 @@ pub enum SessionError {
         /// Client-visible message naming identity, role and database.
         message: String,
     },
+    /// A session limit refused the client.
+    #[error("{message}")]
+    Limited {
+        /// Which limit.
+        hit: LimitHit,
+        /// Client-visible message.
+        message: String,
+    },
     /// Vault could not issue a credential.
     #[error("could not obtain credentials for role {role:?}: {source}")]
     Vault {
@@ -68,6 +77,7 @@ impl SessionError {
             SessionError::Packet(PacketError::UnsupportedVersion(..)) => "0A000",
             SessionError::Packet(_) => "08P01",
             SessionError::Refused { code, .. } => code,
+            SessionError::Limited { .. } => "53300",
             SessionError::Vault { .. } => "08006",
             SessionError::Upstream(e) => e.sqlstate(),
             SessionError::Shutdown => "57P01",
@@ -84,9 +94,9 @@ impl SessionError {
             SessionError::Tls(_) => "TLS handshake failed".into(),
             SessionError::LoginTimeout => "login timed out".into(),
             SessionError::Packet(e) => e.to_string(),
-            SessionError::Refused { message, .. } | SessionError::Denied { message, .. } => {
-                message.clone()
-            }
+            SessionError::Refused { message, .. }
+            | SessionError::Denied { message, .. }
+            | SessionError::Limited { message, .. } => message.clone(),
             SessionError::Vault { role, source } => format!(
                 "could not obtain credentials for role \"{role}\": {}",
                 source.client_reason()
@@ -106,6 +116,7 @@ impl SessionError {
             SessionError::LoginTimeout => Some("login_timeout"),
             SessionError::Packet(_) | SessionError::Refused { .. } => Some("bad_startup"),
             SessionError::Denied { denial, .. } => Some(denial.label()),
+            SessionError::Limited { hit, .. } => Some(hit.label()),
             SessionError::Vault { .. } | SessionError::Upstream(_) | SessionError::Shutdown => None,
         }
     }

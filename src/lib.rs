@@ -7,6 +7,7 @@
 //! - [`audit`]: the JSON audit log of session starts, ends and refusals.
 //! - [`config`]: the TOML schema, defaults and validation.
 //! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
+//! - [`limits`]: global and per-identity session limits and rate buckets.
 //! - [`listener`]: accept loop, connection limit, socket options.
 //! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
 //! - [`protocol`]: pre-authentication packets, messages leasegate writes, message framing.
@@ -26,6 +27,7 @@ pub mod audit;
 pub mod cancel;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod policy;

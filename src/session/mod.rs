@@ -143,6 +143,16 @@ impl Session<'_> {
             Ok(d) => d,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
+        let identity = hello.principal.display_name();
+        let _permit = match self.state.limiter.acquire(&identity) {
+            Ok(p) => p,
+            Err(hit) => {
+                let message = hit.message(&identity);
+                return self
+                    .fail(&mut hello.stream, SessionError::Limited { hit, message })
+                    .await;
+            }
+        };
         let creds = tokio::select! {
             r = self.state.vault.creds(&database.config.mount, &hello.role) => r,
             _ = self.stop.cancelled() => return self.fail(&mut hello.stream, SessionError::Shutdown).await,

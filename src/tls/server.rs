@@ -16,6 +16,7 @@ pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// Builds the acceptor from the `[listen]` section.
 pub fn acceptor(listen: &ListenConfig) -> Result<TlsAcceptor, TlsError> {
+    check_key_permissions(&listen.key)?;
     let certs = load_certs(&listen.cert)?;
     let key = load_key(&listen.key)?;
     let roots = load_roots(&listen.client_ca)?;
@@ -49,4 +50,46 @@ fn load_crls(
     rustls_pemfile::crls(&mut data.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Refuses a server key readable by every user; warns when the group can read it.
+pub fn check_key_permissions(path: &std::path::Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o004 != 0 {
+        return Err(TlsError::Invalid(format!(
+            "{}: the private key is readable by every user (mode {:o}); run chmod 600",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    if mode & 0o040 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777),
+            "the server private key is readable by its group");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn world_readable_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "x").expect("write");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = check_key_permissions(&key).expect_err("refused");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(check_key_permissions(&key).is_ok());
+    }
 }
