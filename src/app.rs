@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
+use crate::cluster::Cluster;
 use crate::config::{Config, DatabaseConfig};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
@@ -43,6 +44,8 @@ pub struct Live {
     pub databases: HashMap<String, Arc<DatabaseEntry>>,
     /// Limit for TLS handshake plus startup packet.
     pub login_timeout: Duration,
+    /// Peers for cancel forwarding.
+    pub cluster: Option<Cluster>,
 }
 
 impl Live {
@@ -61,6 +64,11 @@ impl Live {
             policy: Policy::new(&config.grants),
             databases,
             login_timeout: config.listen.login_timeout,
+            cluster: config
+                .cluster
+                .as_ref()
+                .map(|c| Cluster::new(c, &config.listen.client_ca))
+                .transpose()?,
         })
     }
 }

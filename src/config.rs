@@ -33,6 +33,25 @@ pub struct Config {
     /// Abuse limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Other leasegate instances behind the same load balancer (cancel forwarding).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `host:port` of every other instance's client listener; a DNS name stands for all the
+    /// addresses it resolves to (a Kubernetes headless service, say).
+    pub peers: Vec<String>,
+    /// Identity pattern the peers' client certificates match (`uri:…`, `dns:…`, `cn:…`).
+    pub peer_identity: String,
+    /// Client certificate this instance presents to peers (needs the clientAuth usage).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// CA the peers' server certificates chain to; default: `listen.client_ca`.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `[limits]`
@@ -375,6 +394,11 @@ impl Config {
         for db in &mut self.databases {
             db.ca_cert.iter_mut().for_each(fix);
         }
+        if let Some(cluster) = &mut self.cluster {
+            fix(&mut cluster.cert);
+            fix(&mut cluster.key);
+            cluster.ca_cert.iter_mut().for_each(fix);
+        }
     }
 
     /// Checks cross-references and values; returns every problem found.
@@ -392,6 +416,11 @@ impl Config {
         self.vault.auth.problems(&mut problems);
         if self.listen.max_connections == 0 {
             problems.push("listen.max_connections must be at least 1".into());
+        }
+        if let Some(cluster) = &self.cluster
+            && let Err(e) = IdentityPattern::parse(&cluster.peer_identity)
+        {
+            problems.push(format!("cluster.peer_identity: {e}"));
         }
         self.validate_databases(&mut problems);
         self.validate_grants(&mut problems);
@@ -417,6 +446,11 @@ impl Config {
                 .iter()
                 .map(|p| ("vault.auth.token_file", p)),
         );
+        if let Some(cluster) = &self.cluster {
+            files.push(("cluster.cert", &cluster.cert));
+            files.push(("cluster.key", &cluster.key));
+            files.extend(cluster.ca_cert.iter().map(|p| ("cluster.ca_cert", p)));
+        }
         files.extend(
             self.databases
                 .iter()

@@ -16,6 +16,7 @@
 //! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.
 //! - [`upstream`]: upstream connect (TLS per config) and login (SCRAM, MD5 where allowed).
 //! - [`cancel`]: proxy cancel keys and their forwarding upstream.
+//! - [`cluster`]: forwarding cancels with unknown keys to peer instances.
 //! - [`metrics`] and [`admin`]: the Prometheus registry and `/metrics`, `/healthz`, `/readyz`.
 
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod cancel;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod limits;

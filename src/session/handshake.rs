@@ -21,8 +21,9 @@ pub type ClientStream = TlsStream<TcpStream>;
 
 /// What the pre-authentication phase produced.
 pub enum Accepted {
-    /// A cancel request (plaintext, or inside TLS as PostgreSQL 17 clients send it).
-    Cancel(CancelKey),
+    /// A cancel request (plaintext, or inside TLS as PostgreSQL 17 clients and peers send
+    /// it), with the sender's certificate identity when it came over TLS with one.
+    Cancel(CancelKey, Option<Principal>),
     /// A client ready for policy checks.
     Session(Box<ClientHello>),
 }
@@ -72,7 +73,7 @@ pub async fn accept(mut tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<Accept
     let mut first = [0u8; 1];
     let direct = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE_RECORD);
     if !direct && let Some(key) = negotiate(&mut tcp).await? {
-        return Ok(Accepted::Cancel(key));
+        return Ok(Accepted::Cancel(key, None));
     }
     let mut stream = acceptor.accept(tcp).await.map_err(SessionError::Tls)?;
     if direct && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
@@ -120,7 +121,12 @@ async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
         .cloned();
     let startup = match read_initial_packet(&mut stream).await {
         Ok(InitialPacket::Startup(s)) => s,
-        Ok(InitialPacket::Cancel(key)) => return Ok(Accepted::Cancel(key)),
+        Ok(InitialPacket::Cancel(key)) => {
+            let sender = cert
+                .as_ref()
+                .and_then(|c| Principal::from_certificate(c).ok());
+            return Ok(Accepted::Cancel(key, sender));
+        }
         Ok(InitialPacket::SslRequest | InitialPacket::GssEncRequest) => {
             let e = refused("08P01", "encryption negotiation inside TLS is not allowed");
             return fail(&mut stream, e).await;

@@ -40,9 +40,13 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
         _ = stop.cancelled() => Err(SessionError::Shutdown),
     };
     let result = match accepted {
-        Ok(Accepted::Cancel(key)) => {
+        Ok(Accepted::Cancel(key, sender)) => {
             if let Some(target) = state.cancels.lookup(&key) {
                 cancel::forward(target).await;
+            } else if let Some(cluster) = &live.cluster
+                && !cluster.is_peer(sender.as_ref())
+            {
+                cluster.forward(&key).await;
             }
             return;
         }

@@ -66,7 +66,7 @@ pub fn server_end_point(cert: &CertificateDer<'_>) -> Vec<u8> {
 
 /// `verify-ca`: the chain must verify, the name need not match.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+pub(crate) struct ChainOnly(pub(crate) Arc<WebPkiServerVerifier>);
 
 impl ServerCertVerifier for ChainOnly {
     fn verify_server_cert(
