@@ -130,6 +130,35 @@ impl SessionError {
         }
     }
 
+    /// `leasegate_tls_handshake_failures_total{reason}` label for a failed handshake.
+    pub fn tls_failure_reason(&self) -> Option<&'static str> {
+        let SessionError::Tls(e) = self else {
+            return None;
+        };
+        let Some(tls) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return Some(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "eof"
+            } else {
+                "io"
+            });
+        };
+        use rustls::{CertificateError as C, Error as E};
+        Some(match tls {
+            E::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
+            E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+            E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
+            E::InvalidCertificate(C::Revoked) => "revoked",
+            E::InvalidCertificate(_) => "bad_certificate",
+            E::NoApplicationProtocol => "no_alpn",
+            E::PeerIncompatible(_) => "incompatible",
+            E::InvalidMessage(_) => "not_tls",
+            _ => "other",
+        })
+    }
+
     /// Whether the client can still be sent an ErrorResponse (not when TLS itself failed).
     pub fn reportable(&self) -> bool {
         !matches!(self, SessionError::Tls(_))

@@ -1,22 +1,29 @@
 //! The Prometheus registry and leasegate's typed metrics. Labels are small fixed sets
-//! (outcome, result, op, reason, database, role); never a client identity or anything else
-//! unbounded.
+//! (outcome, result, op, status, phase, reason, direction, database); never a client
+//! identity or anything else unbounded. Database names come from the configuration only.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// One label: (name, value), both from fixed sets.
 pub type Label = [(&'static str, &'static str); 1];
+/// Several labels, values from fixed sets or the configuration.
+pub type Labels = Vec<(&'static str, String)>;
 
 type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~16 s
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+fn session_histogram() -> Histogram {
+    // 10 ms .. ~45 h
+    Histogram::new(exponential_buckets(0.01, 4.0, 12))
 }
 
 /// Every metric leasegate exports.
@@ -26,20 +33,36 @@ pub struct Metrics {
     pub sessions_active: Gauge,
     /// Finished connections by outcome: ok, rejected, error.
     pub sessions_total: Family<Label, Counter>,
+    /// Relaying sessions' lifetimes.
+    pub session_duration: Histogram,
+    /// Session setup time by phase: tls, vault, upstream_login, total.
+    pub session_setup_duration: HistogramFamily,
     /// Leases issued and not yet revoked.
     pub leases_active: Gauge,
+    /// Leases issued.
+    pub leases_issued_total: Counter,
     /// Revocations by result: ok, error.
     pub lease_revocations_total: Family<Label, Counter>,
-    /// Vault request latency by op: creds, revoke.
-    pub vault_request_duration: HistogramFamily,
-    /// Refused clients by reason.
-    pub auth_failures_total: Family<Label, Counter>,
     /// Lease renewals by result: ok, error.
     pub lease_renewals_total: Family<Label, Counter>,
     /// Revocations queued or in flight.
     pub revocations_pending: Gauge,
-    /// Vault token renewals and re-logins by result: ok, error, relogin.
+    /// Vault request latency by op.
+    pub vault_request_duration: HistogramFamily,
+    /// Vault requests by op and status (2xx, 4xx, 5xx, timeout, unreachable).
+    pub vault_requests_total: Family<Labels, Counter>,
+    /// Vault token renewals and logins by result: ok, error, login.
     pub vault_auth_renewals_total: Family<Label, Counter>,
+    /// Refused clients by reason.
+    pub auth_failures_total: Family<Label, Counter>,
+    /// TLS handshake failures by reason.
+    pub tls_handshake_failures_total: Family<Label, Counter>,
+    /// Upstream connect and login failures by database and kind.
+    pub upstream_errors_total: Family<Labels, Counter>,
+    /// Relayed bytes by direction: to_upstream, to_client.
+    pub relayed_bytes_total: Family<Label, Counter>,
+    /// Constant 1 with the version label.
+    pub build_info: Family<Label, Gauge>,
 }
 
 impl Default for Metrics {
@@ -48,68 +71,144 @@ impl Default for Metrics {
     }
 }
 
+fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    registry.register(name, help, metric);
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
         let m = Metrics {
             registry: Registry::default(),
             sessions_active: Gauge::default(),
             sessions_total: Family::default(),
+            session_duration: session_histogram(),
+            session_setup_duration: Family::new_with_constructor(latency_histogram),
             leases_active: Gauge::default(),
+            leases_issued_total: Counter::default(),
             lease_revocations_total: Family::default(),
-            vault_request_duration: Family::new_with_constructor(latency_histogram),
-            auth_failures_total: Family::default(),
             lease_renewals_total: Family::default(),
             revocations_pending: Gauge::default(),
+            vault_request_duration: Family::new_with_constructor(latency_histogram),
+            vault_requests_total: Family::default(),
             vault_auth_renewals_total: Family::default(),
+            auth_failures_total: Family::default(),
+            tls_handshake_failures_total: Family::default(),
+            upstream_errors_total: Family::default(),
+            relayed_bytes_total: Family::default(),
+            build_info: Family::default(),
         };
-        registry.register(
+        let mut r = Registry::default();
+        let r = &mut r;
+        register(
+            r,
             "leasegate_sessions_active",
-            "Client sessions currently relaying to an upstream database",
+            "Client sessions currently relaying",
             m.sessions_active.clone(),
         );
-        registry.register(
+        register(
+            r,
             "leasegate_sessions",
             "Client connections handled, by outcome (ok, rejected, error)",
             m.sessions_total.clone(),
         );
-        registry.register(
+        register(
+            r,
+            "leasegate_session_duration_seconds",
+            "Lifetime of relaying sessions",
+            m.session_duration.clone(),
+        );
+        register(
+            r,
+            "leasegate_session_setup_duration_seconds",
+            "Session setup time, by phase (tls, vault, upstream_login, total)",
+            m.session_setup_duration.clone(),
+        );
+        register(
+            r,
             "leasegate_leases_active",
             "Vault leases issued to sessions and not yet revoked",
             m.leases_active.clone(),
         );
-        registry.register(
+        register(
+            r,
+            "leasegate_leases_issued",
+            "Vault leases issued to sessions",
+            m.leases_issued_total.clone(),
+        );
+        register(
+            r,
             "leasegate_lease_revocations",
             "Lease revocations, by result (ok, error)",
             m.lease_revocations_total.clone(),
         );
-        registry.register(
-            "leasegate_vault_request_duration_seconds",
-            "Vault HTTP request latency, by operation (creds, revoke)",
-            m.vault_request_duration.clone(),
-        );
-        registry.register(
-            "leasegate_auth_failures",
-            "Clients refused before any credential was issued, by reason",
-            m.auth_failures_total.clone(),
-        );
-        registry.register(
+        register(
+            r,
             "leasegate_lease_renewals",
             "Lease renewals, by result (ok, error)",
             m.lease_renewals_total.clone(),
         );
-        registry.register(
+        register(
+            r,
             "leasegate_revocations_pending",
             "Lease revocations queued or being retried",
             m.revocations_pending.clone(),
         );
-        registry.register(
+        register(
+            r,
+            "leasegate_vault_request_duration_seconds",
+            "Vault HTTP request latency, by operation",
+            m.vault_request_duration.clone(),
+        );
+        register(
+            r,
+            "leasegate_vault_requests",
+            "Vault HTTP requests, by operation and status (2xx, 4xx, 5xx, timeout, unreachable)",
+            m.vault_requests_total.clone(),
+        );
+        register(
+            r,
             "leasegate_vault_auth_renewals",
             "Vault token renewals and logins, by result (ok, error, login)",
             m.vault_auth_renewals_total.clone(),
         );
-        Metrics { registry, ..m }
+        register(
+            r,
+            "leasegate_auth_failures",
+            "Clients refused before any credential was issued, by reason",
+            m.auth_failures_total.clone(),
+        );
+        register(
+            r,
+            "leasegate_tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason",
+            m.tls_handshake_failures_total.clone(),
+        );
+        register(
+            r,
+            "leasegate_upstream_errors",
+            "Upstream connect and login failures, by database and kind",
+            m.upstream_errors_total.clone(),
+        );
+        register(
+            r,
+            "leasegate_relayed_bytes",
+            "Bytes relayed, by direction (to_upstream, to_client)",
+            m.relayed_bytes_total.clone(),
+        );
+        register(
+            r,
+            "leasegate_build_info",
+            "Build information (constant 1)",
+            m.build_info.clone(),
+        );
+        m.build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        Metrics {
+            registry: std::mem::take(r),
+            ..m
+        }
     }
 
     /// Counts a finished connection.
@@ -126,11 +225,45 @@ impl Metrics {
             .inc();
     }
 
-    /// Records one Vault request's latency.
-    pub fn vault_request(&self, op: &'static str, seconds: f64) {
+    /// Records one Vault request's latency and status.
+    pub fn vault_request(&self, op: &'static str, status: &'static str, seconds: f64) {
         self.vault_request_duration
             .get_or_create(&[("op", op)])
             .observe(seconds);
+        self.vault_requests_total
+            .get_or_create(&vec![("op", op.to_owned()), ("status", status.to_owned())])
+            .inc();
+    }
+
+    /// Records one setup phase's duration.
+    pub fn setup_phase(&self, phase: &'static str, seconds: f64) {
+        self.session_setup_duration
+            .get_or_create(&[("phase", phase)])
+            .observe(seconds);
+    }
+
+    /// Counts an upstream failure.
+    pub fn upstream_error(&self, database: &str, kind: &'static str) {
+        self.upstream_errors_total
+            .get_or_create(&vec![
+                ("database", database.to_owned()),
+                ("kind", kind.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Counts a failed client TLS handshake.
+    pub fn tls_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures_total
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Counter handle for one relay direction.
+    pub fn relayed(&self, direction: &'static str) -> Counter {
+        self.relayed_bytes_total
+            .get_or_create(&[("direction", direction)])
+            .clone()
     }
 
     /// Counts a lease renewal.
@@ -172,10 +305,12 @@ mod tests {
         let m = Metrics::new();
         m.session_finished("ok");
         m.auth_failure("no_grant");
-        m.vault_request("creds", 0.01);
+        m.vault_request("creds", "2xx", 0.01);
         m.revocation("ok");
         m.sessions_active.inc();
         m.leases_active.inc();
+        m.relayed("to_client").inc_by(10);
+        m.upstream_error("myapp", "connect");
         let text = m.render();
         for needle in [
             "leasegate_sessions_active 1",
@@ -183,7 +318,11 @@ mod tests {
             "leasegate_leases_active 1",
             "leasegate_lease_revocations_total{result=\"ok\"} 1",
             "leasegate_vault_request_duration_seconds_count{op=\"creds\"} 1",
+            "leasegate_vault_requests_total{op=\"creds\",status=\"2xx\"} 1",
             "leasegate_auth_failures_total{reason=\"no_grant\"} 1",
+            "leasegate_relayed_bytes_total{direction=\"to_client\"} 10",
+            "leasegate_upstream_errors_total{database=\"myapp\",kind=\"connect\"} 1",
+            "leasegate_build_info{version=",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -25,7 +25,7 @@ use crate::upstream::{self, LoggedIn, UpstreamError};
 use crate::vault::Lease;
 use handshake::{Accepted, ClientHello, ClientStream, quoted, report};
 use lifecycle::Lifetime;
-use relay::{Control, RelayEnd, Relayed};
+use relay::{Control, Direction, RelayEnd, Relayed};
 
 /// How long the close phase waits for the upstream to close its socket.
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -33,6 +33,7 @@ const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Serves one accepted TCP connection to its end, recording metrics, logs and audit lines.
 pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
     let live = state.live.load_full();
+    let started = Instant::now();
     let accepted = tokio::select! {
         r = tokio::time::timeout(live.login_timeout, handshake::accept(tcp, &live.tls)) => {
             r.unwrap_or(Err(SessionError::LoginTimeout))
@@ -51,6 +52,9 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
             return;
         }
         Ok(Accepted::Session(hello)) => {
+            state
+                .metrics
+                .setup_phase("tls", started.elapsed().as_secs_f64());
             let audit = AuditEvent::new("session_start", peer)
                 .principal(&hello.principal)
                 .request(&hello.database, &hello.role);
@@ -60,10 +64,14 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
                 peer,
                 stop: &stop,
                 audit,
+                started,
             };
             session.serve(*hello).await
         }
         Err(e) => {
+            if let Some(reason) = e.tls_failure_reason() {
+                state.metrics.tls_failure(reason);
+            }
             state
                 .audit
                 .record(AuditEvent::new("refused", peer).error(&e));
@@ -107,6 +115,8 @@ struct Session<'a> {
     peer: SocketAddr,
     stop: &'a CancellationToken,
     audit: AuditEvent,
+    /// When the connection was accepted, for the setup-time metric.
+    started: Instant,
 }
 
 impl Session<'_> {
@@ -157,6 +167,7 @@ impl Session<'_> {
                     .await;
             }
         };
+        let vault_started = Instant::now();
         let creds = tokio::select! {
             r = self.state.vault.creds(&database.config.mount, &hello.role) => r,
             _ = self.stop.cancelled() => return self.fail(&mut hello.stream, SessionError::Shutdown).await,
@@ -172,6 +183,9 @@ impl Session<'_> {
         };
         // From here on every path drops the guard, which revokes the lease.
         let guard = self.state.revoker.guard(&lease);
+        let metrics = &self.state.metrics;
+        metrics.setup_phase("vault", vault_started.elapsed().as_secs_f64());
+        let login_started = Instant::now();
         self.audit.upstream_user = Some(lease.username.clone());
         self.audit.lease_id = Some(lease.id.clone());
         tracing::info!(peer = %self.peer, identity = %hello.principal.display_name(),
@@ -190,8 +204,15 @@ impl Session<'_> {
             _ = self.stop.cancelled() => Err(SessionError::Shutdown),
         };
         drop(lease);
+        if let Err(SessionError::Upstream(e)) = &logged_in {
+            metrics.upstream_error(&database.config.name, e.kind());
+        }
         let logged_in = match logged_in {
-            Ok(l) => l,
+            Ok(l) => {
+                metrics.setup_phase("upstream_login", login_started.elapsed().as_secs_f64());
+                metrics.setup_phase("total", self.started.elapsed().as_secs_f64());
+                l
+            }
             Err(SessionError::Upstream(e)) if e.raw_error().is_some() => {
                 forward_raw(&mut hello.stream, e.raw_error()).await;
                 let e = SessionError::Upstream(e);
@@ -227,6 +248,10 @@ impl Session<'_> {
         let key = registration.as_ref().map(|r| r.key);
         let relayed = relay_session(self.state, hello, logged_in, key, life, self.stop).await;
         self.state.metrics.sessions_active.dec();
+        self.state
+            .metrics
+            .session_duration
+            .observe(started.elapsed().as_secs_f64());
         drop(registration);
         let mut end = self.audit.again("session_end");
         end.duration_ms = Some(started.elapsed().as_millis() as u64);
@@ -309,7 +334,11 @@ async fn relay_session(
     let (mut ur, mut uw) = split(upstream);
     let (tx, mut control) = mpsc::channel::<Control>(4);
     let relayed = tokio::select! {
-        r = relay::relay(&mut cr, &mut cw, &mut ur, &mut uw, &mut control) => r,
+        r = relay::relay(
+            &mut cr, &mut cw, &mut ur, &mut uw, &mut control,
+            Direction::counted(state.metrics.relayed("to_upstream")),
+            Direction::counted(state.metrics.relayed("to_client")),
+        ) => r,
         never = lifecycle::watch(&state.vault, &state.metrics, life, stop, tx) => match never {},
     };
     let mut client = cr.unsplit(cw);

@@ -65,6 +65,27 @@ pub struct Direction {
     pub framer: Framer,
     /// A write was under way when the relay stopped (the stream may hold half a message).
     pub torn: bool,
+    /// `leasegate_relayed_bytes_total` for this direction.
+    pub counter: Option<prometheus_client::metrics::counter::Counter>,
+}
+
+impl Direction {
+    /// A direction counting into `counter`.
+    pub fn counted(counter: prometheus_client::metrics::counter::Counter) -> Direction {
+        Direction {
+            counter: Some(counter),
+            ..Direction::default()
+        }
+    }
+
+    fn wrote(&mut self, chunk: &[u8]) {
+        self.torn = false;
+        self.bytes += chunk.len() as u64;
+        self.framer.feed(chunk);
+        if let Some(c) = &self.counter {
+            c.inc_by(chunk.len() as u64);
+        }
+    }
 }
 
 /// Result of a relay.
@@ -98,9 +119,7 @@ where
         if let Err(e) = writer.write_all(&buf[..n]).await {
             return Some(e);
         }
-        dir.torn = false;
-        dir.bytes += n as u64;
-        dir.framer.feed(&buf[..n]);
+        dir.wrote(&buf[..n]);
     }
 }
 
@@ -168,9 +187,7 @@ where
         if let Err(e) = writer.write_all(chunk).await {
             return DownEnd::Closed(Some(e));
         }
-        dir.torn = false;
-        dir.bytes += chunk.len() as u64;
-        dir.framer.feed(chunk);
+        dir.wrote(chunk);
     }
 }
 
@@ -181,13 +198,13 @@ pub async fn relay<C, U>(
     upstream_r: &mut ReadHalf<U>,
     upstream_w: &mut WriteHalf<U>,
     control: &mut mpsc::Receiver<Control>,
+    mut to_upstream: Direction,
+    mut to_client: Direction,
 ) -> Relayed
 where
     C: AsyncRead + AsyncWrite,
     U: AsyncRead + AsyncWrite,
 {
-    let mut to_upstream = Direction::default();
-    let mut to_client = Direction::default();
     let end = tokio::select! {
         err = pump(client_r, upstream_w, &mut to_upstream) => {
             if err.is_none() && to_upstream.framer.at_boundary() && to_upstream.framer.last_type() == b'X' {
@@ -221,7 +238,16 @@ mod tests {
         let (mut ur, mut uw) = split(upstream_proxy);
         let (_tx, mut control) = mpsc::channel(4);
         let task = tokio::spawn(async move {
-            let r = relay(&mut cr, &mut cw, &mut ur, &mut uw, &mut control).await;
+            let r = relay(
+                &mut cr,
+                &mut cw,
+                &mut ur,
+                &mut uw,
+                &mut control,
+                Direction::default(),
+                Direction::default(),
+            )
+            .await;
             (r.end.label(), r.to_upstream.bytes, r.to_client.bytes)
         });
         let (mut app_r, mut app_w) = split(client_app);
@@ -253,10 +279,18 @@ mod control_tests {
         let (mut cr, mut cw) = split(client_proxy);
         let (mut ur, mut uw) = split(upstream_proxy);
         let (tx, mut control) = mpsc::channel(4);
-        let task =
-            tokio::spawn(
-                async move { relay(&mut cr, &mut cw, &mut ur, &mut uw, &mut control).await },
-            );
+        let task = tokio::spawn(async move {
+            relay(
+                &mut cr,
+                &mut cw,
+                &mut ur,
+                &mut uw,
+                &mut control,
+                Direction::default(),
+                Direction::default(),
+            )
+            .await
+        });
         let (mut app_r, _app_w) = split(client_app);
         let (_db_r, mut db_w) = split(upstream_db);
         // Half a DataRow, then leasegate decides to end the session.

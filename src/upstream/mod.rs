@@ -84,6 +84,19 @@ impl UpstreamError {
         }
     }
 
+    /// Metric label for `leasegate_upstream_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Tls { .. } => "tls",
+            UpstreamError::Rejected { .. } => "rejected",
+            UpstreamError::AuthMethod(_) | UpstreamError::Scram(_) => "auth",
+            UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Io(_) => "io",
+        }
+    }
+
     /// The upstream's own ErrorResponse, to forward as-is.
     pub fn raw_error(&self) -> Option<&Bytes> {
         match self {

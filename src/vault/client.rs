@@ -213,8 +213,15 @@ impl VaultClient {
             req = req.json(&body);
         }
         let result = req.send().await;
+        let status = match &result {
+            Ok(r) if r.status().is_success() => "2xx",
+            Ok(r) if r.status().is_client_error() => "4xx",
+            Ok(_) => "5xx",
+            Err(e) if e.is_timeout() => "timeout",
+            Err(_) => "unreachable",
+        };
         self.metrics
-            .vault_request(op, started.elapsed().as_secs_f64());
+            .vault_request(op, status, started.elapsed().as_secs_f64());
         let resp = result.map_err(|e| self.transport_error(e))?;
         if resp.status().is_success() {
             return Ok(resp);

@@ -106,6 +106,7 @@ impl Revoker {
     /// Registers a freshly issued lease and returns its guard.
     pub fn guard(&self, lease: &Lease) -> LeaseGuard {
         self.metrics.leases_active.inc();
+        self.metrics.leases_issued_total.inc();
         LeaseGuard {
             id: Some(lease.id.clone()),
             revoker: self.clone(),
