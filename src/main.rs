@@ -26,7 +26,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration and exit: 0 when valid, 1 with every problem listed.
-    CheckConfig,
+    CheckConfig {
+        /// Also log in to Vault with the configured auth method.
+        #[arg(long)]
+        online: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -64,8 +68,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .config
         .context("--config PATH is required (see leasegate --help)")?;
     let config = Config::load(&path)?;
-    if let Some(Command::CheckConfig) = cli.command {
-        check(&config)?;
+    if let Some(Command::CheckConfig { online }) = cli.command {
+        check(&config, online)?;
         println!("{}: configuration is valid", path.display());
         return Ok(());
     }
@@ -77,11 +81,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks that need more than parsing: TLS material loads, the Vault token is present.
-fn check(config: &Config) -> anyhow::Result<()> {
+/// Checks that need more than parsing: TLS material loads and is in date, the Vault token is
+/// present, and with `online` that Vault accepts the configured login.
+fn check(config: &Config, online: bool) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     if let Err(e) = leasegate::tls::server::acceptor(&config.listen) {
         problems.push(format!("listen TLS: {e}"));
+    }
+    for (key, path) in [
+        ("listen.cert", &config.listen.cert),
+        ("listen.client_ca", &config.listen.client_ca),
+    ] {
+        if let Err(e) = leasegate::tls::check_validity(path) {
+            problems.push(format!("{key}: {e}"));
+        }
+    }
+    if online {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        if let Err(e) = runtime.block_on(check_vault(config)) {
+            problems.push(format!("vault: {e}"));
+        }
     }
     for db in &config.databases {
         if let Err(e) = leasegate::tls::upstream::connector(db) {
@@ -98,4 +120,12 @@ fn check(config: &Config) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
     }
+}
+
+/// Logs in to Vault as leasegate would.
+async fn check_vault(config: &Config) -> anyhow::Result<()> {
+    let metrics = std::sync::Arc::new(leasegate::metrics::Metrics::new());
+    let client = leasegate::vault::VaultClient::new(&config.vault, metrics)?;
+    leasegate::vault::auth::login(&client, &config.vault.auth).await?;
+    Ok(())
 }

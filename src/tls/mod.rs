@@ -78,3 +78,23 @@ pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
 /// TLS versions leasegate speaks.
 pub const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// Fails when a PEM file's certificates do not parse or are outside their validity period.
+pub fn check_validity(path: &Path) -> Result<(), TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    for cert in load_certs(path)? {
+        let (_, x509) = X509Certificate::from_der(cert.as_ref())
+            .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
+        let validity = x509.validity();
+        if !validity.is_valid() {
+            return Err(TlsError::Invalid(format!(
+                "{}: certificate {} is not valid now (valid {} to {})",
+                path.display(),
+                x509.subject(),
+                validity.not_before,
+                validity.not_after
+            )));
+        }
+    }
+    Ok(())
+}
