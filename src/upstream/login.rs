@@ -135,10 +135,15 @@ async fn authenticate(
                 scram = Some(s);
             }
             Message::AuthenticationSaslContinue(body) => {
-                let s = scram.as_mut().ok_or_else(|| unexpected("SASL continue"))?;
-                s.update(body.data())
+                let mut s = scram.take().ok_or_else(|| unexpected("SASL continue"))?;
+                // PBKDF2 with thousands of rounds: keep it off the async worker threads.
+                let data = body.data().to_vec();
+                let s = tokio::task::spawn_blocking(move || s.update(&data).map(|()| s))
+                    .await
+                    .map_err(|e| UpstreamError::Scram(e.to_string()))?
                     .map_err(|e| UpstreamError::Scram(e.to_string()))?;
                 frontend::sasl_response(s.message(), &mut out)?;
+                scram = Some(s);
             }
             Message::AuthenticationSaslFinal(body) => {
                 let mut s = scram.take().ok_or_else(|| unexpected("SASL final"))?;

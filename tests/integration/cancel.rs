@@ -1,0 +1,88 @@
+//! Query cancellation through leasegate: the client's CancelRequest carries leasegate's
+//! BackendKeyData and must reach the upstream backend, both inside TLS (tokio-postgres) and
+//! as plaintext (libpq 15, i.e. psql on Ctrl-C).
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
+
+use crate::harness::client::{conninfo, pg_connect, psql_command};
+use crate::harness::fixture::Fixture;
+use crate::harness::pg::active_queries;
+use crate::harness::poll_until;
+
+const SLEEP: &str = "select pg_sleep(30)";
+
+/// Waits until a backend of this test's dynamic roles runs pg_sleep.
+async fn wait_sleep_running(prefix: &str) {
+    poll_until(
+        Duration::from_secs(15),
+        "pg_sleep running upstream",
+        || async move {
+            match active_queries(prefix, "pg_sleep").await {
+                1 => Ok(()),
+                n => Err(format!("{n} active pg_sleep backends")),
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_cancel_request_over_tls_cancels_the_query() {
+    let f = Fixture::start("cancel-tls").await;
+    let s = pg_connect(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp")
+        .await
+        .expect("connect through leasegate");
+    let token = s.client.cancel_token();
+    let client = s.client;
+    let query = tokio::spawn(async move { client.simple_query(SLEEP).await.map(drop) });
+    wait_sleep_running(&f.mount.prefix).await;
+
+    let sent = Instant::now();
+    token
+        .cancel_query(s.tls.clone())
+        .await
+        .expect("send CancelRequest through leasegate");
+    let result = tokio::time::timeout(Duration::from_secs(5), query)
+        .await
+        .expect("cancelled query returns within 5 s")
+        .expect("query task");
+    let err = result.expect_err("the query is cancelled, not completed");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::QUERY_CANCELED),
+        "SQLSTATE 57014 expected, got {err:?}"
+    );
+    eprintln!("cancelled after {:?}", sent.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_sigint_cancels_the_query() {
+    let f = Fixture::start("cancel-psql").await;
+    let info = conninfo(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp");
+    let child = psql_command(&info, SLEEP).spawn().expect("spawn psql");
+    let pid = child.id().expect("psql pid");
+    wait_sleep_running(&f.mount.prefix).await;
+
+    let sent = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "SIGINT delivered to psql");
+    let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+        .await
+        .expect("psql returns within 5 s of SIGINT")
+        .expect("psql output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "psql reports the cancelled query as an error"
+    );
+    assert!(
+        stderr.contains("57014") && stderr.contains("canceling statement due to user request"),
+        "psql says: {stderr}"
+    );
+    eprintln!("psql cancelled after {:?}", sent.elapsed());
+}

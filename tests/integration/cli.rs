@@ -1,0 +1,144 @@
+//! The command line: `leasegate check-config --config PATH` exits 0 for a good config and
+//! non-zero with a message naming the problem for a bad one (needs neither PostgreSQL nor
+//! Vault); the server refuses a bad config and stops on SIGTERM.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::bao::fresh_mount;
+use crate::harness::pki::Pki;
+use crate::harness::proxy::{BIN, Database, Grant, Proxy, ProxyConfig, check_config};
+use crate::harness::root;
+
+/// A complete, valid config text (certificates and token file exist).
+fn good_toml(pki: &Pki) -> String {
+    let cfg = ProxyConfig {
+        pki: pki.clone(),
+        vault_address: "http://127.0.0.1:8200".into(),
+        vault_timeout: Some("5s".into()),
+        vault_token: "test-token".into(),
+        login_timeout: Some("10s".into()),
+        databases: vec![Database {
+            name: "myapp".into(),
+            port: 5432,
+            upstream_database: None,
+            mount: "database".into(),
+            roles: vec!["readonly".into(), "readwrite".into()],
+            connect_timeout: Some("5s".into()),
+        }],
+        grants: vec![Grant {
+            identity: "uri:spiffe://example.org/app/*".into(),
+            databases: vec!["myapp".into()],
+            roles: vec!["readonly".into()],
+        }],
+    };
+    let token_file = pki.dir().join("vault-token");
+    std::fs::write(&token_file, "test-token\n").expect("write token file");
+    cfg.to_toml(6432, 9187, &token_file)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[track_caller]
+fn assert_rejected(toml: &str, must_mention: &str) {
+    let out = check_config(toml);
+    let said = text(&out);
+    assert!(
+        !out.status.success(),
+        "check-config should fail for a config with {must_mention:?}; it said: {said}"
+    );
+    assert!(
+        said.contains(must_mention),
+        "check-config's message should name {must_mention:?}; it said: {said}"
+    );
+}
+
+#[test]
+fn good_config_passes() {
+    let pki = Pki::new();
+    let out = check_config(&good_toml(&pki));
+    assert!(out.status.success(), "check-config failed: {}", text(&out));
+}
+
+#[test]
+fn unknown_keys_are_rejected() {
+    let pki = Pki::new();
+    let good = good_toml(&pki);
+    assert_rejected(
+        &good.replacen("[listen]\n", "[listen]\nbogus_option = true\n", 1),
+        "bogus_option",
+    );
+    assert_rejected(
+        &good.replacen("[[databases]]\n", "[[databases]]\ncolour = \"blue\"\n", 1),
+        "colour",
+    );
+}
+
+#[test]
+fn grant_for_unconfigured_database_is_rejected() {
+    let pki = Pki::new();
+    let toml = good_toml(&pki).replace(
+        "databases = [\"myapp\"]\nroles = [\"readonly\"]",
+        "databases = [\"nosuchdb\"]\nroles = [\"readonly\"]",
+    );
+    assert!(toml.contains("nosuchdb"), "the grant was rewritten");
+    assert_rejected(&toml, "nosuchdb");
+}
+
+#[test]
+fn bad_duration_is_rejected() {
+    let pki = Pki::new();
+    let toml = good_toml(&pki).replace("login_timeout = \"10s\"", "login_timeout = \"soon\"");
+    assert_rejected(&toml, "login_timeout");
+}
+
+#[test]
+fn server_refuses_to_start_with_a_bad_config() {
+    let pki = Pki::new();
+    let dir = root().tempdir("badstart-");
+    let path = dir.path().join("leasegate.toml");
+    let toml = good_toml(&pki).replacen("[listen]\n", "[listen]\nbogus_option = true\n", 1);
+    std::fs::write(&path, toml).expect("write config");
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn leasegate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait leasegate") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("leasegate kept running with an invalid config");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        !status.success(),
+        "leasegate exits non-zero for an invalid config"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_an_idle_server() {
+    let mount = fresh_mount("sigterm").await;
+    let pki = Pki::new();
+    let cfg = ProxyConfig::new(&pki, &mount).grant("cn:nobody", &["myapp"], &["readonly"]);
+    let mut proxy = Proxy::start(cfg).await;
+    let status = proxy
+        .terminate(Duration::from_secs(5))
+        .expect("leasegate exits within 5 s of SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}

@@ -1,0 +1,322 @@
+//! Runs the real `leasegate` binary: writes its TOML config, starts it, waits until it is
+//! listening, reads /metrics, and stops it (SIGTERM, then SIGKILL) when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::bao::{Mount, ROOT_TOKEN};
+use super::pki::Pki;
+use super::{env, free_port, root, tail};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_leasegate");
+
+/// One `[[databases]]` entry.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pub name: String,
+    pub port: u16,
+    /// `upstream_database`; `None` leaves the default (the entry's name).
+    pub upstream_database: Option<String>,
+    pub mount: String,
+    pub roles: Vec<String>,
+    pub connect_timeout: Option<String>,
+}
+
+/// One `[[grants]]` entry.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub identity: String,
+    pub databases: Vec<String>,
+    pub roles: Vec<String>,
+}
+
+/// Everything a test may vary in leasegate's config.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    pub pki: Pki,
+    pub vault_address: String,
+    pub vault_timeout: Option<String>,
+    pub vault_token: String,
+    pub login_timeout: Option<String>,
+    pub databases: Vec<Database>,
+    pub grants: Vec<Grant>,
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+impl ProxyConfig {
+    /// Real OpenBao, one database `myapp` on the shared cluster served by `mount`
+    /// (roles readonly and readwrite), no grants yet.
+    pub fn new(pki: &Pki, mount: &Mount) -> ProxyConfig {
+        let env = env();
+        ProxyConfig {
+            pki: pki.clone(),
+            vault_address: env.bao.addr.clone(),
+            vault_timeout: None,
+            vault_token: ROOT_TOKEN.to_string(),
+            login_timeout: None,
+            databases: vec![Database {
+                name: "myapp".into(),
+                port: env.pg.port,
+                upstream_database: None,
+                mount: mount.name.clone(),
+                roles: strings(&["readonly", "readwrite"]),
+                connect_timeout: None,
+            }],
+            grants: Vec::new(),
+        }
+    }
+
+    pub fn grant(mut self, identity: &str, databases: &[&str], roles: &[&str]) -> Self {
+        self.grants.push(Grant {
+            identity: identity.to_string(),
+            databases: strings(databases),
+            roles: strings(roles),
+        });
+        self
+    }
+
+    /// The config file text (`listen`/`metrics` on the given ports, token read from
+    /// `token_file`).
+    pub fn to_toml(&self, port: u16, metrics_port: u16, token_file: &Path) -> String {
+        let mut t = String::new();
+        t.push_str("[listen]\n");
+        t.push_str(&format!("address = {}\n", q(&format!("127.0.0.1:{port}"))));
+        t.push_str(&format!("cert = {}\n", qp(self.pki.server_cert())));
+        t.push_str(&format!("key = {}\n", qp(self.pki.server_key())));
+        t.push_str(&format!("client_ca = {}\n", qp(self.pki.ca_pem())));
+        if let Some(v) = &self.login_timeout {
+            t.push_str(&format!("login_timeout = {}\n", q(v)));
+        }
+        t.push_str("\n[vault]\n");
+        t.push_str(&format!("address = {}\n", q(&self.vault_address)));
+        if let Some(v) = &self.vault_timeout {
+            t.push_str(&format!("timeout = {}\n", q(v)));
+        }
+        t.push_str("\n[vault.auth]\nmethod = \"token\"\n");
+        t.push_str(&format!("token_file = {}\n", qp(token_file)));
+        t.push_str("\n[metrics]\n");
+        t.push_str(&format!(
+            "address = {}\n",
+            q(&format!("127.0.0.1:{metrics_port}"))
+        ));
+        for db in &self.databases {
+            t.push_str("\n[[databases]]\n");
+            t.push_str(&format!("name = {}\n", q(&db.name)));
+            t.push_str("host = \"127.0.0.1\"\n");
+            t.push_str(&format!("port = {}\n", db.port));
+            if let Some(v) = &db.upstream_database {
+                t.push_str(&format!("upstream_database = {}\n", q(v)));
+            }
+            t.push_str("tls = \"disable\"\n");
+            if let Some(v) = &db.connect_timeout {
+                t.push_str(&format!("connect_timeout = {}\n", q(v)));
+            }
+            t.push_str(&format!("mount = {}\n", q(&db.mount)));
+            t.push_str(&format!("roles = {}\n", list(&db.roles)));
+        }
+        for g in &self.grants {
+            t.push_str("\n[[grants]]\n");
+            t.push_str(&format!("identity = {}\n", q(&g.identity)));
+            t.push_str(&format!("databases = {}\n", list(&g.databases)));
+            t.push_str(&format!("roles = {}\n", list(&g.roles)));
+        }
+        t
+    }
+
+    /// Writes the config (and token file) into `dir`; returns the config path.
+    pub fn write(&self, dir: &Path, port: u16, metrics_port: u16) -> PathBuf {
+        let token_file = dir.join("vault-token");
+        std::fs::write(&token_file, format!("{}\n", self.vault_token)).expect("write token file");
+        let path = dir.join("leasegate.toml");
+        std::fs::write(&path, self.to_toml(port, metrics_port, &token_file))
+            .expect("write leasegate.toml");
+        path
+    }
+}
+
+/// TOML basic string (JSON string syntax is valid TOML for our ASCII values).
+fn q(s: &str) -> String {
+    serde_json::to_string(s).expect("string to JSON")
+}
+
+fn qp(p: &Path) -> String {
+    q(&p.display().to_string())
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| q(s)).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A running leasegate process.
+pub struct Proxy {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    /// Keeps the PKI files alive as long as the process may read them.
+    _pki: Pki,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts leasegate with `cfg` and waits (≤ 20 s) until it logs `listening` with its
+    /// address and its /healthz answers 200. Panics with the log on failure.
+    pub async fn start(cfg: ProxyConfig) -> Proxy {
+        let dir = root().tempdir("proxy-");
+        let port = free_port();
+        let metrics_port = free_port();
+        let config_path = cfg.write(dir.path(), port, metrics_port);
+        let log = dir.path().join("leasegate.log");
+        let stderr = std::fs::File::create(&log).expect("create leasegate.log");
+        let stdout = stderr.try_clone().expect("dup log fd");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .env_remove("VAULT_TOKEN")
+            .env_remove("VAULT_ADDR")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn leasegate");
+        root().register("TERM", child.id(), "leasegate");
+        let mut proxy = Proxy {
+            child,
+            port,
+            metrics_port,
+            log,
+            _pki: cfg.pki.clone(),
+            _dir: dir,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let needle = format!("127.0.0.1:{}", self.port);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "leasegate exited during startup ({status}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            let listening = self
+                .log_text()
+                .lines()
+                .any(|l| l.contains("listening") && l.contains(&needle));
+            if listening && matches!(self.get("/healthz").await, Ok((200, _))) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "leasegate not ready after 20 s (want a `listening` log line with {needle} \
+                     and /healthz 200 on port {}); log:\n{}",
+                    self.metrics_port,
+                    tail(&self.log, 8000)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET http://127.0.0.1:<metrics port><path>` → (status, body).
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
+        let resp = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| e.to_string())?
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.text().await.map_err(|e| e.to_string())?;
+        Ok((status, body))
+    }
+
+    /// The /metrics text (panics unless 200).
+    pub async fn metrics(&self) -> String {
+        match self.get("/metrics").await {
+            Ok((200, body)) => body,
+            other => panic!("GET /metrics: {other:?}"),
+        }
+    }
+}
+
+impl Proxy {
+    /// Sends SIGTERM (if still running) and waits up to `within` for the exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.terminate(Duration::from_secs(10)).is_none() {
+            eprintln!(
+                "leasegate (pid {}) ignored SIGTERM for 10 s; killing",
+                self.child.id()
+            );
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let problems: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .take(60)
+                .collect();
+            eprintln!(
+                "---- leasegate log ({}): warnings and errors ----\n{}\n---- tail ----\n{}\n\
+                 ---- end of leasegate log ----",
+                self.log.display(),
+                problems.join("\n"),
+                tail(&self.log, 8000)
+            );
+        }
+    }
+}
+
+/// Runs `leasegate check-config --config <file with toml>`.
+pub fn check_config(toml: &str) -> Output {
+    let dir = root().tempdir("check-");
+    let path = dir.path().join("leasegate.toml");
+    std::fs::write(&path, toml).expect("write config");
+    Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run leasegate check-config")
+}
