@@ -65,7 +65,9 @@ fn bench_identity(c: &mut Criterion) {
     let mut params =
         rcgen::CertificateParams::new(vec!["billing.example.org".to_string()]).expect("params");
     params.subject_alt_names.push(rcgen::SanType::URI(
-        "spiffe://example.org/ns/prod/sa/billing".try_into().expect("uri"),
+        "spiffe://example.org/ns/prod/sa/billing"
+            .try_into()
+            .expect("uri"),
     ));
     params
         .distinguished_name
