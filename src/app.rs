@@ -46,6 +46,8 @@ pub struct Live {
     pub login_timeout: Duration,
     /// Peers for cancel forwarding.
     pub cluster: Option<Cluster>,
+    /// Keepalive idle time for client sockets.
+    pub tcp_keepalive: Duration,
 }
 
 impl Live {
@@ -64,6 +66,7 @@ impl Live {
             policy: Policy::new(&config.grants),
             databases,
             login_timeout: config.listen.login_timeout,
+            tcp_keepalive: config.listen.tcp_keepalive,
             cluster: config
                 .cluster
                 .as_ref()

@@ -111,6 +111,10 @@ pub struct ListenConfig {
     /// How long open sessions may run on after SIGTERM/SIGINT before they are ended.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Idle time before TCP keepalive probes start on client connections; a client that
+    /// vanished is detected about 1.75 × this later.
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
 }
 
 /// `[vault]`
@@ -256,6 +260,9 @@ pub struct DatabaseConfig {
     /// Accept MD5 password authentication from the upstream (off: SCRAM only).
     #[serde(default)]
     pub allow_md5: bool,
+    /// Idle time before TCP keepalive probes start on upstream connections.
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
     /// End sessions after this long, whatever their credential allows.
     #[serde(default, with = "humantime_serde")]
     pub max_session_duration: Option<Duration>,
@@ -313,6 +320,9 @@ fn default_vault_timeout() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_expiry_warning() -> Duration {
     Duration::from_secs(60)

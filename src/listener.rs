@@ -13,13 +13,14 @@ use tokio_util::task::TaskTracker;
 use crate::app::AppState;
 
 /// NODELAY (the protocol is request/response) and TCP keepalive, so a peer that vanished
-/// without closing is noticed and its session (and lease) ended.
-pub fn tune_socket(stream: &TcpStream) {
+/// without closing is noticed and its session (and lease) ended: after `idle` without
+/// traffic, probes every quarter of that (at least 1 s), three unanswered probes end it.
+pub fn tune_socket(stream: &TcpStream, idle: Duration) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
+        .with_time(idle)
+        .with_interval((idle / 4).max(Duration::from_secs(1)))
+        .with_retries(3);
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
@@ -53,7 +54,7 @@ pub async fn accept_loop(
             },
             _ = accepting.cancelled() => return,
         };
-        tune_socket(&tcp);
+        tune_socket(&tcp, state.live.load().tcp_keepalive);
         let state = state.clone();
         let stop = sessions.child_token();
         tracker.spawn(async move {
