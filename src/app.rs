@@ -22,6 +22,7 @@ use crate::config::{Config, DatabaseConfig};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::prefetch::Prefetcher;
 use crate::tls::{self, TlsError};
 use crate::vault::{Revoker, VaultClient, VaultError};
 
@@ -88,6 +89,8 @@ pub struct AppState {
     pub vault: Arc<VaultClient>,
     /// Background revocation queue.
     pub revoker: Revoker,
+    /// Credentials issued ahead of demand.
+    pub prefetch: Arc<Prefetcher>,
     /// Every exported metric.
     pub metrics: Arc<Metrics>,
     /// Cancel keys of live sessions.
@@ -124,11 +127,19 @@ pub enum StartError {
 pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
     let vault = Arc::new(VaultClient::new(&config.vault, metrics.clone())?);
+    let revoker = Revoker::spawn(vault.clone(), metrics.clone());
+    let prefetch = Arc::new(Prefetcher::new(
+        config,
+        vault.clone(),
+        revoker.clone(),
+        metrics.clone(),
+    ));
     Ok(Arc::new(AppState {
         live: ArcSwap::from_pointee(Live::build(config)?),
         audit: AuditLog::spawn(config.audit.path.clone()).map_err(StartError::Audit)?,
         limiter: Limiter::new(config.limits.clone()),
-        revoker: Revoker::spawn(vault.clone(), metrics.clone()),
+        revoker,
+        prefetch,
         vault,
         metrics,
         cancels: Arc::new(CancelMap::default()),
@@ -160,6 +171,7 @@ pub fn reload(state: &AppState, running: &Config, path: &Path) {
         tracing::warn!("listen/vault/metrics addresses changed: they take effect after a restart");
     }
     state.live.store(Arc::new(live));
+    state.prefetch.configure(&config);
     tracing::info!(
         databases = config.databases.len(),
         grants = config.grants.len(),
@@ -185,6 +197,8 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
         }
     };
     let _ = tokio::time::timeout(config.vault.timeout, first_login).await;
+    let prefetch_stop = CancellationToken::new();
+    let prefetcher = tokio::spawn(state.prefetch.clone().run(prefetch_stop.clone()));
     let listener = TcpListener::bind(config.listen.address)
         .await
         .map_err(|e| StartError::Bind(config.listen.address, e))?;
@@ -229,6 +243,8 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     accepting.cancel();
     let _ = accept.await;
     tracker.close();
+    prefetch_stop.cancel();
+    let _ = prefetcher.await;
     let drain = async {
         if tokio::time::timeout(config.listen.shutdown_grace, tracker.wait())
             .await

@@ -260,6 +260,12 @@ pub struct DatabaseConfig {
     /// Accept MD5 password authentication from the upstream (off: SCRAM only).
     #[serde(default)]
     pub allow_md5: bool,
+    /// Credentials to keep issued ahead of demand, per role (`{ readonly = 4 }`).
+    #[serde(default)]
+    pub prefetch: std::collections::BTreeMap<String, usize>,
+    /// A prefetched credential unused this long is revoked and replaced.
+    #[serde(default = "default_prefetch_max_idle", with = "humantime_serde")]
+    pub prefetch_max_idle: Duration,
     /// Idle time before TCP keepalive probes start on upstream connections.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
@@ -320,6 +326,9 @@ fn default_vault_timeout() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_prefetch_max_idle() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_keepalive() -> Duration {
     Duration::from_secs(60)
@@ -495,6 +504,12 @@ impl Config {
                 problems.push(format!(
                     "database {:?}: mount {:?} is not a valid Vault path",
                     db.name, db.mount
+                ));
+            }
+            for role in db.prefetch.keys().filter(|r| !db.roles.contains(r)) {
+                problems.push(format!(
+                    "database {:?}: prefetch names role {role:?}, which is not in its roles",
+                    db.name
                 ));
             }
             if matches!(db.tls, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull)

@@ -12,6 +12,7 @@
 //! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
 //! - [`protocol`]: pre-authentication packets, messages leasegate writes, message framing.
 //! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close.
+//! - [`prefetch`]: credentials issued ahead of demand, per database and role.
 //! - [`policy`]: grants: identity + database + role → allow or the reason for denial.
 //! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.
 //! - [`upstream`]: upstream connect (TLS per config) and login (SCRAM, MD5 where allowed).
@@ -33,6 +34,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
+pub mod prefetch;
 pub mod protocol;
 pub mod session;
 pub mod tls;

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub upstream_errors_total: Family<Labels, Counter>,
     /// Relayed bytes by direction: to_upstream, to_client.
     pub relayed_bytes_total: Family<Label, Counter>,
+    /// Prefetched credentials waiting, by database and role.
+    pub prefetch_ready: Family<Labels, Gauge>,
     /// Constant 1 with the version label.
     pub build_info: Family<Label, Gauge>,
 }
@@ -97,6 +99,7 @@ impl Metrics {
             upstream_errors_total: Family::default(),
             relayed_bytes_total: Family::default(),
             build_info: Family::default(),
+            prefetch_ready: Family::default(),
         };
         let mut r = Registry::default();
         let r = &mut r;
@@ -195,6 +198,12 @@ impl Metrics {
             "leasegate_relayed_bytes",
             "Bytes relayed, by direction (to_upstream, to_client)",
             m.relayed_bytes_total.clone(),
+        );
+        register(
+            r,
+            "leasegate_prefetch_ready",
+            "Prefetched credentials waiting for a session, by database and role",
+            m.prefetch_ready.clone(),
         );
         register(
             r,

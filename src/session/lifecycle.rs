@@ -24,6 +24,9 @@ pub struct Lifetime {
     pub lease_id: String,
     /// TTL Vault granted at issue, also the increment asked for on renewal.
     pub ttl: Duration,
+    /// Time left on the credential when the session got it (less than `ttl` for a
+    /// prefetched credential).
+    pub remaining: Duration,
     /// Whether Vault allows renewing.
     pub renewable: bool,
     /// `max_session_duration` of the database entry.
@@ -83,7 +86,7 @@ pub async fn watch(
     let started = Instant::now();
     let session_end = life.max_session.map(|d| started + d);
     let expiring = !life.ttl.is_zero();
-    let mut expires = started + life.ttl;
+    let mut expires = started + life.remaining;
     let mut renewable = life.renewable && expiring;
     let mut renew_failing = false;
     let mut warned = false;

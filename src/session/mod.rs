@@ -22,7 +22,7 @@ use crate::error::SessionError;
 use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::upstream::{self, LoggedIn, UpstreamError};
-use crate::vault::Lease;
+use crate::vault::{Lease, LeaseGuard};
 use handshake::{Accepted, ClientHello, ClientStream, quoted, report};
 use lifecycle::Lifetime;
 use relay::{Control, Direction, RelayEnd, Relayed};
@@ -152,6 +152,29 @@ impl Session<'_> {
         }
     }
 
+    /// A credential for the session: a prefetched one when waiting, else a fresh one from
+    /// Vault. The guard exists from the moment Vault issued it, so every later path revokes.
+    async fn credential(
+        &self,
+        database: &DatabaseEntry,
+        role: &str,
+    ) -> Result<(Lease, LeaseGuard, Duration), SessionError> {
+        if let Some(p) = self.state.prefetch.take(&database.config.name, role) {
+            return Ok((p.lease, p.guard, p.remaining));
+        }
+        let creds = tokio::select! {
+            r = self.state.vault.creds(&database.config.mount, role) => r,
+            _ = self.stop.cancelled() => return Err(SessionError::Shutdown),
+        };
+        let lease = creds.map_err(|source| SessionError::Vault {
+            role: role.to_owned(),
+            source,
+        })?;
+        let guard = self.state.revoker.guard(&lease);
+        let remaining = lease.duration;
+        Ok((lease, guard, remaining))
+    }
+
     async fn serve(mut self, mut hello: ClientHello) -> Result<(), SessionError> {
         let database = match self.authorize(&hello) {
             Ok(d) => d,
@@ -168,21 +191,10 @@ impl Session<'_> {
             }
         };
         let vault_started = Instant::now();
-        let creds = tokio::select! {
-            r = self.state.vault.creds(&database.config.mount, &hello.role) => r,
-            _ = self.stop.cancelled() => return self.fail(&mut hello.stream, SessionError::Shutdown).await,
+        let (lease, guard, remaining) = match self.credential(&database, &hello.role).await {
+            Ok(c) => c,
+            Err(e) => return self.fail(&mut hello.stream, e).await,
         };
-        let lease = match creds {
-            Ok(lease) => lease,
-            Err(source) => {
-                let role = hello.role.clone();
-                return self
-                    .fail(&mut hello.stream, SessionError::Vault { role, source })
-                    .await;
-            }
-        };
-        // From here on every path drops the guard, which revokes the lease.
-        let guard = self.state.revoker.guard(&lease);
         let metrics = &self.state.metrics;
         metrics.setup_phase("vault", vault_started.elapsed().as_secs_f64());
         let login_started = Instant::now();
@@ -194,6 +206,7 @@ impl Session<'_> {
         let life = Lifetime {
             lease_id: lease.id.clone(),
             ttl: lease.duration,
+            remaining,
             renewable: lease.renewable,
             max_session: database.config.max_session_duration,
             warning: database.config.expiry_warning,

@@ -1,0 +1,277 @@
+//! Credential prefetch: per database and role, keep a few leases issued ahead of demand so
+//! that session setup does not wait for Vault and `CREATE ROLE`. Each prefetched lease goes
+//! to exactly one session; waiting leases are renewed, revoked when unused past `max_idle`
+//! (and replaced), dropped when Vault will not extend them further, and revoked at shutdown.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::vault::{Lease, LeaseGuard, Revoker, VaultClient};
+
+/// A lease waiting for its session.
+struct Ready {
+    lease: Lease,
+    guard: LeaseGuard,
+    issued: Instant,
+    expires: Instant,
+    next_renew: Instant,
+}
+
+/// The pool of one (database, role).
+struct Pool {
+    mount: String,
+    target: usize,
+    max_idle: Duration,
+    ready: VecDeque<Ready>,
+}
+
+/// A prefetched credential handed to a session.
+pub struct Prefetched {
+    /// The credential.
+    pub lease: Lease,
+    /// Its guard (revokes on drop).
+    pub guard: LeaseGuard,
+    /// Time left before it expires.
+    pub remaining: Duration,
+}
+
+type Key = (String, String);
+
+/// Every pool and the task that keeps them filled.
+pub struct Prefetcher {
+    pools: Mutex<HashMap<Key, Pool>>,
+    wake: Notify,
+    vault: Arc<VaultClient>,
+    revoker: Revoker,
+    metrics: Arc<Metrics>,
+}
+
+/// Least time a waiting lease must have left to be handed out or kept.
+const MIN_REMAINING: Duration = Duration::from_secs(5);
+
+impl Prefetcher {
+    /// A prefetcher with the pools the config asks for (none start filling until `run`).
+    pub fn new(
+        config: &Config,
+        vault: Arc<VaultClient>,
+        revoker: Revoker,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let p = Prefetcher {
+            pools: Mutex::default(),
+            wake: Notify::new(),
+            vault,
+            revoker,
+            metrics,
+        };
+        p.configure(config);
+        p
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Pool>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a (re)loaded config: new pools start filling, removed ones drain.
+    pub fn configure(&self, config: &Config) {
+        let mut pools = self.lock();
+        for pool in pools.values_mut() {
+            pool.target = 0;
+        }
+        for db in &config.databases {
+            for (role, &target) in &db.prefetch {
+                let pool = pools
+                    .entry((db.name.clone(), role.clone()))
+                    .or_insert_with(|| Pool {
+                        mount: db.mount.clone(),
+                        target: 0,
+                        max_idle: db.prefetch_max_idle,
+                        ready: VecDeque::new(),
+                    });
+                pool.target = target;
+                pool.mount = db.mount.clone();
+                pool.max_idle = db.prefetch_max_idle;
+            }
+        }
+        drop(pools);
+        self.wake.notify_one();
+    }
+
+    /// Takes a ready credential for (database, role), if one is waiting.
+    pub fn take(&self, database: &str, role: &str) -> Option<Prefetched> {
+        let mut pools = self.lock();
+        let pool = pools.get_mut(&(database.to_owned(), role.to_owned()))?;
+        let now = Instant::now();
+        let taken = loop {
+            let ready = pool.ready.pop_front()?;
+            if ready.expires.saturating_duration_since(now) >= MIN_REMAINING {
+                break ready;
+            }
+            // Too close to expiry: its guard revokes it as it drops here.
+        };
+        self.set_gauge(database, role, pool.ready.len());
+        drop(pools);
+        self.wake.notify_one();
+        Some(Prefetched {
+            remaining: taken.expires.saturating_duration_since(now),
+            lease: taken.lease,
+            guard: taken.guard,
+        })
+    }
+
+    fn set_gauge(&self, database: &str, role: &str, n: usize) {
+        self.metrics
+            .prefetch_ready
+            .get_or_create(&vec![
+                ("database", database.to_owned()),
+                ("role", role.to_owned()),
+            ])
+            .set(n as i64);
+    }
+
+    /// Revokes every waiting lease (shutdown).
+    pub fn clear(&self) {
+        let mut pools = self.lock();
+        for ((db, role), pool) in pools.iter_mut() {
+            pool.target = 0;
+            pool.ready.clear();
+            self.set_gauge(db, role, 0);
+        }
+    }
+
+    /// Keeps the pools filled and their leases alive until `stop`; then revokes them all.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let next = self.tick().await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.wake.notified() => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        self.clear();
+    }
+
+    /// One pass over every pool; returns when the next pass is due.
+    async fn tick(&self) -> Instant {
+        let mut next = Instant::now() + Duration::from_secs(30);
+        let keys: Vec<Key> = self.lock().keys().cloned().collect();
+        for key in keys {
+            next = next.min(self.expire_and_renew(&key).await);
+            if let Err(retry) = self.refill(&key).await {
+                next = next.min(retry);
+            }
+        }
+        next
+    }
+
+    /// Drops idle or dying leases, renews the ones that are due.
+    async fn expire_and_renew(&self, key: &Key) -> Instant {
+        let now = Instant::now();
+        let due: Vec<(String, Duration)> = {
+            let mut pools = self.lock();
+            let Some(pool) = pools.get_mut(key) else {
+                return now + Duration::from_secs(30);
+            };
+            let target = pool.target;
+            let max_idle = pool.max_idle;
+            let mut kept = 0;
+            pool.ready.retain(|r| {
+                let keep = kept < target
+                    && now.duration_since(r.issued) < max_idle
+                    && r.expires.saturating_duration_since(now) >= MIN_REMAINING;
+                kept += usize::from(keep);
+                keep
+            });
+            self.set_gauge(&key.0, &key.1, pool.ready.len());
+            pool.ready
+                .iter()
+                .filter(|r| r.next_renew <= now)
+                .map(|r| (r.lease.id.clone(), r.lease.duration))
+                .collect()
+        };
+        for (id, ttl) in due {
+            let result = self.vault.renew(&id, ttl).await;
+            self.metrics
+                .lease_renewal(if result.is_ok() { "ok" } else { "error" });
+            let now = Instant::now();
+            let mut pools = self.lock();
+            let Some(pool) = pools.get_mut(key) else {
+                break;
+            };
+            let Some(pos) = pool.ready.iter().position(|r| r.lease.id == id) else {
+                continue;
+            };
+            match result {
+                // Capped below the asked-for TTL: the lease is near max_ttl; replace it.
+                Ok(r) if r.renewable && r.duration + Duration::from_secs(1) >= ttl => {
+                    let entry = &mut pool.ready[pos];
+                    entry.expires = now + r.duration;
+                    entry.next_renew = now + r.duration * 2 / 3;
+                }
+                Ok(_) => {
+                    pool.ready.remove(pos);
+                }
+                Err(e) => {
+                    tracing::warn!(lease_id = %id, error = %e, "prefetched lease renewal failed");
+                    pool.ready[pos].next_renew = now + Duration::from_secs(5);
+                }
+            }
+        }
+        let pools = self.lock();
+        pools
+            .get(key)
+            .into_iter()
+            .flat_map(|p| p.ready.iter())
+            .map(|r| r.next_renew.min(r.issued + p_max_idle(&pools, key)))
+            .fold(Instant::now() + Duration::from_secs(30), Instant::min)
+    }
+
+    /// Issues credentials until the pool holds its target; `Err(retry_at)` after a failure.
+    async fn refill(&self, key: &Key) -> Result<(), Instant> {
+        loop {
+            let mount = {
+                let pools = self.lock();
+                match pools.get(key) {
+                    Some(p) if p.ready.len() < p.target => p.mount.clone(),
+                    _ => return Ok(()),
+                }
+            };
+            let lease = match self.vault.creds(&mount, &key.1).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(database = %key.0, role = %key.1, error = %e, "prefetch failed");
+                    return Err(Instant::now() + Duration::from_secs(5));
+                }
+            };
+            let guard = self.revoker.guard(&lease);
+            let now = Instant::now();
+            let ready = Ready {
+                expires: now + lease.duration,
+                next_renew: now + lease.duration * 2 / 3,
+                issued: now,
+                guard,
+                lease,
+            };
+            let mut pools = self.lock();
+            if let Some(pool) = pools.get_mut(key) {
+                pool.ready.push_back(ready);
+                self.set_gauge(&key.0, &key.1, pool.ready.len());
+            }
+        }
+    }
+}
+
+fn p_max_idle(pools: &HashMap<Key, Pool>, key: &Key) -> Duration {
+    pools
+        .get(key)
+        .map(|p| p.max_idle)
+        .unwrap_or(Duration::from_secs(300))
+}
