@@ -191,11 +191,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     ));
     // Give the first login a moment so the first clients do not race it; failures are
     // retried in the background and /readyz stays 503 until a token works.
-    let first_login = async {
-        while state.vault.tokens.current().is_none() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let first_login = state.vault.tokens.wait_current();
     let _ = tokio::time::timeout(config.vault.timeout, first_login).await;
     let prefetch_stop = CancellationToken::new();
     let prefetcher = tokio::spawn(state.prefetch.clone().run(prefetch_stop.clone()));

@@ -81,6 +81,7 @@ pub struct TokenStore {
     current: RwLock<Option<Arc<Token>>>,
     retired: Mutex<Vec<Arc<Token>>>,
     healthy: AtomicBool,
+    installed: tokio::sync::Notify,
 }
 
 impl TokenStore {
@@ -90,6 +91,17 @@ impl TokenStore {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Waits until a token is installed.
+    pub async fn wait_current(&self) {
+        loop {
+            let installed = self.installed.notified();
+            if self.current().is_some() {
+                return;
+            }
+            installed.await;
+        }
     }
 
     /// Whether leasegate holds a token that Vault accepted at the last check.
@@ -110,6 +122,7 @@ impl TokenStore {
                 .push(old);
         }
         self.healthy.store(true, Ordering::SeqCst);
+        self.installed.notify_waiters();
     }
 
     /// Every token to keep renewed: the current one and retired ones with live leases.

@@ -6,7 +6,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::bao::{Mount, ROOT_TOKEN};
-use super::pki::Pki;
+use super::pki::{ClientCert, Pki};
 use super::{env, free_port, root, tail};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_leasegate");
@@ -152,6 +152,29 @@ fn list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// How to start a leasegate beyond its [`ProxyConfig`] (everything optional).
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Client listener port; default: a free loopback port.
+    pub port: Option<u16>,
+    /// TOML appended verbatim to the generated config (e.g. a `[cluster]` section, see
+    /// [`cluster_section`]).
+    pub extra_toml: String,
+}
+
+/// A `[cluster]` section: `peers` are loopback ports of the other instances, `peer_identity`
+/// the pattern their client certificates match, `cert` this instance's client certificate.
+pub fn cluster_section(peers: &[u16], peer_identity: &str, cert: &ClientCert) -> String {
+    let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!(
+        "\n[cluster]\npeers = {}\npeer_identity = {}\ncert = {}\nkey = {}\n",
+        list(&peers),
+        q(peer_identity),
+        qp(&cert.cert),
+        qp(&cert.key)
+    )
+}
+
 /// A running leasegate process.
 pub struct Proxy {
     child: Child,
@@ -167,10 +190,20 @@ impl Proxy {
     /// Starts leasegate with `cfg` and waits (≤ 20 s) until it logs `listening` with its
     /// address and its /healthz answers 200. Panics with the log on failure.
     pub async fn start(cfg: ProxyConfig) -> Proxy {
+        Proxy::start_with_options(cfg, StartOptions::default()).await
+    }
+
+    /// As [`Proxy::start`], with a chosen port and/or extra config text.
+    pub async fn start_with_options(cfg: ProxyConfig, opts: StartOptions) -> Proxy {
         let dir = root().tempdir("proxy-");
-        let port = free_port();
+        let port = opts.port.unwrap_or_else(free_port);
         let metrics_port = free_port();
         let config_path = cfg.write(dir.path(), port, metrics_port);
+        if !opts.extra_toml.is_empty() {
+            let mut text = std::fs::read_to_string(&config_path).expect("read leasegate.toml");
+            text.push_str(&opts.extra_toml);
+            std::fs::write(&config_path, text).expect("append to leasegate.toml");
+        }
         let log = dir.path().join("leasegate.log");
         let stderr = std::fs::File::create(&log).expect("create leasegate.log");
         let stdout = stderr.try_clone().expect("dup log fd");
