@@ -4,7 +4,6 @@
 //! session with FATAL 57P01 before the credential expires. Dropping the role does not end a
 //! live backend, so this is what keeps a session from outliving its credential.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -69,20 +68,44 @@ fn notice(message: &str) -> BytesMut {
     buf
 }
 
-/// Parks forever: the watcher's work is done and the relay decides when the session ends.
-async fn park() -> Infallible {
-    std::future::pending().await
+/// How the watcher's own work ended.
+enum Watched {
+    /// `End` was sent to the relay.
+    EndSent,
+    /// The relay is gone (the session ended by itself).
+    RelayGone,
 }
 
-/// Watches the session until it must end and sends `Control` messages to the relay. Never
-/// completes: run it in a `select!` beside the relay, which ends the session.
+/// How long the relay has to deliver `End` before the session is cut regardless.
+const FORCE_AFTER: Duration = Duration::from_secs(4);
+
+/// Watches the session until it must end and sends `Control` messages to the relay. Run it in
+/// a `select!` beside the relay: it completes only when the relay failed to end the session
+/// within [`FORCE_AFTER`] of an `End` (the caller then cuts the connection).
 pub async fn watch(
     vault: &VaultClient,
     metrics: &Metrics,
     life: Lifetime,
     stop: &CancellationToken,
     control: mpsc::Sender<Control>,
-) -> Infallible {
+) {
+    if let Watched::EndSent = watch_inner(vault, metrics, life, stop, &control).await {
+        tokio::select! {
+            _ = tokio::time::sleep(FORCE_AFTER) => return,
+            _ = control.closed() => {}
+        }
+    }
+    // The relay decides when the session ends.
+    std::future::pending::<()>().await
+}
+
+async fn watch_inner(
+    vault: &VaultClient,
+    metrics: &Metrics,
+    life: Lifetime,
+    stop: &CancellationToken,
+    control: &mpsc::Sender<Control>,
+) -> Watched {
     let started = Instant::now();
     let session_end = life.max_session.map(|d| started + d);
     let expiring = !life.ttl.is_zero();
@@ -117,9 +140,9 @@ pub async fn watch(
             _ = tokio::time::sleep_until(next) => {}
             _ = stop.cancelled() => {
                 let _ = control.send(Control::End(fatal("terminating connection due to administrator command"))).await;
-                return park().await;
+                return Watched::EndSent;
             }
-            _ = control.closed() => return park().await,
+            _ = control.closed() => return Watched::RelayGone,
         }
         let now = Instant::now();
         if now >= end_at {
@@ -134,7 +157,7 @@ pub async fn watch(
                 ),
             };
             let _ = control.send(Control::End(fatal(&message))).await;
-            return park().await;
+            return Watched::EndSent;
         }
         if warn_at.is_some_and(|w| now >= w) {
             warned = true;

@@ -346,13 +346,22 @@ async fn relay_session(
     let (mut cr, mut cw) = split(hello.stream);
     let (mut ur, mut uw) = split(upstream);
     let (tx, mut control) = mpsc::channel::<Control>(4);
-    let relayed = tokio::select! {
-        r = relay::relay(
-            &mut cr, &mut cw, &mut ur, &mut uw, &mut control,
-            Direction::counted(state.metrics.relayed("to_upstream")),
-            Direction::counted(state.metrics.relayed("to_client")),
-        ) => r,
-        never = lifecycle::watch(&state.vault, &state.metrics, life, stop, tx) => match never {},
+    let mut to_upstream = Direction::counted(state.metrics.relayed("to_upstream"));
+    let mut to_client = Direction::counted(state.metrics.relayed("to_client"));
+    let end = tokio::select! {
+        end = relay::relay(
+            &mut cr, &mut cw, &mut ur, &mut uw, &mut control, &mut to_upstream, &mut to_client,
+        ) => end,
+        // The watcher asked the relay to end the session and the relay could not (a client
+        // that stopped reading): cut it.
+        () = lifecycle::watch(&state.vault, &state.metrics, life, stop, tx) => {
+            RelayEnd::Ended { delivered: false }
+        }
+    };
+    let relayed = Relayed {
+        end,
+        to_upstream,
+        to_client,
     };
     let mut client = cr.unsplit(cw);
     let mut upstream = ur.unsplit(uw);

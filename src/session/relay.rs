@@ -191,37 +191,33 @@ where
     }
 }
 
-/// Relays until either side closes or a `Control::End` is delivered.
+/// Relays until either side closes or a `Control::End` is delivered. The directions are
+/// borrowed so that their counts survive when the caller cuts the relay short.
 pub async fn relay<C, U>(
     client_r: &mut ReadHalf<C>,
     client_w: &mut WriteHalf<C>,
     upstream_r: &mut ReadHalf<U>,
     upstream_w: &mut WriteHalf<U>,
     control: &mut mpsc::Receiver<Control>,
-    mut to_upstream: Direction,
-    mut to_client: Direction,
-) -> Relayed
+    to_upstream: &mut Direction,
+    to_client: &mut Direction,
+) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite,
     U: AsyncRead + AsyncWrite,
 {
-    let end = tokio::select! {
-        err = pump(client_r, upstream_w, &mut to_upstream) => {
+    tokio::select! {
+        err = pump(client_r, upstream_w, to_upstream) => {
             if err.is_none() && to_upstream.framer.at_boundary() && to_upstream.framer.last_type() == b'X' {
                 RelayEnd::ClientTerminated
             } else {
                 RelayEnd::ClientGone(err)
             }
         }
-        down = pump_down(upstream_r, client_w, &mut to_client, control) => match down {
+        down = pump_down(upstream_r, client_w, to_client, control) => match down {
             DownEnd::Closed(err) => RelayEnd::UpstreamGone(err),
             DownEnd::Ended { delivered } => RelayEnd::Ended { delivered },
         },
-    };
-    Relayed {
-        end,
-        to_upstream,
-        to_client,
     }
 }
 
@@ -238,17 +234,18 @@ mod tests {
         let (mut ur, mut uw) = split(upstream_proxy);
         let (_tx, mut control) = mpsc::channel(4);
         let task = tokio::spawn(async move {
-            let r = relay(
+            let (mut up, mut down) = (Direction::default(), Direction::default());
+            let end = relay(
                 &mut cr,
                 &mut cw,
                 &mut ur,
                 &mut uw,
                 &mut control,
-                Direction::default(),
-                Direction::default(),
+                &mut up,
+                &mut down,
             )
             .await;
-            (r.end.label(), r.to_upstream.bytes, r.to_client.bytes)
+            (end.label(), up.bytes, down.bytes)
         });
         let (mut app_r, mut app_w) = split(client_app);
         let (mut db_r, mut db_w) = split(upstream_db);
@@ -280,14 +277,15 @@ mod control_tests {
         let (mut ur, mut uw) = split(upstream_proxy);
         let (tx, mut control) = mpsc::channel(4);
         let task = tokio::spawn(async move {
+            let (mut up, mut down) = (Direction::default(), Direction::default());
             relay(
                 &mut cr,
                 &mut cw,
                 &mut ur,
                 &mut uw,
                 &mut control,
-                Direction::default(),
-                Direction::default(),
+                &mut up,
+                &mut down,
             )
             .await
         });
@@ -308,7 +306,7 @@ mod control_tests {
         let mut rest = [0u8; 14];
         app_r.read_exact(&mut rest).await.expect("read");
         assert_eq!(&rest, b"cdefN\0\0\0\x04E\0\0\0\x04");
-        let relayed = task.await.expect("join");
-        assert!(matches!(relayed.end, RelayEnd::Ended { delivered: true }));
+        let end = task.await.expect("join");
+        assert!(matches!(end, RelayEnd::Ended { delivered: true }));
     }
 }

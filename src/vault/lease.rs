@@ -72,6 +72,8 @@ impl Drop for LeaseGuard {
 const MAX_ATTEMPTS: u32 = 8;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Most revocations talking to Vault at once.
+const MAX_IN_FLIGHT: usize = 32;
 
 /// Revokes leases in the background. Cloning shares the queue.
 #[derive(Clone)]
@@ -93,11 +95,19 @@ impl Revoker {
             metrics,
         };
         let worker = revoker.clone();
+        // Bounds the revocations in flight, so a mass disconnect does not flood Vault.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         tokio::spawn(async move {
             while let Some(id) = rx.recv().await {
                 let worker = worker.clone();
                 let vault = vault.clone();
-                tokio::spawn(async move { worker.revoke_with_retries(&vault, id).await });
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    worker.revoke_with_retries(&vault, id).await;
+                    drop(permit);
+                });
             }
         });
         revoker
