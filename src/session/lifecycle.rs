@@ -176,7 +176,8 @@ async fn watch_inner(
             let _ = control.send(Control::Notice(notice(&message))).await;
         }
         if renewable && now >= next_renew {
-            match vault.renew(&life.lease_id, life.ttl).await {
+            // Boxed: the HTTP future is large and only lives during the call, not the session.
+            match Box::pin(vault.renew(&life.lease_id, life.ttl)).await {
                 Ok(r) => {
                     metrics.lease_renewal("ok");
                     let now = Instant::now();

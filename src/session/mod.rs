@@ -35,7 +35,7 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
     let live = state.live.load_full();
     let started = Instant::now();
     let accepted = tokio::select! {
-        r = tokio::time::timeout(live.login_timeout, handshake::accept(tcp, &live.tls)) => {
+        r = tokio::time::timeout(live.login_timeout, Box::pin(handshake::accept(tcp, &live.tls))) => {
             r.unwrap_or(Err(SessionError::LoginTimeout))
         }
         _ = stop.cancelled() => Err(SessionError::Shutdown),
@@ -163,7 +163,7 @@ impl Session<'_> {
             return Ok((p.lease, p.guard, p.remaining));
         }
         let creds = tokio::select! {
-            r = self.state.vault.creds(&database.config.mount, role) => r,
+            r = Box::pin(self.state.vault.creds(&database.config.mount, role)) => r,
             _ = self.stop.cancelled() => return Err(SessionError::Shutdown),
         };
         let lease = creds.map_err(|source| SessionError::Vault {
@@ -213,7 +213,7 @@ impl Session<'_> {
             role: hello.role.clone(),
         };
         let logged_in = tokio::select! {
-            r = login_upstream(&database, &lease, &hello) => r,
+            r = Box::pin(login_upstream(&database, &lease, &hello)) => r,
             _ = self.stop.cancelled() => Err(SessionError::Shutdown),
         };
         drop(lease);
@@ -315,7 +315,7 @@ async fn forward_raw(stream: &mut ClientStream, raw: Option<&bytes::Bytes>) {
 /// Startup completion as the client sees it, then the relay, then the close.
 async fn relay_session(
     state: &AppState,
-    mut hello: ClientHello,
+    hello: ClientHello,
     logged_in: LoggedIn,
     key: Option<(i32, i32)>,
     life: Lifetime,
@@ -330,12 +330,23 @@ async fn relay_session(
     }
     messages::ready_for_query(&mut out, logged_in.ready_status);
     out.extend_from_slice(&logged_in.leftover);
+    // Only the two streams live on through the relay: every setup buffer is freed here, so an
+    // idle session costs little more than its sockets, TLS state and relay buffers.
+    let mut client = hello.stream;
     let mut upstream = logged_in.stream;
+    drop((
+        hello.params,
+        hello.principal,
+        logged_in.to_client,
+        logged_in.leftover,
+    ));
     let write = async {
-        hello.stream.write_all(&out).await?;
-        hello.stream.flush().await
+        client.write_all(&out).await?;
+        client.flush().await
     };
-    if let Err(e) = write.await {
+    let written = write.await;
+    drop(out);
+    if let Err(e) = written {
         close_upstream(&mut upstream, true).await;
         return Relayed {
             end: RelayEnd::ClientGone(Some(e)),
@@ -343,7 +354,7 @@ async fn relay_session(
             to_client: Default::default(),
         };
     }
-    let (mut cr, mut cw) = split(hello.stream);
+    let (mut cr, mut cw) = split(client);
     let (mut ur, mut uw) = split(upstream);
     let (tx, mut control) = mpsc::channel::<Control>(4);
     let mut to_upstream = Direction::counted(state.metrics.relayed("to_upstream"));

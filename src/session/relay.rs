@@ -11,8 +11,10 @@ use tokio::time::Instant;
 
 use crate::protocol::framing::Framer;
 
-/// Size of each direction's buffer.
+/// Buffer for upstream → client: one full TLS record's worth, for large results.
 pub const BUFFER_SIZE: usize = 16 * 1024;
+/// Buffer for client → upstream: queries are small, COPY streams in any chunk size.
+pub const CLIENT_BUFFER_SIZE: usize = 8 * 1024;
 
 /// How long an `End` may wait for the upstream to finish the message it is sending before the
 /// session is cut without the closing ErrorResponse.
@@ -108,7 +110,7 @@ where
     R: AsyncRead,
     W: AsyncWrite,
 {
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut buf = vec![0u8; CLIENT_BUFFER_SIZE];
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(0) => return None,
