@@ -23,9 +23,42 @@ pub type ClientStream = TlsStream<TcpStream>;
 pub enum Accepted {
     /// A cancel request (plaintext, or inside TLS as PostgreSQL 17 clients and peers send
     /// it), with the sender's certificate identity when it came over TLS with one.
-    Cancel(CancelKey, Option<Principal>),
+    Cancel(CancelRequest),
     /// A client ready for policy checks.
     Session(Box<ClientHello>),
+}
+
+/// A cancel request and the connection it came on, which is closed only after the cancel
+/// was forwarded (as PostgreSQL does; libpq 17 waits for the close, over TLS for
+/// close_notify).
+pub struct CancelRequest {
+    /// The key the client presented.
+    pub key: CancelKey,
+    /// The sender's certificate identity, when it came over TLS with one (peers).
+    pub sender: Option<Principal>,
+    /// The connection to close afterwards.
+    pub conn: CancelConn,
+}
+
+/// The connection a cancel request came on.
+pub enum CancelConn {
+    /// libpq ≤ 16: plaintext.
+    Plain(TcpStream),
+    /// PostgreSQL 17 clients and peers: inside TLS.
+    Tls(Box<ClientStream>),
+}
+
+impl CancelConn {
+    /// Closes the connection (TLS with close_notify), bounded in time.
+    pub async fn close(self) {
+        let close = async {
+            match self {
+                CancelConn::Plain(mut s) => s.shutdown().await,
+                CancelConn::Tls(mut s) => s.shutdown().await,
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+    }
 }
 
 /// A TLS client with a verified certificate and its startup request.
@@ -73,7 +106,11 @@ pub async fn accept(mut tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<Accept
     let mut first = [0u8; 1];
     let direct = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE_RECORD);
     if !direct && let Some(key) = negotiate(&mut tcp).await? {
-        return Ok(Accepted::Cancel(key, None));
+        return Ok(Accepted::Cancel(CancelRequest {
+            key,
+            sender: None,
+            conn: CancelConn::Plain(tcp),
+        }));
     }
     let mut stream = acceptor.accept(tcp).await.map_err(SessionError::Tls)?;
     if direct && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
@@ -125,7 +162,11 @@ async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
             let sender = cert
                 .as_ref()
                 .and_then(|c| Principal::from_certificate(c).ok());
-            return Ok(Accepted::Cancel(key, sender));
+            return Ok(Accepted::Cancel(CancelRequest {
+                key,
+                sender,
+                conn: CancelConn::Tls(Box::new(stream)),
+            }));
         }
         Ok(InitialPacket::SslRequest | InitialPacket::GssEncRequest) => {
             let e = refused("08P01", "encryption negotiation inside TLS is not allowed");

@@ -41,14 +41,15 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
         _ = stop.cancelled() => Err(SessionError::Shutdown),
     };
     let result = match accepted {
-        Ok(Accepted::Cancel(key, sender)) => {
-            if let Some(target) = state.cancels.lookup(&key) {
+        Ok(Accepted::Cancel(request)) => {
+            if let Some(target) = state.cancels.lookup(&request.key) {
                 cancel::forward(target).await;
             } else if let Some(cluster) = &live.cluster
-                && !cluster.is_peer(sender.as_ref())
+                && !cluster.is_peer(request.sender.as_ref())
             {
-                cluster.forward(&key).await;
+                cluster.forward(&request.key).await;
             }
+            request.conn.close().await;
             return;
         }
         Ok(Accepted::Session(hello)) => {
@@ -396,7 +397,9 @@ fn negotiate_protocol(out: &mut BytesMut, hello: &ClientHello) {
     let len = 4 + 4 + 4 + options.iter().map(|o| o.len() + 1).sum::<usize>();
     out.put_u8(b'v');
     out.put_u32(len as u32);
-    out.put_u32(0);
+    // The newest version this server speaks for the requested major, as PostgreSQL sends it:
+    // the full version code 3.0 (libpq reads it so).
+    out.put_u32(0x0003_0000);
     out.put_u32(options.len() as u32);
     for o in options {
         out.put_slice(o.as_bytes());
