@@ -50,6 +50,23 @@ if is_root; then
     id postgres >/dev/null 2>&1 || die "running as root needs the OS user 'postgres' (created by the postgresql-15 package)"
 fi
 
+# Clients the compatibility tests drive: psycopg 3 (Python) and node-postgres (Node.js).
+if ! python3 -c 'import psycopg' 2>/dev/null; then
+    echo "installing the Python client test requirements (psycopg)"
+    python3 -m pip install -q -r tests/clients/python/requirements.txt \
+        || die "pip install -r tests/clients/python/requirements.txt failed"
+fi
+if command -v npm >/dev/null; then
+    if [[ ! -d tests/clients/node/node_modules/pg ]]; then
+        echo "installing the Node.js client test requirements (pg)"
+        npm ci --prefix tests/clients/node --no-audit --no-fund --loglevel=error \
+            || die "npm ci --prefix tests/clients/node failed"
+    fi
+else
+    die "npm not found: the Node.js client compatibility test needs Node.js 20 and npm"
+fi
+command -v pgbench >/dev/null || die "pgbench not found (Debian: postgresql-client-15)"
+
 for component in rustfmt clippy; do
     sub="${component/rustfmt/fmt}"
     if ! cargo "$sub" --version >/dev/null 2>&1; then
