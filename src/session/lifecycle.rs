@@ -56,6 +56,12 @@ fn renew_time(now: Instant, expires: Instant) -> Instant {
     now + remaining * 2 / 3 - Duration::from_millis(jitter_ms).min(remaining * 2 / 3)
 }
 
+/// "3s" for anything above 2 s up to 3 s: a notice never announces less time than is left.
+fn seconds_rounded_up(d: Duration) -> String {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
 fn fatal(message: &str) -> BytesMut {
     let mut buf = BytesMut::new();
     error_response(&mut buf, Severity::Fatal, "57P01", message);
@@ -145,7 +151,24 @@ async fn watch_inner(
             _ = control.closed() => return Watched::RelayGone,
         }
         let now = Instant::now();
-        if now >= end_at {
+        let due_to_end = now >= end_at;
+        // The warning goes out when due, and at the latest right before the end (when the end
+        // became known too late to give the full `expiry_warning`).
+        if !warned && (warn_at.is_some_and(|w| now >= w) || due_to_end) {
+            warned = true;
+            let left = seconds_rounded_up(end_at.saturating_duration_since(now));
+            let message = match ending {
+                Ending::Credential => format!(
+                    "the database credential for role \"{}\" cannot be extended; this session will be ended in {left}",
+                    life.role
+                ),
+                Ending::MaxSession => {
+                    format!("this session reaches max_session_duration and will be ended in {left}")
+                }
+            };
+            let _ = control.send(Control::Notice(notice(&message))).await;
+        }
+        if due_to_end {
             let message = match ending {
                 Ending::Credential => format!(
                     "terminating connection: the database credential for role \"{}\" reached its maximum lifetime",
@@ -159,22 +182,6 @@ async fn watch_inner(
             let _ = control.send(Control::End(fatal(&message))).await;
             return Watched::EndSent;
         }
-        if warn_at.is_some_and(|w| now >= w) {
-            warned = true;
-            let left = humantime::format_duration(Duration::from_secs(
-                end_at.saturating_duration_since(now).as_secs(),
-            ));
-            let message = match ending {
-                Ending::Credential => format!(
-                    "the database credential for role \"{}\" cannot be extended; this session will be ended in {left}",
-                    life.role
-                ),
-                Ending::MaxSession => {
-                    format!("this session reaches max_session_duration and will be ended in {left}")
-                }
-            };
-            let _ = control.send(Control::Notice(notice(&message))).await;
-        }
         if renewable && now >= next_renew {
             // Boxed: the HTTP future is large and only lives during the call, not the session.
             match Box::pin(vault.renew(&life.lease_id, life.ttl)).await {
@@ -184,7 +191,10 @@ async fn watch_inner(
                     expires = now + r.duration;
                     renew_failing = false;
                     // Vault caps renewals at max_ttl: a shorter grant means this is the end.
-                    if !r.renewable || r.duration + Duration::from_secs(1) < life.ttl {
+                    // Vault rounds a capped TTL to whole seconds, possibly up: count a second
+                    // less so the session still ends before the credential does.
+                    if !r.renewable || r.duration < life.ttl {
+                        expires = now + r.duration.saturating_sub(Duration::from_secs(1));
                         renewable = false;
                         tracing::info!(lease_id = %life.lease_id, ttl = ?r.duration,
                             "lease reached its maximum lifetime");
@@ -208,6 +218,14 @@ async fn watch_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announced_time_is_rounded_up() {
+        assert_eq!(seconds_rounded_up(Duration::from_millis(990)), "1s");
+        assert_eq!(seconds_rounded_up(Duration::from_millis(2000)), "2s");
+        assert_eq!(seconds_rounded_up(Duration::from_millis(2001)), "3s");
+        assert_eq!(seconds_rounded_up(Duration::from_secs(61)), "1m 1s");
+    }
 
     #[test]
     fn margins_and_renew_times() {
