@@ -132,6 +132,48 @@ pub async fn forward(target: CancelTarget) {
 mod tests {
     use super::*;
 
+    fn target() -> CancelTarget {
+        let config: crate::config::DatabaseConfig = toml::from_str(
+            "name = \"myapp\"\nhost = \"127.0.0.1\"\nmount = \"database\"\nroles = [\"readonly\"]",
+        )
+        .expect("database entry");
+        CancelTarget {
+            database: Arc::new(DatabaseEntry { config, tls: None }),
+            pid: 42,
+            secret: 7,
+        }
+    }
+
+    #[test]
+    fn keys_are_random_checked_and_removed_when_the_session_ends() {
+        let map = Arc::new(CancelMap::default());
+        let a = map.register(target());
+        let b = map.register(target());
+        assert_ne!(a.key, b.key, "every session gets its own key");
+        let key = |(pid, secret): (i32, i32)| CancelKey {
+            pid,
+            secret: secret.to_be_bytes().to_vec(),
+        };
+        assert_eq!(map.lookup(&key(a.key)).map(|t| t.pid), Some(42));
+        let wrong = CancelKey {
+            pid: a.key.0,
+            secret: a.key.1.wrapping_add(1).to_be_bytes().to_vec(),
+        };
+        assert!(
+            map.lookup(&wrong).is_none(),
+            "a wrong secret reaches nothing"
+        );
+        let (a_key, b_key) = (a.key, b.key);
+        drop(a);
+        assert!(
+            map.lookup(&key(a_key)).is_none(),
+            "key removed with its session"
+        );
+        assert!(map.lookup(&key(b_key)).is_some());
+        drop(b);
+        assert!(map.is_empty());
+    }
+
     #[test]
     fn constant_time_compare() {
         assert!(constant_time_eq(&[1, 2, 3, 4], &[1, 2, 3, 4]));
