@@ -126,6 +126,9 @@ pub enum StartError {
 /// Builds the shared state (must run inside a Tokio runtime: the revoker starts here).
 pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .sessions_limit
+        .set(i64::from(config.limits.max_sessions));
     let vault = Arc::new(VaultClient::new(&config.vault, metrics.clone())?);
     let revoker = Revoker::spawn(vault.clone(), metrics.clone());
     let prefetch = Arc::new(Prefetcher::new(
@@ -228,10 +231,30 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     tracing::info!(address = %local, "leasegate listening");
 
     let mut signals = Signals::new();
+    let mut watch = config.listen.watch_interval.map(tokio::time::interval);
+    let mut seen = files_changed_at(&config, &path);
     let signal = loop {
-        match signals.next().await {
-            "SIGHUP" => reload(&state, &config, &path),
-            other => break other,
+        let tick = async {
+            match watch.as_mut() {
+                Some(w) => {
+                    w.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            s = signals.next() => match s {
+                "SIGHUP" => reload(&state, &config, &path),
+                other => break other,
+            },
+            () = tick => {
+                let now = files_changed_at(&config, &path);
+                if now != seen {
+                    seen = now;
+                    tracing::info!("configuration or TLS files changed: reloading");
+                    reload(&state, &config, &path);
+                }
+            }
         }
     };
     tracing::info!(signal, grace = ?config.listen.shutdown_grace, "shutting down: no new sessions");
@@ -272,6 +295,17 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     auth_stop.cancel();
     let _ = vault_login.await;
     Ok(())
+}
+
+/// Modification times of the configuration file and the TLS files it names, for the
+/// optional file watch.
+fn files_changed_at(config: &Config, path: &Path) -> Vec<Option<std::time::SystemTime>> {
+    let listen = &config.listen;
+    [path, &listen.cert, &listen.key, &listen.client_ca]
+        .into_iter()
+        .chain(listen.crl.iter().map(PathBuf::as_path))
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
 }
 
 /// SIGTERM, SIGINT and SIGHUP as one stream.

@@ -97,10 +97,26 @@ impl AuditEvent {
 
     /// Adds the requested database and role.
     pub fn request(mut self, database: &str, role: &str) -> AuditEvent {
-        self.database = Some(database.to_owned());
-        self.role = Some(role.to_owned());
+        self.database = Some(printable(database));
+        self.role = Some(printable(role));
         self
     }
+}
+
+/// A client-supplied name with every control character (C0, DEL, C1) escaped, so audit lines
+/// stay one printable line whatever a hostile client sends.
+fn printable(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            let escape = c.is_control();
+            let (a, b) = if escape {
+                (Some(c.escape_unicode()), None)
+            } else {
+                (None, Some(c))
+            };
+            a.into_iter().flatten().chain(b)
+        })
+        .collect()
 }
 
 /// Where audit lines go. Cloning shares the writer.
@@ -145,6 +161,11 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("ro\u{7}\u{7f}\u{85}x"), "ro\\u{7}\\u{7f}\\u{85}x");
+    }
 
     #[test]
     fn serializes_only_present_fields() {

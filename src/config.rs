@@ -111,6 +111,10 @@ pub struct ListenConfig {
     /// How long open sessions may run on after SIGTERM/SIGINT before they are ended.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// When set, the configuration file and the TLS files are checked this often and reloaded
+    /// when one changed (as on SIGHUP): certificate rotation without a signal.
+    #[serde(default, with = "humantime_serde")]
+    pub watch_interval: Option<Duration>,
     /// Idle time before TCP keepalive probes start on client connections; a client that
     /// vanished is detected about 1.75 × this later.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
@@ -368,6 +372,14 @@ impl Config {
     /// Reads, parses and validates the file; relative paths are resolved against the file's
     /// directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::load_unvalidated(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses the file and resolves relative paths, without validating, so that
+    /// `check-config` can collect the validation problems together with its own.
+    pub fn load_unvalidated(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -379,7 +391,6 @@ impl Config {
         if let Some(base) = path.parent() {
             config.resolve_paths(base);
         }
-        config.validate()?;
         Ok(config)
     }
 
@@ -422,6 +433,16 @@ impl Config {
 
     /// Checks cross-references and values; returns every problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every problem `validate` finds, as lines.
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         self.validate_files(&mut problems);
         if !(self.vault.address.starts_with("http://")
@@ -443,11 +464,7 @@ impl Config {
         }
         self.validate_databases(&mut problems);
         self.validate_grants(&mut problems);
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        problems
     }
 
     fn validate_files(&self, problems: &mut Vec<String>) {

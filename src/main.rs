@@ -67,12 +67,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let path = cli
         .config
         .context("--config PATH is required (see leasegate --help)")?;
-    let config = Config::load(&path)?;
     if let Some(Command::CheckConfig { online }) = cli.command {
+        let config = Config::load_unvalidated(&path)?;
         check(&config, online)?;
         println!("{}: configuration is valid", path.display());
         return Ok(());
     }
+    let config = Config::load(&path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,18 +82,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks that need more than parsing: TLS material loads and is in date, the Vault token is
-/// present, and with `online` that Vault accepts the configured login.
+/// Every problem at once: the schema's cross-references and files, then what needs more than
+/// parsing (TLS material loads and is in date, the Vault token is present) and, with `online`,
+/// whether Vault accepts the configured login.
 fn check(config: &Config, online: bool) -> anyhow::Result<()> {
-    let mut problems = Vec::new();
-    if let Err(e) = leasegate::tls::server::acceptor(&config.listen) {
+    let mut problems = config.problems();
+    let listen = &config.listen;
+    let exists = |p: &std::path::Path| p.exists();
+    if [&listen.cert, &listen.key, &listen.client_ca]
+        .iter()
+        .all(|p| exists(p))
+        && let Err(e) = leasegate::tls::server::acceptor(listen)
+    {
         problems.push(format!("listen TLS: {e}"));
     }
     for (key, path) in [
-        ("listen.cert", &config.listen.cert),
-        ("listen.client_ca", &config.listen.client_ca),
+        ("listen.cert", &listen.cert),
+        ("listen.client_ca", &listen.client_ca),
     ] {
-        if let Err(e) = leasegate::tls::check_validity(path) {
+        if exists(path)
+            && let Err(e) = leasegate::tls::check_validity(path)
+        {
             problems.push(format!("{key}: {e}"));
         }
     }
@@ -105,12 +115,17 @@ fn check(config: &Config, online: bool) -> anyhow::Result<()> {
             problems.push(format!("vault: {e}"));
         }
     }
-    for db in &config.databases {
+    for db in config
+        .databases
+        .iter()
+        .filter(|d| d.ca_cert.iter().all(|p| exists(p)))
+    {
         if let Err(e) = leasegate::tls::upstream::connector(db) {
             problems.push(format!("database {:?} TLS: {e}", db.name));
         }
     }
     if config.vault.auth.method == leasegate::config::AuthMethod::Token
+        && config.vault.auth.token_file.iter().all(|p| exists(p))
         && let Err(e) = leasegate::vault::client::load_token(&config.vault.auth)
     {
         problems.push(e.to_string());

@@ -26,6 +26,21 @@ fn session_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 4.0, 12))
 }
 
+/// Every `leasegate_auth_failures_total{reason}` value.
+pub const AUTH_FAILURE_REASONS: [&str; 11] = [
+    "plaintext",
+    "no_client_cert",
+    "tls_handshake",
+    "login_timeout",
+    "bad_startup",
+    "no_grant",
+    "database_not_granted",
+    "role_not_granted",
+    "global_session_limit",
+    "identity_session_limit",
+    "identity_rate_limit",
+];
+
 /// Every metric leasegate exports.
 pub struct Metrics {
     registry: Registry,
@@ -63,6 +78,8 @@ pub struct Metrics {
     pub relayed_bytes_total: Family<Label, Counter>,
     /// Prefetched credentials waiting, by database and role.
     pub prefetch_ready: Family<Labels, Gauge>,
+    /// `limits.max_sessions`, for alerts on sessions near the limit.
+    pub sessions_limit: Gauge,
     /// Constant 1 with the version label.
     pub build_info: Family<Label, Gauge>,
 }
@@ -100,6 +117,7 @@ impl Metrics {
             relayed_bytes_total: Family::default(),
             build_info: Family::default(),
             prefetch_ready: Family::default(),
+            sessions_limit: Gauge::default(),
         };
         let mut r = Registry::default();
         let r = &mut r;
@@ -201,6 +219,12 @@ impl Metrics {
         );
         register(
             r,
+            "leasegate_sessions_limit",
+            "Configured limits.max_sessions",
+            m.sessions_limit.clone(),
+        );
+        register(
+            r,
             "leasegate_prefetch_ready",
             "Prefetched credentials waiting for a session, by database and role",
             m.prefetch_ready.clone(),
@@ -214,9 +238,41 @@ impl Metrics {
         m.build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
+        m.zero_known_series();
         Metrics {
             registry: std::mem::take(r),
             ..m
+        }
+    }
+
+    /// Creates the series with fixed label values at 0, so dashboards and alerts see 0
+    /// rather than no data on a fresh instance.
+    fn zero_known_series(&self) {
+        for outcome in ["ok", "rejected", "error"] {
+            let _ = self.sessions_total.get_or_create(&[("outcome", outcome)]);
+        }
+        for result in ["ok", "error"] {
+            let _ = self
+                .lease_revocations_total
+                .get_or_create(&[("result", result)]);
+            let _ = self
+                .lease_renewals_total
+                .get_or_create(&[("result", result)]);
+        }
+        for result in ["ok", "error", "login"] {
+            let _ = self
+                .vault_auth_renewals_total
+                .get_or_create(&[("result", result)]);
+        }
+        for reason in AUTH_FAILURE_REASONS {
+            let _ = self
+                .auth_failures_total
+                .get_or_create(&[("reason", reason)]);
+        }
+        for direction in ["to_upstream", "to_client"] {
+            let _ = self
+                .relayed_bytes_total
+                .get_or_create(&[("direction", direction)]);
         }
     }
 

@@ -80,38 +80,33 @@ impl IdentityPattern {
     }
 }
 
-/// Glob match with `*` (no `/` or `.`) and `**` (anything). Iterative backtracking over the
-/// last star, linear in practice and never recursive, so hostile names cannot blow the stack.
+/// Glob match with `*` (any run, possibly empty, without `/` or `.`) and `**` (any run).
+/// Dynamic programming over the text, one pass per pattern token: O(pattern × text) time,
+/// O(text) memory, no recursion, so hostile names can neither blow the stack nor miss a
+/// match by greedy backtracking.
 pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    // Position of the last star seen: (pattern index after it, text index, star crosses separators)
-    let mut star: Option<(usize, usize, bool)> = None;
-    while t < text.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
+    // ok[j]: the pattern tokens seen so far match text[..j].
+    let mut ok = vec![false; text.len() + 1];
+    ok[0] = true;
+    let mut p = 0;
+    while p < pattern.len() {
+        if pattern[p] == b'*' {
             let double = pattern.get(p + 1) == Some(&b'*');
-            let after = if double { p + 2 } else { p + 1 };
-            star = Some((after, t, double));
-            p = after;
-            continue;
-        }
-        if p < pattern.len() && pattern[p] == text[t] {
-            p += 1;
-            t += 1;
-            continue;
-        }
-        match star {
-            Some((after, st, double)) if double || !matches!(text[st], b'/' | b'.') => {
-                star = Some((after, st + 1, double));
-                p = after;
-                t = st + 1;
+            p += if double { 2 } else { 1 };
+            for j in 1..=text.len() {
+                let extend = ok[j - 1] && (double || !matches!(text[j - 1], b'/' | b'.'));
+                ok[j] = ok[j] || extend;
             }
-            _ => return false,
+        } else {
+            let c = pattern[p];
+            p += 1;
+            for j in (1..=text.len()).rev() {
+                ok[j] = ok[j - 1] && text[j - 1] == c;
+            }
+            ok[0] = false;
         }
     }
-    while p < pattern.len() && pattern[p] == b'*' {
-        p += 1;
-    }
-    p == pattern.len()
+    ok[text.len()]
 }
 
 /// Why a request was refused.

@@ -102,11 +102,7 @@ pub fn parse_initial_packet(mut buf: BytesMut) -> Result<InitialPacket, PacketEr
             if major != 3 {
                 return Err(PacketError::UnsupportedVersion(major, minor));
             }
-            if buf.last() != Some(&0) {
-                return Err(PacketError::Malformed(
-                    "startup packet not terminated".into(),
-                ));
-            }
+            check_parameter_list(&buf[8..])?;
             let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
             let startup = Startup::decode(&mut buf, &ctx)
                 .map_err(|e| PacketError::Malformed(e.to_string()))?
@@ -117,6 +113,29 @@ pub fn parse_initial_packet(mut buf: BytesMut) -> Result<InitialPacket, PacketEr
                 params: startup.parameters,
             }))
         }
+    }
+}
+
+/// The parameter list must be name/value C strings ending with one empty name exactly at the
+/// end of the packet, as PostgreSQL requires; anything else is a malformed packet.
+fn check_parameter_list(mut list: &[u8]) -> Result<(), PacketError> {
+    let malformed = |what: &str| Err(PacketError::Malformed(what.to_owned()));
+    loop {
+        let Some(name_end) = list.iter().position(|b| *b == 0) else {
+            return malformed("startup packet not terminated");
+        };
+        if name_end == 0 {
+            return if list.len() == 1 {
+                Ok(())
+            } else {
+                malformed("data after the end of the startup parameters")
+            };
+        }
+        let rest = &list[name_end + 1..];
+        let Some(value_end) = rest.iter().position(|b| *b == 0) else {
+            return malformed("startup parameter without a value");
+        };
+        list = &rest[value_end + 1..];
     }
 }
 
@@ -198,6 +217,16 @@ mod tests {
         ));
         assert!(matches!(
             parse_initial_packet(packet(SSL_REQUEST_CODE, b"xx")),
+            Err(PacketError::Malformed(_))
+        ));
+        // The last value's NUL is not the list terminator.
+        assert!(matches!(
+            parse_initial_packet(packet(196_608, b"user\0readonly\0database\0myapp\0")),
+            Err(PacketError::Malformed(_))
+        ));
+        // Nothing may follow the terminator.
+        assert!(matches!(
+            parse_initial_packet(packet(196_608, b"user\0readonly\0\0database\0myapp\0\0")),
             Err(PacketError::Malformed(_))
         ));
     }

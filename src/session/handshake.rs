@@ -245,7 +245,7 @@ pub fn quoted(name: &str) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        if c.is_control() || c == '"' || c == '\\' {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -263,6 +263,7 @@ mod tests {
     fn quoting_escapes_and_truncates() {
         assert_eq!(quoted("readonly"), "\"readonly\"");
         assert_eq!(quoted("a\nb\0"), "\"a\\nb\\u{0}\"");
+        assert_eq!(quoted("x\" on \"y"), "\"x\\\" on \\\"y\"");
         assert_eq!(quoted(&"x".repeat(100)).chars().count(), 64 + 3);
     }
 }
