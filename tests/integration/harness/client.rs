@@ -18,7 +18,8 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream}
 
 use super::pki::{ClientCert, Pki};
 
-/// rustls client config trusting the test CA, optionally presenting a client certificate.
+/// rustls client config trusting the test CA, optionally presenting a client certificate
+/// (followed by its intermediate CA certificates, if any).
 pub fn tls_config(pki: &Pki, cert: Option<&ClientCert>) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(pki.ca_der()).expect("add test CA");
@@ -29,7 +30,12 @@ pub fn tls_config(pki: &Pki, cert: Option<&ClientCert>) -> Arc<ClientConfig> {
         .with_root_certificates(roots);
     let config = match cert {
         Some(c) => builder
-            .with_client_auth_cert(vec![c.cert_der.clone()], c.key_der())
+            .with_client_auth_cert(
+                std::iter::once(c.cert_der.clone())
+                    .chain(c.chain.iter().cloned())
+                    .collect(),
+                c.key_der(),
+            )
             .expect("client cert and key match"),
         None => builder.with_no_client_auth(),
     };

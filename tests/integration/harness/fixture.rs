@@ -1,14 +1,16 @@
 //! The standard setup of a proxy test: a fresh mount, a PKI, one well-behaved client and a
 //! leasegate that grants that client `readonly` on `myapp`, plus the checks most tests share.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::bao::{Mount, all_leases, fresh_mount};
+use super::bao::{Mount, Target, all_leases, fresh_mount};
 use super::client::{Transport, current_user, pg_connect, raw_startup, tls_config};
-use super::pg::dynamic_roles;
+use super::env;
+use super::pg::{Pg, dynamic_roles, dynamic_roles_on};
 use super::pki::{ClientCert, Identity, Pki};
 use super::poll_until;
 use super::proxy::{Proxy, ProxyConfig};
+use super::wire::{Msg, PROTOCOL_3_0, Tls, Wire, tls_connect};
 
 /// URI SAN of the well-behaved client.
 pub const GOOD_URI: &str = "spiffe://leasegate.test/app/good";
@@ -32,21 +34,64 @@ impl Fixture {
         name: &str,
         customize: impl FnOnce(ProxyConfig) -> ProxyConfig,
     ) -> Fixture {
+        Fixture::start_edited(name, customize, |_| {}).await
+    }
+
+    /// As [`Fixture::start_with`], then `edit` may change the config file's TOML (settings
+    /// `ProxyConfig` has no field for, see [`super::proxy::set`]).
+    pub async fn start_edited(
+        name: &str,
+        customize: impl FnOnce(ProxyConfig) -> ProxyConfig,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Fixture {
         let mount = fresh_mount(name).await;
-        let pki = Pki::new();
+        Fixture::with_mount(mount, Pki::new(), customize, edit).await
+    }
+
+    /// The standard grant on an existing `mount` with an existing `pki` (for tests that
+    /// set Vault up before leasegate starts), then `customize` and `edit` as in
+    /// [`Fixture::start_edited`].
+    pub async fn with_mount(
+        mount: Mount,
+        pki: Pki,
+        customize: impl FnOnce(ProxyConfig) -> ProxyConfig,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Fixture {
         let good = pki.client("good", Identity::Uri(GOOD_URI.into()));
         let cfg = ProxyConfig::new(&pki, &mount).grant(
             &format!("uri:{GOOD_URI}"),
             &["myapp"],
             &["readonly"],
         );
-        let proxy = Proxy::start(customize(cfg)).await;
+        let proxy = Proxy::start_edited(customize(cfg), edit).await;
         Fixture {
             mount,
             pki,
             good,
             proxy,
         }
+    }
+
+    /// A raw protocol session of the good client as `role` on `myapp` (TLS, startup), ready
+    /// for queries. Panics unless the login ends with ReadyForQuery.
+    pub async fn raw_session(&self, role: &str) -> Wire<Tls> {
+        let config = tls_config(&self.pki, Some(&self.good));
+        let stream = tls_connect(self.proxy.port, config)
+            .await
+            .expect("TLS connection to leasegate");
+        let mut wire = Wire::new(stream);
+        let login = wire
+            .startup(PROTOCOL_3_0, &[("user", role), ("database", "myapp")])
+            .await
+            .expect("startup through leasegate");
+        let last = login.messages.last().map(|m| m.tag);
+        assert_eq!(
+            last,
+            Some(b'Z'),
+            "login as {role} should end with ReadyForQuery: {:?}",
+            login.messages
+        );
+        wire
     }
 
     /// Asserts that right now no lease of this mount and no role with its prefix exists.
@@ -94,17 +139,26 @@ impl Fixture {
             "session user {user} should start with {}",
             self.mount.prefix
         );
+        // Close the session now: on a current-thread runtime the connection task could not
+        // run while the Proxy's Drop blocks, and leasegate would wait out its drain for it.
+        drop(session.client);
+        let _ = session.driver.await;
     }
 }
 
 /// Polls until no lease of `mount` and no role with its prefix remains.
 pub async fn wait_all_revoked(mount: &Mount, timeout: Duration) {
+    wait_all_revoked_on(&Target::shared(), &env().pg, mount, timeout).await;
+}
+
+/// Like [`wait_all_revoked`] for a mount on `bao` whose roles live in the cluster `pg`.
+pub async fn wait_all_revoked_on(bao: &Target, pg: &Pg, mount: &Mount, timeout: Duration) {
     poll_until(
         timeout,
         "all leases revoked and roles dropped",
         || async move {
-            let roles = dynamic_roles(&mount.prefix).await;
-            let leases = all_leases(mount).await;
+            let roles = dynamic_roles_on(pg, &mount.prefix).await;
+            let leases = bao.all_leases(mount).await;
             if roles.is_empty() && leases.is_empty() {
                 Ok(())
             } else {
@@ -113,4 +167,28 @@ pub async fn wait_all_revoked(mount: &Mount, timeout: Duration) {
         },
     )
     .await;
+}
+
+/// Every message the server sends until it closes the connection, with its arrival time
+/// relative to `since`; `Err` with what arrived when the connection is still open after
+/// `within`.
+pub async fn messages_until_closed(
+    wire: &mut Wire<Tls>,
+    since: Instant,
+    within: Duration,
+) -> Result<Vec<(Duration, Msg)>, Vec<(Duration, Msg)>> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(seen);
+        }
+        match wire.recv_within(left).await {
+            Ok(Some(msg)) => seen.push((since.elapsed(), msg)),
+            Ok(None) => return Err(seen),
+            // EOF or reset: closed.
+            Err(_) => return Ok(seen),
+        }
+    }
 }

@@ -11,11 +11,14 @@
 
 pub mod bao;
 pub mod client;
+pub mod compat;
 pub mod fixture;
 pub mod metrics;
 pub mod pg;
 pub mod pki;
 pub mod proxy;
+pub mod security;
+pub mod wire;
 
 use std::fs::OpenOptions;
 use std::future::Future;

@@ -1,15 +1,18 @@
 //! Test PKI made with rcgen: a CA, a server certificate for `localhost`/127.0.0.1, and client
 //! certificates with a chosen identity (URI SAN, DNS SAN or subject CN), including an expired
-//! one and one signed by a CA leasegate does not trust. Everything is written as PEM into a
-//! per-test directory (key files mode 0600, as libpq insists).
+//! one and one signed by a CA leasegate does not trust; for security tests also customised
+//! certificates ([`Pki::client_with`]), CA certificates used as client certificates,
+//! certificates issued through an intermediate CA, and CRLs. Everything is written as PEM into
+//! a per-test directory (key files mode 0600, as libpq insists).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, date_time_ymd,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber, date_time_ymd,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -29,9 +32,12 @@ pub enum Identity {
 /// A client certificate and key, as files (for psql) and DER (for rustls).
 #[derive(Clone)]
 pub struct ClientCert {
+    /// PEM file: the certificate, followed by `chain` (what libpq sends).
     pub cert: PathBuf,
     pub key: PathBuf,
     pub cert_der: CertificateDer<'static>,
+    /// Intermediate CA certificates sent after `cert_der` (normally none).
+    pub chain: Vec<CertificateDer<'static>>,
     key_der: Vec<u8>,
 }
 
@@ -127,7 +133,89 @@ impl Pki {
         self.issue(name, id, &self.0.rogue, false)
     }
 
+    /// Signed by the trusted CA, with `customize` applied to the parameters last (validity,
+    /// key usages, serial number, extra names, ...).
+    pub fn client_with(
+        &self,
+        name: &str,
+        id: Identity,
+        customize: impl FnOnce(&mut CertificateParams),
+    ) -> ClientCert {
+        let issuer = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
+        self.issue_by(name, id, &issuer, Vec::new(), customize)
+    }
+
+    /// A CA certificate (basicConstraints cA=true, keyCertSign) with the identity and the
+    /// clientAuth usage, signed by the trusted CA, presented as a client certificate.
+    pub fn ca_as_client(&self, name: &str, id: Identity) -> ClientCert {
+        self.client_with(name, id, |params| {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+        })
+    }
+
+    /// Issued by an intermediate CA that the trusted CA signed; the intermediate is in
+    /// `chain` (and in the PEM file), so the client sends leaf + intermediate while
+    /// leasegate's `client_ca` holds only the root.
+    pub fn intermediate_client(&self, name: &str, id: Identity) -> ClientCert {
+        let intermediate = new_ca(&format!("{name} intermediate CA"));
+        let root = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
+        let inter_cert = intermediate
+            .params
+            .signed_by(&intermediate.key, &root)
+            .expect("sign intermediate CA");
+        let issuer = Issuer::from_params(&intermediate.params, &intermediate.key);
+        self.issue_by(name, id, &issuer, vec![inter_cert.der().clone()], |_| {})
+    }
+
+    /// A CRL (PEM, written into the PKI directory) of the trusted CA revoking `revoked`.
+    pub fn crl(&self, file: &str, revoked: &[&ClientCert]) -> PathBuf {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let revoked_certs = revoked
+            .iter()
+            .map(|c| {
+                let (_, x509) =
+                    X509Certificate::from_der(c.cert_der.as_ref()).expect("parse certificate");
+                RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(x509.raw_serial()),
+                    revocation_time: date_time_ymd(2024, 6, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }
+            })
+            .collect();
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2024, 6, 1),
+            next_update: date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let issuer = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
+        let crl = params.signed_by(&issuer).expect("sign CRL");
+        write(self.dir(), file, &crl.pem().expect("CRL to PEM"))
+    }
+
     fn issue(&self, name: &str, id: Identity, ca: &Ca, expired: bool) -> ClientCert {
+        let issuer = Issuer::from_params(&ca.params, &ca.key);
+        self.issue_by(name, id, &issuer, Vec::new(), |params| {
+            set_validity(params, expired)
+        })
+    }
+
+    fn issue_by(
+        &self,
+        name: &str,
+        id: Identity,
+        issuer: &Issuer<'_, &KeyPair>,
+        chain: Vec<CertificateDer<'static>>,
+        customize: impl FnOnce(&mut CertificateParams),
+    ) -> ClientCert {
         let mut params = CertificateParams::default();
         match &id {
             Identity::Uri(uri) => {
@@ -146,20 +234,53 @@ impl Pki {
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, expired);
+        set_validity(&mut params, false);
+        customize(&mut params);
         let key = KeyPair::generate().expect("client key");
-        let issuer = Issuer::from_params(&ca.params, &ca.key);
-        let cert = params.signed_by(&key, &issuer).expect("sign client cert");
-        let cert_path = write(self.dir(), &format!("{name}.pem"), &cert.pem());
+        let cert = params.signed_by(&key, issuer).expect("sign client cert");
+        let mut pem = cert.pem();
+        for der in &chain {
+            pem.push_str(&pem_certificate(der));
+        }
+        let cert_path = write(self.dir(), &format!("{name}.pem"), &pem);
         let key_path = write(self.dir(), &format!("{name}-key.pem"), &key.serialize_pem());
         set_mode(&key_path, 0o600).expect("chmod client key");
         ClientCert {
             cert: cert_path,
             key: key_path,
             cert_der: cert.der().clone(),
+            chain,
             key_der: key.serialize_der(),
         }
     }
+}
+
+/// PEM text of a DER certificate.
+fn pem_certificate(der: &CertificateDer<'_>) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::new();
+    for chunk in der.as_ref().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 fn new_ca(cn: &str) -> Ca {

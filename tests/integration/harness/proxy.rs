@@ -162,6 +162,16 @@ pub struct StartOptions {
     pub extra_toml: String,
 }
 
+/// How to run the leasegate process itself (see [`Proxy::start_process`]).
+#[derive(Clone, Debug, Default)]
+pub struct ProcessOptions {
+    /// Environment variables, set after the defaults (so `RUST_LOG` here overrides the
+    /// default `debug`).
+    pub env: Vec<(String, String)>,
+    /// Extra command-line arguments after `--config PATH` (e.g. `--log-format json`).
+    pub args: Vec<String>,
+}
+
 /// A `[cluster]` section: `peers` are loopback ports of the other instances, `peer_identity`
 /// the pattern their client certificates match, `cert` this instance's client certificate.
 pub fn cluster_section(peers: &[u16], peer_identity: &str, cert: &ClientCert) -> String {
@@ -195,6 +205,38 @@ impl Proxy {
 
     /// As [`Proxy::start`], with a chosen port and/or extra config text.
     pub async fn start_with_options(cfg: ProxyConfig, opts: StartOptions) -> Proxy {
+        Proxy::launch(cfg, opts, |_| {}).await
+    }
+
+    /// As [`Proxy::start`], but `edit` may change the generated config (as a TOML table)
+    /// first, for settings `ProxyConfig` has no field for; see [`set`] and [`table`].
+    pub async fn start_edited(cfg: ProxyConfig, edit: impl FnOnce(&mut toml::Table)) -> Proxy {
+        Proxy::launch(cfg, StartOptions::default(), edit).await
+    }
+
+    /// [`Proxy::start_edited`] with control over the process: environment and arguments.
+    pub async fn start_process(
+        cfg: ProxyConfig,
+        process: ProcessOptions,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Proxy {
+        Proxy::launch_process(cfg, StartOptions::default(), process, edit).await
+    }
+
+    async fn launch(
+        cfg: ProxyConfig,
+        opts: StartOptions,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Proxy {
+        Proxy::launch_process(cfg, opts, ProcessOptions::default(), edit).await
+    }
+
+    async fn launch_process(
+        cfg: ProxyConfig,
+        opts: StartOptions,
+        process: ProcessOptions,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Proxy {
         let dir = root().tempdir("proxy-");
         let port = opts.port.unwrap_or_else(free_port);
         let metrics_port = free_port();
@@ -204,16 +246,28 @@ impl Proxy {
             text.push_str(&opts.extra_toml);
             std::fs::write(&config_path, text).expect("append to leasegate.toml");
         }
+        let mut config: toml::Table = std::fs::read_to_string(&config_path)
+            .expect("read leasegate.toml")
+            .parse()
+            .expect("the generated config is TOML");
+        let unedited = config.clone();
+        edit(&mut config);
+        if config != unedited {
+            let text = toml::to_string(&config).expect("serialise leasegate.toml");
+            std::fs::write(&config_path, text).expect("write leasegate.toml");
+        }
         let log = dir.path().join("leasegate.log");
         let stderr = std::fs::File::create(&log).expect("create leasegate.log");
         let stdout = stderr.try_clone().expect("dup log fd");
         let child = Command::new(BIN)
             .arg("--config")
             .arg(&config_path)
+            .args(&process.args)
             .env("RUST_LOG", "debug")
             .env("NO_COLOR", "1")
             .env_remove("VAULT_TOKEN")
             .env_remove("VAULT_ADDR")
+            .envs(process.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -263,6 +317,60 @@ impl Proxy {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Process id of the leasegate process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The directory holding the config file (`leasegate.toml`) and the token file.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// The Vault token file the generated config names (`token` auth).
+    pub fn token_file(&self) -> PathBuf {
+        self.dir().join("vault-token")
+    }
+
+    /// Sends `signal` (a `kill` name: `TERM`, `INT`, `HUP`, `KILL`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed",
+            self.child.id()
+        );
+    }
+
+    /// The exit status if the process has exited (reaps it).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for leasegate")
+    }
+
+    /// Polls until the process exits, at most `within`; `None` if it is still running.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL (leasegate gets no chance to clean up) and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// `GET http://127.0.0.1:<metrics port><path>` → (status, body).
@@ -338,6 +446,50 @@ impl Drop for Proxy {
             );
         }
     }
+}
+
+/// Sets `value` at a dotted `path` of a config table, creating tables on the way; a number
+/// segment indexes an array of tables: `set(t, "listen.shutdown_grace", "1s")`,
+/// `set(t, "databases.0.max_session_duration", "3s")`. A table value replaces the whole
+/// table: `set(t, "vault.auth", table(&[("method", "approle"), ...]))`.
+pub fn set(config: &mut toml::Table, path: &str, value: impl Into<toml::Value>) {
+    let segments: Vec<&str> = path.split('.').collect();
+    let (last, parents) = segments.split_last().expect("non-empty path");
+    let mut here = config;
+    let mut i = 0;
+    while i < parents.len() {
+        let seg = parents[i];
+        let next = here
+            .entry(seg.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        here = match next {
+            toml::Value::Table(t) => {
+                i += 1;
+                t
+            }
+            toml::Value::Array(items) => {
+                let index: usize = parents
+                    .get(i + 1)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("config path {path}: {seg} needs an index"));
+                i += 2;
+                match items.get_mut(index) {
+                    Some(toml::Value::Table(t)) => t,
+                    _ => panic!("config path {path}: no table {seg}[{index}]"),
+                }
+            }
+            _ => panic!("config path {path}: {seg} is not a table"),
+        };
+    }
+    here.insert(last.to_string(), value.into());
+}
+
+/// A TOML table of string values (e.g. a `[vault.auth]` section for [`set`]).
+pub fn table(pairs: &[(&str, &str)]) -> toml::Table {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string())))
+        .collect()
 }
 
 /// Runs `leasegate check-config --config <file with toml>`.

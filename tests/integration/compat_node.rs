@@ -1,0 +1,89 @@
+//! node-postgres (`pg`, pure JavaScript, no libpq) through leasegate: TLS with the CA, a client
+//! certificate and host-name verification (`servername`), simple and parameterised queries,
+//! a named prepared statement, a transaction with an error and rollback, LISTEN/NOTIFY between
+//! two clients, and a syntax error (42601) after which the session is still usable. The script
+//! is `tests/clients/node/pg_compat.mjs`.
+
+use std::time::Duration;
+
+use crate::harness::compat::{CompatRow, client_env, repo, require_node_pg, run_script};
+use crate::harness::fixture::{Fixture, GOOD_URI};
+
+/// Check name in the script's JSON → feature named in the compatibility table.
+const FEATURES: &[(&str, &str)] = &[
+    (
+        "verify_full_tls",
+        "TLS with CA + servername check (wrong name refused)",
+    ),
+    (
+        "simple_query",
+        "simple query (multi-statement, 3 MiB value)",
+    ),
+    (
+        "parameterised_query",
+        "parameterised queries, named prepared statement",
+    ),
+    (
+        "transaction",
+        "transaction: commit, rollback, 23505 → 25P02 → rollback",
+    ),
+    ("listen_notify", "LISTEN/NOTIFY"),
+    (
+        "error_then_usable",
+        "syntax error 42601, then session usable",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_pg_queries_transaction_notify_and_errors() {
+    let mut row = CompatRow::new("node-pg", 50, "node-postgres `pg` (pure JS)", "?");
+    row.phase("node or pg not installed");
+    require_node_pg();
+    let f = Fixture::start_with("compat-node", |cfg| {
+        cfg.grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readwrite"])
+    })
+    .await;
+    row.phase("tests/clients/node/pg_compat.mjs");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(repo().join("tests/clients/node/pg_compat.mjs"));
+    for (k, v) in client_env(f.proxy.port, &f.pki, &f.good, "readwrite", "myapp") {
+        cmd.env(k, v);
+    }
+    let run = run_script(cmd, "pg_compat.mjs", Duration::from_secs(120)).await;
+    let r = &run.result;
+    row.set_version(&format!(
+        "pg {} (pg-protocol {}), Node.js {}",
+        r["pg"].as_str().unwrap_or("?"),
+        r["pg_protocol"].as_str().unwrap_or("?"),
+        r["node"].as_str().unwrap_or("?"),
+    ));
+    eprintln!(
+        "pg_compat.mjs ({:?}): {}\n{}",
+        run.elapsed,
+        run.stdout.trim(),
+        run.stderr.trim()
+    );
+    for (_, feature) in FEATURES {
+        row.features(&[feature]);
+    }
+    let failed = run.failed_checks();
+    if !failed.is_empty() {
+        row.phase(&failed.join(", "));
+    }
+    run.assert_ok();
+    let checks = r["checks"].as_object().expect("checks object");
+    for (name, _) in FEATURES {
+        let c = checks
+            .get(*name)
+            .unwrap_or_else(|| panic!("check {name} missing: {r:#}"));
+        assert_eq!(c["ok"], true, "check {name}: {c:#}");
+    }
+    assert_eq!(checks["error_then_usable"]["sqlstate"], "42601");
+    assert!(
+        checks["verify_full_tls"]["session_user"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
+        "the session ran as a dynamic role of this mount"
+    );
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}

@@ -1,0 +1,100 @@
+//! psycopg 3 (Python, libpq-based) through leasegate with `sslmode=verify-full` and a client
+//! certificate: transactions (commit, rollback, savepoints, errors), prepared statements,
+//! a server-side (named) cursor read with fetchmany, COPY in (write_row and raw) and out,
+//! cancel from another thread with both `conn.cancel()` (plaintext CancelRequest) and
+//! `conn.cancel_safe()` (libpq ≥ 17: CancelRequest inside TLS), and `sslnegotiation=direct`
+//! when the bundled libpq is ≥ 17, and protocol 3.2 requested by libpq ≥ 18 (leasegate
+//! negotiates it down to 3.0). The script is `tests/clients/python/psycopg_compat.py`.
+
+use std::time::Duration;
+
+use crate::harness::compat::{CompatRow, client_env, repo, require_psycopg, run_script};
+use crate::harness::fixture::{Fixture, GOOD_URI};
+
+/// Check name in the script's JSON → feature named in the compatibility table.
+const FEATURES: &[(&str, &str)] = &[
+    ("verify_full_tls", "verify-full (wrong host name refused)"),
+    (
+        "transactions",
+        "transactions: commit, rollback, savepoint, error recovery",
+    ),
+    ("prepared_statements", "prepared statements, executemany"),
+    ("server_side_cursor", "server-side cursor (fetchmany)"),
+    ("copy", "COPY FROM (write_row, raw) and COPY TO"),
+    (
+        "cancel_from_thread",
+        "cancel() from another thread → QueryCanceled",
+    ),
+    ("cancel_safe", "cancel_safe() (libpq 17+ cancel inside TLS)"),
+    ("direct_tls", "sslnegotiation=direct (ALPN postgresql)"),
+    (
+        "protocol_3_2_request",
+        "max_protocol_version=3.2 → negotiated to 3.0",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_transactions_cursor_copy_cancel_and_direct_tls() {
+    let mut row = CompatRow::new("psycopg", 40, "psycopg 3 (Python, libpq)", "?");
+    row.phase("psycopg not installed");
+    require_psycopg();
+    let f = Fixture::start_with("compat-psycopg", |cfg| {
+        cfg.grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readwrite"])
+    })
+    .await;
+    row.phase("tests/clients/python/psycopg_compat.py");
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(repo().join("tests/clients/python/psycopg_compat.py"))
+        .env("PYTHONUNBUFFERED", "1");
+    for (k, v) in client_env(f.proxy.port, &f.pki, &f.good, "readwrite", "myapp") {
+        cmd.env(k, v);
+    }
+    let run = run_script(cmd, "psycopg_compat.py", Duration::from_secs(180)).await;
+    let r = &run.result;
+    let libpq = r["libpq"].as_u64().unwrap_or(0);
+    row.set_version(&format!(
+        "psycopg {} ({}), libpq {}.{}, Python {}",
+        r["psycopg"].as_str().unwrap_or("?"),
+        r["impl"].as_str().unwrap_or("?"),
+        libpq / 10000,
+        libpq % 10000,
+        r["python"].as_str().unwrap_or("?"),
+    ));
+    eprintln!(
+        "psycopg_compat.py ({:?}): {}\n{}",
+        run.elapsed,
+        run.stdout.trim(),
+        run.stderr.trim()
+    );
+    for (name, feature) in FEATURES {
+        if r["checks"][*name].get("skipped").is_none() {
+            row.features(&[feature]);
+        }
+    }
+    let failed = run.failed_checks();
+    if !failed.is_empty() {
+        row.phase(&failed.join(", "));
+    }
+    run.assert_ok();
+    let checks = r["checks"].as_object().expect("checks object");
+    for (name, _) in FEATURES {
+        let c = checks
+            .get(*name)
+            .unwrap_or_else(|| panic!("check {name} missing: {r:#}"));
+        assert_eq!(c["ok"], true, "check {name}: {c:#}");
+    }
+    for name in ["cancel_from_thread", "cancel_safe"] {
+        assert_eq!(
+            checks[name]["sqlstate"], "57014",
+            "{name}: {:#}",
+            checks[name]
+        );
+    }
+    assert!(
+        checks["verify_full_tls"]["session_user"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
+        "the session ran as a dynamic role of this mount"
+    );
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}
