@@ -1,0 +1,590 @@
+#!/usr/bin/env python3
+"""Client side of the leasegate end-to-end benchmark (driven by benches/e2e/run.sh).
+
+Subcommands (each writes one JSON document to --out):
+  setup   connect -> select 1 -> disconnect, timed per iteration with psycopg, for several
+          targets interleaved block by block; optionally diffs leasegate's setup-phase metrics
+  floor   the credential floor: GET /v1/<mount>/creds/<role> + PUT /v1/sys/leases/revoke
+          against OpenBao directly, timed per pair
+  idle    hold many idle TLS sessions through leasegate (raw asyncio client speaking the
+          startup protocol) and read leasegate's RSS at each stage
+  churn   N concurrent clients connecting / select 1 / disconnecting for a fixed time
+  metrics print leasegate's /metrics as JSON {series: value}
+
+Every network wait has a deadline: nothing here can hang forever.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import ssl
+import statistics
+import struct
+import sys
+import time
+import urllib.request
+import http.client
+from urllib.parse import urlparse
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+def pct(values, p):
+    """Percentile with linear interpolation (p in 0..100); None for an empty list."""
+    if not values:
+        return None
+    v = sorted(values)
+    if len(v) == 1:
+        return v[0]
+    k = (len(v) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def summary(values):
+    return {
+        "n": len(values),
+        "p50": pct(values, 50),
+        "p90": pct(values, 90),
+        "p99": pct(values, 99),
+        "mean": statistics.fmean(values) if values else None,
+        "min": min(values) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+def write_out(path, doc):
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    if path and path != "-":
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text if len(text) < 4000 else text[:4000] + "\n...", flush=True)
+
+
+_SERIES = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+
+
+def scrape(url, timeout=5.0):
+    """Prometheus text -> {"name{labels}": float}."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SERIES.match(line)
+        if m:
+            try:
+                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+            except ValueError:
+                pass
+    return out
+
+
+def setup_phases(before, after):
+    """Average of leasegate_session_setup_duration_seconds per phase between two scrapes (ms)."""
+    res = {}
+    for phase in ("tls", "vault", "upstream_login", "total"):
+        s = f'leasegate_session_setup_duration_seconds_sum{{phase="{phase}"}}'
+        c = f'leasegate_session_setup_duration_seconds_count{{phase="{phase}"}}'
+        ds = after.get(s, 0.0) - before.get(s, 0.0)
+        dc = after.get(c, 0.0) - before.get(c, 0.0)
+        res[phase] = {"count": dc, "sum_s": ds, "avg_ms": (ds / dc * 1000.0) if dc else None}
+    return res
+
+
+def rss_kib(pid):
+    """VmRSS, RssAnon, VmHWM (KiB) and thread count of a process."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads"):
+                out[k] = int(v.split()[0])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# setup: psycopg, sequential, interleaved targets
+
+def cmd_setup(a):
+    import psycopg
+
+    targets = []
+    for spec in a.target:
+        name, _, conninfo = spec.partition("=")
+        targets.append((name, conninfo))
+    times = {n: [] for n, _ in targets}
+    errors = {n: [] for n, _ in targets}
+
+    def once(conninfo):
+        t0 = time.perf_counter()
+        with psycopg.connect(conninfo, connect_timeout=10, autocommit=True) as conn:
+            conn.execute("select 1").fetchone()
+        return (time.perf_counter() - t0) * 1000.0
+
+    for name, ci in targets:  # warm-up, not counted
+        for _ in range(a.warmup):
+            try:
+                once(ci)
+            except Exception as e:  # noqa: BLE001
+                errors[name].append(f"warmup: {e}")
+    before = scrape(a.metrics_url) if a.metrics_url else {}
+    deadline = time.monotonic() + a.max_seconds
+    done = 0
+    rnd = 0
+    while done < a.n and time.monotonic() < deadline:
+        block = min(a.block, a.n - done)
+        order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+        for name, ci in order:
+            for _ in range(block):
+                try:
+                    times[name].append(once(ci))
+                except Exception as e:  # noqa: BLE001
+                    errors[name].append(str(e).strip()[:300])
+        done += block
+        rnd += 1
+    after = scrape(a.metrics_url) if a.metrics_url else {}
+    doc = {
+        "iterations_requested": a.n,
+        "timed_out": done < a.n,
+        "targets": {n: {"ms": summary(times[n]), "errors": len(errors[n]),
+                        "error_samples": errors[n][:5], "raw_ms": [round(x, 3) for x in times[n]]}
+                    for n, _ in targets},
+    }
+    if a.metrics_url:
+        doc["leasegate_phases"] = setup_phases(before, after)
+    write_out(a.out, doc)
+
+
+# ----------------------------------------------------------------------------------------------
+# floor: OpenBao creds + revoke, persistent HTTP connection
+
+def cmd_floor(a):
+    u = urlparse(a.vault)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    hdr = {"X-Vault-Token": a.token, "X-Vault-Request": "true"}
+
+    def call(method, path, body=None):
+        h = dict(hdr)
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            h["Content-Type"] = "application/json"
+        conn.request(method, "/v1/" + path, body=data, headers=h)
+        r = conn.getresponse()
+        payload = r.read()
+        if r.status // 100 != 2:
+            raise RuntimeError(f"{method} {path}: HTTP {r.status}: {payload[:200]!r}")
+        return json.loads(payload) if payload else None
+
+    creds, revoke, total, errors = [], [], [], []
+    for i in range(a.warmup + a.n):
+        try:
+            t0 = time.perf_counter()
+            c = call("GET", f"{a.mount}/creds/{a.role}")
+            t1 = time.perf_counter()
+            call("PUT", "sys/leases/revoke", {"lease_id": c["lease_id"]})
+            t2 = time.perf_counter()
+        except Exception as e:  # noqa: BLE001
+            errors.append(str(e)[:300])
+            continue
+        if i >= a.warmup:
+            creds.append((t1 - t0) * 1000.0)
+            revoke.append((t2 - t1) * 1000.0)
+            total.append((t2 - t0) * 1000.0)
+    write_out(a.out, {"creds_ms": summary(creds), "revoke_ms": summary(revoke),
+                      "total_ms": summary(total), "errors": len(errors),
+                      "error_samples": errors[:5]})
+
+
+# ----------------------------------------------------------------------------------------------
+# raw PostgreSQL protocol client over asyncio (SSLRequest, TLS with a client certificate,
+# StartupMessage without password: leasegate logs in upstream for us)
+
+class PgError(Exception):
+    pass
+
+
+def _fields(body):
+    out = {}
+    for part in body.split(b"\0"):
+        if part:
+            out[chr(part[0])] = part[1:].decode(errors="replace")
+    return out
+
+
+async def _read_msg(reader):
+    hdr = await reader.readexactly(5)
+    t = hdr[:1]
+    (ln,) = struct.unpack("!i", hdr[1:])
+    body = await reader.readexactly(ln - 4) if ln > 4 else b""
+    return t, body
+
+
+async def _until_ready(reader):
+    while True:
+        t, body = await _read_msg(reader)
+        if t == b"E":
+            f = _fields(body)
+            raise PgError(f"{f.get('C', '?')}: {f.get('M', '?')}")
+        if t == b"R":
+            (code,) = struct.unpack("!i", body[:4])
+            if code != 0:
+                raise PgError(f"server asked for authentication method {code}")
+        if t == b"Z":
+            return
+
+
+class Session:
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    async def query(self, sql, timeout):
+        q = sql.encode() + b"\0"
+        self.writer.write(b"Q" + struct.pack("!i", 4 + len(q)) + q)
+        await asyncio.wait_for(_until_ready(self.reader), timeout)
+
+    async def close(self, timeout=5.0):
+        try:
+            self.writer.write(b"X\0\0\0\x04")
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), timeout)
+        except Exception:  # noqa: BLE001 - the peer may already be gone
+            try:
+                self.writer.transport.abort()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+async def open_session(host, port, ctx, user, database, timeout):
+    async def go():
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!ii", 8, 80877103))
+            await writer.drain()
+            if await reader.readexactly(1) != b"S":
+                raise PgError("server refused SSL")
+            await writer.start_tls(ctx, server_hostname="localhost")
+            params = (b"user\0" + user.encode() + b"\0database\0" + database.encode()
+                      + b"\0application_name\0lgbench\0\0")
+            writer.write(struct.pack("!ii", 8 + len(params), 196608) + params)
+            await writer.drain()
+            await _until_ready(reader)
+            return Session(reader, writer)
+        except BaseException:
+            writer.transport.abort()
+            raise
+    return await asyncio.wait_for(go(), timeout)
+
+
+def client_ctx(a):
+    ctx = ssl.create_default_context(cafile=a.ca)
+    ctx.load_cert_chain(a.cert, a.key)
+    return ctx
+
+
+def add_client_args(p):
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ca", required=True)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--user", default="readonly")
+    p.add_argument("--database", default="myapp")
+    p.add_argument("--metrics-url")
+    p.add_argument("--out")
+
+
+# ----------------------------------------------------------------------------------------------
+# idle: hold sessions, read RSS
+
+async def poll(pred, seconds, step=0.25):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return True
+        except Exception:  # noqa: BLE001
+            pass
+        await asyncio.sleep(step)
+    return False
+
+
+def metric(url, name):
+    return scrape(url).get(name, 0.0)
+
+
+async def idle_main(a):
+    ctx = client_ctx(a)
+    stages = [int(x) for x in a.stages.split(",")]
+    sessions = []
+    errors = []
+    result = {"stages": [], "errors": 0, "error_samples": []}
+    sem = asyncio.Semaphore(a.concurrency)
+    t_start = time.monotonic()
+    base = rss_kib(a.pid)
+    result["rss_before_kib"] = base
+
+    async def one():
+        async with sem:
+            try:
+                s = await open_session(a.host, a.port, ctx, a.user, a.database, a.open_timeout)
+                sessions.append(s)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+
+    for target in stages:
+        if time.monotonic() - t_start > a.max_seconds:
+            result["aborted"] = "max_seconds reached"
+            break
+        t0 = time.monotonic()
+        attempts = 0
+        # Open what is missing; retry failures a bounded number of times.
+        while len(sessions) < target and attempts < 3:
+            need = target - len(sessions)
+            await asyncio.gather(*(one() for _ in range(need)))
+            attempts += 1
+        opened_s = time.monotonic() - t0
+        ok = await poll(lambda: metric(a.metrics_url, "leasegate_sessions_active") >= len(sessions), 30)
+        await asyncio.sleep(a.settle)  # let leasegate's allocator settle before sampling
+        samples = []
+        for _ in range(5):
+            samples.append(rss_kib(a.pid))
+            await asyncio.sleep(0.2)
+        m = scrape(a.metrics_url)
+        st = {
+            "target": target,
+            "held": len(sessions),
+            "open_seconds": round(opened_s, 3),
+            "open_rate_per_s": round((target - (result["stages"][-1]["held"] if result["stages"] else 0)) / opened_s, 1) if opened_s > 0 else None,
+            "sessions_active_metric": m.get("leasegate_sessions_active"),
+            "metric_caught_up": ok,
+            "rss_kib": statistics.median(s["VmRSS"] for s in samples),
+            "rss_anon_kib": statistics.median(s.get("RssAnon", 0) for s in samples),
+            "threads": samples[-1].get("Threads"),
+            "hwm_kib": samples[-1].get("VmHWM"),
+        }
+        result["stages"].append(st)
+        print(f"idle: {st}", flush=True)
+
+    # Close everything, then see what leasegate gives back.
+    t0 = time.monotonic()
+    for i in range(0, len(sessions), 200):
+        await asyncio.gather(*(s.close() for s in sessions[i:i + 200]))
+    sessions.clear()
+    drained = await poll(lambda: metric(a.metrics_url, "leasegate_sessions_active") == 0
+                         and metric(a.metrics_url, "leasegate_leases_active") == 0, a.drain_seconds, 0.5)
+    result["close_seconds"] = round(time.monotonic() - t0, 3)
+    result["drained"] = drained
+    await asyncio.sleep(a.settle)
+    result["rss_after_close_kib"] = rss_kib(a.pid)
+
+    # Reopen some sessions: if RSS hardly grows, the memory kept after closing is reused by the
+    # allocator (retained, not leaked); if it grows by the per-session cost again, it leaked.
+    if a.reopen:
+        t0 = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(a.reopen)))
+        open_s = time.monotonic() - t0
+        await poll(lambda: metric(a.metrics_url, "leasegate_sessions_active") >= len(sessions), 30)
+        await asyncio.sleep(a.settle)
+        r = rss_kib(a.pid)
+        held = len(sessions)
+        for i in range(0, len(sessions), 200):
+            await asyncio.gather(*(s.close() for s in sessions[i:i + 200]))
+        sessions.clear()
+        drained2 = await poll(lambda: metric(a.metrics_url, "leasegate_sessions_active") == 0
+                              and metric(a.metrics_url, "leasegate_leases_active") == 0, a.drain_seconds, 0.5)
+        await asyncio.sleep(a.settle)
+        r2 = rss_kib(a.pid)
+        result["reopen"] = {
+            "held": held, "open_seconds": round(open_s, 3), "rss_kib": r["VmRSS"], "rss_anon_kib": r.get("RssAnon"),
+            "growth_kib_vs_after_close": r["VmRSS"] - result["rss_after_close_kib"]["VmRSS"],
+            "rss_after_second_close_kib": r2["VmRSS"], "drained": drained2,
+        }
+        print(f"idle: reopen {result['reopen']}", flush=True)
+    result["errors"] = len(errors)
+    result["error_samples"] = errors[:10]
+    by_target = {s["target"]: s for s in result["stages"]}
+    lo, hi = stages[0], stages[-1]
+    if lo in by_target and hi in by_target and by_target[hi]["held"] > by_target[lo]["held"]:
+        d = (by_target[hi]["rss_kib"] - by_target[lo]["rss_kib"]) * 1024
+        n = by_target[hi]["held"] - by_target[lo]["held"]
+        result["bytes_per_idle_session"] = d / n
+        da = (by_target[hi]["rss_anon_kib"] - by_target[lo]["rss_anon_kib"]) * 1024
+        result["anon_bytes_per_idle_session"] = da / n
+    return result
+
+
+def cmd_idle(a):
+    write_out(a.out, asyncio.run(idle_main(a)))
+
+
+# ----------------------------------------------------------------------------------------------
+# churn: connect / select 1 / disconnect as fast as possible
+
+async def churn_main(a):
+    ctx = client_ctx(a)
+    lat, errors = [], []
+    stop = time.monotonic() + a.seconds
+
+    async def worker():
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                s = await open_session(a.host, a.port, ctx, a.user, a.database, a.open_timeout)
+                try:
+                    await s.query("select 1", a.open_timeout)
+                finally:
+                    await s.close()
+                lat.append((time.perf_counter() - t0) * 1000.0)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+                await asyncio.sleep(0.05)
+
+    t0 = time.monotonic()
+    c0 = os.times()
+    await asyncio.gather(*(worker() for _ in range(a.clients)))
+    elapsed = time.monotonic() - t0
+    c1 = os.times()
+    return {"client_cpu_s": (c1.user - c0.user) + (c1.system - c0.system), "clients": a.clients, "seconds": round(elapsed, 3), "sessions": len(lat),
+            "sessions_per_s": len(lat) / elapsed, "latency_ms": summary(lat),
+            "errors": len(errors), "error_samples": errors[:10]}
+
+
+def cmd_churn(a):
+    write_out(a.out, asyncio.run(churn_main(a)))
+
+
+def _ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3): utime=14, stime=15, cutime=16, cstime=17, ppid=4
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]), int(fields[1])
+
+
+def cmd_cpu(a):
+    """CPU ticks (user+system) of processes; for --tree also reaped children and live children."""
+    out = {"time": time.time(), "clk_tck": os.sysconf("SC_CLK_TCK")}
+    for spec in a.proc:
+        name, _, pid = spec.partition("=")
+        try:
+            out[name] = _ticks(int(pid))[0]
+        except (OSError, ValueError, IndexError):
+            out[name] = None
+        # context switches of all its threads (voluntary + involuntary)
+        cs = 0
+        try:
+            for t in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{t}/status") as f:
+                        for line in f:
+                            if "ctxt_switches" in line:  # voluntary_ and nonvoluntary_
+                                cs += int(line.split()[-1])
+                except OSError:
+                    pass
+            out[name + "_ctxsw"] = cs
+        except OSError:
+            out[name + "_ctxsw"] = None
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    out["system_busy"] = v[0] + v[1] + v[2]          # user + nice + system: charged to processes
+    out["irq"] = v[5] + v[6]                          # irq + softirq (loopback networking, mostly ours)
+    out["steal"] = v[7]
+    for spec in a.reaped:
+        name, _, pid = spec.partition("=")
+        try:
+            own, reaped, _ = _ticks(int(pid))
+            out[name] = own + reaped
+        except (OSError, ValueError, IndexError):
+            out[name] = None
+    for spec in a.tree:
+        name, _, pid = spec.partition("=")
+        try:
+            own, reaped, _ = _ticks(int(pid))
+            total = own + reaped
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    try:
+                        t, _, ppid = _ticks(int(d))
+                    except (OSError, IndexError, ValueError):
+                        continue
+                    if ppid == int(pid):
+                        total += t
+            out[name] = total
+        except (OSError, ValueError, IndexError):
+            out[name] = None
+    print(json.dumps(out))
+
+
+def cmd_metrics(a):
+    write_out(a.out, scrape(a.metrics_url))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("setup")
+    p.add_argument("--target", action="append", required=True, help="NAME=libpq conninfo")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--block", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--max-seconds", type=float, default=240)
+    p.add_argument("--metrics-url")
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_setup)
+
+    p = sub.add_parser("floor")
+    p.add_argument("--vault", required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--mount", default="database")
+    p.add_argument("--role", default="readonly")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_floor)
+
+    p = sub.add_parser("idle")
+    add_client_args(p)
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--stages", default="1,1000,5000")
+    p.add_argument("--concurrency", type=int, default=50)
+    p.add_argument("--open-timeout", type=float, default=30)
+    p.add_argument("--settle", type=float, default=2.0)
+    p.add_argument("--drain-seconds", type=float, default=180)
+    p.add_argument("--reopen", type=int, default=0, help="after closing all, open this many again and read RSS")
+    p.add_argument("--max-seconds", type=float, default=400)
+    p.set_defaults(fn=cmd_idle)
+
+    p = sub.add_parser("churn")
+    add_client_args(p)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--open-timeout", type=float, default=15)
+    p.set_defaults(fn=cmd_churn)
+
+    p = sub.add_parser("cpu")
+    p.add_argument("--proc", action="append", default=[], help="NAME=PID")
+    p.add_argument("--tree", action="append", default=[], help="NAME=PID (with its children)")
+    p.add_argument("--reaped", action="append", default=[], help="NAME=PID (own + reaped children only)")
+    p.set_defaults(fn=cmd_cpu)
+
+    p = sub.add_parser("metrics")
+    p.add_argument("--metrics-url", required=True)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_metrics)
+
+    a = ap.parse_args()
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
