@@ -35,6 +35,18 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Other leasegate instances behind the same load balancer (cancel forwarding).
     pub cluster: Option<ClusterConfig>,
+    /// Process settings.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads relaying sessions; default: one per CPU. On a small machine shared with the
+    /// database, fewer threads mean fewer cross-thread wake-ups per query.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[cluster]`
@@ -454,6 +466,9 @@ impl Config {
             ));
         }
         self.vault.auth.problems(&mut problems);
+        if self.runtime.worker_threads == Some(0) {
+            problems.push("runtime.worker_threads must be at least 1".into());
+        }
         if self.listen.max_connections == 0 {
             problems.push("listen.max_connections must be at least 1".into());
         }

@@ -201,7 +201,7 @@ impl Session<'_> {
         let login_started = Instant::now();
         self.audit.upstream_user = Some(lease.username.clone());
         self.audit.lease_id = Some(lease.id.clone());
-        tracing::info!(peer = %self.peer, identity = %hello.principal.display_name(),
+        tracing::debug!(peer = %self.peer, identity = %hello.principal.display_name(),
             database = %hello.database, role = %hello.role, username = %lease.username,
             lease_id = %guard.id(), "credential issued");
         let life = Lifetime {
