@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::harness::bao::{self, leases};
+use crate::harness::bao;
 use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
+use crate::harness::closed_port;
 use crate::harness::fixture::Fixture;
 use crate::harness::metrics::value_or_zero;
 use crate::harness::poll_until;
-use crate::harness::{closed_port, dynamic_roles};
 
 /// Text the fake Vault puts in its error body; it must never reach a client.
 const VAULT_INTERNAL: &str = "SECRET-INTERNAL-DETAIL backend 10.9.8.7 exploded";
@@ -219,24 +219,5 @@ async fn upstream_login_error_is_relayed_and_the_lease_revoked() {
         message.contains("is not permitted to log in") && message.contains(&f.mount.prefix),
         "upstream's own message expected, got {message:?}"
     );
-    let (proxy, mount) = (&f.proxy, &f.mount);
-    poll_until(
-        Duration::from_secs(10),
-        "lease of the failed login revoked",
-        || async move {
-            let roles = dynamic_roles(&mount.prefix).await;
-            let leases = leases(mount, "nologin").await;
-            let m = proxy.metrics().await;
-            let revoked =
-                value_or_zero(&m, "leasegate_lease_revocations_total", &[("result", "ok")]);
-            if roles.is_empty() && leases.is_empty() && revoked == 1.0 {
-                Ok(())
-            } else {
-                Err(format!(
-                    "roles {roles:?}, leases {leases:?}, revocations ok {revoked}"
-                ))
-            }
-        },
-    )
-    .await;
+    f.wait_failed_login_revoked("nologin").await;
 }

@@ -2,38 +2,10 @@
 //! message, and the lease issued for the attempt is revoked: a database that does not exist
 //! (3D000) and a role over its connection limit (53300).
 
-use std::time::Duration;
-
-use crate::harness::bao::{self, leases};
+use crate::harness::bao;
 use crate::harness::client::{Transport, raw_startup, tls_config};
 use crate::harness::fixture::Fixture;
 use crate::harness::metrics::value_or_zero;
-use crate::harness::{dynamic_roles, poll_until};
-
-/// Polls until the role's leases and the mount's dynamic roles are gone and one revocation
-/// succeeded.
-async fn assert_revoked(f: &Fixture, role: &str) {
-    let (proxy, mount) = (&f.proxy, &f.mount);
-    poll_until(
-        Duration::from_secs(10),
-        "lease of the failed login revoked",
-        || async move {
-            let roles = dynamic_roles(&mount.prefix).await;
-            let leases = leases(mount, role).await;
-            let m = proxy.metrics().await;
-            let revoked =
-                value_or_zero(&m, "leasegate_lease_revocations_total", &[("result", "ok")]);
-            if roles.is_empty() && leases.is_empty() && revoked >= 1.0 {
-                Ok(())
-            } else {
-                Err(format!(
-                    "roles {roles:?}, leases {leases:?}, revocations ok {revoked}"
-                ))
-            }
-        },
-    )
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_missing_upstream_is_reported_with_3d000() {
@@ -54,7 +26,7 @@ async fn database_missing_upstream_is_reported_with_3d000() {
         message.contains("no_such_database") && message.contains("does not exist"),
         "upstream's own message expected, got {message:?}"
     );
-    assert_revoked(&f, "readonly").await;
+    f.wait_failed_login_revoked("readonly").await;
     let m = f.proxy.metrics().await;
     let rejected = value_or_zero(
         &m,
@@ -99,6 +71,6 @@ async fn role_over_its_connection_limit_is_reported_with_53300() {
         message.contains("too many connections for role"),
         "upstream's own message expected, got {message:?}"
     );
-    assert_revoked(&f, "limited").await;
+    f.wait_failed_login_revoked("limited").await;
     f.assert_good_client_works().await;
 }

@@ -112,6 +112,34 @@ impl Fixture {
 
     /// The good client logs in through the raw protocol and with tokio-postgres, and the
     /// session user is a dynamic role of this mount. Cleans up after itself.
+    /// Polls until the leases of `role` and the mount's dynamic roles are gone and exactly one
+    /// revocation succeeded: the lease issued for a failed login was revoked.
+    pub async fn wait_failed_login_revoked(&self, role: &str) {
+        let (proxy, mount) = (&self.proxy, &self.mount);
+        poll_until(
+            Duration::from_secs(10),
+            "lease of the failed login revoked",
+            || async move {
+                let roles = dynamic_roles(&mount.prefix).await;
+                let leases = super::bao::leases(mount, role).await;
+                let m = proxy.metrics().await;
+                let revoked = crate::harness::metrics::value_or_zero(
+                    &m,
+                    "leasegate_lease_revocations_total",
+                    &[("result", "ok")],
+                );
+                if roles.is_empty() && leases.is_empty() && revoked == 1.0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "roles {roles:?}, leases {leases:?}, revocations ok {revoked}"
+                    ))
+                }
+            },
+        )
+        .await;
+    }
+
     pub async fn assert_good_client_works(&self) {
         let raw = raw_startup(
             self.proxy.port,
