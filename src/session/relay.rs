@@ -226,16 +226,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{duplex, split};
+    use tokio::io::{DuplexStream, duplex, split};
+    use tokio::task::JoinHandle;
 
-    #[tokio::test]
-    async fn relays_both_ways_and_sees_terminate() {
+    /// The relay task's result: its end, bytes up, bytes down.
+    type Outcome = JoinHandle<(RelayEnd, u64, u64)>;
+
+    /// A relay between two in-memory pipes: returns the client's and the database's ends,
+    /// the control sender, and the relay task.
+    fn relay_between() -> (DuplexStream, DuplexStream, mpsc::Sender<Control>, Outcome) {
         let (client_app, client_proxy) = duplex(1024);
         let (upstream_proxy, upstream_db) = duplex(1024);
-        let (mut cr, mut cw) = split(client_proxy);
-        let (mut ur, mut uw) = split(upstream_proxy);
-        let (_tx, mut control) = mpsc::channel(4);
+        let (tx, mut control) = mpsc::channel(4);
         let task = tokio::spawn(async move {
+            let (mut cr, mut cw) = split(client_proxy);
+            let (mut ur, mut uw) = split(upstream_proxy);
             let (mut up, mut down) = (Direction::default(), Direction::default());
             let end = relay(
                 &mut cr,
@@ -247,8 +252,14 @@ mod tests {
                 &mut down,
             )
             .await;
-            (end.label(), up.bytes, down.bytes)
+            (end, up.bytes, down.bytes)
         });
+        (client_app, upstream_db, tx, task)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_and_sees_terminate() {
+        let (client_app, upstream_db, _tx, task) = relay_between();
         let (mut app_r, mut app_w) = split(client_app);
         let (mut db_r, mut db_w) = split(upstream_db);
         app_w.write_all(b"Q\0\0\0\x09abcd\0").await.expect("write");
@@ -262,35 +273,12 @@ mod tests {
         drop(app_w);
         drop(app_r);
         let (end, up, down) = task.await.expect("join");
-        assert_eq!((end, up, down), ("client_terminate", 15, 6));
+        assert_eq!((end.label(), up, down), ("client_terminate", 15, 6));
     }
-}
-
-#[cfg(test)]
-mod control_tests {
-    use super::*;
-    use tokio::io::{duplex, split};
 
     #[tokio::test]
     async fn end_waits_for_a_message_boundary() {
-        let (client_app, client_proxy) = duplex(1024);
-        let (upstream_proxy, upstream_db) = duplex(1024);
-        let (mut cr, mut cw) = split(client_proxy);
-        let (mut ur, mut uw) = split(upstream_proxy);
-        let (tx, mut control) = mpsc::channel(4);
-        let task = tokio::spawn(async move {
-            let (mut up, mut down) = (Direction::default(), Direction::default());
-            relay(
-                &mut cr,
-                &mut cw,
-                &mut ur,
-                &mut uw,
-                &mut control,
-                &mut up,
-                &mut down,
-            )
-            .await
-        });
+        let (client_app, upstream_db, tx, task) = relay_between();
         let (mut app_r, _app_w) = split(client_app);
         let (_db_r, mut db_w) = split(upstream_db);
         // Half a DataRow, then leasegate decides to end the session.
@@ -308,7 +296,7 @@ mod control_tests {
         let mut rest = [0u8; 14];
         app_r.read_exact(&mut rest).await.expect("read");
         assert_eq!(&rest, b"cdefN\0\0\0\x04E\0\0\0\x04");
-        let end = task.await.expect("join");
+        let (end, _, _) = task.await.expect("join");
         assert!(matches!(end, RelayEnd::Ended { delivered: true }));
     }
 }
