@@ -118,6 +118,21 @@ fn startup_packet() -> Vec<u8> {
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 const GSS_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
 
+/// SSLRequest, the server's `S`, then the TLS handshake (with or without a client certificate).
+async fn tls_after_ssl_request(
+    pki: &Pki,
+    mut client: TcpStream,
+    with_cert: bool,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    client.write_all(&SSL_REQUEST).await.expect("write");
+    assert_eq!(client.read_u8().await.expect("answer"), b'S');
+    let name = ServerName::try_from("localhost").expect("name");
+    pki.connector(with_cert, &[])
+        .connect(name, client)
+        .await
+        .expect("tls")
+}
+
 /// Reads one backend message and returns (type, SQLSTATE, message) of an ErrorResponse.
 async fn read_error<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u8, String, String) {
     let tag = s.read_u8().await.expect("tag");
@@ -172,14 +187,7 @@ async fn gssenc_is_declined_then_ssl_proceeds_to_a_session() {
     let (mut client, server) = serve_one(&pki).await;
     client.write_all(&GSS_REQUEST).await.expect("write");
     assert_eq!(client.read_u8().await.expect("answer"), b'N');
-    client.write_all(&SSL_REQUEST).await.expect("write");
-    assert_eq!(client.read_u8().await.expect("answer"), b'S');
-    let name = ServerName::try_from("localhost").expect("name");
-    let mut tls = pki
-        .connector(true, &[])
-        .connect(name, client)
-        .await
-        .expect("tls");
+    let mut tls = tls_after_ssl_request(&pki, client, true).await;
     tls.write_all(&startup_packet()).await.expect("startup");
     tls.flush().await.expect("flush");
     match server.await.expect("join") {
@@ -195,15 +203,8 @@ async fn gssenc_is_declined_then_ssl_proceeds_to_a_session() {
 #[tokio::test]
 async fn tls_without_client_certificate_gets_28000() {
     let pki = pki();
-    let (mut client, server) = serve_one(&pki).await;
-    client.write_all(&SSL_REQUEST).await.expect("write");
-    assert_eq!(client.read_u8().await.expect("answer"), b'S');
-    let name = ServerName::try_from("localhost").expect("name");
-    let mut tls = pki
-        .connector(false, &[])
-        .connect(name, client)
-        .await
-        .expect("tls");
+    let (client, server) = serve_one(&pki).await;
+    let mut tls = tls_after_ssl_request(&pki, client, false).await;
     tls.write_all(&startup_packet()).await.expect("startup");
     let (_, code, msg) = read_error(&mut tls).await;
     assert_eq!(code, "28000");
@@ -265,15 +266,8 @@ async fn direct_tls_with_another_alpn_fails_the_handshake() {
 #[tokio::test]
 async fn ssl_request_inside_tls_is_refused() {
     let pki = pki();
-    let (mut client, server) = serve_one(&pki).await;
-    client.write_all(&SSL_REQUEST).await.expect("write");
-    assert_eq!(client.read_u8().await.expect("answer"), b'S');
-    let name = ServerName::try_from("localhost").expect("name");
-    let mut tls = pki
-        .connector(true, &[])
-        .connect(name, client)
-        .await
-        .expect("tls");
+    let (client, server) = serve_one(&pki).await;
+    let mut tls = tls_after_ssl_request(&pki, client, true).await;
     tls.write_all(&SSL_REQUEST).await.expect("write");
     let (_, code, _) = read_error(&mut tls).await;
     assert_eq!(code, "08P01");
