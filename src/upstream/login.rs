@@ -1,9 +1,10 @@
 //! Logging in upstream with the issued credential: StartupMessage with the client's harmless
 //! parameters, then SCRAM-SHA-256 (with `tls-server-end-point` channel binding over TLS, and
 //! the server's final signature verified before AuthenticationOk is believed), MD5 only where
-//! the database entry allows it, cleartext only over verified TLS. Collects what the client must
-//! see afterwards: ParameterStatus and NoticeResponse messages, the upstream cancel key, and
-//! the transaction status of the first ReadyForQuery.
+//! the database entry allows it, cleartext only over TLS that verified the host name
+//! (`verify-full`). Collects what the client must see afterwards: ParameterStatus and
+//! NoticeResponse messages, the upstream cancel key, and the transaction status of the first
+//! ReadyForQuery.
 
 use std::collections::BTreeMap;
 
@@ -163,13 +164,15 @@ async fn authenticate(
             Message::AuthenticationMd5Password(_) => {
                 return Err(UpstreamError::AuthMethod("MD5".into()));
             }
-            Message::AuthenticationCleartextPassword
-                if matches!(db.tls, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull) =>
-            {
+            // Only a server whose certificate names the configured host may see the password:
+            // `verify-ca` accepts any certificate of the CA, so any of its servers could ask.
+            Message::AuthenticationCleartextPassword if db.tls == UpstreamTls::VerifyFull => {
                 frontend::password_message(password.expose_secret().as_bytes(), &mut out)?;
             }
             Message::AuthenticationCleartextPassword => {
-                return Err(UpstreamError::AuthMethod("cleartext password".into()));
+                return Err(UpstreamError::AuthMethod(
+                    "cleartext password (allowed only with tls = \"verify-full\")".into(),
+                ));
             }
             Message::ErrorResponse(body) => return Err(rejected(raw, &body)),
             Message::AuthenticationGss

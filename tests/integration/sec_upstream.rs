@@ -7,11 +7,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::harness::client::Raw;
 use crate::harness::fixture::Fixture;
+use crate::harness::pki::Pki;
 use crate::harness::poll_until;
 use crate::harness::proxy::{ProcessOptions, set};
 use crate::harness::security::{
@@ -55,8 +56,13 @@ fn auth(code: u32, data: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Starts the fake upstream; every connection's traffic is recorded.
-async fn fake_upstream(script: Script) -> (u16, Arc<Mutex<Vec<Seen>>>) {
+/// Starts the fake upstream; every connection's traffic is recorded. With `tls`, the fake
+/// answers an SSLRequest with `S` and speaks TLS with the test PKI's server certificate
+/// (`localhost`, 127.0.0.1), as a PostgreSQL server with `ssl = on` does.
+async fn fake_upstream(
+    script: Script,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (u16, Arc<Mutex<Vec<Seen>>>) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind fake upstream");
@@ -66,75 +72,118 @@ async fn fake_upstream(script: Script) -> (u16, Arc<Mutex<Vec<Seen>>>) {
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             let record = record.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let Ok(len) = sock.read_u32().await else {
-                    return;
+                let Some(acceptor) = tls else {
+                    return serve_fake(sock, script, record).await;
                 };
-                let mut body = vec![0u8; (len as usize).saturating_sub(4)];
-                if sock.read_exact(&mut body).await.is_err() {
+                let mut request = [0u8; 8];
+                if sock.read_exact(&mut request).await.is_err()
+                    || request != [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]
+                    || sock.write_all(b"S").await.is_err()
+                {
                     return;
                 }
-                let fields: Vec<String> = body[4..]
-                    .split(|b| *b == 0)
-                    .map(|f| String::from_utf8_lossy(f).into_owned())
-                    .collect();
-                let mut this = Seen {
-                    startup: fields
-                        .chunks(2)
-                        .filter(|kv| kv.len() == 2 && !kv[0].is_empty())
-                        .map(|kv| (kv[0].clone(), kv[1].clone()))
-                        .collect(),
-                    messages: Vec::new(),
-                };
-                match script {
-                    Script::Cleartext => {
-                        let _ = sock.write_all(&auth(3, &[])).await;
-                    }
-                    Script::Md5 => {
-                        // Take the answer (if any), then hang up.
-                        let _ = sock.write_all(&auth(5, b"salt")).await;
-                        if let Some(m) = read_message(&mut sock).await {
-                            this.messages.push(m);
-                        }
-                        drop(sock);
-                        record.lock().unwrap_or_else(|p| p.into_inner()).push(this);
-                        return;
-                    }
-                    Script::ScramWithoutServerProof => {
-                        let mut offer = b"SCRAM-SHA-256\0\0".to_vec();
-                        let _ = sock.write_all(&auth(10, &offer)).await;
-                        offer.clear();
-                        let Some(first) = read_message(&mut sock).await else {
-                            return;
-                        };
-                        // SASLInitialResponse: mechanism\0, length, "n,,n=,r=<nonce>".
-                        let text = String::from_utf8_lossy(&first.1).into_owned();
-                        let nonce = text.split("r=").nth(1).unwrap_or("").to_string();
-                        this.messages.push(first);
-                        let server_first =
-                            format!("r={nonce}fakeserver,s=c2FsdHNhbHRzYWx0c2FsdA==,i=4096");
-                        let _ = sock.write_all(&auth(11, server_first.as_bytes())).await;
-                        let Some(proof) = read_message(&mut sock).await else {
-                            return;
-                        };
-                        this.messages.push(proof);
-                        // "Welcome" without AuthenticationSASLFinal, then ReadyForQuery.
-                        let mut ok = auth(0, &[]);
-                        ok.extend_from_slice(b"Z\0\0\0\x05I");
-                        let _ = sock.write_all(&ok).await;
-                    }
+                if let Ok(stream) = acceptor.accept(sock).await {
+                    serve_fake(stream, script, record).await;
                 }
-                let read_rest = async {
-                    while let Some(m) = read_message(&mut sock).await {
-                        this.messages.push(m);
-                    }
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(10), read_rest).await;
-                record.lock().unwrap_or_else(|p| p.into_inner()).push(this);
             });
         }
     });
     (port, seen)
+}
+
+/// One connection of the fake upstream: the StartupMessage, then `script`.
+async fn serve_fake<S>(mut sock: S, script: Script, record: Arc<Mutex<Vec<Seen>>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Ok(len) = sock.read_u32().await else {
+        return;
+    };
+    let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+    if sock.read_exact(&mut body).await.is_err() {
+        return;
+    }
+    let fields: Vec<String> = body[4..]
+        .split(|b| *b == 0)
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+        .collect();
+    let mut this = Seen {
+        startup: fields
+            .chunks(2)
+            .filter(|kv| kv.len() == 2 && !kv[0].is_empty())
+            .map(|kv| (kv[0].clone(), kv[1].clone()))
+            .collect(),
+        messages: Vec::new(),
+    };
+    match script {
+        Script::Cleartext => {
+            let _ = sock.write_all(&auth(3, &[])).await;
+        }
+        Script::Md5 => {
+            // Take the answer (if any), then hang up.
+            let _ = sock.write_all(&auth(5, b"salt")).await;
+            if let Some(m) = read_message(&mut sock).await {
+                this.messages.push(m);
+            }
+            drop(sock);
+            record.lock().unwrap_or_else(|p| p.into_inner()).push(this);
+            return;
+        }
+        Script::ScramWithoutServerProof => {
+            let mut offer = b"SCRAM-SHA-256\0\0".to_vec();
+            let _ = sock.write_all(&auth(10, &offer)).await;
+            offer.clear();
+            let Some(first) = read_message(&mut sock).await else {
+                return;
+            };
+            // SASLInitialResponse: mechanism\0, length, "n,,n=,r=<nonce>".
+            let text = String::from_utf8_lossy(&first.1).into_owned();
+            let nonce = text.split("r=").nth(1).unwrap_or("").to_string();
+            this.messages.push(first);
+            let server_first = format!("r={nonce}fakeserver,s=c2FsdHNhbHRzYWx0c2FsdA==,i=4096");
+            let _ = sock.write_all(&auth(11, server_first.as_bytes())).await;
+            let Some(proof) = read_message(&mut sock).await else {
+                return;
+            };
+            this.messages.push(proof);
+            // "Welcome" without AuthenticationSASLFinal, then ReadyForQuery.
+            let mut ok = auth(0, &[]);
+            ok.extend_from_slice(b"Z\0\0\0\x05I");
+            let _ = sock.write_all(&ok).await;
+        }
+    }
+    let read_rest = async {
+        while let Some(m) = read_message(&mut sock).await {
+            this.messages.push(m);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read_rest).await;
+    record.lock().unwrap_or_else(|p| p.into_inner()).push(this);
+}
+
+/// A TLS acceptor with the test PKI's server certificate and key.
+fn fake_tls(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+    let certs = rustls_pemfile::certs(
+        &mut std::fs::read(pki.server_cert())
+            .expect("read cert")
+            .as_slice(),
+    )
+    .collect::<Result<Vec<_>, _>>()
+    .expect("server cert PEM");
+    let key = rustls_pemfile::private_key(
+        &mut std::fs::read(pki.server_key())
+            .expect("read key")
+            .as_slice(),
+    )
+    .expect("server key PEM")
+    .expect("a server key");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 /// leasegate with `myapp` pointing at the fake upstream.
@@ -143,7 +192,7 @@ async fn against_fake(
     script: Script,
     allow_md5: bool,
 ) -> (Fixture, Arc<Mutex<Vec<Seen>>>) {
-    let (port, seen) = fake_upstream(script).await;
+    let (port, seen) = fake_upstream(script, None).await;
     let f = fixture_edited(
         name,
         |mut cfg| {
@@ -294,6 +343,59 @@ async fn scram_server_that_skips_its_proof_is_not_believed() {
     assert!(
         String::from_utf8_lossy(&conn.messages[0].1).contains("SCRAM-SHA-256"),
         "{:?}",
+        conn.messages
+    );
+    lease_revoked(&f).await;
+}
+
+/// leasegate with `myapp` pointing at a TLS fake upstream, verified with `mode`.
+async fn against_tls_fake(name: &str, mode: &'static str) -> (Fixture, Arc<Mutex<Vec<Seen>>>) {
+    let pki = Pki::new();
+    let (port, seen) = fake_upstream(Script::Cleartext, Some(fake_tls(&pki))).await;
+    let mount = crate::harness::fresh_mount(name).await;
+    let ca = pki.ca_pem().display().to_string();
+    let f = Fixture::with_mount(
+        mount,
+        pki,
+        |mut cfg| {
+            cfg.databases[0].port = port;
+            cfg
+        },
+        |config| {
+            set(config, "databases.0.tls", mode);
+            set(config, "databases.0.ca_cert", ca);
+        },
+    )
+    .await;
+    (f, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_password_is_refused_over_verify_ca() {
+    // verify-ca accepts any certificate of the CA, whatever name it carries: a server that is
+    // not the configured host could be asking, so the password is not sent.
+    let (f, seen) = against_tls_fake("sec-up-clear-ca", "verify-ca").await;
+    let answer = login(&f).await;
+    assert_fatal(&answer, "08004", &["cleartext", "verify-full"]);
+    let conn = the_connection(&f, &seen).await;
+    assert!(
+        conn.messages.iter().all(|(tag, _)| *tag != b'p'),
+        "no PasswordMessage may reach the upstream: {:?}",
+        conn.messages
+    );
+    lease_revoked(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_password_is_sent_only_over_verify_full() {
+    let (f, seen) = against_tls_fake("sec-up-clear-full", "verify-full").await;
+    let answer = login(&f).await;
+    // The fake never completes the login after the password: the client gets an error.
+    assert!(matches!(answer, Raw::Error { .. }), "{answer:?}");
+    let conn = the_connection(&f, &seen).await;
+    assert!(
+        conn.messages.iter().any(|(tag, _)| *tag == b'p'),
+        "verify-full: the server named by the host gets the PasswordMessage: {:?}",
         conn.messages
     );
     lease_revoked(&f).await;
