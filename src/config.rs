@@ -544,6 +544,14 @@ impl Config {
                     db.name
                 ));
             }
+            if db.tls == UpstreamTls::VerifyFull
+                && rustls::pki_types::ServerName::try_from(db.host.as_str()).is_err()
+            {
+                problems.push(format!(
+                    "database {:?}: tls = verify-full needs a host name or IP address to check the certificate against, and {:?} is neither",
+                    db.name, db.host
+                ));
+            }
             if matches!(db.tls, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull)
                 && db.ca_cert.is_none()
             {
@@ -653,6 +661,25 @@ roles = ["readonly", "readwrite"]
         assert_eq!(cfg.databases[0].tls, UpstreamTls::Disable);
         let shown = format!("{:?}", cfg.vault);
         assert!(!shown.contains("supersecret"), "{shown}");
+    }
+
+    #[test]
+    fn verify_full_needs_a_checkable_host() {
+        let text = BASE.replace(
+            "host = \"127.0.0.1\"\nmount",
+            "host = \"not a host!\"\ntls = \"verify-full\"\nca_cert = \"/nonexistent/ca.pem\"\nmount",
+        );
+        let cfg = Config::parse(&text).expect("parses");
+        let all = cfg.problems().join("\n");
+        assert!(
+            all.contains("verify-full needs a host name or IP address"),
+            "{all}"
+        );
+        for good in ["db.internal", "10.0.0.5", "::1"] {
+            let text = text.replace("not a host!", good);
+            let all = Config::parse(&text).expect("parses").problems().join("\n");
+            assert!(!all.contains("verify-full needs a host"), "{good}: {all}");
+        }
     }
 
     #[test]

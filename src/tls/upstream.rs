@@ -11,6 +11,7 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use tokio_rustls::TlsConnector;
 use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::signature_algorithm::SignatureAlgorithm;
 
 use super::{TlsError, load_roots, provider};
 use crate::config::{DatabaseConfig, UpstreamTls};
@@ -43,24 +44,48 @@ pub fn connector(db: &DatabaseConfig) -> Result<Option<TlsConnector>, TlsError> 
     Ok(Some(TlsConnector::from(Arc::new(config))))
 }
 
-/// The server name to present (SNI) and, for `verify-full`, to check.
+/// The server name to present (SNI) and, for `verify-full`, to check. Loading refuses
+/// `verify-full` with a host that is not a valid name or address, so the `localhost` stand-in
+/// only ever serves as the SNI of `require` and `verify-ca`, which do not check the name.
 pub fn server_name(host: &str) -> ServerName<'static> {
     ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| ServerName::try_from("localhost").expect("static name is valid"))
 }
 
 /// `tls-server-end-point` channel-binding data (RFC 5929): the server certificate hashed with
-/// its signature's hash, SHA-256 for MD5/SHA-1 and unknown algorithms.
+/// its signature's hash (for RSASSA-PSS, the hash named in its parameters), SHA-256 for
+/// MD5/SHA-1 and unknown algorithms, as PostgreSQL computes it.
 pub fn server_end_point(cert: &CertificateDer<'_>) -> Vec<u8> {
-    let algorithm = X509Certificate::from_der(cert.as_ref())
-        .map(|(_, c)| c.signature_algorithm.algorithm.to_id_string())
-        .unwrap_or_default();
-    match algorithm.as_str() {
-        // sha384WithRSAEncryption, ecdsa-with-SHA384
-        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Sha384::digest(cert).to_vec(),
-        // sha512WithRSAEncryption, ecdsa-with-SHA512
-        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Sha512::digest(cert).to_vec(),
-        _ => Sha256::digest(cert).to_vec(),
+    match signature_hash(cert.as_ref()) {
+        Hash::Sha384 => Sha384::digest(cert).to_vec(),
+        Hash::Sha512 => Sha512::digest(cert).to_vec(),
+        Hash::Sha256 => Sha256::digest(cert).to_vec(),
+    }
+}
+
+/// The hash a certificate's signature uses, for channel binding.
+#[derive(Debug, PartialEq, Eq)]
+enum Hash {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+fn signature_hash(der: &[u8]) -> Hash {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Hash::Sha256;
+    };
+    let algorithm = &cert.signature_algorithm;
+    let oid = match SignatureAlgorithm::try_from(algorithm) {
+        Ok(SignatureAlgorithm::RSASSA_PSS(params)) => params.hash_algorithm_oid().to_id_string(),
+        _ => algorithm.algorithm.to_id_string(),
+    };
+    match oid.as_str() {
+        // sha384WithRSAEncryption, ecdsa-with-SHA384, id-sha384 (RSASSA-PSS)
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" | "2.16.840.1.101.3.4.2.2" => Hash::Sha384,
+        // sha512WithRSAEncryption, ecdsa-with-SHA512, id-sha512 (RSASSA-PSS)
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" | "2.16.840.1.101.3.4.2.3" => Hash::Sha512,
+        _ => Hash::Sha256,
     }
 }
 
@@ -153,5 +178,51 @@ impl ServerCertVerifier for NoVerify {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RSASSA-PSS certificates made with `openssl req -x509 -sigopt rsa_padding_mode:pss
+    /// -<hash>`: the binding hash is the one in the PSS parameters.
+    #[test]
+    fn rsa_pss_uses_the_hash_in_its_parameters() {
+        let cases: [(&[u8], Hash, usize); 3] = [
+            (
+                include_bytes!("testdata/rsa-pss-sha256.der"),
+                Hash::Sha256,
+                32,
+            ),
+            (
+                include_bytes!("testdata/rsa-pss-sha384.der"),
+                Hash::Sha384,
+                48,
+            ),
+            (
+                include_bytes!("testdata/rsa-pss-sha512.der"),
+                Hash::Sha512,
+                64,
+            ),
+        ];
+        for (der, hash, len) in cases {
+            assert_eq!(signature_hash(der), hash);
+            assert_eq!(
+                server_end_point(&CertificateDer::from(der.to_vec())).len(),
+                len
+            );
+        }
+    }
+
+    #[test]
+    fn ecdsa_and_garbage() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["db".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        assert_eq!(signature_hash(cert.der()), Hash::Sha384);
+        assert_eq!(signature_hash(&[1, 2, 3]), Hash::Sha256);
     }
 }
