@@ -92,13 +92,23 @@ impl IdentityPattern {
 
     /// True when the pattern matches one of the principal's identities.
     pub fn matches(&self, principal: &Principal) -> bool {
-        principal.identities().any(|(kind, value)| {
-            kind == self.kind
-                && if kind == IdentityKind::Dns {
-                    self.matches_value(value.to_ascii_lowercase().as_bytes())
-                } else {
-                    self.matches_value(value.as_bytes())
-                }
+        self.matched(principal).is_some()
+    }
+
+    /// The first of the principal's identities the pattern matches, normalized as it was
+    /// compared (`kind:value`, DNS names in lower case).
+    pub fn matched(&self, principal: &Principal) -> Option<String> {
+        principal.identities().find_map(|(kind, value)| {
+            if kind != self.kind {
+                return None;
+            }
+            let value = if kind == IdentityKind::Dns {
+                std::borrow::Cow::Owned(value.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(value)
+            };
+            self.matches_value(value.as_bytes())
+                .then(|| format!("{}:{value}", kind.prefix()))
         })
     }
 }
@@ -176,20 +186,23 @@ impl Policy {
     }
 
     /// Decides whether `principal` may use `role` on `database`. `database_roles` are the roles
-    /// the database entry lists (`None` when the database is not configured at all).
+    /// the database entry lists (`None` when the database is not configured at all). Allowed:
+    /// the identity the allowing grant matched, normalized (`kind:value`, DNS names in lower
+    /// case): the name the per-identity limits count under, whatever else the certificate
+    /// carries.
     pub fn decide(
         &self,
         principal: &Principal,
         database: &str,
         role: &str,
         database_roles: Option<&[String]>,
-    ) -> Result<(), Denial> {
+    ) -> Result<String, Denial> {
         let mut identity_matched = false;
         let mut database_matched = false;
         for (pattern, grant) in &self.grants {
-            if !pattern.matches(principal) {
+            let Some(identity) = pattern.matched(principal) else {
                 continue;
-            }
+            };
             identity_matched = true;
             let Some(db_roles) = database_roles else {
                 continue;
@@ -200,7 +213,7 @@ impl Policy {
             database_matched = true;
             let role_listed = db_roles.iter().any(|r| r == role);
             if role_listed && grant.roles.iter().any(|r| r == "*" || r == role) {
-                return Ok(());
+                return Ok(identity);
             }
         }
         Err(if !identity_matched {
@@ -294,7 +307,7 @@ mod tests {
         let billing = principal(&["spiffe://x/app/billing"], &[], Some("billing"));
         assert_eq!(
             policy.decide(&billing, "myapp", "readonly", Some(&roles)),
-            Ok(())
+            Ok("uri:spiffe://x/app/billing".to_string())
         );
         assert_eq!(
             policy.decide(&billing, "myapp", "readwrite", Some(&roles)),
@@ -313,10 +326,11 @@ mod tests {
             policy.decide(&stranger, "myapp", "readonly", Some(&roles)),
             Err(Denial::NoGrant)
         );
-        let ops = principal(&[], &["Admin.OPS.example.org"], None);
+        let ops = principal(&["spiffe://x/random/1"], &["Admin.OPS.example.org"], None);
         assert_eq!(
             policy.decide(&ops, "myapp", "readwrite", Some(&roles)),
-            Ok(())
+            Ok("dns:admin.ops.example.org".to_string()),
+            "the identity the grant matched, normalized, not the certificate's first"
         );
         assert_eq!(
             policy.decide(&ops, "myapp", "superuser", Some(&roles)),

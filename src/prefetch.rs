@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, DatabaseConfig};
 use crate::metrics::Metrics;
 use crate::vault::{Lease, LeaseGuard, Revoker, VaultClient};
 
@@ -24,9 +24,31 @@ struct Ready {
     next_renew: Instant,
 }
 
+/// Where a pool's credentials come from and are good for: a lease from another mount, or for
+/// another server or database, must never reach a session after a reload changed them.
+#[derive(Clone, PartialEq, Eq)]
+struct Origin {
+    mount: String,
+    host: String,
+    port: u16,
+    upstream_database: String,
+}
+
+impl Origin {
+    fn of(db: &DatabaseConfig) -> Origin {
+        Origin {
+            mount: db.mount.clone(),
+            host: db.host.clone(),
+            port: db.port,
+            upstream_database: db.upstream_database().to_owned(),
+        }
+    }
+}
+
 /// The pool of one (database, role).
 struct Pool {
-    mount: String,
+    /// The configuration its waiting leases were issued for.
+    origin: Origin,
     target: usize,
     max_idle: Duration,
     ready: VecDeque<Ready>,
@@ -87,16 +109,21 @@ impl Prefetcher {
         }
         for db in &config.databases {
             for (role, &target) in &db.prefetch {
+                let origin = Origin::of(db);
                 let pool = pools
                     .entry((db.name.clone(), role.clone()))
                     .or_insert_with(|| Pool {
-                        mount: db.mount.clone(),
+                        origin: origin.clone(),
                         target: 0,
                         max_idle: db.prefetch_max_idle,
                         ready: VecDeque::new(),
                     });
+                if pool.origin != origin {
+                    // Issued for another mount, server or database: revoked as they drop.
+                    pool.ready.clear();
+                    pool.origin = origin;
+                }
                 pool.target = target;
-                pool.mount = db.mount.clone();
                 pool.max_idle = db.prefetch_max_idle;
             }
         }
@@ -104,10 +131,14 @@ impl Prefetcher {
         self.wake.notify_one();
     }
 
-    /// Takes a ready credential for (database, role), if one is waiting.
-    pub fn take(&self, database: &str, role: &str) -> Option<Prefetched> {
+    /// Takes a ready credential for (database, role), if one is waiting that was issued for
+    /// this very entry (mount, host, port and upstream database as the session sees them).
+    pub fn take(&self, db: &DatabaseConfig, role: &str) -> Option<Prefetched> {
+        let database = db.name.as_str();
         let mut pools = self.lock();
-        let pool = pools.get_mut(&(database.to_owned(), role.to_owned()))?;
+        let pool = pools
+            .get_mut(&(database.to_owned(), role.to_owned()))
+            .filter(|p| p.origin == Origin::of(db))?;
         let now = Instant::now();
         let taken = loop {
             let ready = pool.ready.pop_front()?;
@@ -237,14 +268,14 @@ impl Prefetcher {
     /// Issues credentials until the pool holds its target; `Err(retry_at)` after a failure.
     async fn refill(&self, key: &Key) -> Result<(), Instant> {
         loop {
-            let mount = {
+            let origin = {
                 let pools = self.lock();
                 match pools.get(key) {
-                    Some(p) if p.ready.len() < p.target => p.mount.clone(),
+                    Some(p) if p.ready.len() < p.target => p.origin.clone(),
                     _ => return Ok(()),
                 }
             };
-            let lease = match self.vault.creds(&mount, &key.1).await {
+            let lease = match self.vault.creds(&origin.mount, &key.1).await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(database = %key.0, role = %key.1, error = %e, "prefetch failed");
@@ -261,7 +292,9 @@ impl Prefetcher {
                 lease,
             };
             let mut pools = self.lock();
-            if let Some(pool) = pools.get_mut(key) {
+            // A reload may have changed the entry while Vault answered: then this lease is
+            // not for the pool any more and its guard revokes it here.
+            if let Some(pool) = pools.get_mut(key).filter(|p| p.origin == origin) {
                 pool.ready.push_back(ready);
                 self.set_gauge(&key.0, &key.1, pool.ready.len());
             }

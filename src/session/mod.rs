@@ -134,8 +134,9 @@ impl Session<'_> {
         Err(err)
     }
 
-    /// The grant check: the database entry the client may use, or the denial.
-    fn authorize(&self, hello: &ClientHello) -> Result<Arc<DatabaseEntry>, SessionError> {
+    /// The grant check: the database entry the client may use and the identity the grant
+    /// matched, or the denial.
+    fn authorize(&self, hello: &ClientHello) -> Result<(Arc<DatabaseEntry>, String), SessionError> {
         let database = self.live.databases.get(&hello.database).cloned();
         let db_roles = database.as_ref().map(|d| d.config.roles.as_slice());
         let decision =
@@ -143,7 +144,7 @@ impl Session<'_> {
                 .policy
                 .decide(&hello.principal, &hello.database, &hello.role, db_roles);
         match (decision, database) {
-            (Ok(()), Some(database)) => Ok(database),
+            (Ok(identity), Some(database)) => Ok((database, identity)),
             (decision, _) => {
                 // The policy never allows a database that is not configured.
                 let denial = decision.err().unwrap_or(Denial::DatabaseNotGranted);
@@ -160,7 +161,7 @@ impl Session<'_> {
         database: &DatabaseEntry,
         role: &str,
     ) -> Result<(Lease, LeaseGuard, Duration), SessionError> {
-        if let Some(p) = self.state.prefetch.take(&database.config.name, role) {
+        if let Some(p) = self.state.prefetch.take(&database.config, role) {
             return Ok((p.lease, p.guard, p.remaining));
         }
         let creds = tokio::select! {
@@ -177,11 +178,12 @@ impl Session<'_> {
     }
 
     async fn serve(mut self, mut hello: ClientHello) -> Result<(), SessionError> {
-        let database = match self.authorize(&hello) {
+        let (database, identity) = match self.authorize(&hello) {
             Ok(d) => d,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
-        let identity = hello.principal.display_name();
+        // Counted under the identity the grant matched: a certificate cannot dodge its limit
+        // by putting another name first.
         let _permit = match self.state.limiter.acquire(&identity) {
             Ok(p) => p,
             Err(hit) => {
