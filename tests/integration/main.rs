@@ -25,6 +25,7 @@ mod resilience;
 mod sec_certs;
 mod sec_input;
 mod sec_limits;
+mod sec_resume;
 mod sec_secrets;
 mod sec_upstream;
 mod selftest;

@@ -123,6 +123,23 @@ impl Pki {
         self.issue(name, id, &self.0.ca, false)
     }
 
+    /// Signed by the trusted CA, valid from a minute ago until `valid` from now (certificates
+    /// count whole seconds); also returns the end of its validity.
+    pub fn short_lived_client(
+        &self,
+        name: &str,
+        id: Identity,
+        valid: std::time::Duration,
+    ) -> (ClientCert, std::time::SystemTime) {
+        let now = std::time::SystemTime::now();
+        let not_after = now + valid;
+        let cert = self.client_with(name, id, |params| {
+            params.not_before = (now - std::time::Duration::from_secs(60)).into();
+            params.not_after = not_after.into();
+        });
+        (cert, not_after)
+    }
+
     /// Signed by the trusted CA but expired since 2021.
     pub fn expired_client(&self, name: &str, id: Identity) -> ClientCert {
         self.issue(name, id, &self.0.ca, true)
