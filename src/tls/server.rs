@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateRevocationListDer;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
 
@@ -24,16 +25,7 @@ pub fn acceptor(listen: &ListenConfig) -> Result<TlsAcceptor, TlsError> {
     check_key_permissions(&listen.key)?;
     let certs = load_certs(&listen.cert)?;
     let key = load_key(&listen.key)?;
-    let roots = load_roots(&listen.client_ca)?;
-    let mut crls = Vec::new();
-    for path in &listen.crl {
-        crls.extend(load_crls(path)?);
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .with_crls(crls)
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Invalid(format!("client_ca: {e}")))?;
+    let verifier = client_verifier(listen, true)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(super::VERSIONS)?
         .with_client_cert_verifier(verifier)
@@ -68,6 +60,30 @@ impl rustls::server::ProducesTickets for NeverProducesTickets {
     fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
         None
     }
+}
+
+/// The client-certificate verifier of `[listen]`: chain to `client_ca`, the CRLs, the
+/// clientAuth usage. `allow_anonymous` lets a client without a certificate finish the
+/// handshake (to be told in PostgreSQL's format that it needs one).
+pub fn client_verifier(
+    listen: &ListenConfig,
+    allow_anonymous: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let roots = load_roots(&listen.client_ca)?;
+    let mut crls = Vec::new();
+    for path in &listen.crl {
+        crls.extend(load_crls(path)?);
+    }
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).with_crls(crls);
+    let builder = if allow_anonymous {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder
+        .build()
+        .map_err(|e| TlsError::Invalid(format!("client_ca: {e}")))
 }
 
 fn load_crls(
