@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
+use crate::cancel::gate::CancelGate;
 use crate::cluster::Cluster;
 use crate::config::{Config, DatabaseConfig};
 use crate::limits::Limiter;
@@ -52,7 +53,8 @@ pub struct Live {
 }
 
 impl Live {
-    /// Builds everything reloadable from a validated config.
+    /// Builds everything reloadable from a validated config (inside a Tokio runtime: a
+    /// `[cluster]` starts resolving its peers, until this `Live` is dropped).
     pub fn build(config: &Config) -> Result<Live, TlsError> {
         let mut databases = HashMap::new();
         for db in &config.databases {
@@ -71,7 +73,7 @@ impl Live {
             cluster: config
                 .cluster
                 .as_ref()
-                .map(|c| Cluster::new(c, &config.listen.client_ca))
+                .map(|c| Cluster::new(c, &config.listen))
                 .transpose()?,
         })
     }
@@ -95,6 +97,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancel keys of live sessions.
     pub cancels: Arc<CancelMap>,
+    /// Rate limits and the in-flight cap for cancel requests (not reloaded, like `limiter`).
+    pub cancel_gate: CancelGate,
     /// False while starting and while draining.
     ready: AtomicBool,
 }
@@ -146,6 +150,7 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         vault,
         metrics,
         cancels: Arc::new(CancelMap::default()),
+        cancel_gate: CancelGate::new(&config.limits),
         ready: AtomicBool::new(false),
     }))
 }

@@ -1,7 +1,11 @@
 //! Query cancellation. Each session gets a random key of leasegate's own, mapped to the
 //! upstream's key; a CancelRequest with a known key is forwarded to the upstream over a fresh
-//! connection (TLS per the database entry). Unknown keys are dropped silently. Secrets are
-//! compared in constant time, and a session's key is removed when the session ends.
+//! connection (TLS per the database entry). Unknown keys are dropped silently, or, with
+//! `[cluster]`, forwarded once to the peers as a PeerCancelRequest ([`route`]). Secrets are
+//! compared in constant time, and a session's key is removed when the session ends. What a
+//! cancel may cost is bounded by [`gate`].
+
+pub mod gate;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -102,6 +106,49 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Who sent a cancel request, as its packet says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelKind {
+    /// A CancelRequest: a client's (libpq, drivers), plaintext or inside TLS.
+    Client,
+    /// A PeerCancelRequest: a client's cancel that a leasegate peer forwarded.
+    Peer,
+}
+
+/// What to do with a cancel request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<T> {
+    /// The key is one of this instance's sessions: cancel upstream.
+    Upstream(T),
+    /// A client's cancel with a key unknown here: forward it to the peers, once.
+    Peers,
+    /// Nothing to do; the `leasegate_cancel_requests_total{result}` label says why.
+    Drop(&'static str),
+}
+
+/// Decides where a cancel goes. `from_peer`: the sender's certificate matches
+/// `cluster.peer_identity`; `clustered`: `[cluster]` is configured; `lookup` finds the key
+/// among this instance's sessions.
+///
+/// Loop-free by construction: only a client's CancelRequest can be routed to the peers, and
+/// the peers receive it as a PeerCancelRequest, which is only ever looked up locally. A
+/// PeerCancelRequest from anyone but a peer is dropped without a lookup.
+pub fn route<T>(
+    kind: CancelKind,
+    from_peer: bool,
+    clustered: bool,
+    lookup: impl FnOnce() -> Option<T>,
+) -> Route<T> {
+    if kind == CancelKind::Peer && !from_peer {
+        return Route::Drop("not_peer");
+    }
+    match (lookup(), kind) {
+        (Some(target), _) => Route::Upstream(target),
+        (None, CancelKind::Client) if clustered => Route::Peers,
+        (None, _) => Route::Drop("unknown_key"),
+    }
+}
+
 /// Sends the cancel to the upstream; failures are logged, never reported to the requester
 /// (PostgreSQL does not answer cancel requests either).
 pub async fn forward(target: CancelTarget) {
@@ -172,6 +219,48 @@ mod tests {
         assert!(map.lookup(&key(b_key)).is_some());
         drop(b);
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn forwarded_cancels_are_never_forwarded_again() {
+        use CancelKind::{Client, Peer};
+        let known = || Some(1);
+        let unknown = || None::<i32>;
+        for from_peer in [false, true] {
+            for clustered in [false, true] {
+                // A peer's cancel is looked up here and nowhere else: never Route::Peers.
+                let peer_known = route(Peer, from_peer, clustered, known);
+                let peer_unknown = route(Peer, from_peer, clustered, unknown);
+                if from_peer {
+                    assert_eq!(peer_known, Route::Upstream(1));
+                    assert_eq!(peer_unknown, Route::Drop("unknown_key"));
+                } else {
+                    assert_eq!(peer_known, Route::Drop("not_peer"));
+                    assert_eq!(peer_unknown, Route::Drop("not_peer"));
+                }
+                // A client's cancel (even one sent with a peer's certificate) goes upstream
+                // when known, to the peers once when unknown and clustered.
+                assert_eq!(
+                    route(Client, from_peer, clustered, known),
+                    Route::Upstream(1)
+                );
+                let expected = if clustered {
+                    Route::Peers
+                } else {
+                    Route::Drop("unknown_key")
+                };
+                assert_eq!(route(Client, from_peer, clustered, unknown), expected);
+            }
+        }
+        let looked_up = std::cell::Cell::new(false);
+        let _ = route(Peer, false, true, || {
+            looked_up.set(true);
+            Some(1)
+        });
+        assert!(
+            !looked_up.get(),
+            "a non-peer's PeerCancel is not even looked up"
+        );
     }
 
     #[test]

@@ -1,109 +1,148 @@
 //! Cancel requests across replicas. Behind a load balancer a client's CancelRequest often
-//! reaches another leasegate instance than the one holding its session. A cancel whose key is
-//! not known here is forwarded to every peer over mutual TLS (leasegate's own client
-//! certificate, peers verified against the cluster CA); a peer that receives a forwarded
-//! cancel (its sender's certificate matches `peer_identity`) only looks it up locally, so a
-//! cancel crosses at most one hop. The secret key itself is the proof that the requester owns
-//! the session, as in PostgreSQL.
+//! reaches another leasegate instance than the one holding its session. A client's cancel
+//! whose key is not known here is forwarded to every peer address as a PeerCancelRequest, over
+//! mutual TLS: this instance presents its cluster certificate, and each peer's server
+//! certificate must chain to `cluster.ca_cert` and name the host given in `peers`. A peer
+//! accepts a PeerCancelRequest only from a certificate matching `peer_identity` and only looks
+//! it up among its own sessions, never forwarding it again, so a cancel crosses at most one
+//! hop. The secret key itself is the proof that the requester owns the session, as in
+//! PostgreSQL.
+//!
+//! Peer addresses are resolved in the background ([`resolve`]), never on the packet path; the
+//! configuration is checked at load ([`check`]).
 
+mod check;
+mod resolve;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::ClusterConfig;
+pub use check::problems;
+
+use crate::config::{ClusterConfig, ListenConfig};
 use crate::policy::IdentityPattern;
-use crate::protocol::startup::CancelKey;
+use crate::protocol::startup::{CancelKey, peer_cancel_packet};
+use crate::tls::TlsError;
 use crate::tls::identity::Principal;
-use crate::tls::{self, TlsError, load_certs, load_key, load_roots, provider};
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-/// Limit for forwarding to one peer.
+/// Limit for forwarding to one peer address.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The peers of this instance and how to reach them.
 pub struct Cluster {
-    peers: Vec<String>,
+    /// Pattern a peer's client certificate matches: only such a sender's PeerCancelRequest is
+    /// looked up.
     identity: IdentityPattern,
+    /// Mutual TLS towards peers: this instance's cluster certificate; the peer's server
+    /// certificate verified against `ca_cert`, with its name.
     connector: TlsConnector,
+    /// Where to forward, refreshed by the resolver task.
+    peers: Arc<ArcSwap<Vec<PeerAddr>>>,
+    /// Stops the resolver when this `Cluster` is dropped (a reload built a new one).
+    _resolver: DropGuard,
+}
+
+/// One address to forward cancels to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// A resolved address of a `peers` entry.
+    pub addr: SocketAddr,
+    /// That entry's host (DNS name or IP address): the name sent and checked in the peer's
+    /// certificate.
+    pub name: ServerName<'static>,
+}
+
+/// How forwarding one cancel went, per peer address.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Addresses the PeerCancelRequest was sent to.
+    pub sent: usize,
+    /// Addresses that could not be reached, failed TLS (a certificate that does not verify
+    /// or does not name the peer) or timed out.
+    pub failed: usize,
 }
 
 impl Cluster {
-    /// Builds the peer connector from `[cluster]`.
-    pub fn new(config: &ClusterConfig, default_ca: &std::path::Path) -> Result<Cluster, TlsError> {
-        let identity = IdentityPattern::parse(&config.peer_identity).map_err(TlsError::Invalid)?;
-        let roots = load_roots(config.ca_cert.as_deref().unwrap_or(default_ca))?;
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider(),
-        )
-        .build()
-        .map_err(|e| TlsError::Invalid(format!("cluster CA: {e}")))?;
-        let client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(tls::VERSIONS)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(tls::upstream::ChainOnly(verifier)))
-            .with_client_auth_cert(load_certs(&config.cert)?, load_key(&config.key)?)?;
+    /// Checks `[cluster]` against `[listen]` (see [`problems`]), builds the peer connector and
+    /// starts resolving the peers in the background (call inside a Tokio runtime).
+    pub fn new(config: &ClusterConfig, listen: &ListenConfig) -> Result<Cluster, TlsError> {
+        let checked = check::check(config, listen)
+            .map_err(|problems| TlsError::Invalid(problems.join("; ")))?;
+        let peers = Arc::new(ArcSwap::from_pointee(resolve::literal(&checked.peers)));
+        let stop = CancellationToken::new();
+        tokio::spawn(resolve::run(checked.peers, peers.clone(), stop.clone()));
         Ok(Cluster {
-            peers: config.peers.clone(),
-            identity,
-            connector: TlsConnector::from(Arc::new(client)),
+            identity: checked.identity,
+            connector: checked.connector,
+            peers,
+            _resolver: stop.drop_guard(),
         })
     }
 
-    /// Whether a cancel came from a peer (and must not be forwarded again).
+    /// Whether a sender's certificate is a peer's.
     pub fn is_peer(&self, principal: Option<&Principal>) -> bool {
         principal.is_some_and(|p| self.identity.matches(p))
     }
 
-    /// Forwards a cancel to every peer address (DNS names resolve to all their addresses).
-    pub async fn forward(&self, key: &CancelKey) {
+    /// The peer addresses as last resolved.
+    pub fn peer_addresses(&self) -> Arc<Vec<PeerAddr>> {
+        self.peers.load_full()
+    }
+
+    /// Sends a client's cancel to every peer address as a PeerCancelRequest, each bounded by
+    /// a timeout; resolves nothing.
+    pub async fn forward(&self, key: &CancelKey) -> Forwarded {
+        let packet: Arc<[u8]> = peer_cancel_packet(key).into();
         let mut sends = tokio::task::JoinSet::new();
-        for peer in &self.peers {
-            let addrs =
-                match tokio::time::timeout(PEER_TIMEOUT, tokio::net::lookup_host(peer)).await {
-                    Ok(Ok(a)) => a.collect::<Vec<_>>(),
-                    _ => {
-                        tracing::warn!(peer, "cannot resolve cluster peer");
-                        continue;
+        for peer in self.peers.load().iter().cloned() {
+            let connector = self.connector.clone();
+            let packet = packet.clone();
+            sends.spawn(async move {
+                match tokio::time::timeout(PEER_TIMEOUT, send(connector, &peer, &packet)).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::debug!(addr = %peer.addr, error = %e, "cancel forward to peer failed");
+                        false
                     }
-                };
-            for addr in addrs {
-                let connector = self.connector.clone();
-                let key = key.clone();
-                sends.spawn(async move {
-                    let r = tokio::time::timeout(PEER_TIMEOUT, send(connector, addr, key)).await;
-                    if !matches!(r, Ok(Ok(()))) {
-                        tracing::debug!(%addr, "cancel forward to peer failed");
+                    Err(_) => {
+                        tracing::debug!(addr = %peer.addr, "cancel forward to peer timed out");
+                        false
                     }
-                });
+                }
+            });
+        }
+        let mut out = Forwarded::default();
+        while let Some(done) = sends.join_next().await {
+            if matches!(done, Ok(true)) {
+                out.sent += 1;
+            } else {
+                out.failed += 1;
             }
         }
-        while sends.join_next().await.is_some() {}
+        out
     }
 }
 
-async fn send(
-    connector: TlsConnector,
-    addr: std::net::SocketAddr,
-    key: CancelKey,
-) -> std::io::Result<()> {
-    let mut tcp = TcpStream::connect(addr).await?;
+async fn send(connector: TlsConnector, peer: &PeerAddr, packet: &[u8]) -> std::io::Result<()> {
+    let mut tcp = TcpStream::connect(peer.addr).await?;
     tcp.set_nodelay(true)?;
     tcp.write_all(&SSL_REQUEST).await?;
     if tcp.read_u8().await? != b'S' {
         return Err(std::io::ErrorKind::ConnectionRefused.into());
     }
-    let name = ServerName::IpAddress(addr.ip().into());
-    let mut tls = connector.connect(name, tcp).await?;
-    let mut packet = Vec::with_capacity(12 + key.secret.len());
-    packet.extend_from_slice(&((12 + key.secret.len()) as u32).to_be_bytes());
-    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
-    packet.extend_from_slice(&key.pid.to_be_bytes());
-    packet.extend_from_slice(&key.secret);
-    tls.write_all(&packet).await?;
+    let mut tls = connector.connect(peer.name.clone(), tcp).await?;
+    tls.write_all(packet).await?;
     tls.shutdown().await
 }
+
+#[cfg(test)]
+mod tests;

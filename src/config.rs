@@ -58,11 +58,14 @@ pub struct ClusterConfig {
     pub peers: Vec<String>,
     /// Identity pattern the peers' client certificates match (`uri:…`, `dns:…`, `cn:…`).
     pub peer_identity: String,
-    /// Client certificate this instance presents to peers (needs the clientAuth usage).
+    /// Client certificate this instance presents to peers. Peers run the same configuration,
+    /// so it must chain to `listen.client_ca` with the clientAuth usage and match
+    /// `peer_identity`; both are checked at load.
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
-    /// CA the peers' server certificates chain to; default: `listen.client_ca`.
+    /// CA the peers' server certificates chain to. Required (an `Option` only so that a
+    /// missing key is reported with the other problems): the client CA is not a server CA.
     pub ca_cert: Option<PathBuf>,
 }
 
@@ -78,6 +81,13 @@ pub struct LimitsConfig {
     pub new_sessions_per_second_per_identity: f64,
     /// Bucket size: new sessions an identity may open in a burst.
     pub burst_per_identity: u32,
+    /// Cancel requests handled per second in all (the burst is the same number); more are
+    /// dropped unanswered. Cancels need no certificate, so this bounds what they cost.
+    pub cancels_per_second: u32,
+    /// Cancel requests handled per second from one source address (IPv6: one /64).
+    pub cancels_per_second_per_address: u32,
+    /// Cancel requests being forwarded at once; more are dropped unanswered.
+    pub max_concurrent_cancels: u32,
 }
 
 impl Default for LimitsConfig {
@@ -87,6 +97,44 @@ impl Default for LimitsConfig {
             max_sessions_per_identity: 1_000,
             new_sessions_per_second_per_identity: 100.0,
             burst_per_identity: 200,
+            cancels_per_second: 100,
+            cancels_per_second_per_address: 10,
+            max_concurrent_cancels: 64,
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn problems(&self, problems: &mut Vec<String>) {
+        if let Err(e) = IdentityPattern::parse(&self.peer_identity) {
+            problems.push(format!("cluster.peer_identity: {e}"));
+        }
+        if self.peers.is_empty() {
+            problems.push("cluster.peers is empty: name the other instances".into());
+        }
+        if self.ca_cert.is_none() {
+            problems.push(CLUSTER_CA_REQUIRED.into());
+        }
+    }
+}
+
+/// The problem line for a `[cluster]` without `ca_cert`.
+pub const CLUSTER_CA_REQUIRED: &str = "cluster.ca_cert is required: the CA that the peers' \
+     server certificates chain to (it is no longer taken from listen.client_ca, a client CA)";
+
+impl LimitsConfig {
+    fn problems(&self, problems: &mut Vec<String>) {
+        for (key, value) in [
+            ("cancels_per_second", self.cancels_per_second),
+            (
+                "cancels_per_second_per_address",
+                self.cancels_per_second_per_address,
+            ),
+            ("max_concurrent_cancels", self.max_concurrent_cancels),
+        ] {
+            if value == 0 {
+                problems.push(format!("limits.{key} must be at least 1"));
+            }
         }
     }
 }
@@ -472,11 +520,10 @@ impl Config {
         if self.listen.max_connections == 0 {
             problems.push("listen.max_connections must be at least 1".into());
         }
-        if let Some(cluster) = &self.cluster
-            && let Err(e) = IdentityPattern::parse(&cluster.peer_identity)
-        {
-            problems.push(format!("cluster.peer_identity: {e}"));
+        if let Some(cluster) = &self.cluster {
+            cluster.problems(&mut problems);
         }
+        self.limits.problems(&mut problems);
         self.validate_databases(&mut problems);
         self.validate_grants(&mut problems);
         problems

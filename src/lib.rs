@@ -16,8 +16,11 @@
 //! - [`policy`]: grants: identity + database + role → allow or the reason for denial.
 //! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.
 //! - [`upstream`]: upstream connect (TLS per config) and login (SCRAM, MD5 where allowed).
-//! - [`cancel`]: proxy cancel keys and their forwarding upstream.
-//! - [`cluster`]: forwarding cancels with unknown keys to peer instances.
+//! - [`cancel`]: proxy cancel keys, their forwarding upstream, where a cancel goes, and the
+//!   rate limits and in-flight cap every cancel passes first.
+//! - [`cluster`]: forwarding cancels with unknown keys to peer instances, once, as
+//!   PeerCancelRequests; the peer configuration checked at load, peers resolved in the
+//!   background.
 //! - [`metrics`] and [`admin`]: the Prometheus registry and `/metrics`, `/healthz`, `/readyz`.
 
 #![forbid(unsafe_code)]

@@ -150,6 +150,7 @@ mod tests {
             max_sessions_per_identity: per_id,
             new_sessions_per_second_per_identity: rate,
             burst_per_identity: burst,
+            ..LimitsConfig::default()
         })
     }
 

@@ -89,8 +89,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Every problem at once: the schema's cross-references and files, then what needs more than
-/// parsing (TLS material loads and is in date, the Vault token is present) and, with `online`,
-/// whether Vault accepts the configured login.
+/// parsing (TLS material loads and is in date, the cluster certificate is one the peers accept,
+/// the Vault token is present) and, with `online`, whether Vault accepts the configured login.
 fn check(config: &Config, online: bool) -> anyhow::Result<()> {
     let mut problems = config.problems();
     let listen = &config.listen;
@@ -112,6 +112,7 @@ fn check(config: &Config, online: bool) -> anyhow::Result<()> {
             problems.push(format!("{key}: {e}"));
         }
     }
+    check_cluster(config, &mut problems);
     if online {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -140,6 +141,25 @@ fn check(config: &Config, online: bool) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
+    }
+}
+
+/// `[cluster]` checked as its peers will see it, once its files exist (missing files are
+/// already reported); problems `config.problems()` found too are not repeated.
+fn check_cluster(config: &Config, problems: &mut Vec<String>) {
+    let Some(cluster) = &config.cluster else {
+        return;
+    };
+    let files = [&cluster.cert, &cluster.key]
+        .into_iter()
+        .chain(&cluster.ca_cert);
+    if !files.into_iter().all(|p| p.exists()) {
+        return;
+    }
+    for problem in leasegate::cluster::problems(cluster, &config.listen) {
+        if !problems.contains(&problem) {
+            problems.push(problem);
+        }
     }
 }
 

@@ -41,6 +41,17 @@ pub const AUTH_FAILURE_REASONS: [&str; 11] = [
     "identity_rate_limit",
 ];
 
+/// Every `leasegate_cancel_requests_total{result}` value.
+pub const CANCEL_RESULTS: [&str; 7] = [
+    "forwarded",
+    "to_peers",
+    "unknown_key",
+    "not_peer",
+    "rate_limited",
+    "over_capacity",
+    "timed_out",
+];
+
 /// Every metric leasegate exports.
 pub struct Metrics {
     registry: Registry,
@@ -78,6 +89,10 @@ pub struct Metrics {
     pub relayed_bytes_total: Family<Label, Counter>,
     /// Prefetched credentials waiting, by database and role.
     pub prefetch_ready: Family<Labels, Gauge>,
+    /// Cancel requests by what became of them.
+    pub cancel_requests_total: Family<Label, Counter>,
+    /// Cancels forwarded to peer addresses, by result: sent, failed.
+    pub cancel_peer_forwards_total: Family<Label, Counter>,
     /// `limits.max_sessions`, for alerts on sessions near the limit.
     pub sessions_limit: Gauge,
     /// Constant 1 with the version label.
@@ -118,6 +133,8 @@ impl Metrics {
             build_info: Family::default(),
             prefetch_ready: Family::default(),
             sessions_limit: Gauge::default(),
+            cancel_requests_total: Family::default(),
+            cancel_peer_forwards_total: Family::default(),
         };
         let mut r = Registry::default();
         let r = &mut r;
@@ -219,6 +236,19 @@ impl Metrics {
         );
         register(
             r,
+            "leasegate_cancel_requests",
+            "Cancel requests, by result (forwarded, to_peers, unknown_key, not_peer, \
+             rate_limited, over_capacity, timed_out)",
+            m.cancel_requests_total.clone(),
+        );
+        register(
+            r,
+            "leasegate_cancel_peer_forwards",
+            "Cancels forwarded to cluster peer addresses, by result (sent, failed)",
+            m.cancel_peer_forwards_total.clone(),
+        );
+        register(
+            r,
             "leasegate_sessions_limit",
             "Configured limits.max_sessions",
             m.sessions_limit.clone(),
@@ -268,6 +298,16 @@ impl Metrics {
             let _ = self
                 .auth_failures_total
                 .get_or_create(&[("reason", reason)]);
+        }
+        for result in CANCEL_RESULTS {
+            let _ = self
+                .cancel_requests_total
+                .get_or_create(&[("result", result)]);
+        }
+        for result in ["sent", "failed"] {
+            let _ = self
+                .cancel_peer_forwards_total
+                .get_or_create(&[("result", result)]);
         }
         for direction in ["to_upstream", "to_client"] {
             let _ = self
@@ -343,6 +383,22 @@ impl Metrics {
         self.vault_auth_renewals_total
             .get_or_create(&[("result", result)])
             .inc();
+    }
+
+    /// Counts a handled cancel request by its result (one of [`CANCEL_RESULTS`]).
+    pub fn cancel_request(&self, result: &'static str) {
+        self.cancel_requests_total
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// Counts one cancel's forwards to peer addresses.
+    pub fn cancel_peer_forwards(&self, sent: usize, failed: usize) {
+        for (result, n) in [("sent", sent), ("failed", failed)] {
+            self.cancel_peer_forwards_total
+                .get_or_create(&[("result", result)])
+                .inc_by(n as u64);
+        }
     }
 
     /// Counts a finished revocation.

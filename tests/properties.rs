@@ -147,6 +147,21 @@ proptest! {
         }
     }
 
+    /// leasegate's PeerCancelRequests round-trip as their own packet, never as a client's
+    /// CancelRequest, and never as one when the code is a client's.
+    #[test]
+    fn peer_cancel_requests_round_trip(pid in any::<i32>(), secret in proptest::collection::vec(any::<u8>(), 4..=256)) {
+        let key = leasegate::protocol::startup::CancelKey { pid, secret: secret.clone() };
+        let packet = leasegate::protocol::startup::peer_cancel_packet(&key);
+        match read_from(&packet).0 {
+            Ok(InitialPacket::PeerCancel(k)) => prop_assert_eq!(k, key),
+            other => prop_assert!(false, "{:?}", other),
+        }
+        let mut client = packet.clone();
+        client[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        prop_assert!(matches!(read_from(&client).0, Ok(InitialPacket::Cancel(_))));
+    }
+
     /// Length fields outside 8..=10000 are refused before anything else is read.
     #[test]
     fn lengths_outside_the_limits_are_refused(

@@ -1,5 +1,6 @@
 //! Reading the packets a client sends before it is authenticated: SSLRequest, GSSENCRequest,
-//! CancelRequest and StartupMessage. Reads are exact (never past the packet), so bytes a client
+//! CancelRequest and StartupMessage, and leasegate's own PeerCancelRequest (a cancel one
+//! instance forwards to another). Reads are exact (never past the packet), so bytes a client
 //! pipelines after an SSLRequest are left on the socket for the TLS layer to reject instead of
 //! being mistaken for post-TLS input (the bug class of CVE-2021-23214).
 
@@ -17,6 +18,10 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 const SSL_REQUEST_CODE: u32 = 80_877_103;
 const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+/// Request code of a cancel forwarded by a leasegate peer: leasegate's own (major version
+/// 0x4c47, "LG", which no PostgreSQL client sends), laid out as a CancelRequest. Only a peer
+/// sends it, only inside TLS, and it is never forwarded again, so forwarding cannot loop.
+pub const PEER_CANCEL_REQUEST_CODE: u32 = 0x4c47_0001;
 
 /// One packet of the pre-authentication phase.
 #[derive(Debug)]
@@ -27,6 +32,8 @@ pub enum InitialPacket {
     GssEncRequest,
     /// A query cancellation for the session the key belongs to.
     Cancel(CancelKey),
+    /// A client's cancellation that a leasegate peer forwarded.
+    PeerCancel(CancelKey),
     /// The start of a session.
     Startup(StartupRequest),
 }
@@ -96,6 +103,7 @@ pub fn parse_initial_packet(mut buf: BytesMut) -> Result<InitialPacket, PacketEr
             "encryption request with a body".into(),
         )),
         CANCEL_REQUEST_CODE => decode_cancel(buf),
+        PEER_CANCEL_REQUEST_CODE => decode_peer_cancel(&buf),
         _ => {
             let major = (code >> 16) as u16;
             let minor = (code & 0xffff) as u16;
@@ -157,6 +165,29 @@ fn decode_cancel(mut buf: BytesMut) -> Result<InitialPacket, PacketError> {
     }))
 }
 
+/// A PeerCancelRequest: length, code, pid, secret (4 to 256 bytes), as a CancelRequest.
+fn decode_peer_cancel(buf: &[u8]) -> Result<InitialPacket, PacketError> {
+    if !(16..=12 + 256).contains(&buf.len()) {
+        return Err(PacketError::Malformed(
+            "peer cancel request of invalid length".into(),
+        ));
+    }
+    Ok(InitialPacket::PeerCancel(CancelKey {
+        pid: i32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]),
+        secret: buf[12..].to_vec(),
+    }))
+}
+
+/// The wire form of a PeerCancelRequest for `key`.
+pub fn peer_cancel_packet(key: &CancelKey) -> Vec<u8> {
+    let mut packet = Vec::with_capacity(12 + key.secret.len());
+    packet.extend_from_slice(&((12 + key.secret.len()) as u32).to_be_bytes());
+    packet.extend_from_slice(&PEER_CANCEL_REQUEST_CODE.to_be_bytes());
+    packet.extend_from_slice(&key.pid.to_be_bytes());
+    packet.extend_from_slice(&key.secret);
+    packet
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +221,23 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn peer_cancels_are_their_own_packet() {
+        let key = CancelKey {
+            pid: 7,
+            secret: vec![1, 2, 3, 4],
+        };
+        let wire = peer_cancel_packet(&key);
+        match parse_initial_packet(BytesMut::from(&wire[..])) {
+            Ok(InitialPacket::PeerCancel(k)) => assert_eq!(k, key),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse_initial_packet(packet(PEER_CANCEL_REQUEST_CODE, &[0, 0, 0, 7])),
+            Err(PacketError::Malformed(_))
+        ));
     }
 
     #[test]

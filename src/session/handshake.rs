@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::cancel::CancelKind;
 use crate::error::SessionError;
 use crate::protocol::messages::{Severity, error_response};
 use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_initial_packet};
@@ -32,6 +33,8 @@ pub enum Accepted {
 /// was forwarded (as PostgreSQL does; libpq 17 waits for the close, over TLS for
 /// close_notify).
 pub struct CancelRequest {
+    /// A client's CancelRequest or a peer's PeerCancelRequest (inside TLS only).
+    pub kind: CancelKind,
     /// The key the client presented.
     pub key: CancelKey,
     /// The sender's certificate identity, when it came over TLS with one (peers).
@@ -107,6 +110,7 @@ pub async fn accept(mut tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<Accept
     let direct = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE_RECORD);
     if !direct && let Some(key) = negotiate(&mut tcp).await? {
         return Ok(Accepted::Cancel(CancelRequest {
+            kind: CancelKind::Client,
             key,
             sender: None,
             conn: CancelConn::Plain(tcp),
@@ -138,6 +142,10 @@ async fn negotiate(tcp: &mut TcpStream) -> Result<Option<CancelKey>, SessionErro
                 tcp.write_all(b"N").await.map_err(SessionError::Tls)?;
             }
             Ok(InitialPacket::Cancel(key)) => return Ok(Some(key)),
+            Ok(InitialPacket::PeerCancel(_)) => {
+                let e = refused("08P01", "peer cancel requests are only accepted inside TLS");
+                return fail(tcp, e).await;
+            }
             Ok(InitialPacket::Startup(_)) => return fail(tcp, SessionError::Plaintext).await,
             Ok(InitialPacket::GssEncRequest) => {
                 let e = refused("08P01", "GSSENCRequest sent twice");
@@ -159,14 +167,10 @@ async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
     let startup = match read_initial_packet(&mut stream).await {
         Ok(InitialPacket::Startup(s)) => s,
         Ok(InitialPacket::Cancel(key)) => {
-            let sender = cert
-                .as_ref()
-                .and_then(|c| Principal::from_certificate(c).ok());
-            return Ok(Accepted::Cancel(CancelRequest {
-                key,
-                sender,
-                conn: CancelConn::Tls(Box::new(stream)),
-            }));
+            return Ok(tls_cancel(CancelKind::Client, key, cert, stream));
+        }
+        Ok(InitialPacket::PeerCancel(key)) => {
+            return Ok(tls_cancel(CancelKind::Peer, key, cert, stream));
         }
         Ok(InitialPacket::SslRequest | InitialPacket::GssEncRequest) => {
             let e = refused("08P01", "encryption negotiation inside TLS is not allowed");
@@ -193,6 +197,25 @@ async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
         minor: startup.minor,
         params: startup.params,
     })))
+}
+
+/// A cancel that came inside TLS, with the sender's identity when its certificate (verified
+/// by the handshake) is valid now.
+fn tls_cancel(
+    kind: CancelKind,
+    key: CancelKey,
+    cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    stream: ClientStream,
+) -> Accepted {
+    let sender = cert
+        .as_ref()
+        .and_then(|c| Principal::from_certificate(c).ok());
+    Accepted::Cancel(CancelRequest {
+        kind,
+        key,
+        sender,
+        conn: CancelConn::Tls(Box::new(stream)),
+    })
 }
 
 /// The requested role and database, or why the startup packet is refused.

@@ -273,3 +273,54 @@ async fn ssl_request_inside_tls_is_refused() {
     assert_eq!(code, "08P01");
     assert!(server.await.expect("join").is_err());
 }
+
+fn peer_cancel() -> Vec<u8> {
+    crate::protocol::startup::peer_cancel_packet(&CancelKey {
+        pid: 7,
+        secret: vec![1, 2, 3, 4],
+    })
+}
+
+#[tokio::test]
+async fn peer_cancel_in_plaintext_is_refused() {
+    let pki = pki();
+    let (mut client, server) = serve_one(&pki).await;
+    client.write_all(&peer_cancel()).await.expect("write");
+    let (_, code, msg) = read_error(&mut client).await;
+    assert_eq!(code, "08P01");
+    assert!(msg.contains("only accepted inside TLS"), "{msg}");
+    assert!(server.await.expect("join").is_err());
+}
+
+#[tokio::test]
+async fn cancels_inside_tls_say_who_sent_them_and_in_which_form() {
+    for (packet, kind) in [
+        (peer_cancel(), CancelKind::Peer),
+        (
+            peer_cancel()
+                .iter()
+                .enumerate()
+                .map(|(i, b)| match i {
+                    4..8 => 80_877_102u32.to_be_bytes()[i - 4],
+                    _ => *b,
+                })
+                .collect(),
+            CancelKind::Client,
+        ),
+    ] {
+        let pki = pki();
+        let (client, server) = serve_one(&pki).await;
+        let mut tls = tls_after_ssl_request(&pki, client, true).await;
+        tls.write_all(&packet).await.expect("write");
+        tls.flush().await.expect("flush");
+        match server.await.expect("join") {
+            Ok(Accepted::Cancel(request)) => {
+                assert_eq!(request.kind, kind);
+                assert_eq!(request.key.pid, 7);
+                let sender = request.sender.expect("sender identity");
+                assert_eq!(sender.uris, vec!["spiffe://example.org/app/test"]);
+            }
+            _ => panic!("expected a {kind:?} cancel"),
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! One client session, end to end: handshake (`handshake`), policy, Vault credential, upstream
 //! login, the client's view of startup, relay (`relay`), and the close that revokes the lease.
 
+mod cancel_request;
 pub mod handshake;
 pub mod lifecycle;
 pub mod relay;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{AppState, DatabaseEntry, Live};
 use crate::audit::AuditEvent;
-use crate::cancel::{self, CancelTarget};
+use crate::cancel::CancelTarget;
 use crate::error::SessionError;
 use crate::policy::Denial;
 use crate::protocol::messages;
@@ -42,14 +43,7 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
     };
     let result = match accepted {
         Ok(Accepted::Cancel(request)) => {
-            if let Some(target) = state.cancels.lookup(&request.key) {
-                cancel::forward(target).await;
-            } else if let Some(cluster) = &live.cluster
-                && !cluster.is_peer(request.sender.as_ref())
-            {
-                cluster.forward(&request.key).await;
-            }
-            request.conn.close().await;
+            cancel_request::handle(&state, &live, request, peer).await;
             return;
         }
         Ok(Accepted::Session(hello)) => {

@@ -1,10 +1,12 @@
 //! The identity a verified client certificate carries: its URI SANs, DNS SANs and subject CN,
-//! plus the serial and SHA-256 fingerprint for audit lines.
+//! plus the serial and SHA-256 fingerprint for audit lines. The leaf's validity period is
+//! checked again here, where the identity is taken (defence in depth: the TLS verifier checks
+//! it on every full handshake, and resumption is off).
 
 use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{ASN1Time, FromDer, X509Certificate};
 
 use crate::policy::IdentityKind;
 
@@ -34,10 +36,25 @@ impl Principal {
         }
     }
 
-    /// Parses the end-entity certificate of a verified chain.
+    /// Parses the end-entity certificate of a verified chain; refuses one that is not valid
+    /// now (expired or not yet valid).
     pub fn from_certificate(cert: &CertificateDer<'_>) -> Result<Principal, String> {
         let (_, x509) = X509Certificate::from_der(cert.as_ref())
             .map_err(|e| format!("client certificate does not parse: {e}"))?;
+        let validity = x509.validity();
+        let now = ASN1Time::now();
+        if now > validity.not_after {
+            return Err(format!(
+                "client certificate has expired (valid until {})",
+                validity.not_after
+            ));
+        }
+        if now < validity.not_before {
+            return Err(format!(
+                "client certificate is not yet valid (valid from {})",
+                validity.not_before
+            ));
+        }
         let mut principal = Principal {
             serial: x509.raw_serial_as_string().replace(':', ""),
             fingerprint: hex(&Sha256::digest(cert.as_ref())),
@@ -121,6 +138,23 @@ mod tests {
         assert_eq!(p.display_name(), "uri:spiffe://example.org/app/billing");
         assert_eq!(p.fingerprint.len(), 64);
         assert!(!p.serial.is_empty());
+    }
+
+    #[test]
+    fn certificates_outside_their_validity_are_refused() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut expired = rcgen::CertificateParams::new(vec!["a.example".into()]).expect("params");
+        expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        expired.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = expired.self_signed(&key).expect("cert");
+        let err = Principal::from_certificate(cert.der()).expect_err("expired");
+        assert!(err.contains("has expired"), "{err}");
+        let mut future = rcgen::CertificateParams::new(vec!["a.example".into()]).expect("params");
+        future.not_before = rcgen::date_time_ymd(2098, 1, 1);
+        future.not_after = rcgen::date_time_ymd(2099, 1, 1);
+        let cert = future.self_signed(&key).expect("cert");
+        let err = Principal::from_certificate(cert.der()).expect_err("not yet valid");
+        assert!(err.contains("not yet valid"), "{err}");
     }
 
     #[test]

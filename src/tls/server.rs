@@ -1,11 +1,17 @@
 //! The client-facing TLS acceptor. Client certificates must chain to `client_ca` (and pass the
 //! CRLs); a client that presents no certificate still completes the handshake so that it can be
 //! told, in PostgreSQL's own error format, that a certificate is required.
+//!
+//! TLS session resumption is off, as in PostgreSQL: rustls restores a resumed session's client
+//! chain without verifying it again, so an expired or since-revoked certificate could come
+//! back in through a session opened while it was still good. No session cache, no TLS 1.2
+//! tickets, no TLS 1.3 tickets: every handshake is a full one and verifies the certificate.
 
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateRevocationListDer;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
 
 use super::{TlsError, load_certs, load_key, load_roots, provider};
@@ -19,22 +25,65 @@ pub fn acceptor(listen: &ListenConfig) -> Result<TlsAcceptor, TlsError> {
     check_key_permissions(&listen.key)?;
     let certs = load_certs(&listen.cert)?;
     let key = load_key(&listen.key)?;
-    let roots = load_roots(&listen.client_ca)?;
-    let mut crls = Vec::new();
-    for path in &listen.crl {
-        crls.extend(load_crls(path)?);
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .with_crls(crls)
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Invalid(format!("client_ca: {e}")))?;
+    let verifier = client_verifier(listen, true)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(super::VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    disable_resumption(&mut config);
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// No stateful resumption (session IDs, TLS 1.3 stateful tickets) and no stateless tickets.
+fn disable_resumption(config: &mut rustls::ServerConfig) {
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    // The builder's default ticketer never produces tickets; say so rather than rely on it.
+    config.ticketer = Arc::new(NeverProducesTickets);
+}
+
+/// A ticketer that is disabled: no TLS 1.2 session tickets.
+#[derive(Debug)]
+struct NeverProducesTickets;
+
+impl rustls::server::ProducesTickets for NeverProducesTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// The client-certificate verifier of `[listen]`: chain to `client_ca`, the CRLs, the
+/// clientAuth usage. `allow_anonymous` lets a client without a certificate finish the
+/// handshake (to be told in PostgreSQL's format that it needs one).
+pub fn client_verifier(
+    listen: &ListenConfig,
+    allow_anonymous: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let roots = load_roots(&listen.client_ca)?;
+    let mut crls = Vec::new();
+    for path in &listen.crl {
+        crls.extend(load_crls(path)?);
+    }
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).with_crls(crls);
+    let builder = if allow_anonymous {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder
+        .build()
+        .map_err(|e| TlsError::Invalid(format!("client_ca: {e}")))
 }
 
 fn load_crls(
@@ -80,6 +129,133 @@ pub fn check_key_permissions(path: &std::path::Path) -> Result<(), TlsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair, SanType,
+    };
+    use rustls::HandshakeKind;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A CA, a server certificate for localhost and a client certificate, as files and as a
+    /// `[listen]` section naming them.
+    struct Files {
+        _dir: tempfile::TempDir,
+        listen: ListenConfig,
+        ca: rustls::pki_types::CertificateDer<'static>,
+        client: (rustls::pki_types::CertificateDer<'static>, Vec<u8>),
+    }
+
+    fn files() -> Files {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+        let server_key = KeyPair::generate().expect("key");
+        let server = CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .signed_by(&server_key, &ca)
+            .expect("server cert");
+        let client_key = KeyPair::generate().expect("key");
+        let mut client_params = CertificateParams::default();
+        client_params
+            .subject_alt_names
+            .push(SanType::URI("spiffe://t/app".try_into().expect("uri")));
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client_params
+            .signed_by(&client_key, &ca)
+            .expect("client cert");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            path
+        };
+        let listen = toml::from_str(&format!(
+            "address = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            write("server.pem", &server.pem()),
+            write("server-key.pem", &server_key.serialize_pem()),
+            write("ca.pem", &ca.pem()),
+        ))
+        .expect("[listen]");
+        Files {
+            _dir: dir,
+            listen,
+            ca: ca.der().clone(),
+            client: (client.der().clone(), client_key.serialize_der()),
+        }
+    }
+
+    /// One connection: handshake with `client`, one byte from the server (so the client has
+    /// processed any ticket sent after the handshake); how each side says it went.
+    async fn handshake(
+        acceptor: &TlsAcceptor,
+        client: &Arc<rustls::ClientConfig>,
+    ) -> (Option<HandshakeKind>, Option<HandshakeKind>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = acceptor.clone();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut tls = acceptor.accept(tcp).await.expect("server handshake");
+            tls.write_all(b"x").await.expect("write");
+            tls.flush().await.expect("flush");
+            let kind = tls.get_ref().1.handshake_kind();
+            let _ = tls.read_u8().await;
+            kind
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(name, tcp)
+            .await
+            .expect("client handshake");
+        assert_eq!(tls.read_u8().await.expect("read"), b'x');
+        let client_kind = tls.get_ref().1.handshake_kind();
+        let _ = tls.shutdown().await;
+        (client_kind, server.await.expect("server task"))
+    }
+
+    #[tokio::test]
+    async fn no_client_handshake_is_ever_resumed() {
+        let f = files();
+        let acceptor = acceptor(&f.listen).expect("acceptor");
+        let config = acceptor.config();
+        assert!(!config.session_storage.can_cache(), "no session cache");
+        assert_eq!(config.send_tls13_tickets, 0, "no TLS 1.3 tickets");
+        assert!(!config.ticketer.enabled(), "no TLS 1.2 tickets");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(f.ca.clone()).expect("root");
+        for version in VERSIONS_EACH {
+            // One ClientConfig for every connection: rustls clients keep a resumption cache
+            // and offer what they stored on the next handshake.
+            let client = rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])
+                .expect("version")
+                .with_root_certificates(roots.clone())
+                .with_client_auth_cert(
+                    vec![f.client.0.clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(f.client.1.clone())),
+                )
+                .expect("client config");
+            let client = Arc::new(client);
+            for attempt in 0..3 {
+                let kinds = handshake(&acceptor, &client).await;
+                assert_eq!(
+                    kinds,
+                    (Some(HandshakeKind::Full), Some(HandshakeKind::Full)),
+                    "{version:?} connection {attempt}: (client, server) handshake kinds"
+                );
+            }
+        }
+    }
+
+    const VERSIONS_EACH: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
 
     #[test]
     fn world_readable_keys_are_refused() {

@@ -11,7 +11,7 @@ use crate::harness::proxy::{BIN, Database, Grant, Proxy, ProxyConfig, check_conf
 use crate::harness::root;
 
 /// A complete, valid config text (certificates and token file exist).
-fn good_toml(pki: &Pki) -> String {
+pub(crate) fn good_toml(pki: &Pki) -> String {
     let cfg = ProxyConfig {
         pki: pki.clone(),
         vault_address: "http://127.0.0.1:8200".into(),

@@ -1,6 +1,6 @@
 //! Cancel across replicas: two leasegate instances on loopback, each naming the other in
 //! `[cluster]` (peer client certificate with DNS SAN `leasegate-peer`, clientAuth, from the test
-//! CA). A plaintext CancelRequest for a session on instance A sent to instance B cancels the
+//! CA; peers named 127.0.0.1, which their server certificate carries). A plaintext CancelRequest for a session on instance A sent to instance B cancels the
 //! query (57014); a CancelRequest with a wrong secret is ignored by both.
 
 use std::time::{Duration, Instant};
@@ -67,7 +67,7 @@ async fn cancel_request_sent_to_a_peer_instance_cancels_the_query() {
     let options = |port: u16, peer_port: u16| {
         let mut opts = StartOptions::default();
         opts.port = Some(port);
-        opts.extra_toml = cluster_section(&[peer_port], PEER_IDENTITY, &peer);
+        opts.extra_toml = cluster_section(&[peer_port], PEER_IDENTITY, &peer, pki.ca_pem());
         opts
     };
     let a = Proxy::start_with_options(cfg.clone(), options(port_a, port_b)).await;

@@ -118,9 +118,53 @@ impl Pki {
         &self.0.server_key
     }
 
+    /// A server certificate (serverAuth) for exactly `dns` and `ips`, signed by the trusted CA,
+    /// written as `<file>.pem` and `<file>-key.pem` (0600); returns (cert, key).
+    pub fn server_with_names(
+        &self,
+        file: &str,
+        dns: &[&str],
+        ips: &[IpAddr],
+    ) -> (PathBuf, PathBuf) {
+        let mut params =
+            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.distinguished_name.push(DnType::CommonName, file);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut params, false);
+        let key = KeyPair::generate().expect("server key");
+        let issuer = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
+        let cert = params.signed_by(&key, &issuer).expect("sign server cert");
+        let cert_path = write(self.dir(), &format!("{file}.pem"), &cert.pem());
+        let key_path = write(self.dir(), &format!("{file}-key.pem"), &key.serialize_pem());
+        set_mode(&key_path, 0o600).expect("chmod server key");
+        (cert_path, key_path)
+    }
+
     /// A valid client certificate signed by the trusted CA.
     pub fn client(&self, name: &str, id: Identity) -> ClientCert {
         self.issue(name, id, &self.0.ca, false)
+    }
+
+    /// Signed by the trusted CA, valid from a minute ago until `valid` from now (certificates
+    /// count whole seconds); also returns the end of its validity.
+    pub fn short_lived_client(
+        &self,
+        name: &str,
+        id: Identity,
+        valid: std::time::Duration,
+    ) -> (ClientCert, std::time::SystemTime) {
+        let now = std::time::SystemTime::now();
+        let not_after = now + valid;
+        let cert = self.client_with(name, id, |params| {
+            params.not_before = (now - std::time::Duration::from_secs(60)).into();
+            params.not_after = not_after.into();
+        });
+        (cert, not_after)
     }
 
     /// Signed by the trusted CA but expired since 2021.

@@ -172,17 +172,37 @@ pub struct ProcessOptions {
     pub args: Vec<String>,
 }
 
-/// A `[cluster]` section: `peers` are loopback ports of the other instances, `peer_identity`
-/// the pattern their client certificates match, `cert` this instance's client certificate.
-pub fn cluster_section(peers: &[u16], peer_identity: &str, cert: &ClientCert) -> String {
+/// A `[cluster]` section: `peers` are loopback ports of the other instances (named by the
+/// address 127.0.0.1, which the harness server certificate carries), `peer_identity` the
+/// pattern their client certificates match, `cert` this instance's client certificate, `ca`
+/// the CA of the peers' server certificates.
+pub fn cluster_section(peers: &[u16], peer_identity: &str, cert: &ClientCert, ca: &Path) -> String {
     let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    cluster_section_hosts(&peers, peer_identity, cert, ca)
+}
+
+/// [`cluster_section`] with `peers` as written (`host:port`).
+pub fn cluster_section_hosts(
+    peers: &[String],
+    peer_identity: &str,
+    cert: &ClientCert,
+    ca: &Path,
+) -> String {
     format!(
-        "\n[cluster]\npeers = {}\npeer_identity = {}\ncert = {}\nkey = {}\n",
-        list(&peers),
+        "\n[cluster]\npeers = {}\npeer_identity = {}\ncert = {}\nkey = {}\nca_cert = {}\n",
+        list(peers),
         q(peer_identity),
         qp(&cert.cert),
-        qp(&cert.key)
+        qp(&cert.key),
+        qp(ca)
     )
+}
+
+/// Adds the TOML `section` text (e.g. from [`cluster_section`]) to a config table, for
+/// [`Proxy::start_edited`].
+pub fn merge_toml(config: &mut toml::Table, section: &str) {
+    let extra: toml::Table = section.parse().expect("section is TOML");
+    config.extend(extra);
 }
 
 /// A running leasegate process.

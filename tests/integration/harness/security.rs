@@ -150,3 +150,48 @@ pub async fn fixture_edited(
         proxy,
     }
 }
+
+/// A stand-in for a cluster peer that leasegate forwards cancels to (a fault the real
+/// leasegate cannot produce on demand): it counts the connections it accepts and either holds
+/// them open without a word (a peer that hangs) or closes them at once.
+pub struct FakePeer {
+    pub port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakePeer {
+    pub async fn start(hang: bool) -> FakePeer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake peer");
+        let port = listener.local_addr().expect("fake peer address").port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if hang {
+                    held.push(tcp);
+                }
+            }
+        });
+        FakePeer {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

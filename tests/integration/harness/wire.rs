@@ -155,6 +155,16 @@ pub fn cancel_packet(pid: i32, secret: &[u8]) -> Vec<u8> {
     msg
 }
 
+/// Request code of leasegate's PeerCancelRequest (the cancel one instance forwards to another).
+pub const PEER_CANCEL_REQUEST_CODE: u32 = 0x4c47_0001;
+
+/// A PeerCancelRequest packet: laid out as a CancelRequest, with leasegate's own code.
+pub fn peer_cancel_packet(pid: i32, secret: &[u8]) -> Vec<u8> {
+    let mut msg = cancel_packet(pid, secret);
+    msg[4..8].copy_from_slice(&PEER_CANCEL_REQUEST_CODE.to_be_bytes());
+    msg
+}
+
 /// A simple-protocol Query message.
 pub fn query_message(sql: &str) -> Vec<u8> {
     let mut msg = vec![b'Q'];
@@ -187,16 +197,44 @@ pub enum TlsClose {
     Open,
 }
 
-/// Sends a CancelRequest inside TLS (as libpq ≥ 17's `PQcancelCreate` does, and leasegate
-/// peers) to leasegate on `port`, then reports how leasegate closed the connection (≤ 5 s).
+/// Sends a CancelRequest inside TLS (as libpq ≥ 17's `PQcancelCreate` does) to leasegate on
+/// `port`, then reports how leasegate closed the connection (≤ 5 s).
 pub async fn send_tls_cancel(
     port: u16,
     config: Arc<ClientConfig>,
     pid: i32,
     secret: &[u8],
 ) -> io::Result<TlsClose> {
+    send_tls_packet(port, config, &cancel_packet(pid, secret)).await
+}
+
+/// Sends a CancelRequest from the local address `source` (any 127.x address is this host's
+/// too) and returns what leasegate sent back before closing (a cancel is never answered),
+/// waiting at most 5 s.
+pub async fn send_plain_cancel_from(
+    source: std::net::IpAddr,
+    port: u16,
+    pid: i32,
+    secret: &[u8],
+) -> io::Result<Vec<u8>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    let mut tcp = socket.connect(([127, 0, 0, 1], port).into()).await?;
+    tcp.write_all(&cancel_packet(pid, secret)).await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    Ok(rest)
+}
+
+/// Sends one pre-authentication `packet` inside TLS to leasegate on `port`, then reports how
+/// leasegate closed the connection (≤ 5 s).
+pub async fn send_tls_packet(
+    port: u16,
+    config: Arc<ClientConfig>,
+    packet: &[u8],
+) -> io::Result<TlsClose> {
     let mut tls = tls_connect(port, config).await?;
-    tls.write_all(&cancel_packet(pid, secret)).await?;
+    tls.write_all(packet).await?;
     tls.flush().await?;
     let mut rest = Vec::new();
     Ok(

@@ -1,0 +1,229 @@
+//! `[cluster]` checks at load and the background resolver, with certificates made by rcgen.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    SanType,
+};
+
+use super::*;
+use crate::config::CLUSTER_CA_REQUIRED;
+
+/// A client CA, another CA, and files in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+    other_ca: CertifiedIssuer<'static, KeyPair>,
+    ca_pem: PathBuf,
+}
+
+fn new_ca() -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca")
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).expect("write ca");
+        Pki {
+            dir,
+            ca,
+            other_ca: new_ca(),
+            ca_pem,
+        }
+    }
+
+    /// A certificate with DNS SAN `dns` and `usage`, issued by the client CA (or the other
+    /// one); returns (cert path, key path).
+    fn cert(
+        &self,
+        file: &str,
+        dns: &str,
+        usage: ExtendedKeyUsagePurpose,
+        trusted: bool,
+    ) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::default();
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(dns.try_into().expect("dns")));
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("key");
+        let issuer = if trusted { &self.ca } else { &self.other_ca };
+        let cert = params.signed_by(&key, issuer).expect("sign");
+        let cert_path = self.dir.path().join(format!("{file}.pem"));
+        let key_path = self.dir.path().join(format!("{file}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+
+    fn listen(&self) -> ListenConfig {
+        toml::from_str(&format!(
+            "address = \"127.0.0.1:0\"\ncert = \"/unused\"\nkey = \"/unused\"\nclient_ca = {:?}\n",
+            self.ca_pem
+        ))
+        .expect("[listen]")
+    }
+}
+
+fn cluster_config(
+    peers: &[&str],
+    identity: &str,
+    cert: &Path,
+    key: &Path,
+    ca: Option<&Path>,
+) -> ClusterConfig {
+    ClusterConfig {
+        peers: peers.iter().map(|p| p.to_string()).collect(),
+        peer_identity: identity.into(),
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        ca_cert: ca.map(Path::to_owned),
+    }
+}
+
+#[test]
+fn a_cluster_certificate_peers_would_refuse_is_refused_at_load() {
+    let pki = Pki::new();
+    let listen = pki.listen();
+    let ca = Some(pki.ca_pem.as_path());
+    let (good, good_key) = pki.cert(
+        "peer",
+        "leasegate-peer",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        true,
+    );
+    let ok = cluster_config(
+        &["127.0.0.1:6432"],
+        "dns:leasegate-peer",
+        &good,
+        &good_key,
+        ca,
+    );
+    assert_eq!(problems(&ok, &listen), Vec::<String>::new());
+
+    let mismatch = cluster_config(&["127.0.0.1:6432"], "dns:other-peer", &good, &good_key, ca);
+    let found = problems(&mismatch, &listen).join("\n");
+    assert!(
+        found.contains("do not match cluster.peer_identity \"dns:other-peer\"")
+            && found.contains("dns:leasegate-peer"),
+        "{found}"
+    );
+
+    let (rogue, rogue_key) = pki.cert(
+        "rogue",
+        "leasegate-peer",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        false,
+    );
+    let untrusted = cluster_config(
+        &["127.0.0.1:6432"],
+        "dns:leasegate-peer",
+        &rogue,
+        &rogue_key,
+        ca,
+    );
+    let found = problems(&untrusted, &listen).join("\n");
+    assert!(
+        found.contains("does not verify as a client certificate against listen.client_ca"),
+        "{found}"
+    );
+
+    let (server_only, server_key) = pki.cert(
+        "srv",
+        "leasegate-peer",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        true,
+    );
+    let no_client_auth = cluster_config(
+        &["127.0.0.1:6432"],
+        "dns:leasegate-peer",
+        &server_only,
+        &server_key,
+        ca,
+    );
+    let found = problems(&no_client_auth, &listen).join("\n");
+    assert!(
+        found.contains("does not verify as a client certificate"),
+        "{found}"
+    );
+
+    let no_ca = cluster_config(
+        &["127.0.0.1:6432"],
+        "dns:leasegate-peer",
+        &good,
+        &good_key,
+        None,
+    );
+    assert_eq!(
+        problems(&no_ca, &listen),
+        vec![CLUSTER_CA_REQUIRED.to_string()]
+    );
+
+    let bad_peer = cluster_config(&["::1:6432"], "dns:leasegate-peer", &good, &good_key, ca);
+    let found = problems(&bad_peer, &listen).join("\n");
+    assert!(found.contains("in brackets"), "{found}");
+}
+
+#[tokio::test]
+async fn peers_are_resolved_in_the_background_until_the_cluster_is_dropped() {
+    let pki = Pki::new();
+    let (cert, key) = pki.cert(
+        "peer",
+        "leasegate-peer",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        true,
+    );
+    let ca = Some(pki.ca_pem.as_path());
+    let config = cluster_config(
+        &["127.0.0.1:7001", "localhost:7002"],
+        "dns:leasegate-peer",
+        &cert,
+        &key,
+        ca,
+    );
+    let cluster = Cluster::new(&config, &pki.listen()).expect("cluster");
+    // IP addresses need no lookup: there from the start, named by their address.
+    let first = cluster.peer_addresses();
+    assert!(
+        first
+            .iter()
+            .any(|p| p.addr == "127.0.0.1:7001".parse().expect("addr")
+                && matches!(p.name, ServerName::IpAddress(_))),
+        "{first:?}"
+    );
+    // The DNS name arrives from the resolver, each address named by the configured host.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let localhost = ServerName::try_from("localhost").expect("name");
+    loop {
+        let peers = cluster.peer_addresses();
+        if peers
+            .iter()
+            .any(|p| p.addr.port() == 7002 && p.name == localhost)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "localhost never resolved: {peers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Dropping the Cluster (a reload replaced it) ends its resolver, which held the list.
+    let list = Arc::downgrade(&cluster.peers);
+    drop(cluster);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while list.upgrade().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resolver still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

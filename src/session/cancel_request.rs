@@ -1,0 +1,61 @@
+//! The cancel branch of a connection: admission (rate limits, in-flight cap), the route
+//! (upstream, the peers, or nowhere), the work under one time limit, the metric, and the close.
+//! Nothing is ever answered, as PostgreSQL answers no cancel request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::handshake::CancelRequest;
+use crate::app::{AppState, Live};
+use crate::cancel::{self, CancelKind, Route};
+
+/// Limit for all the work one cancel causes (each step has its own, shorter limit).
+const CANCEL_WORK_LIMIT: Duration = Duration::from_secs(10);
+
+/// Handles one cancel request from `peer` and closes its connection.
+pub async fn handle(state: &AppState, live: &Live, request: CancelRequest, peer: SocketAddr) {
+    let from_peer = live
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.is_peer(request.sender.as_ref()));
+    // A verified peer's PeerCancelRequest was rate-limited where the client sent it.
+    let forwarded_by_peer = request.kind == CancelKind::Peer && from_peer;
+    let result = match state.cancel_gate.admit(peer.ip(), !forwarded_by_peer) {
+        Err(refusal) => refusal.label(),
+        Ok(_slot) => {
+            let work = dispatch(state, live, &request, from_peer);
+            tokio::time::timeout(CANCEL_WORK_LIMIT, work)
+                .await
+                .unwrap_or("timed_out")
+        }
+    };
+    state.metrics.cancel_request(result);
+    tracing::debug!(%peer, kind = ?request.kind, result, "cancel request");
+    request.conn.close().await;
+}
+
+/// Does what [`cancel::route`] decides; returns the metric label.
+async fn dispatch(
+    state: &AppState,
+    live: &Live,
+    request: &CancelRequest,
+    from_peer: bool,
+) -> &'static str {
+    let cluster = live.cluster.as_ref();
+    let route = cancel::route(request.kind, from_peer, cluster.is_some(), || {
+        state.cancels.lookup(&request.key)
+    });
+    match (route, cluster) {
+        (Route::Upstream(target), _) => {
+            cancel::forward(target).await;
+            "forwarded"
+        }
+        (Route::Peers, Some(cluster)) => {
+            let done = cluster.forward(&request.key).await;
+            state.metrics.cancel_peer_forwards(done.sent, done.failed);
+            "to_peers"
+        }
+        (Route::Peers, None) => "unknown_key",
+        (Route::Drop(label), _) => label,
+    }
+}
