@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod duration;
 pub mod lease;
 
 pub use client::{VaultClient, VaultError};
