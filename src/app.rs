@@ -274,12 +274,14 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
                 "grace period over: ending open sessions"
             );
             sessions.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+            // A session waiting for Vault lets its creds call finish (then revokes it).
+            let ending = Duration::from_secs(10).max(config.vault.timeout + Duration::from_secs(2));
+            let _ = tokio::time::timeout(ending, tracker.wait()).await;
         }
         let left = state.revoker.drain(config.vault.timeout * 4).await;
-        if left > 0 {
+        if !left.is_empty() {
             tracing::error!(
-                pending = left,
+                leases = left.len(),
                 "leases left unrevoked at exit; they expire at their TTL"
             );
         }

@@ -2,9 +2,13 @@
 //! session holds with the revoker that guarantees it is revoked (`lease`).
 
 pub mod auth;
+pub(crate) mod body;
 pub mod client;
 pub mod duration;
 pub mod lease;
+pub mod login;
+#[cfg(test)]
+mod testing;
 
 pub use client::{VaultClient, VaultError};
 pub use lease::{Lease, LeaseGuard, Revoker};
