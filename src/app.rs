@@ -187,7 +187,7 @@ pub fn reload(state: &AppState, running: &Config, path: &Path) {
 pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     let state = build_state(&config)?;
     let auth_stop = CancellationToken::new();
-    let vault_login = tokio::spawn(crate::vault::auth::maintain(
+    let mut vault_login = tokio::spawn(crate::vault::auth::maintain(
         state.vault.clone(),
         config.vault.auth.clone(),
         auth_stop.clone(),
@@ -285,6 +285,11 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
                 "leases left unrevoked at exit; they expire at their TTL"
             );
         }
+        // The leases are done with: stop renewing and revoke the tokens leasegate logged in
+        // for (an operator's token is left alone).
+        auth_stop.cancel();
+        let _ = (&mut vault_login).await;
+        crate::vault::auth::logout(&state.vault).await;
     };
     tokio::select! {
         _ = drain => tracing::info!("shutdown complete"),
@@ -294,8 +299,6 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
         }
     }
     admin_stop.cancel();
-    auth_stop.cancel();
-    let _ = vault_login.await;
     Ok(())
 }
 
