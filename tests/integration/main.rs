@@ -27,6 +27,7 @@ mod sec_input;
 mod sec_limits;
 mod sec_secrets;
 mod sec_upstream;
+mod sec_vault;
 mod selftest;
 mod session;
 mod shutdown;
