@@ -211,6 +211,6 @@ fn check(config: &Config, online: bool) -> anyhow::Result<()> {
 async fn check_vault(config: &Config) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(leasegate::metrics::Metrics::new());
     let client = leasegate::vault::VaultClient::new(&config.vault, metrics)?;
-    leasegate::vault::auth::login(&client, &config.vault.auth).await?;
+    leasegate::vault::auth::check_login(&client, &config.vault.auth).await?;
     Ok(())
 }

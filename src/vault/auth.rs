@@ -243,6 +243,14 @@ async fn revoke_token(client: &VaultClient, token: &Token, why: &'static str) {
     }
 }
 
+/// Logs in once as leasegate would, then revokes the token again if leasegate owns it
+/// (`check-config --online` must not leave tokens behind).
+pub async fn check_login(client: &VaultClient, auth: &VaultAuthConfig) -> Result<(), VaultError> {
+    let token = login(client, auth).await?;
+    revoke_token(client, &token, "check-config").await;
+    Ok(())
+}
+
 /// Revokes the retired tokens that no lease needs any more.
 async fn revoke_unused(client: &VaultClient) {
     for token in client.tokens.take_unused() {

@@ -107,6 +107,38 @@ impl SecretBody {
     }
 }
 
+/// A creds answer read only for its lease id (everything else is skipped unparsed).
+#[derive(serde::Deserialize)]
+struct LeaseIdOnly {
+    #[serde(default)]
+    lease_id: String,
+}
+
+/// The lease id of a creds answer: from the parsed JSON when it parses, else, best effort,
+/// the first complete `"lease_id": "..."` in a broken or cut-off body.
+pub(crate) fn lease_id_in(body: &[u8]) -> Option<String> {
+    if let Ok(only) = serde_json::from_slice::<LeaseIdOnly>(body) {
+        return (!only.lease_id.is_empty()).then_some(only.lease_id);
+    }
+    let key = b"\"lease_id\"";
+    let at = body.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = trim_start(&body[at..]);
+    let rest = trim_start(rest.strip_prefix(b":")?);
+    let rest = rest.strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    let id = &rest[..end];
+    // Only plain printable text (no escapes, no control characters) is taken as an id.
+    let plain = !id.is_empty()
+        && id.len() <= 1024
+        && id.iter().all(|b| b.is_ascii_graphic() && *b != b'\\');
+    plain.then(|| String::from_utf8_lossy(id).into_owned())
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    &b[n..]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use super::auth::TokenStore;
-use super::body::{self, SecretBody};
+use super::body::{self, SecretBody, lease_id_in};
 use super::duration::from_vault_secs;
 use super::lease::{Lease, LeaseGuard, Revoker};
 use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
@@ -125,13 +125,6 @@ pub struct Renewed {
     pub duration: Duration,
     /// Whether further renewals are possible.
     pub renewable: bool,
-}
-
-/// A creds answer read only for its lease id (everything else is skipped unparsed).
-#[derive(Deserialize)]
-struct LeaseIdOnly {
-    #[serde(default)]
-    lease_id: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -454,128 +447,6 @@ pub(crate) fn redirect_allowed(configured: &Url, next: &Url, hops: usize) -> boo
     hops <= MAX_REDIRECTS && next.origin() == configured.origin()
 }
 
-/// The lease id of a creds answer: from the parsed JSON when it parses, else, best effort,
-/// the first complete `"lease_id": "..."` in a broken or cut-off body.
-fn lease_id_in(body: &[u8]) -> Option<String> {
-    if let Ok(only) = serde_json::from_slice::<LeaseIdOnly>(body) {
-        return (!only.lease_id.is_empty()).then_some(only.lease_id);
-    }
-    let key = b"\"lease_id\"";
-    let at = body.windows(key.len()).position(|w| w == key)? + key.len();
-    let rest = trim_start(&body[at..]);
-    let rest = trim_start(rest.strip_prefix(b":")?);
-    let rest = rest.strip_prefix(b"\"")?;
-    let end = rest.iter().position(|&b| b == b'"')?;
-    let id = &rest[..end];
-    // Only plain printable text (no escapes, no control characters) is taken as an id.
-    let plain = !id.is_empty()
-        && id.len() <= 1024
-        && id.iter().all(|b| b.is_ascii_graphic() && *b != b'\\');
-    plain.then(|| String::from_utf8_lossy(id).into_owned())
-}
-
-fn trim_start(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    &b[n..]
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn url(s: &str) -> Url {
-        Url::parse(s).expect("url")
-    }
-
-    #[test]
-    fn redirects_stay_within_the_configured_origin() {
-        let https = url("https://vault.internal:8200");
-        let same = url("https://vault.internal:8200/v1/database/creds/readonly");
-        assert!(redirect_allowed(&https, &same, 1));
-        assert!(redirect_allowed(
-            &https,
-            &url("https://VAULT.internal:8200/x"),
-            1
-        ));
-        assert!(
-            !redirect_allowed(&https, &same, MAX_REDIRECTS + 1),
-            "too many hops"
-        );
-        for elsewhere in [
-            "http://vault.internal:8200/v1/x",  // https to http
-            "https://vault.internal:8201/v1/x", // another port
-            "https://other.internal:8200/v1/x", // another host
-            "https://vault.internal/v1/x",      // the default port is another port
-            "ftp://vault.internal:8200/v1/x",   // another scheme
-        ] {
-            assert!(!redirect_allowed(&https, &url(elsewhere), 1), "{elsewhere}");
-        }
-        let http = url("http://127.0.0.1:8200/");
-        assert!(redirect_allowed(
-            &http,
-            &url("http://127.0.0.1:8200/v1/x"),
-            1
-        ));
-        assert!(!redirect_allowed(
-            &http,
-            &url("http://127.0.0.1:9999/v1/x"),
-            1
-        ));
-        assert!(!redirect_allowed(
-            &http,
-            &url("https://127.0.0.1:8200/v1/x"),
-            1
-        ));
-        let default_port = url("https://vault.example.org");
-        assert!(redirect_allowed(
-            &default_port,
-            &url("https://vault.example.org:443/v1"),
-            1
-        ));
-    }
-
-    #[test]
-    fn the_lease_id_is_found_in_whole_broken_and_cut_off_bodies() {
-        let id = "database/creds/readonly/AbC.123-x";
-        let whole = format!(r#"{{"request_id":"r","lease_id":"{id}","data":{{"username":"u"}}}}"#);
-        assert_eq!(lease_id_in(whole.as_bytes()).as_deref(), Some(id));
-        let wrong_type = format!(r#"{{"lease_id": "{id}", "data": {{"password": 12}}}}"#);
-        assert_eq!(lease_id_in(wrong_type.as_bytes()).as_deref(), Some(id));
-        let cut =
-            format!(r#"{{"request_id":"r","lease_id" : "{id}","renewable":true,"data":{{"pass"#);
-        assert_eq!(lease_id_in(cut.as_bytes()).as_deref(), Some(id));
-        for none in [
-            r#"{"request_id":"r","lease_id":"database/creds/rea"#,
-            r#"{"request_id":"r","lea"#,
-            r#"{"lease_id":""}"#,
-            r#"{"lease_id":42,"#,
-            r#"{"lease_id":"a\"b","#,
-            "{\"lease_id\":\"a\nb\",",
-            "",
-        ] {
-            assert_eq!(lease_id_in(none.as_bytes()), None, "{none:?}");
-        }
-    }
-
-    #[test]
-    fn absurd_lease_durations_parse_clamped() {
-        let body = format!(
-            r#"{{"lease_id":"x","lease_duration":{},"renewable":true,"data":{{"username":"u","password":"p"}}}}"#,
-            u64::MAX
-        );
-        let parsed: CredsResponse = body::parse("creds", body.as_bytes()).expect("parses");
-        assert_eq!(
-            from_vault_secs(parsed.lease_duration),
-            super::super::duration::MAX_VAULT_DURATION
-        );
-        let renewed: RenewResponse = body::parse(
-            "renew",
-            format!(r#"{{"lease_duration":{}}}"#, u64::MAX).as_bytes(),
-        )
-        .expect("parses");
-        assert_eq!(
-            from_vault_secs(renewed.lease_duration),
-            super::super::duration::MAX_VAULT_DURATION
-        );
-    }
-}
+#[path = "client_tests.rs"]
+mod tests;

@@ -14,7 +14,7 @@ use crate::harness::client::{current_user, pg_connect};
 use crate::harness::fixture::{Fixture, wait_all_revoked_on};
 use crate::harness::metrics::value_or_zero;
 use crate::harness::pki::{Identity, Pki};
-use crate::harness::proxy::{Proxy, set, table};
+use crate::harness::proxy::{BIN, Proxy, ProxyConfig, set, table};
 use crate::harness::{dynamic_roles, env, next_id, poll_until, root};
 
 /// What leasegate needs on `mount`, and nothing else.
@@ -407,4 +407,37 @@ async fn cert_auth_over_tls_logs_in_with_leasegates_client_certificate() {
     drop(s.client);
     let _ = s.driver.await;
     wait_all_revoked_on(bao, pg, &f.mount, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_with_approle_leaves_no_token_behind() {
+    let bao = Target::shared();
+    let mount = fresh_mount("approle-check").await;
+    let approle = AppRole::create(&bao, &mount, json!({"token_ttl": "1h"})).await;
+    let pki = Pki::new();
+    let dir = root().tempdir("approle-check-");
+    let path = ProxyConfig::new(&pki, &mount).write(dir.path(), 6432, 9187);
+    let mut config: toml::Table = std::fs::read_to_string(&path)
+        .expect("read config")
+        .parse()
+        .expect("TOML");
+    set(&mut config, "vault.auth", approle.auth_table());
+    std::fs::write(&path, toml::to_string(&config).expect("TOML")).expect("write config");
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--online", "--config"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run leasegate check-config --online");
+    assert!(
+        out.status.success(),
+        "check-config --online: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        approle.live_tokens(&bao).await,
+        Vec::<String>::new(),
+        "the login's token was revoked again"
+    );
 }
