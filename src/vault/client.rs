@@ -12,10 +12,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-use super::auth::TokenStore;
 use super::body::{self, SecretBody, lease_id_in};
 use super::duration::from_vault_secs;
 use super::lease::{Lease, LeaseGuard, Revoker};
+use super::token::TokenStore;
 use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
 use crate::metrics::Metrics;
 

@@ -12,8 +12,8 @@ use rand::RngExt;
 use secrecy::SecretString;
 use tokio::sync::{Notify, mpsc};
 
-use super::auth::Token;
 use super::client::VaultClient;
+use super::token::Token;
 use crate::metrics::Metrics;
 
 /// A credential issued by Vault. No `Debug`: it holds the password.

@@ -11,10 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::auth::Token;
 use super::body::SecretBody;
 use super::client::{Body, VaultClient, VaultError, load_token};
 use super::duration::from_vault_secs;
+use super::token::Token;
 use crate::config::{AuthMethod, VaultAuthConfig};
 
 /// A login or renew-self answer.

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::VaultClient;
-use super::auth::Token;
+use super::token::Token;
 use crate::config::VaultConfig;
 use crate::metrics::Metrics;
 
