@@ -31,3 +31,9 @@ path "auth/token/renew-self" {
 path "auth/token/lookup-self" {
   capabilities = ["read"]
 }
+
+# Revoke a token leasegate logged in for (AppRole, cert, Kubernetes) once it was replaced and
+# no lease needs it any more, and at shutdown. Never used on an operator's token.
+path "auth/token/revoke-self" {
+  capabilities = ["update"]
+}

@@ -220,7 +220,7 @@ if [[ "${SKIP_VERIFY:-0}" != 1 ]]; then
     [[ -n "$period" && "$period" != 0 ]] || die "the AppRole token is not periodic (period '$period')"
     [[ "$renewable" == true ]] || die "the AppRole token is not renewable"
     API_TOKEN="$token" api PUT auth/token/renew-self '{}' >/dev/null
-    # The check's token is not needed any more (the policy has no revoke-self: use ours).
+    # The check's token is not needed any more.
     export ACCESSOR="$accessor"
     api POST auth/token/revoke-accessor "$(json '{"accessor": env["ACCESSOR"]}')" >/dev/null
     say "verified: login gives a renewable periodic token (period ${period}s) with only policy $POLICY_NAME"

@@ -192,7 +192,7 @@ pub fn reload(state: &AppState, running: &Config, path: &Path) {
 pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     let state = build_state(&config)?;
     let auth_stop = CancellationToken::new();
-    let vault_login = tokio::spawn(crate::vault::auth::maintain(
+    let mut vault_login = tokio::spawn(crate::vault::auth::maintain(
         state.vault.clone(),
         config.vault.auth.clone(),
         auth_stop.clone(),
@@ -279,15 +279,22 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
                 "grace period over: ending open sessions"
             );
             sessions.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+            // A session waiting for Vault lets its creds call finish (then revokes it).
+            let ending = Duration::from_secs(10).max(config.vault.timeout + Duration::from_secs(2));
+            let _ = tokio::time::timeout(ending, tracker.wait()).await;
         }
         let left = state.revoker.drain(config.vault.timeout * 4).await;
-        if left > 0 {
+        if !left.is_empty() {
             tracing::error!(
-                pending = left,
+                leases = left.len(),
                 "leases left unrevoked at exit; they expire at their TTL"
             );
         }
+        // The leases are done with: stop renewing and revoke the tokens leasegate logged in
+        // for (an operator's token is left alone).
+        auth_stop.cancel();
+        let _ = (&mut vault_login).await;
+        crate::vault::auth::logout(&state.vault).await;
     };
     tokio::select! {
         _ = drain => tracing::info!("shutdown complete"),
@@ -297,8 +304,6 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
         }
     }
     admin_stop.cancel();
-    auth_stop.cancel();
-    let _ = vault_login.await;
     Ok(())
 }
 

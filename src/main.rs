@@ -1,6 +1,8 @@
 //! The `leasegate` command line: run the proxy, or check a configuration file.
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: `take_env_token` needs one narrowly scoped exception (the library
+// keeps `forbid`).
+#![deny(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use leasegate::config::Config;
+use secrecy::SecretString;
 
 /// PostgreSQL proxy with mutual TLS in and per-session Vault/OpenBao credentials out.
 #[derive(Parser)]
@@ -39,6 +42,63 @@ enum LogFormat {
     Json,
 }
 
+/// Reads `VAULT_TOKEN` once and removes it from the process: from the environment (so no
+/// later reader and no child process sees it) and from the memory behind
+/// `/proc/<pid>/environ`, which `remove_var` alone leaves untouched.
+#[allow(unsafe_code)]
+fn take_env_token() -> Option<SecretString> {
+    const NAME: &[u8] = b"VAULT_TOKEN=";
+    let value = std::env::var_os("VAULT_TOKEN")?;
+    // The environment strings the process started with, found before the variable is
+    // removed from the environment array (removal forgets the pointers, not the bytes).
+    #[cfg(target_os = "linux")]
+    let originals: Vec<*mut std::ffi::c_char> = {
+        unsafe extern "C" {
+            static environ: *const *mut std::ffi::c_char;
+        }
+        let mut found = Vec::new();
+        // SAFETY: `main` calls this before anything else, while the process has one thread,
+        // so nothing modifies the environment concurrently. `environ` is the C library's
+        // NULL-terminated array of NUL-terminated strings; it is only read here.
+        unsafe {
+            let mut entry = environ;
+            while !entry.is_null() && !(*entry).is_null() {
+                let text = std::ffi::CStr::from_ptr(*entry).to_bytes();
+                if text.starts_with(NAME) {
+                    found.push(*entry);
+                }
+                entry = entry.add(1);
+            }
+        }
+        found
+    };
+    // SAFETY: single-threaded (see above): no other thread reads or writes the environment.
+    unsafe { std::env::remove_var("VAULT_TOKEN") };
+    #[cfg(target_os = "linux")]
+    for entry in originals {
+        // SAFETY: `entry` points to a NUL-terminated string of the initial environment (or
+        // one the C library keeps for the life of the process); it is no longer reachable
+        // through `environ`, and overwriting its bytes before the NUL keeps it a valid
+        // (empty) C string. Still one thread.
+        unsafe {
+            let len = std::ffi::CStr::from_ptr(entry).to_bytes().len();
+            std::ptr::write_bytes(entry, 0, len);
+        }
+    }
+    let bytes = zeroize::Zeroizing::new(value.into_encoded_bytes());
+    let token = std::str::from_utf8(&bytes).ok()?.trim();
+    (!token.is_empty()).then(|| SecretString::from(token.to_owned()))
+}
+
+/// The `VAULT_TOKEN` taken at startup serves `method = "token"` when neither `token` nor
+/// `token_file` is configured (the documented order: inline, file, environment).
+fn use_env_token(config: &mut Config, env_token: Option<SecretString>) {
+    let auth = &mut config.vault.auth;
+    if auth.token.is_none() && auth.token_file.is_none() {
+        auth.token = env_token;
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -54,9 +114,11 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // First, while this is the only thread: nothing else may read the environment meanwhile.
+    let env_token = take_env_token();
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match run(cli) {
+    match run(cli, env_token) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("leasegate: {e:#}");
@@ -65,17 +127,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<()> {
     let path = cli
         .config
         .context("--config PATH is required (see leasegate --help)")?;
     if let Some(Command::CheckConfig { online }) = cli.command {
-        let config = Config::load_unvalidated(&path)?;
+        let mut config = Config::load_unvalidated(&path)?;
+        use_env_token(&mut config, env_token);
         check(&config, online)?;
         println!("{}: configuration is valid", path.display());
         return Ok(());
     }
-    let config = Config::load(&path)?;
+    let mut config = Config::load(&path)?;
+    use_env_token(&mut config, env_token);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.runtime.worker_threads {
         builder.worker_threads(n);
@@ -167,6 +231,6 @@ fn check_cluster(config: &Config, problems: &mut Vec<String>) {
 async fn check_vault(config: &Config) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(leasegate::metrics::Metrics::new());
     let client = leasegate::vault::VaultClient::new(&config.vault, metrics)?;
-    leasegate::vault::auth::login(&client, &config.vault.auth).await?;
+    leasegate::vault::auth::check_login(&client, &config.vault.auth).await?;
     Ok(())
 }

@@ -201,13 +201,13 @@ impl Metrics {
         register(
             r,
             "leasegate_vault_requests",
-            "Vault HTTP requests, by operation and status (2xx, 4xx, 5xx, timeout, unreachable)",
+            "Vault HTTP requests, by operation and status (2xx, 3xx, 4xx, 5xx, timeout, unreachable)",
             m.vault_requests_total.clone(),
         );
         register(
             r,
             "leasegate_vault_auth_renewals",
-            "Vault token renewals and logins, by result (ok, error, login)",
+            "Vault token renewals, logins and revocations, by result (ok, error, login, revoked)",
             m.vault_auth_renewals_total.clone(),
         );
         register(
@@ -289,7 +289,7 @@ impl Metrics {
                 .lease_renewals_total
                 .get_or_create(&[("result", result)]);
         }
-        for result in ["ok", "error", "login"] {
+        for result in ["ok", "error", "login", "revoked"] {
             let _ = self
                 .vault_auth_renewals_total
                 .get_or_create(&[("result", result)]);

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DatabaseConfig};
 use crate::metrics::Metrics;
+use crate::vault::duration::later;
 use crate::vault::{Lease, LeaseGuard, Revoker, VaultClient};
 
 /// A lease waiting for its session.
@@ -180,7 +181,7 @@ impl Prefetcher {
     /// Keeps the pools filled and their leases alive until `stop`; then revokes them all.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            let next = self.tick().await;
+            let next = self.tick(&stop).await;
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = self.wake.notified() => {}
@@ -191,12 +192,12 @@ impl Prefetcher {
     }
 
     /// One pass over every pool; returns when the next pass is due.
-    async fn tick(&self) -> Instant {
+    async fn tick(&self, stop: &CancellationToken) -> Instant {
         let mut next = Instant::now() + Duration::from_secs(30);
         let keys: Vec<Key> = self.lock().keys().cloned().collect();
         for key in keys {
             next = next.min(self.expire_and_renew(&key).await);
-            if let Err(retry) = self.refill(&key).await {
+            if let Err(retry) = self.refill(&key, stop).await {
                 next = next.min(retry);
             }
         }
@@ -242,10 +243,11 @@ impl Prefetcher {
             };
             match result {
                 // Capped below the asked-for TTL: the lease is near max_ttl; replace it.
-                Ok(r) if r.renewable && r.duration + Duration::from_secs(1) >= ttl => {
+                Ok(r)
+                    if r.renewable && r.duration.saturating_add(Duration::from_secs(1)) >= ttl =>
+                {
                     let entry = &mut pool.ready[pos];
-                    entry.expires = now + r.duration;
-                    entry.next_renew = now + r.duration * 2 / 3;
+                    (entry.expires, entry.next_renew) = schedule(now, r.duration);
                 }
                 Ok(_) => {
                     pool.ready.remove(pos);
@@ -261,13 +263,18 @@ impl Prefetcher {
             .get(key)
             .into_iter()
             .flat_map(|p| p.ready.iter())
-            .map(|r| r.next_renew.min(r.issued + p_max_idle(&pools, key)))
+            .map(|r| r.next_renew.min(later(r.issued, p_max_idle(&pools, key))))
             .fold(Instant::now() + Duration::from_secs(30), Instant::min)
     }
 
-    /// Issues credentials until the pool holds its target; `Err(retry_at)` after a failure.
-    async fn refill(&self, key: &Key) -> Result<(), Instant> {
+    /// Issues credentials until the pool holds its target (or `stop`); `Err(retry_at)` after
+    /// a failure. A creds call in flight is not cut short at `stop`: what Vault issued is
+    /// pooled and revoked with the rest.
+    async fn refill(&self, key: &Key, stop: &CancellationToken) -> Result<(), Instant> {
         loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
             let origin = {
                 let pools = self.lock();
                 match pools.get(key) {
@@ -275,18 +282,19 @@ impl Prefetcher {
                     _ => return Ok(()),
                 }
             };
-            let lease = match self.vault.creds(&origin.mount, &key.1).await {
-                Ok(l) => l,
+            let issued = self.vault.creds(&origin.mount, &key.1, &self.revoker).await;
+            let (lease, guard) = match issued {
+                Ok(issued) => issued,
                 Err(e) => {
                     tracing::warn!(database = %key.0, role = %key.1, error = %e, "prefetch failed");
                     return Err(Instant::now() + Duration::from_secs(5));
                 }
             };
-            let guard = self.revoker.guard(&lease);
             let now = Instant::now();
+            let (expires, next_renew) = schedule(now, lease.duration);
             let ready = Ready {
-                expires: now + lease.duration,
-                next_renew: now + lease.duration * 2 / 3,
+                expires,
+                next_renew,
                 issued: now,
                 guard,
                 lease,
@@ -302,9 +310,33 @@ impl Prefetcher {
     }
 }
 
+/// When a lease granted `ttl` at `now` expires, and when to renew it (at two thirds).
+fn schedule(now: Instant, ttl: Duration) -> (Instant, Instant) {
+    (later(now, ttl), later(now, ttl / 3 * 2))
+}
+
 fn p_max_idle(pools: &HashMap<Key, Pool>, key: &Key) -> Duration {
     pools
         .get(key)
         .map(|p| p.max_idle)
         .unwrap_or(Duration::from_secs(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_lease_durations_do_not_panic() {
+        let now = Instant::now();
+        let huge = crate::vault::duration::from_vault_secs(u64::MAX);
+        for ttl in [huge, Duration::MAX, Duration::ZERO] {
+            let (expires, next_renew) = schedule(now, ttl);
+            assert!(next_renew <= expires);
+            assert!(expires >= now);
+        }
+        let (expires, next_renew) = schedule(now, Duration::from_secs(30));
+        assert_eq!(expires, now + Duration::from_secs(30));
+        assert_eq!(next_renew, now + Duration::from_secs(20));
+    }
 }

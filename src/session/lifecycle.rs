@@ -16,6 +16,7 @@ use super::relay::Control;
 use crate::metrics::Metrics;
 use crate::protocol::messages::{Severity, error_response, notice_response};
 use crate::vault::VaultClient;
+use crate::vault::duration::later;
 
 /// The lease and limits one session lives under.
 pub struct Lifetime {
@@ -53,7 +54,47 @@ fn end_margin(ttl: Duration) -> Duration {
 fn renew_time(now: Instant, expires: Instant) -> Instant {
     let remaining = expires.saturating_duration_since(now);
     let jitter_ms = rand::rng().random_range(0..=remaining.as_millis() as u64 / 10);
-    now + remaining * 2 / 3 - Duration::from_millis(jitter_ms).min(remaining * 2 / 3)
+    let at = remaining / 3 * 2;
+    later(now, at.saturating_sub(Duration::from_millis(jitter_ms)))
+}
+
+/// When the session ends (and why), and when to warn the client.
+struct Plan {
+    end_at: Instant,
+    ending: Ending,
+    warn_at: Option<Instant>,
+}
+
+/// The session's end as known now: the credential's end (`expires` minus a margin; `None`
+/// for a credential that never expires) or `session_end`, whichever comes first. The warning
+/// is due `expiry_warning` before an end that is final (`credential_final`: renewals will not
+/// move it) and not yet `warned` about.
+fn plan(
+    life: &Lifetime,
+    started: Instant,
+    expires: Option<Instant>,
+    session_end: Option<Instant>,
+    credential_final: bool,
+    warned: bool,
+) -> Plan {
+    let credential_end = expires.map(|e| e.checked_sub(end_margin(life.ttl)).unwrap_or(e));
+    let (end_at, ending) = match (credential_end, session_end) {
+        (Some(c), Some(s)) if s < c => (s, Ending::MaxSession),
+        (Some(c), _) => (c, Ending::Credential),
+        (None, Some(s)) => (s, Ending::MaxSession),
+        (None, None) => (later(started, Duration::MAX), Ending::MaxSession),
+    };
+    // A renewable credential's end moves; warn about it only once renewals stopped working.
+    let end_is_final = ending == Ending::MaxSession || credential_final;
+    let warn_at = (!warned && end_is_final).then(|| {
+        let lead = life.warning.min(end_at.saturating_duration_since(started));
+        end_at.checked_sub(lead).unwrap_or(end_at)
+    });
+    Plan {
+        end_at,
+        ending,
+        warn_at,
+    }
 }
 
 /// "3s" for anything above 2 s up to 3 s: a notice never announces less time than is left.
@@ -113,28 +154,26 @@ async fn watch_inner(
     control: &mpsc::Sender<Control>,
 ) -> Watched {
     let started = Instant::now();
-    let session_end = life.max_session.map(|d| started + d);
+    let session_end = life.max_session.map(|d| later(started, d));
     let expiring = !life.ttl.is_zero();
-    let mut expires = started + life.remaining;
+    let mut expires = later(started, life.remaining);
     let mut renewable = life.renewable && expiring;
     let mut renew_failing = false;
     let mut warned = false;
     let mut next_renew = renew_time(started, expires);
     loop {
-        let credential_end = expiring.then(|| expires - end_margin(life.ttl));
-        let (end_at, ending) = match (credential_end, session_end) {
-            (Some(c), Some(s)) if s < c => (s, Ending::MaxSession),
-            (Some(c), _) => (c, Ending::Credential),
-            (None, Some(s)) => (s, Ending::MaxSession),
-            (None, None) => (
-                started + Duration::from_secs(100 * 365 * 86_400),
-                Ending::MaxSession,
-            ),
-        };
-        // A renewable credential's end moves; warn about it only once renewals stopped working.
-        let end_is_final = ending == Ending::MaxSession || !renewable || renew_failing;
-        let warn_at =
-            (!warned && end_is_final).then(|| end_at - life.warning.min(end_at - started));
+        let Plan {
+            end_at,
+            ending,
+            warn_at,
+        } = plan(
+            &life,
+            started,
+            expiring.then_some(expires),
+            session_end,
+            !renewable || renew_failing,
+            warned,
+        );
         let mut next = end_at;
         if renewable {
             next = next.min(next_renew);
@@ -188,13 +227,13 @@ async fn watch_inner(
                 Ok(r) => {
                     metrics.lease_renewal("ok");
                     let now = Instant::now();
-                    expires = now + r.duration;
+                    expires = later(now, r.duration);
                     renew_failing = false;
                     // Vault caps renewals at max_ttl: a shorter grant means this is the end.
                     // Vault rounds a capped TTL to whole seconds, possibly up: count a second
                     // less so the session still ends before the credential does.
                     if !r.renewable || r.duration < life.ttl {
-                        expires = now + r.duration.saturating_sub(Duration::from_secs(1));
+                        expires = later(now, r.duration.saturating_sub(Duration::from_secs(1)));
                         renewable = false;
                         tracing::info!(lease_id = %life.lease_id, ttl = ?r.duration,
                             "lease reached its maximum lifetime");
@@ -241,5 +280,55 @@ mod tests {
             assert!(at >= now + Duration::from_secs(17), "{:?}", at - now);
             assert!(at <= now + Duration::from_secs(20), "{:?}", at - now);
         }
+    }
+
+    fn lifetime(ttl: Duration, remaining: Duration, max_session: Option<Duration>) -> Lifetime {
+        Lifetime {
+            lease_id: "database/creds/readonly/x".into(),
+            ttl,
+            remaining,
+            renewable: true,
+            max_session,
+            warning: Duration::MAX,
+            role: "readonly".into(),
+        }
+    }
+
+    #[test]
+    fn absurd_durations_do_not_panic() {
+        let now = Instant::now();
+        let huge = crate::vault::duration::from_vault_secs(u64::MAX);
+        for (ttl, remaining, max_session) in [
+            (huge, huge, Some(Duration::MAX)),
+            (Duration::MAX, Duration::MAX, None),
+            (Duration::from_secs(1), Duration::ZERO, Some(Duration::ZERO)),
+        ] {
+            let life = lifetime(ttl, remaining, max_session);
+            let expires = later(now, life.remaining);
+            let session_end = life.max_session.map(|d| later(now, d));
+            assert!(renew_time(now, expires) >= now);
+            for (final_end, warned) in [(false, false), (true, false), (true, true)] {
+                let p = plan(&life, now, Some(expires), session_end, final_end, warned);
+                assert!(p.warn_at.is_none_or(|w| w <= p.end_at));
+                let p = plan(&life, now, None, session_end, final_end, warned);
+                assert!(p.end_at >= now);
+            }
+        }
+    }
+
+    #[test]
+    fn the_earlier_end_wins_and_the_warning_precedes_it() {
+        let now = Instant::now();
+        let mut life = lifetime(Duration::from_secs(60), Duration::from_secs(60), None);
+        life.warning = Duration::from_secs(10);
+        let expires = now + Duration::from_secs(60);
+        let p = plan(&life, now, Some(expires), None, false, false);
+        assert_eq!(p.ending, Ending::Credential);
+        assert_eq!(p.end_at, expires - Duration::from_secs(5));
+        assert!(p.warn_at.is_none(), "a renewable end is not final");
+        let session_end = Some(now + Duration::from_secs(20));
+        let p = plan(&life, now, Some(expires), session_end, false, false);
+        assert_eq!(p.ending, Ending::MaxSession);
+        assert_eq!(p.warn_at, Some(now + Duration::from_secs(10)));
     }
 }

@@ -158,15 +158,23 @@ impl Session<'_> {
         if let Some(p) = self.state.prefetch.take(&database.config, role) {
             return Ok((p.lease, p.guard, p.remaining));
         }
-        let creds = tokio::select! {
-            r = Box::pin(self.state.vault.creds(&database.config.mount, role)) => r,
-            _ = self.stop.cancelled() => return Err(SessionError::Shutdown),
-        };
-        let lease = creds.map_err(|source| SessionError::Vault {
+        // Not raced against `stop`: once the request is out, Vault may have issued the
+        // credential, so the call runs to its end (bounded by `vault.timeout`) and a lease
+        // issued during shutdown is revoked rather than forgotten.
+        let creds = Box::pin(self.state.vault.creds(
+            &database.config.mount,
+            role,
+            &self.state.revoker,
+        ))
+        .await;
+        let (lease, guard) = creds.map_err(|source| SessionError::Vault {
             role: role.to_owned(),
             source,
         })?;
-        let guard = self.state.revoker.guard(&lease);
+        if self.stop.is_cancelled() {
+            guard.revoke();
+            return Err(SessionError::Shutdown);
+        }
         let remaining = lease.duration;
         Ok((lease, guard, remaining))
     }

@@ -2,17 +2,22 @@
 //! generic client crates drop them. Every request runs under the configured timeout; the
 //! connection pool is reused across sessions. Error bodies are logged, never shown to clients.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::{Method, StatusCode};
+use reqwest::header::{CONTENT_TYPE, HeaderValue, LOCATION};
+use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
 
-use super::auth::TokenStore;
-use super::lease::Lease;
+use super::body::{self, SecretBody, lease_id_in};
+use super::duration::from_vault_secs;
+use super::lease::{Lease, LeaseGuard, Revoker};
+use super::token::TokenStore;
 use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
 use crate::metrics::Metrics;
-use std::sync::Arc;
 
 /// Failures talking to Vault.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +48,19 @@ pub enum VaultError {
     /// The answer did not have the expected shape.
     #[error("unexpected Vault answer: {0}")]
     Malformed(String),
+    /// Vault (or something in front of it) redirected the request to another origin or from
+    /// https to http; leasegate does not follow, so the token and login secrets stay put.
+    #[error(
+        "Vault answered {status} redirecting to {to}; not followed (only redirects within {from} are)"
+    )]
+    Redirected {
+        /// The redirect status.
+        status: StatusCode,
+        /// Origin (scheme, host, port) of the `Location`, never its path or query.
+        to: String,
+        /// Origin of the configured `vault.address`.
+        from: String,
+    },
 }
 
 impl VaultError {
@@ -55,6 +73,7 @@ impl VaultError {
                 format!("Vault refused the request (HTTP {})", status.as_u16())
             }
             VaultError::Malformed(_) => "Vault sent an unexpected answer".into(),
+            VaultError::Redirected { .. } => "Vault redirected the request elsewhere".into(),
             VaultError::NoToken | VaultError::TokenFile(..) | VaultError::Setup(_) => {
                 "leasegate has no usable Vault token".into()
             }
@@ -66,7 +85,10 @@ impl VaultError {
 /// keeps filled.
 pub struct VaultClient {
     http: reqwest::Client,
+    /// `vault.address` without a trailing slash; request paths are appended to it.
     base: String,
+    /// `vault.address` parsed: the only origin requests and redirects may go to.
+    origin: Url,
     namespace: Option<String>,
     /// The current token and the retired ones still parenting live leases.
     pub tokens: TokenStore,
@@ -117,15 +139,17 @@ pub fn load_token(auth: &VaultAuthConfig) -> Result<SecretString, VaultError> {
         return Ok(token.clone());
     }
     if let Some(path) = &auth.token_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| VaultError::TokenFile(path.display().to_string(), e))?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| VaultError::TokenFile(path.display().to_string(), e))?,
+        );
         let token = text.trim();
         if token.is_empty() {
             return Err(VaultError::NoToken);
         }
         return Ok(SecretString::from(token.to_owned()));
     }
-    match std::env::var("VAULT_TOKEN") {
+    match std::env::var("VAULT_TOKEN").map(Zeroizing::new) {
         Ok(t) if !t.trim().is_empty() => Ok(SecretString::from(t.trim().to_owned())),
         _ => Err(VaultError::NoToken),
     }
@@ -134,7 +158,18 @@ pub fn load_token(auth: &VaultAuthConfig) -> Result<SecretString, VaultError> {
 impl VaultClient {
     /// Builds the client from `[vault]`.
     pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<VaultClient, VaultError> {
+        let base = cfg.address.trim_end_matches('/').to_owned();
+        let origin = Url::parse(&base)
+            .map_err(|e| VaultError::Setup(format!("vault.address {base:?}: {e}")))?;
+        let allowed = origin.clone();
         let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if redirect_allowed(&allowed, attempt.url(), attempt.previous().len()) {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            }))
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -169,7 +204,8 @@ impl VaultClient {
             .map_err(|e| VaultError::Setup(e.to_string()))?;
         Ok(VaultClient {
             http,
-            base: cfg.address.trim_end_matches('/').to_owned(),
+            base,
+            origin,
             namespace: cfg.namespace.clone(),
             tokens: TokenStore::default(),
             timeout: cfg.timeout,
@@ -185,17 +221,19 @@ impl VaultClient {
         body: Option<serde_json::Value>,
     ) -> Result<reqwest::Response, VaultError> {
         let token = self.tokens.current().ok_or(VaultError::NoToken)?;
-        self.request_as(op, method, path, body, Some(token.secret()))
+        self.request_as(op, method, path, body.map(Body::Json), Some(token.secret()))
             .await
     }
 
-    /// A request with an explicit token (`None`: a login, which carries no token).
+    /// A request with an explicit token (`None`: a login, which carries no token). The token
+    /// header is marked sensitive, and redirects are followed only within the configured
+    /// origin: a 3xx elsewhere comes back as [`VaultError::Redirected`].
     pub(crate) async fn request_as(
         &self,
         op: &'static str,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<Body>,
         token: Option<&SecretString>,
     ) -> Result<reqwest::Response, VaultError> {
         let started = Instant::now();
@@ -204,17 +242,28 @@ impl VaultClient {
             .request(method, format!("{}/v1/{path}", self.base))
             .header("X-Vault-Request", "true");
         if let Some(token) = token {
-            req = req.header("X-Vault-Token", token.expose_secret());
+            let mut value = HeaderValue::from_str(token.expose_secret()).map_err(|_| {
+                VaultError::Setup("the Vault token is not a valid HTTP header value".into())
+            })?;
+            value.set_sensitive(true);
+            req = req.header("X-Vault-Token", value);
         }
         if let Some(ns) = &self.namespace {
             req = req.header("X-Vault-Namespace", ns);
         }
-        if let Some(body) = body {
-            req = req.json(&body);
+        match body {
+            Some(Body::Json(body)) => req = req.json(&body),
+            Some(Body::Secret(secret)) => {
+                req = req
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(reqwest::Body::from(secret.into_bytes()));
+            }
+            None => {}
         }
         let result = req.send().await;
         let status = match &result {
             Ok(r) if r.status().is_success() => "2xx",
+            Ok(r) if r.status().is_redirection() => "3xx",
             Ok(r) if r.status().is_client_error() => "4xx",
             Ok(_) => "5xx",
             Err(e) if e.is_timeout() => "timeout",
@@ -227,6 +276,9 @@ impl VaultClient {
             return Ok(resp);
         }
         let status = resp.status();
+        if status.is_redirection() {
+            return Err(self.redirected(&resp));
+        }
         let detail = resp
             .json::<ErrorBody>()
             .await
@@ -234,6 +286,38 @@ impl VaultClient {
             .errors
             .join("; ");
         Err(VaultError::Status { status, detail })
+    }
+
+    /// The error for a redirect the policy did not follow: where it pointed, as an origin.
+    fn redirected(&self, resp: &reqwest::Response) -> VaultError {
+        let to = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| resp.url().join(l).ok())
+            .map_or_else(
+                || "an unreadable Location".to_owned(),
+                |u| u.origin().ascii_serialization(),
+            );
+        VaultError::Redirected {
+            status: resp.status(),
+            to,
+            from: self.origin.origin().ascii_serialization(),
+        }
+    }
+
+    /// Reads a successful answer's body (it may hold a secret, so into zeroizing memory,
+    /// within `vault.timeout`) and parses it.
+    pub(crate) async fn read_json<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        resp: reqwest::Response,
+    ) -> Result<T, VaultError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let body = body::read(resp, deadline, self.timeout)
+            .await
+            .map_err(|(_, e)| e)?;
+        body::parse(what, &body)
     }
 
     fn transport_error(&self, e: reqwest::Error) -> VaultError {
@@ -251,10 +335,19 @@ impl VaultClient {
         }
     }
 
-    /// `GET /v1/<mount>/creds/<role>`: a fresh database credential and its lease. Never retried
-    /// here: a retry after a timeout could create a second role nobody revokes.
-    pub async fn creds(&self, mount: &str, role: &str) -> Result<Lease, VaultError> {
+    /// `GET /v1/<mount>/creds/<role>`: a fresh database credential and the guard of its
+    /// lease. Never retried here: a retry after a timeout could create a second role nobody
+    /// revokes. The lease id is taken from the body first (from a broken or cut-off body too,
+    /// as far as it can be found) and guarded before anything else is parsed, so a 2xx
+    /// answer whose body fails still has its lease revoked.
+    pub async fn creds(
+        &self,
+        mount: &str,
+        role: &str,
+        revoker: &Revoker,
+    ) -> Result<(Lease, LeaseGuard), VaultError> {
         let token = self.tokens.current().ok_or(VaultError::NoToken)?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let resp = self
             .request_as(
                 "creds",
@@ -264,23 +357,43 @@ impl VaultClient {
                 Some(token.secret()),
             )
             .await?;
-        let body: CredsResponse = resp
-            .json()
-            .await
-            .map_err(|e| VaultError::Malformed(format!("creds response: {e}")))?;
-        if body.lease_id.is_empty() {
-            return Err(VaultError::Malformed(
+        let (body, failed) = match body::read(resp, deadline, self.timeout).await {
+            Ok(body) => (body, None),
+            Err((partial, e)) => (partial, Some(e)),
+        };
+        // From here on the lease exists in Vault: guard it before anything else can fail.
+        let guard = lease_id_in(&body).map(|id| revoker.guard_id(id, token.clone()));
+        let parsed = match failed {
+            Some(e) => Err(e),
+            None => body::parse::<CredsResponse>("creds response", &body),
+        };
+        let result = match (parsed, guard) {
+            (Ok(parsed), Some(guard)) => Ok((parsed, guard)),
+            (Ok(_), None) => Err(VaultError::Malformed(
                 "creds response without lease_id".into(),
-            ));
-        }
-        Ok(Lease {
-            id: body.lease_id,
-            duration: Duration::from_secs(body.lease_duration),
-            renewable: body.renewable,
-            username: body.data.username,
-            password: body.data.password,
+            )),
+            (Err(e), Some(guard)) => {
+                tracing::warn!(lease_id = %guard.id(), error = %e,
+                    "broken creds answer after Vault issued the lease: revoking it");
+                Err(e)
+            }
+            (Err(e), None) => {
+                tracing::error!(error = %e,
+                    "broken creds answer without a readable lease_id: if Vault issued a \
+                     credential, it stays valid until its TTL ends");
+                Err(e)
+            }
+        };
+        let (parsed, guard) = result?;
+        let lease = Lease {
+            id: parsed.lease_id,
+            duration: from_vault_secs(parsed.lease_duration),
+            renewable: parsed.renewable,
+            username: parsed.data.username,
+            password: parsed.data.password,
             parent: token,
-        })
+        };
+        Ok((lease, guard))
     }
 
     /// `PUT /v1/sys/leases/renew`: asks for `increment` more; returns what Vault granted.
@@ -296,12 +409,9 @@ impl VaultClient {
                 })),
             )
             .await?;
-        let body: RenewResponse = resp
-            .json()
-            .await
-            .map_err(|e| VaultError::Malformed(format!("renew response: {e}")))?;
+        let body: RenewResponse = self.read_json("renew response", resp).await?;
         Ok(Renewed {
-            duration: Duration::from_secs(body.lease_duration),
+            duration: from_vault_secs(body.lease_duration),
             renewable: body.renewable,
         })
     }
@@ -318,3 +428,25 @@ impl VaultClient {
         .map(drop)
     }
 }
+
+/// A request body: plain JSON, or JSON holding a secret (a secret_id, a JWT).
+pub(crate) enum Body {
+    /// Serialised with `serde_json`.
+    Json(serde_json::Value),
+    /// Already serialised, in memory that is zeroized when the request is done with it.
+    Secret(SecretBody),
+}
+
+/// Most redirects followed for one request (all within the configured origin).
+const MAX_REDIRECTS: usize = 5;
+
+/// Whether a redirect to `next` may be followed: only to the configured origin (same
+/// scheme, host and port, so never https to http), and at most [`MAX_REDIRECTS`] of them;
+/// `hops` is how many requests the chain made so far.
+pub(crate) fn redirect_allowed(configured: &Url, next: &Url, hops: usize) -> bool {
+    hops <= MAX_REDIRECTS && next.origin() == configured.origin()
+}
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;

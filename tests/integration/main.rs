@@ -31,6 +31,7 @@ mod sec_limits;
 mod sec_resume;
 mod sec_secrets;
 mod sec_upstream;
+mod sec_vault;
 mod selftest;
 mod session;
 mod shutdown;

@@ -14,7 +14,7 @@ use crate::harness::client::{current_user, pg_connect};
 use crate::harness::fixture::{Fixture, wait_all_revoked_on};
 use crate::harness::metrics::value_or_zero;
 use crate::harness::pki::{Identity, Pki};
-use crate::harness::proxy::{Proxy, set, table};
+use crate::harness::proxy::{BIN, Proxy, ProxyConfig, set, table};
 use crate::harness::{dynamic_roles, env, next_id, poll_until, root};
 
 /// What leasegate needs on `mount`, and nothing else.
@@ -25,6 +25,7 @@ path "sys/leases/renew" {{ capabilities = ["update"] }}
 path "sys/leases/revoke" {{ capabilities = ["update"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+path "auth/token/revoke-self" {{ capabilities = ["update"] }}
 "#,
         mount.name
     )
@@ -45,60 +46,114 @@ async fn auth_renewals(proxy: &Proxy, result: &str) -> f64 {
     )
 }
 
+/// An AppRole auth mount with one role `leasegate` whose tokens get `policy`, and a
+/// secret_id file for it.
+struct AppRole {
+    mount: String,
+    policy: String,
+    role_id: String,
+    secret_file: std::path::PathBuf,
+    _secrets: tempfile::TempDir,
+}
+
+impl AppRole {
+    /// Creates the mount, the policy (`policy_hcl` of `mount`) and the role with `role`
+    /// settings (token TTLs, ...).
+    async fn create(bao: &Target, mount: &Mount, role: serde_json::Value) -> AppRole {
+        let n = next_id();
+        let (auth_mount, policy) = (format!("approle-t{n}"), format!("leasegate-t{n}"));
+        bao.put_policy(&policy, &policy_hcl(mount)).await;
+        bao.write(
+            Method::POST,
+            &format!("sys/auth/{auth_mount}"),
+            &json!({"type": "approle"}),
+        )
+        .await;
+        let mut role = role;
+        role["token_policies"] = json!([policy]);
+        bao.write(
+            Method::POST,
+            &format!("auth/{auth_mount}/role/leasegate"),
+            &role,
+        )
+        .await;
+        let role_id = bao
+            .read(&format!("auth/{auth_mount}/role/leasegate/role-id"))
+            .await["data"]["role_id"]
+            .as_str()
+            .expect("role_id")
+            .to_string();
+        let secret_id = bao
+            .write(
+                Method::POST,
+                &format!("auth/{auth_mount}/role/leasegate/secret-id"),
+                &json!({}),
+            )
+            .await["data"]["secret_id"]
+            .as_str()
+            .expect("secret_id")
+            .to_string();
+        let secrets = root().tempdir("approle-");
+        let secret_file = secrets.path().join("secret-id");
+        write_secret(&secret_file, &secret_id);
+        AppRole {
+            mount: auth_mount,
+            policy,
+            role_id,
+            secret_file,
+            _secrets: secrets,
+        }
+    }
+
+    /// The `[vault.auth]` section that logs in with this role.
+    fn auth_table(&self) -> toml::Table {
+        table(&[
+            ("method", "approle"),
+            ("mount", &self.mount),
+            ("role_id", &self.role_id),
+            ("secret_id_file", &self.secret_file.display().to_string()),
+        ])
+    }
+
+    /// Accessors of the tokens OpenBao holds (valid) that were issued by a login here.
+    async fn live_tokens(&self, bao: &Target) -> Vec<String> {
+        let list = Method::from_bytes(b"LIST").expect("LIST");
+        let (status, text) = bao
+            .request(list, "auth/token/accessors", None)
+            .await
+            .expect("list accessors");
+        assert!(
+            status.is_success(),
+            "LIST auth/token/accessors: {status}: {text}"
+        );
+        let body: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        let login = format!("auth/{}/login", self.mount);
+        let mut live = Vec::new();
+        for accessor in body["data"]["keys"].as_array().into_iter().flatten() {
+            let body = json!({ "accessor": accessor });
+            let Ok((status, text)) = bao
+                .request(Method::POST, "auth/token/lookup-accessor", Some(&body))
+                .await
+            else {
+                continue;
+            };
+            let data: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if status.is_success() && data["data"]["path"].as_str() == Some(login.as_str()) {
+                live.push(accessor.as_str().unwrap_or_default().to_string());
+            }
+        }
+        live
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approle_token_with_short_ttl_is_renewed_and_its_leases_live_on() {
     let bao = Target::shared();
     let mount = fresh_mount("approle").await;
-    let n = next_id();
-    let (auth_mount, policy) = (format!("approle-t{n}"), format!("leasegate-t{n}"));
-    bao.put_policy(&policy, &policy_hcl(&mount)).await;
-    bao.write(
-        Method::POST,
-        &format!("sys/auth/{auth_mount}"),
-        &json!({"type": "approle"}),
-    )
-    .await;
-    bao.write(
-        Method::POST,
-        &format!("auth/{auth_mount}/role/leasegate"),
-        &json!({"token_policies": [policy], "token_ttl": "3s", "token_max_ttl": "1h"}),
-    )
-    .await;
-    let role_id = bao
-        .read(&format!("auth/{auth_mount}/role/leasegate/role-id"))
-        .await["data"]["role_id"]
-        .as_str()
-        .expect("role_id")
-        .to_string();
-    let secret_id = bao
-        .write(
-            Method::POST,
-            &format!("auth/{auth_mount}/role/leasegate/secret-id"),
-            &json!({}),
-        )
-        .await["data"]["secret_id"]
-        .as_str()
-        .expect("secret_id")
-        .to_string();
-    let secrets = root().tempdir("approle-");
-    let secret_file = secrets.path().join("secret-id");
-    write_secret(&secret_file, &secret_id);
-
-    let f = Fixture::with_mount(
-        mount,
-        Pki::new(),
-        |cfg| cfg,
-        |t| {
-            let auth = table(&[
-                ("method", "approle"),
-                ("mount", &auth_mount),
-                ("role_id", &role_id),
-                ("secret_id_file", &secret_file.display().to_string()),
-            ]);
-            set(t, "vault.auth", auth);
-        },
-    )
-    .await;
+    let role = json!({"token_ttl": "3s", "token_max_ttl": "1h"});
+    let approle = AppRole::create(&bao, &mount, role).await;
+    let auth = approle.auth_table();
+    let f = Fixture::with_mount(mount, Pki::new(), |cfg| cfg, |t| set(t, "vault.auth", auth)).await;
 
     let s = pg_connect(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp")
         .await
@@ -130,6 +185,84 @@ async fn approle_token_with_short_ttl_is_renewed_and_its_leases_live_on() {
     drop(s.client);
     let _ = s.driver.await;
     f.wait_all_revoked(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_login_token_is_revoked_once_no_lease_needs_it_and_the_last_at_exit() {
+    let bao = Target::shared();
+    let mount = fresh_mount("approle-retired").await;
+    // No default policy: the role's policy alone decides whether renew-self works.
+    let role = json!({"token_ttl": "6s", "token_max_ttl": "1h", "token_no_default_policy": true});
+    let approle = AppRole::create(&bao, &mount, role).await;
+    let auth = approle.auth_table();
+    let mut f =
+        Fixture::with_mount(mount, Pki::new(), |cfg| cfg, |t| set(t, "vault.auth", auth)).await;
+    assert_eq!(approle.live_tokens(&bao).await.len(), 1, "logged in once");
+    let s = pg_connect(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp")
+        .await
+        .expect("session with an AppRole token");
+    let user = current_user(&s).await;
+
+    // Renewal stops working for a moment: leasegate logs in again; the first token, which
+    // created the session's lease, is retired but kept (and renewed once that works again).
+    let full = policy_hcl(&f.mount);
+    let without_renew: String = full
+        .lines()
+        .filter(|l| !l.contains("renew-self"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    bao.put_policy(&approle.policy, &without_renew).await;
+    let proxy = &f.proxy;
+    poll_until(
+        Duration::from_secs(15),
+        "a failed renewal and a second login",
+        || async move {
+            let (errors, logins) = (
+                auth_renewals(proxy, "error").await,
+                auth_renewals(proxy, "login").await,
+            );
+            if errors >= 1.0 && logins >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("errors {errors}, logins {logins}"))
+            }
+        },
+    )
+    .await;
+    bao.put_policy(&approle.policy, &full).await;
+    assert_eq!(
+        approle.live_tokens(&bao).await.len(),
+        2,
+        "the retired token lives on for the session's lease"
+    );
+    s.client.query_one("select 1", &[]).await.expect("query");
+    assert_eq!(dynamic_roles(&f.mount.prefix).await, vec![user]);
+    assert_eq!(auth_renewals(&f.proxy, "revoked").await, 0.0);
+
+    // The session ends: its lease is revoked, and with it the last need for the old token.
+    drop(s.client);
+    let _ = s.driver.await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    let (approle, bao) = (&approle, &bao);
+    poll_until(
+        Duration::from_secs(15),
+        "the retired token revoked",
+        || async move {
+            let live = approle.live_tokens(bao).await.len();
+            let revoked = auth_renewals(proxy, "revoked").await;
+            if live == 1 && revoked == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("live tokens {live}, revoked {revoked}"))
+            }
+        },
+    )
+    .await;
+
+    // At exit the current token goes too.
+    let status = f.proxy.terminate(Duration::from_secs(15)).expect("exits");
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(approle.live_tokens(bao).await, Vec::<String>::new());
 }
 
 /// A child token of root with `policy`.
@@ -274,4 +407,37 @@ async fn cert_auth_over_tls_logs_in_with_leasegates_client_certificate() {
     drop(s.client);
     let _ = s.driver.await;
     wait_all_revoked_on(bao, pg, &f.mount, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_with_approle_leaves_no_token_behind() {
+    let bao = Target::shared();
+    let mount = fresh_mount("approle-check").await;
+    let approle = AppRole::create(&bao, &mount, json!({"token_ttl": "1h"})).await;
+    let pki = Pki::new();
+    let dir = root().tempdir("approle-check-");
+    let path = ProxyConfig::new(&pki, &mount).write(dir.path(), 6432, 9187);
+    let mut config: toml::Table = std::fs::read_to_string(&path)
+        .expect("read config")
+        .parse()
+        .expect("TOML");
+    set(&mut config, "vault.auth", approle.auth_table());
+    std::fs::write(&path, toml::to_string(&config).expect("TOML")).expect("write config");
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--online", "--config"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run leasegate check-config --online");
+    assert!(
+        out.status.success(),
+        "check-config --online: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        approle.live_tokens(&bao).await,
+        Vec::<String>::new(),
+        "the login's token was revoked again"
+    );
 }

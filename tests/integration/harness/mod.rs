@@ -12,6 +12,7 @@
 pub mod bao;
 pub mod client;
 pub mod compat;
+pub mod fake_vault;
 pub mod fixture;
 pub mod metrics;
 pub mod pg;
