@@ -139,7 +139,11 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     ));
     Ok(Arc::new(AppState {
         live: ArcSwap::from_pointee(Live::build(config)?),
-        audit: AuditLog::spawn(config.audit.path.clone()).map_err(StartError::Audit)?,
+        audit: AuditLog::spawn(
+            config.audit.path.clone(),
+            metrics.audit_events_dropped_total.clone(),
+        )
+        .map_err(StartError::Audit)?,
         limiter: Limiter::new(config.limits.clone()),
         revoker,
         prefetch,
