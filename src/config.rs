@@ -80,6 +80,28 @@ pub struct LimitsConfig {
     pub burst_per_identity: u32,
 }
 
+impl LimitsConfig {
+    /// Every limit must be able to let a session through: integers at least 1, the rate a
+    /// finite number above 0 (`nan` would compare false everywhere and turn the bucket off).
+    fn problems(&self, problems: &mut Vec<String>) {
+        for (key, value) in [
+            ("max_sessions", self.max_sessions),
+            ("max_sessions_per_identity", self.max_sessions_per_identity),
+            ("burst_per_identity", self.burst_per_identity),
+        ] {
+            if value == 0 {
+                problems.push(format!("limits.{key} must be at least 1 (got 0)"));
+            }
+        }
+        let rate = self.new_sessions_per_second_per_identity;
+        if !(rate.is_finite() && rate > 0.0) {
+            problems.push(format!(
+                "limits.new_sessions_per_second_per_identity must be a finite number above 0 (got {rate})"
+            ));
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -466,6 +488,7 @@ impl Config {
             ));
         }
         self.vault.auth.problems(&mut problems);
+        self.limits.problems(&mut problems);
         if self.runtime.worker_threads == Some(0) {
             problems.push("runtime.worker_threads must be at least 1".into());
         }
@@ -653,6 +676,46 @@ roles = ["readonly", "readwrite"]
         assert_eq!(cfg.databases[0].tls, UpstreamTls::Disable);
         let shown = format!("{:?}", cfg.vault);
         assert!(!shown.contains("supersecret"), "{shown}");
+    }
+
+    #[test]
+    fn limits_must_be_finite_and_positive() {
+        for (limits, key) in [
+            ("max_sessions = 0", "limits.max_sessions must be at least 1"),
+            (
+                "max_sessions_per_identity = 0",
+                "limits.max_sessions_per_identity must be at least 1",
+            ),
+            (
+                "burst_per_identity = 0",
+                "limits.burst_per_identity must be at least 1",
+            ),
+            ("new_sessions_per_second_per_identity = nan", "(got NaN)"),
+            ("new_sessions_per_second_per_identity = inf", "(got inf)"),
+            ("new_sessions_per_second_per_identity = -inf", "(got -inf)"),
+            ("new_sessions_per_second_per_identity = 0.0", "(got 0)"),
+            ("new_sessions_per_second_per_identity = -5.0", "(got -5)"),
+        ] {
+            let cfg = Config::parse(&format!("{BASE}\n[limits]\n{limits}\n")).expect("parses");
+            let all = cfg.problems().join("\n");
+            assert!(all.contains(key), "{limits}: {all}");
+            if limits.starts_with("new_sessions") {
+                assert!(
+                    all.contains("limits.new_sessions_per_second_per_identity must be a finite number above 0"),
+                    "{all}"
+                );
+            }
+        }
+        let fine = Config::parse(&format!(
+            "{BASE}\n[limits]\nnew_sessions_per_second_per_identity = 0.5\nburst_per_identity = 1\n"
+        ))
+        .expect("parses");
+        assert!(!fine.problems().join("\n").contains("limits."));
+        let negative = format!("{BASE}\n[limits]\nmax_sessions = -1\n");
+        assert!(
+            Config::parse(&negative).is_err(),
+            "a negative count does not parse"
+        );
     }
 
     #[test]

@@ -99,6 +99,58 @@ fn bad_duration_is_rejected() {
 }
 
 #[test]
+fn nan_infinite_zero_and_negative_limits_are_rejected() {
+    let pki = Pki::new();
+    let good = good_toml(&pki);
+    let with = |limits: &str| format!("{good}\n[limits]\n{limits}\n");
+    let rate = "limits.new_sessions_per_second_per_identity must be a finite number above 0";
+    for (limits, problem) in [
+        ("new_sessions_per_second_per_identity = nan", rate),
+        ("new_sessions_per_second_per_identity = inf", rate),
+        ("new_sessions_per_second_per_identity = 0.0", rate),
+        ("new_sessions_per_second_per_identity = -1.5", rate),
+        ("max_sessions = 0", "limits.max_sessions must be at least 1"),
+        (
+            "max_sessions_per_identity = 0",
+            "limits.max_sessions_per_identity must be at least 1",
+        ),
+        (
+            "burst_per_identity = 0",
+            "limits.burst_per_identity must be at least 1",
+        ),
+        // Negative counts do not even parse; the message names the key.
+        (
+            "max_sessions_per_identity = -1",
+            "max_sessions_per_identity",
+        ),
+    ] {
+        assert_rejected(&with(limits), problem);
+    }
+    // Every bad limit at once.
+    let all = with(
+        "max_sessions = 0\nmax_sessions_per_identity = 0\nburst_per_identity = 0\n\
+         new_sessions_per_second_per_identity = nan",
+    );
+    let said = text(&check_config(&all));
+    for key in [
+        "limits.max_sessions ",
+        "limits.max_sessions_per_identity",
+        "limits.burst_per_identity",
+        "limits.new_sessions_per_second_per_identity",
+    ] {
+        assert!(said.contains(key), "check-config should name {key}: {said}");
+    }
+    let out = check_config(&with(
+        "max_sessions = 1\nnew_sessions_per_second_per_identity = 0.01\nburst_per_identity = 1",
+    ));
+    assert!(
+        out.status.success(),
+        "small positive limits are fine: {}",
+        text(&out)
+    );
+}
+
+#[test]
 fn server_refuses_to_start_with_a_bad_config() {
     let pki = Pki::new();
     let dir = root().tempdir("badstart-");
