@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::policy::IdentityPattern;
+use crate::secret_files::{Finding, check_secret_file};
 
 /// The whole configuration file.
 #[derive(Deserialize)]
@@ -38,6 +39,10 @@ pub struct Config {
     /// Process settings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// The file this configuration was read from (not a key): checked like a secret file
+    /// when it holds `vault.auth.token` inline.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[runtime]`
@@ -408,6 +413,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let config = Config::load_unvalidated(path)?;
         config.validate()?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         Ok(config)
     }
 
@@ -425,6 +433,7 @@ impl Config {
         if let Some(base) = path.parent() {
             config.resolve_paths(base);
         }
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 
@@ -505,6 +514,54 @@ impl Config {
         problems
     }
 
+    /// Every file that holds a secret, by key, and whether every user reading it refuses the
+    /// configuration (`false`: a warning). The Kubernetes service-account token (`jwt_file`) is
+    /// left out: the kubelet mounts it world-readable itself.
+    fn secret_files(&self) -> Vec<(&'static str, &Path, bool)> {
+        let auth = &self.vault.auth;
+        let mut files = vec![("listen.key", self.listen.key.as_path(), true)];
+        if let Some(cluster) = &self.cluster {
+            files.push(("cluster.key", &cluster.key, true));
+        }
+        let optional = [
+            ("vault.auth.key", &auth.key, true),
+            ("vault.auth.token_file", &auth.token_file, true),
+            ("vault.auth.secret_id_file", &auth.secret_id_file, true),
+            ("vault.auth.role_id_file", &auth.role_id_file, false),
+        ];
+        for (key, path, strict) in optional {
+            files.extend(path.as_deref().map(|p| (key, p, strict)));
+        }
+        if auth.token.is_some()
+            && let Some(source) = &self.source
+        {
+            files.push((
+                "the configuration file (it holds vault.auth.token)",
+                source,
+                true,
+            ));
+        }
+        files
+    }
+
+    /// What `check_secret_file` says of every secret file.
+    fn secret_file_findings(&self) -> impl Iterator<Item = Finding> + '_ {
+        self.secret_files()
+            .into_iter()
+            .map(|(key, path, strict)| check_secret_file(key, path, strict))
+    }
+
+    /// Things worth an operator's attention that do not refuse the configuration (secret
+    /// files their group can read); `load` logs them, `check-config` shows them.
+    pub fn warnings(&self) -> Vec<String> {
+        self.secret_file_findings()
+            .filter_map(|f| match f {
+                Finding::Warning(w) => Some(w),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn validate_files(&self, problems: &mut Vec<String>) {
         let mut files: Vec<(&str, &PathBuf)> = vec![
             ("listen.cert", &self.listen.cert),
@@ -513,13 +570,16 @@ impl Config {
         ];
         files.extend(self.listen.crl.iter().map(|p| ("listen.crl", p)));
         files.extend(self.vault.ca_cert.iter().map(|p| ("vault.ca_cert", p)));
-        files.extend(
-            self.vault
-                .auth
-                .token_file
-                .iter()
-                .map(|p| ("vault.auth.token_file", p)),
-        );
+        let auth = &self.vault.auth;
+        for (key, path) in [
+            ("vault.auth.token_file", &auth.token_file),
+            ("vault.auth.role_id_file", &auth.role_id_file),
+            ("vault.auth.secret_id_file", &auth.secret_id_file),
+            ("vault.auth.cert", &auth.cert),
+            ("vault.auth.key", &auth.key),
+        ] {
+            files.extend(path.iter().map(|p| (key, p)));
+        }
         if let Some(cluster) = &self.cluster {
             files.push(("cluster.cert", &cluster.cert));
             files.push(("cluster.key", &cluster.key));
@@ -536,6 +596,10 @@ impl Config {
                 problems.push(format!("{key}: cannot read {}: {e}", path.display()));
             }
         }
+        problems.extend(self.secret_file_findings().filter_map(|f| match f {
+            Finding::Problem(p) => Some(p),
+            _ => None,
+        }));
     }
 
     fn validate_databases(&self, problems: &mut Vec<String>) {

@@ -6,6 +6,7 @@
 //! - [`app`]: shared state, reload, listener and admin startup, signals, graceful drain.
 //! - [`audit`]: the JSON audit log of session starts, ends and refusals.
 //! - [`config`]: the TOML schema, defaults and validation.
+//! - [`secret_files`]: permission checks of key, token and secret-ID files.
 //! - [`escape`]: the one escaping rule for client- and certificate-supplied names in
 //!   messages, log fields and the audit log.
 //! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod policy;
 pub mod prefetch;
 pub mod protocol;
+pub mod secret_files;
 pub mod session;
 pub mod tls;
 pub mod upstream;

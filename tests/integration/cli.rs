@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::bao::fresh_mount;
 use crate::harness::pki::Pki;
-use crate::harness::proxy::{BIN, Database, Grant, Proxy, ProxyConfig, check_config};
+use crate::harness::proxy::{BIN, Database, Grant, Proxy, ProxyConfig, check_config, write_secret};
 use crate::harness::root;
 
 /// A complete, valid config text (certificates and token file exist).
@@ -33,7 +33,7 @@ fn good_toml(pki: &Pki) -> String {
         }],
     };
     let token_file = pki.dir().join("vault-token");
-    std::fs::write(&token_file, "test-token\n").expect("write token file");
+    write_secret(&token_file, "test-token\n");
     cfg.to_toml(6432, 9187, &token_file)
 }
 

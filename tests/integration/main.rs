@@ -23,6 +23,7 @@ mod ops;
 mod rejections;
 mod resilience;
 mod sec_certs;
+mod sec_files;
 mod sec_input;
 mod sec_limits;
 mod sec_secrets;

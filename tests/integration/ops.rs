@@ -29,7 +29,7 @@ use crate::harness::client::{Raw, Transport, current_user, pg_connect, raw_start
 use crate::harness::fixture::{Fixture, GOOD_URI};
 use crate::harness::pg::pg_bin;
 use crate::harness::pki::{ClientCert, Identity, Pki};
-use crate::harness::proxy::{BIN, Proxy, ProxyConfig, check_config, set, table};
+use crate::harness::proxy::{BIN, Proxy, ProxyConfig, check_config, set, table, write_secret};
 use crate::harness::wire::tls_connect;
 use crate::harness::{closed_port, dynamic_roles, env, free_port, next_id, poll_until, root, tail};
 
@@ -1064,7 +1064,7 @@ fn check_config_reports_every_problem_at_once() {
         .grant("uri:spiffe://example.org/a", &["nosuchdb"], &["readonly"])
         .grant("uri:spiffe://example.org/b", &["myapp"], &["nosuchrole"]);
     let token_file = pki.dir().join("vault-token");
-    std::fs::write(&token_file, "test-token\n").expect("write token file");
+    write_secret(&token_file, "test-token\n");
     let missing_ca = pki.dir().join("missing-ca.pem");
     let toml = cfg
         .to_toml(6432, 9187, &token_file)
