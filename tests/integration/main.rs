@@ -24,6 +24,7 @@ mod rejections;
 mod resilience;
 mod sec_certs;
 mod sec_files;
+mod sec_identity;
 mod sec_input;
 mod sec_limits;
 mod sec_secrets;
