@@ -752,6 +752,23 @@ async fn audit_log_records_sessions_and_refusals_without_the_vault_token() {
     f.wait_all_revoked(Duration::from_secs(10)).await;
 
     let audit_text = std::fs::read_to_string(&audit).expect("read audit log");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&audit)
+            .expect("stat audit log")
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the audit log is created for leasegate only"
+    );
+    let scrape = f.proxy.metrics().await;
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l == "leasegate_audit_events_dropped_total 0"),
+        "the drop counter is exported, at 0:\n{scrape}"
+    );
     let events: Vec<Value> = audit_text
         .lines()
         .map(|l| {
