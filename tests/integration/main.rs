@@ -22,6 +22,7 @@ mod metrics;
 mod ops;
 mod rejections;
 mod resilience;
+mod sec_admin;
 mod sec_certs;
 mod sec_files;
 mod sec_identity;
