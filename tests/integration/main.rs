@@ -20,6 +20,7 @@ mod faults;
 mod lifecycle;
 mod metrics;
 mod ops;
+mod ops_reload;
 mod rejections;
 mod resilience;
 mod sec_admin;
