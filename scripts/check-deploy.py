@@ -15,8 +15,9 @@ Checks (each prints "ok" or "FAILED" with the reasons; the last line is "N passe
   kubernetes         invariants: replicas >= 2, security context, probes on the config's metrics
                      port, grace period >= preStop + shutdown_grace + drain, resources,
                      annotations, Services, headless peers = [cluster] peers, PDB, every config
-                     file path provided by the projected volume; `kubectl kustomize` if kubectl
-                     is installed
+                     file path provided by the projected volume, a NetworkPolicy that admits the
+                     metrics port only from selected pods and the client port from the peers;
+                     `kubectl kustomize` if kubectl is installed
   k8s-check-config   the ConfigMap's leasegate.toml passes `leasegate check-config` with the
                      projected volume rebuilt from dev certificates (certs/gen-dev-certs.sh)
   example-config     deploy/leasegate.example.toml passes check-config with its /etc/leasegate
@@ -472,6 +473,8 @@ def check_kubernetes(args):
         if not (1 <= available < dep["spec"]["replicas"]):
             p.append(f"PDB keeps {available} of {dep['spec']['replicas']} pods: want >= 1 and room to drain")
 
+    p += network_policy_problems(objs, labels, ports, listen_port, metrics_port)
+
     # Optional ServiceMonitor: selects the headless Service on its metrics port
     sm = load_yaml_docs(K8S / "servicemonitor.yaml")[0]
     if peers_svc:
@@ -493,6 +496,63 @@ def check_kubernetes(args):
     if p:
         raise Failed("\n".join(p))
     return f"{len(objs)} objects, {len(files)} mounted files, grace {tgps}s >= {need_s:g}s{rendered}"
+
+
+def selects_pods(selector, labels):
+    """True when a podSelector's matchLabels select pods with `labels` (and are not empty)."""
+    match = (selector or {}).get("matchLabels", {})
+    return bool(match) and all(labels.get(k) == v for k, v in match.items())
+
+
+def restricted_source(src):
+    """A `from` entry that names who may connect: a namespace selected by labels, or pods of
+    the policy's own namespace selected by labels. Not an ipBlock, not "every namespace"."""
+    if "ipBlock" in src:
+        return False
+    ns = src.get("namespaceSelector")
+    if ns is not None:
+        return bool(ns.get("matchLabels") or ns.get("matchExpressions"))
+    pods = src.get("podSelector") or {}
+    return bool(pods.get("matchLabels") or pods.get("matchExpressions"))
+
+
+def network_policy_problems(objs, labels, ports, listen_port, metrics_port):
+    """The admin port (no authentication) is reachable only from selected pods; the client
+    port is reachable, from the peers at least (cancel forwarding)."""
+    p = []
+    policies = [o for (k, _), o in objs.items() if k == "NetworkPolicy"]
+    if not policies:
+        return ["no NetworkPolicy: every pod in the cluster could reach the admin port"]
+    mine = [np for np in policies if selects_pods(np["spec"].get("podSelector"), labels)]
+    if not mine:
+        return ["no NetworkPolicy selects the leasegate pods"]
+    reachable, peers = set(), False
+    for np in mine:
+        name = np["metadata"]["name"]
+        if "Ingress" not in np["spec"].get("policyTypes", ["Ingress"]):
+            p.append(f"NetworkPolicy {name} does not restrict Ingress")
+        for i, rule in enumerate(np["spec"].get("ingress", [])):
+            rule_ports = {ports.get(pt.get("port"), pt.get("port")) for pt in rule.get("ports", [])}
+            everything = not rule_ports or None in rule_ports
+            reachable |= {listen_port, metrics_port} if everything else rule_ports
+            sources = rule.get("from") or []
+            if everything or metrics_port in rule_ports:
+                if not sources:
+                    p.append(f"NetworkPolicy {name} ingress[{i}] opens the metrics port to every source")
+                for src in sources:
+                    if not restricted_source(src):
+                        p.append(f"NetworkPolicy {name} ingress[{i}]: the metrics port is open to {src}")
+            if (everything or listen_port in rule_ports) and (
+                    not sources or any("namespaceSelector" not in s and selects_pods(s.get("podSelector"), labels)
+                                       for s in sources)):
+                peers = True
+    if listen_port not in reachable:
+        p.append(f"no NetworkPolicy rule admits the client port {listen_port}")
+    if metrics_port not in reachable:
+        p.append(f"no NetworkPolicy rule admits Prometheus to the metrics port {metrics_port}")
+    if not peers:
+        p.append("no NetworkPolicy rule lets the replicas reach each other's client port (cancel forwarding)")
+    return p
 
 
 def dev_certs(tmp, peer_dns=None):

@@ -1,8 +1,16 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process is alive) and
 //! `/readyz` (accepting sessions and not draining).
+//!
+//! The server has no authentication, so it bounds what a peer can hold: at most
+//! [`MAX_CONNECTIONS`] connections are served at once (a permit is taken before `accept`, so
+//! further connections wait in the kernel's accept queue and cost leasegate no file
+//! descriptor), request headers must arrive within [`HEADER_READ_TIMEOUT`] (also the idle
+//! time allowed between keep-alive requests), and a connection lasts at most
+//! [`CONNECTION_TIMEOUT`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -11,9 +19,18 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
+
+/// Admin connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Limit for a request's headers to arrive, from the connection's start or the previous
+/// response (an idle connection is closed after this long).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Limit for a whole admin connection, requests and responses included.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -51,12 +68,22 @@ fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.cancelled() => return,
+        };
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -71,12 +98,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {
-                _ = conn => {}
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {}
                 _ = stop.cancelled() => {}
             }
+            drop(permit);
         });
     }
 }

@@ -1,10 +1,13 @@
-//! The running proxy: shared state, the listener and admin server, signals, and the graceful
+//! The running proxy: shared state, the listener and admin server, signals (SIGHUP reloads:
+//! [`reload`]), and the graceful
 //! drain (stop accepting, not ready, let sessions finish within `shutdown_grace`, end the rest,
 //! revoke every outstanding lease, exit).
 
+pub mod reload;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -85,7 +88,7 @@ pub struct AppState {
     pub live: ArcSwap<Live>,
     /// Audit log writer.
     pub audit: AuditLog,
-    /// Session limits (not reloaded: counts must survive a reload).
+    /// Session limits (one instance: a reload replaces its limits, its counts live on).
     pub limiter: Limiter,
     /// Vault client (shared connection pool).
     pub vault: Arc<VaultClient>,
@@ -143,7 +146,11 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     ));
     Ok(Arc::new(AppState {
         live: ArcSwap::from_pointee(Live::build(config)?),
-        audit: AuditLog::spawn(config.audit.path.clone()).map_err(StartError::Audit)?,
+        audit: AuditLog::spawn(
+            config.audit.path.clone(),
+            metrics.audit_events_dropped_total.clone(),
+        )
+        .map_err(StartError::Audit)?,
         limiter: Limiter::new(config.limits.clone()),
         revoker,
         prefetch,
@@ -153,38 +160,6 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         cancel_gate: CancelGate::new(&config.limits),
         ready: AtomicBool::new(false),
     }))
-}
-
-/// Reloads the configuration file into `state` (SIGHUP). A config that does not load leaves
-/// the running one in force. Settings that need a restart are reported, not applied.
-pub fn reload(state: &AppState, running: &Config, path: &Path) {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload refused: keeping the running configuration");
-            return;
-        }
-    };
-    let live = match Live::build(&config) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "reload refused: keeping the running configuration");
-            return;
-        }
-    };
-    if config.listen.address != running.listen.address
-        || config.vault.address != running.vault.address
-        || config.metrics.as_ref().map(|m| m.address) != running.metrics.as_ref().map(|m| m.address)
-    {
-        tracing::warn!("listen/vault/metrics addresses changed: they take effect after a restart");
-    }
-    state.live.store(Arc::new(live));
-    state.prefetch.configure(&config);
-    tracing::info!(
-        databases = config.databases.len(),
-        grants = config.grants.len(),
-        "configuration reloaded"
-    );
 }
 
 /// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once.
@@ -236,32 +211,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     tracing::info!(address = %local, "leasegate listening");
 
     let mut signals = Signals::new();
-    let mut watch = config.listen.watch_interval.map(tokio::time::interval);
-    let mut seen = files_changed_at(&config, &path);
-    let signal = loop {
-        let tick = async {
-            match watch.as_mut() {
-                Some(w) => {
-                    w.tick().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            s = signals.next() => match s {
-                "SIGHUP" => reload(&state, &config, &path),
-                other => break other,
-            },
-            () = tick => {
-                let now = files_changed_at(&config, &path);
-                if now != seen {
-                    seen = now;
-                    tracing::info!("configuration or TLS files changed: reloading");
-                    reload(&state, &config, &path);
-                }
-            }
-        }
-    };
+    let (config, signal) = reload::until_stopped(&state, config, &path, &mut signals).await;
     tracing::info!(signal, grace = ?config.listen.shutdown_grace, "shutting down: no new sessions");
     state.ready.store(false, Ordering::SeqCst);
     accepting.cancel();
@@ -305,17 +255,6 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     }
     admin_stop.cancel();
     Ok(())
-}
-
-/// Modification times of the configuration file and the TLS files it names, for the
-/// optional file watch.
-fn files_changed_at(config: &Config, path: &Path) -> Vec<Option<std::time::SystemTime>> {
-    let listen = &config.listen;
-    [path, &listen.cert, &listen.key, &listen.client_ca]
-        .into_iter()
-        .chain(listen.crl.iter().map(PathBuf::as_path))
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
 }
 
 /// SIGTERM, SIGINT and SIGHUP as one stream.

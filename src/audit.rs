@@ -2,16 +2,30 @@
 //! certificate identity, serial, fingerprint), from where, which database and role, which
 //! upstream user and lease, how long and how many bytes. Never a password or token: the
 //! event types have no field that could hold one.
+//!
+//! Lines are queued to one writer thread. The queue is bounded ([`QUEUE_CAPACITY`]): when the
+//! sink stalls (a full disk, a blocked stderr pipe), further events are dropped and counted in
+//! `leasegate_audit_events_dropped_total`, with a rate-limited warning, rather than growing
+//! memory at the rate clients connect. The file is created with mode 0600.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::escape::printable;
 use crate::tls::identity::Principal;
+
+/// Audit events waiting for the writer at most; further ones are dropped (and counted).
+pub const QUEUE_CAPACITY: usize = 10_000;
+
+/// At most one "audit events dropped" warning this often.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// One audit line.
 #[derive(Debug, Serialize, Default, Clone)]
@@ -73,7 +87,7 @@ impl AuditEvent {
 
     /// Adds the certificate's identities.
     pub fn principal(mut self, p: &Principal) -> AuditEvent {
-        self.identities = p.all_identities();
+        self.identities = p.all_identities().iter().map(|i| printable(i)).collect();
         self.cert_serial = Some(p.serial.clone());
         self.cert_sha256 = Some(p.fingerprint.clone());
         self
@@ -103,41 +117,40 @@ impl AuditEvent {
     }
 }
 
-/// A client-supplied name with every control character (C0, DEL, C1) escaped, so audit lines
-/// stay one printable line whatever a hostile client sends.
-fn printable(name: &str) -> String {
-    name.chars()
-        .flat_map(|c| {
-            let escape = c.is_control();
-            let (a, b) = if escape {
-                (Some(c.escape_unicode()), None)
-            } else {
-                (None, Some(c))
-            };
-            a.into_iter().flatten().chain(b)
-        })
-        .collect()
-}
-
-/// Where audit lines go. Cloning shares the writer.
+/// Where audit lines go. Cloning shares the queue and the writer.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<AuditEvent>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The bounded queue to the writer thread.
+    tx: mpsc::Sender<AuditEvent>,
+    /// `leasegate_audit_events_dropped_total`.
+    dropped: Counter,
+    /// When the last "dropped" warning was logged, for rate limiting.
+    last_warning: Mutex<Option<Instant>>,
 }
 
 impl AuditLog {
-    /// Starts the writer task: `None` or `-` writes to stderr, a path appends to that file.
-    pub fn spawn(path: Option<PathBuf>) -> std::io::Result<AuditLog> {
-        let mut out: Box<dyn Write + Send> = match path.as_ref().filter(|p| p.as_os_str() != "-") {
-            Some(p) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
-            ),
+    /// Starts the writer: `None` or `-` writes to stderr, a path appends to that file (created
+    /// with mode 0600). `dropped` counts events a full queue refused.
+    pub fn spawn(path: Option<PathBuf>, dropped: Counter) -> std::io::Result<AuditLog> {
+        let out: Box<dyn Write + Send> = match path.as_ref().filter(|p| p.as_os_str() != "-") {
+            Some(p) => Box::new(open_file(p)?),
             None => Box::new(std::io::stderr()),
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<AuditEvent>();
+        Ok(AuditLog::with_writer(out, QUEUE_CAPACITY, dropped))
+    }
+
+    /// Starts a writer task writing to `out` behind a queue of `capacity` events (must run
+    /// inside a Tokio runtime).
+    pub fn with_writer(
+        mut out: Box<dyn Write + Send>,
+        capacity: usize,
+        dropped: Counter,
+    ) -> AuditLog {
+        let (tx, mut rx) = mpsc::channel::<AuditEvent>(capacity.max(1));
         tokio::task::spawn_blocking(move || {
             while let Some(event) = rx.blocking_recv() {
                 let Ok(mut line) = serde_json::to_vec(&event) else {
@@ -149,22 +162,175 @@ impl AuditLog {
                 }
             }
         });
-        Ok(AuditLog { tx })
+        AuditLog {
+            shared: Arc::new(Shared {
+                tx,
+                dropped,
+                last_warning: Mutex::new(None),
+            }),
+        }
     }
 
-    /// Queues one line.
+    /// Queues one line; drops it (counted, warned about at most every 10 s) when the queue
+    /// is full.
     pub fn record(&self, event: AuditEvent) {
-        let _ = self.tx.send(event);
+        if self.shared.tx.try_send(event).is_ok() {
+            return;
+        }
+        let shared = &self.shared;
+        shared.dropped.inc();
+        let mut last = shared
+            .last_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= DROP_WARNING_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                dropped_total = shared.dropped.get(),
+                capacity = shared.tx.max_capacity(),
+                "audit log writer is behind: queue full, audit events dropped"
+            );
+        }
     }
+
+    /// Events waiting for the writer now.
+    pub fn queued(&self) -> usize {
+        self.shared.tx.max_capacity() - self.shared.tx.capacity()
+    }
+}
+
+/// Opens the audit file for appending, creating it with mode 0600. An existing file that its
+/// group or every user may write is refused (its lines could be forged or removed); one they
+/// may read is used with a warning.
+fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: writable by its group or by every user (mode {mode:o}); run chmod 600",
+                path.display()
+            ),
+        ));
+    }
+    if mode & 0o044 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
+            "the audit log is readable by other users than leasegate's (chmod 600)");
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use std::sync::mpsc as std_mpsc;
+
     #[test]
     fn control_characters_are_escaped() {
-        assert_eq!(printable("ro\u{7}\u{7f}\u{85}x"), "ro\\u{7}\\u{7f}\\u{85}x");
+        let p = Principal::new(vec![], vec![], Some("evil\n\r\u{1b}[2J\"x".into()));
+        let e = AuditEvent::new("refused", "127.0.0.1:5000".parse().expect("addr"))
+            .principal(&p)
+            .request("ro\u{7}\u{7f}\u{85}x", "\u{202e}ro");
+        let line = serde_json::to_string(&e).expect("json");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("parses");
+        assert_eq!(v["identities"][0], "cn:evil\\n\\r\\u{1b}[2J\"x");
+        assert_eq!(v["database"], "ro\\u{7}\\u{7f}\\u{85}x");
+        assert_eq!(v["role"], "\\u{202e}ro");
+        for field in [&v["identities"][0], &v["database"], &v["role"]] {
+            let text = field.as_str().expect("string");
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+        }
+    }
+
+    /// A sink that blocks in its first write until told to go on, and keeps what it got.
+    struct Stalled {
+        blocked: Option<(std_mpsc::Sender<()>, std_mpsc::Receiver<()>)>,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some((started, go)) = self.blocked.take() {
+                let _ = started.send(());
+                let _ = go.recv_timeout(Duration::from_secs(60));
+            }
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_sink_bounds_the_queue_and_counts_what_it_drops() {
+        let (started_tx, started) = std_mpsc::channel();
+        let (go, go_rx) = std_mpsc::channel();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let sink = Stalled {
+            blocked: Some((started_tx, go_rx)),
+            written: written.clone(),
+        };
+        let dropped = Counter::default();
+        let log = AuditLog::with_writer(Box::new(sink), 100, dropped.clone());
+        let event = || AuditEvent::new("refused", "127.0.0.1:5000".parse().expect("addr"));
+        log.record(event());
+        started
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the writer took the first event and blocks in write");
+        for _ in 0..5_000 {
+            log.record(event());
+        }
+        assert_eq!(log.queued(), 100, "the queue holds its capacity, no more");
+        assert_eq!(
+            dropped.get(),
+            4_900,
+            "every event past the capacity is counted"
+        );
+
+        go.send(()).expect("release the writer");
+        let lines = || {
+            let w = written.lock().unwrap_or_else(|e| e.into_inner());
+            w.iter().filter(|b| **b == b'\n').count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while lines() < 101 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            lines(),
+            101,
+            "the queued events are written once the sink moves"
+        );
+        assert_eq!(log.queued(), 0);
+        log.record(event());
+        assert_eq!(dropped.get(), 4_900, "nothing dropped while there is room");
+    }
+
+    #[test]
+    fn the_file_is_created_0600_and_a_writable_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        open_file(&path).expect("created");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o620)).expect("chmod");
+        let err = open_file(&path).expect_err("group-writable refused");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        open_file(&path).expect("group-readable: used, with a warning");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::policy::IdentityPattern;
+use crate::secret_files::{Finding, check_secret_file};
 
 /// The whole configuration file.
 #[derive(Deserialize)]
@@ -38,6 +39,10 @@ pub struct Config {
     /// Process settings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// The file this configuration was read from (not a key): checked like a secret file
+    /// when it holds `vault.auth.token` inline.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[runtime]`
@@ -90,6 +95,34 @@ pub struct LimitsConfig {
     pub max_concurrent_cancels: u32,
 }
 
+impl LimitsConfig {
+    /// Every limit must be able to let a session through: integers at least 1, the rate a
+    /// finite number above 0 (`nan` would compare false everywhere and turn the bucket off).
+    fn problems(&self, problems: &mut Vec<String>) {
+        for (key, value) in [
+            ("max_sessions", self.max_sessions),
+            ("max_sessions_per_identity", self.max_sessions_per_identity),
+            ("burst_per_identity", self.burst_per_identity),
+            ("cancels_per_second", self.cancels_per_second),
+            (
+                "cancels_per_second_per_address",
+                self.cancels_per_second_per_address,
+            ),
+            ("max_concurrent_cancels", self.max_concurrent_cancels),
+        ] {
+            if value == 0 {
+                problems.push(format!("limits.{key} must be at least 1 (got 0)"));
+            }
+        }
+        let rate = self.new_sessions_per_second_per_identity;
+        if !(rate.is_finite() && rate > 0.0) {
+            problems.push(format!(
+                "limits.new_sessions_per_second_per_identity must be a finite number above 0 (got {rate})"
+            ));
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -121,23 +154,6 @@ impl ClusterConfig {
 /// The problem line for a `[cluster]` without `ca_cert`.
 pub const CLUSTER_CA_REQUIRED: &str = "cluster.ca_cert is required: the CA that the peers' \
      server certificates chain to (it is no longer taken from listen.client_ca, a client CA)";
-
-impl LimitsConfig {
-    fn problems(&self, problems: &mut Vec<String>) {
-        for (key, value) in [
-            ("cancels_per_second", self.cancels_per_second),
-            (
-                "cancels_per_second_per_address",
-                self.cancels_per_second_per_address,
-            ),
-            ("max_concurrent_cancels", self.max_concurrent_cancels),
-        ] {
-            if value == 0 {
-                problems.push(format!("limits.{key} must be at least 1"));
-            }
-        }
-    }
-}
 
 /// `[audit]`
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -434,6 +450,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let config = Config::load_unvalidated(path)?;
         config.validate()?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         Ok(config)
     }
 
@@ -451,6 +470,7 @@ impl Config {
         if let Some(base) = path.parent() {
             config.resolve_paths(base);
         }
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 
@@ -514,6 +534,7 @@ impl Config {
             ));
         }
         self.vault.auth.problems(&mut problems);
+        self.limits.problems(&mut problems);
         if self.runtime.worker_threads == Some(0) {
             problems.push("runtime.worker_threads must be at least 1".into());
         }
@@ -523,10 +544,57 @@ impl Config {
         if let Some(cluster) = &self.cluster {
             cluster.problems(&mut problems);
         }
-        self.limits.problems(&mut problems);
         self.validate_databases(&mut problems);
         self.validate_grants(&mut problems);
         problems
+    }
+
+    /// Every file that holds a secret, by key, and whether every user reading it refuses the
+    /// configuration (`false`: a warning). The Kubernetes service-account token (`jwt_file`) is
+    /// left out: the kubelet mounts it world-readable itself.
+    fn secret_files(&self) -> Vec<(&'static str, &Path, bool)> {
+        let auth = &self.vault.auth;
+        let mut files = vec![("listen.key", self.listen.key.as_path(), true)];
+        if let Some(cluster) = &self.cluster {
+            files.push(("cluster.key", &cluster.key, true));
+        }
+        let optional = [
+            ("vault.auth.key", &auth.key, true),
+            ("vault.auth.token_file", &auth.token_file, true),
+            ("vault.auth.secret_id_file", &auth.secret_id_file, true),
+            ("vault.auth.role_id_file", &auth.role_id_file, false),
+        ];
+        for (key, path, strict) in optional {
+            files.extend(path.as_deref().map(|p| (key, p, strict)));
+        }
+        if auth.token.is_some()
+            && let Some(source) = &self.source
+        {
+            files.push((
+                "the configuration file (it holds vault.auth.token)",
+                source,
+                true,
+            ));
+        }
+        files
+    }
+
+    /// What `check_secret_file` says of every secret file.
+    fn secret_file_findings(&self) -> impl Iterator<Item = Finding> + '_ {
+        self.secret_files()
+            .into_iter()
+            .map(|(key, path, strict)| check_secret_file(key, path, strict))
+    }
+
+    /// Things worth an operator's attention that do not refuse the configuration (secret
+    /// files their group can read); `load` logs them, `check-config` shows them.
+    pub fn warnings(&self) -> Vec<String> {
+        self.secret_file_findings()
+            .filter_map(|f| match f {
+                Finding::Warning(w) => Some(w),
+                _ => None,
+            })
+            .collect()
     }
 
     fn validate_files(&self, problems: &mut Vec<String>) {
@@ -537,13 +605,16 @@ impl Config {
         ];
         files.extend(self.listen.crl.iter().map(|p| ("listen.crl", p)));
         files.extend(self.vault.ca_cert.iter().map(|p| ("vault.ca_cert", p)));
-        files.extend(
-            self.vault
-                .auth
-                .token_file
-                .iter()
-                .map(|p| ("vault.auth.token_file", p)),
-        );
+        let auth = &self.vault.auth;
+        for (key, path) in [
+            ("vault.auth.token_file", &auth.token_file),
+            ("vault.auth.role_id_file", &auth.role_id_file),
+            ("vault.auth.secret_id_file", &auth.secret_id_file),
+            ("vault.auth.cert", &auth.cert),
+            ("vault.auth.key", &auth.key),
+        ] {
+            files.extend(path.iter().map(|p| (key, p)));
+        }
         if let Some(cluster) = &self.cluster {
             files.push(("cluster.cert", &cluster.cert));
             files.push(("cluster.key", &cluster.key));
@@ -560,6 +631,10 @@ impl Config {
                 problems.push(format!("{key}: cannot read {}: {e}", path.display()));
             }
         }
+        problems.extend(self.secret_file_findings().filter_map(|f| match f {
+            Finding::Problem(p) => Some(p),
+            _ => None,
+        }));
     }
 
     fn validate_databases(&self, problems: &mut Vec<String>) {
@@ -727,6 +802,46 @@ roles = ["readonly", "readwrite"]
             let all = Config::parse(&text).expect("parses").problems().join("\n");
             assert!(!all.contains("verify-full needs a host"), "{good}: {all}");
         }
+    }
+
+    #[test]
+    fn limits_must_be_finite_and_positive() {
+        for (limits, key) in [
+            ("max_sessions = 0", "limits.max_sessions must be at least 1"),
+            (
+                "max_sessions_per_identity = 0",
+                "limits.max_sessions_per_identity must be at least 1",
+            ),
+            (
+                "burst_per_identity = 0",
+                "limits.burst_per_identity must be at least 1",
+            ),
+            ("new_sessions_per_second_per_identity = nan", "(got NaN)"),
+            ("new_sessions_per_second_per_identity = inf", "(got inf)"),
+            ("new_sessions_per_second_per_identity = -inf", "(got -inf)"),
+            ("new_sessions_per_second_per_identity = 0.0", "(got 0)"),
+            ("new_sessions_per_second_per_identity = -5.0", "(got -5)"),
+        ] {
+            let cfg = Config::parse(&format!("{BASE}\n[limits]\n{limits}\n")).expect("parses");
+            let all = cfg.problems().join("\n");
+            assert!(all.contains(key), "{limits}: {all}");
+            if limits.starts_with("new_sessions") {
+                assert!(
+                    all.contains("limits.new_sessions_per_second_per_identity must be a finite number above 0"),
+                    "{all}"
+                );
+            }
+        }
+        let fine = Config::parse(&format!(
+            "{BASE}\n[limits]\nnew_sessions_per_second_per_identity = 0.5\nburst_per_identity = 1\n"
+        ))
+        .expect("parses");
+        assert!(!fine.problems().join("\n").contains("limits."));
+        let negative = format!("{BASE}\n[limits]\nmax_sessions = -1\n");
+        assert!(
+            Config::parse(&negative).is_err(),
+            "a negative count does not parse"
+        );
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! - [`app`]: shared state, reload, listener and admin startup, signals, graceful drain.
 //! - [`audit`]: the JSON audit log of session starts, ends and refusals.
 //! - [`config`]: the TOML schema, defaults and validation.
+//! - [`secret_files`]: permission checks of key, token and secret-ID files.
+//! - [`escape`]: the one escaping rule for client- and certificate-supplied names in
+//!   messages, log fields and the audit log.
 //! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
 //! - [`limits`]: global and per-identity session limits and rate buckets.
 //! - [`listener`]: accept loop, connection limit, socket options.
@@ -33,12 +36,14 @@ pub mod cancel;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod escape;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod prefetch;
 pub mod protocol;
+pub mod secret_files;
 pub mod session;
 pub mod tls;
 pub mod upstream;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::LimitsConfig;
+use crate::escape::quoted;
 
 /// Which limit refused a session.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,16 +30,17 @@ impl LimitHit {
         }
     }
 
-    /// Client-visible message.
+    /// Client-visible message; the identity (certificate text) is quoted and escaped.
     pub fn message(&self, identity: &str) -> String {
+        let identity = quoted(identity);
         match self {
             LimitHit::Global(n) => format!("too many sessions through leasegate (limit {n})"),
             LimitHit::IdentitySessions(n) => {
-                format!("too many sessions for identity \"{identity}\" (limit {n})")
+                format!("too many sessions for identity {identity} (limit {n})")
             }
-            LimitHit::IdentityRate(r) => format!(
-                "too many new sessions per second for identity \"{identity}\" (limit {r}/s)"
-            ),
+            LimitHit::IdentityRate(r) => {
+                format!("too many new sessions per second for identity {identity} (limit {r}/s)")
+            }
         }
     }
 }
@@ -49,8 +51,9 @@ struct Bucket {
     refilled: Instant,
 }
 
-#[derive(Default)]
 struct Counts {
+    /// The limits in force; a reload replaces them and keeps the counts.
+    config: LimitsConfig,
     total: u32,
     identities: HashMap<String, Bucket>,
 }
@@ -58,7 +61,6 @@ struct Counts {
 /// Session counters shared by every session.
 #[derive(Clone)]
 pub struct Limiter {
-    config: LimitsConfig,
     counts: Arc<Mutex<Counts>>,
 }
 
@@ -85,9 +87,19 @@ impl Limiter {
     /// A limiter for `config`.
     pub fn new(config: LimitsConfig) -> Limiter {
         Limiter {
-            config,
-            counts: Arc::default(),
+            counts: Arc::new(Mutex::new(Counts {
+                config,
+                total: 0,
+                identities: HashMap::new(),
+            })),
         }
+    }
+
+    /// Puts new limits in force (SIGHUP). Sessions already counted stay counted, so a lowered
+    /// limit refuses new sessions until enough of the open ones have ended.
+    pub fn set_limits(&self, config: LimitsConfig) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.config = config;
     }
 
     /// Takes a session slot for `identity`, or says which limit refused it.
@@ -96,8 +108,9 @@ impl Limiter {
     }
 
     fn acquire_at(&self, identity: &str, now: Instant) -> Result<Permit, LimitHit> {
-        let c = &self.config;
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = &mut *guard;
+        let c = &counts.config;
         if counts.total >= c.max_sessions {
             return Err(LimitHit::Global(c.max_sessions));
         }
@@ -180,5 +193,30 @@ mod tests {
             .acquire_at("a", t0 + Duration::from_millis(500))
             .expect("refilled");
         assert!(l.acquire_at("b", t0).is_ok(), "buckets are per identity");
+    }
+
+    #[test]
+    fn new_limits_apply_to_new_sessions_and_keep_the_counts() {
+        let l = limiter(100, 5, 1000.0, 1000);
+        let _a1 = l.acquire("a").expect("first");
+        let _a2 = l.acquire("a").expect("second");
+        l.set_limits(LimitsConfig {
+            max_sessions_per_identity: 2,
+            ..LimitsConfig::default()
+        });
+        assert_eq!(l.acquire("a").err(), Some(LimitHit::IdentitySessions(2)));
+        assert!(l.acquire("b").is_ok(), "other identities are not affected");
+    }
+
+    #[test]
+    fn messages_escape_the_identity() {
+        let hit = LimitHit::IdentitySessions(1);
+        let message = hit.message("cn:evil\"\n\u{1b}[2Jx");
+        assert_eq!(
+            message,
+            "too many sessions for identity \"cn:evil\\\"\\n\\u{1b}[2Jx\" (limit 1)"
+        );
+        let long = LimitHit::IdentityRate(1.0).message(&"y".repeat(300));
+        assert!(long.contains(&format!("\"{}…\"", "y".repeat(64))), "{long}");
     }
 }

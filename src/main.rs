@@ -156,6 +156,9 @@ fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<()> {
 /// parsing (TLS material loads and is in date, the cluster certificate is one the peers accept,
 /// the Vault token is present) and, with `online`, whether Vault accepts the configured login.
 fn check(config: &Config, online: bool) -> anyhow::Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let mut problems = config.problems();
     let listen = &config.listen;
     let exists = |p: &std::path::Path| p.exists();

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub cancel_peer_forwards_total: Family<Label, Counter>,
     /// `limits.max_sessions`, for alerts on sessions near the limit.
     pub sessions_limit: Gauge,
+    /// Audit events dropped because the writer fell behind (the queue was full).
+    pub audit_events_dropped_total: Counter,
     /// Constant 1 with the version label.
     pub build_info: Family<Label, Gauge>,
 }
@@ -135,6 +137,7 @@ impl Metrics {
             sessions_limit: Gauge::default(),
             cancel_requests_total: Family::default(),
             cancel_peer_forwards_total: Family::default(),
+            audit_events_dropped_total: Counter::default(),
         };
         let mut r = Registry::default();
         let r = &mut r;
@@ -258,6 +261,12 @@ impl Metrics {
             "leasegate_prefetch_ready",
             "Prefetched credentials waiting for a session, by database and role",
             m.prefetch_ready.clone(),
+        );
+        register(
+            r,
+            "leasegate_audit_events_dropped",
+            "Audit events dropped because the audit log writer fell behind",
+            m.audit_events_dropped_total.clone(),
         );
         register(
             r,
@@ -444,6 +453,7 @@ mod tests {
             "leasegate_relayed_bytes_total{direction=\"to_client\"} 10",
             "leasegate_upstream_errors_total{database=\"myapp\",kind=\"connect\"} 1",
             "leasegate_build_info{version=",
+            "leasegate_audit_events_dropped_total 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -258,39 +258,6 @@ async fn fail<S: AsyncWrite + Unpin, T>(
     Err(err)
 }
 
-/// Quotes a client-supplied name for a message: at most 64 characters, control characters
-/// escaped, so hostile names cannot forge log or message lines.
-pub fn quoted(name: &str) -> String {
-    let mut out = String::with_capacity(name.len().min(64) + 2);
-    out.push('"');
-    for (i, c) in name.chars().enumerate() {
-        if i == 64 {
-            out.push('…');
-            break;
-        }
-        if c.is_control() || c == '"' || c == '\\' {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out.push('"');
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoting_escapes_and_truncates() {
-        assert_eq!(quoted("readonly"), "\"readonly\"");
-        assert_eq!(quoted("a\nb\0"), "\"a\\nb\\u{0}\"");
-        assert_eq!(quoted("x\" on \"y"), "\"x\\\" on \\\"y\"");
-        assert_eq!(quoted(&"x".repeat(100)).chars().count(), 64 + 3);
-    }
-}
-
 #[cfg(test)]
 #[path = "handshake_tests.rs"]
 mod handshake_tests;

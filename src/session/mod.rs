@@ -20,11 +20,12 @@ use crate::app::{AppState, DatabaseEntry, Live};
 use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
+use crate::escape::{logged, quoted};
 use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::upstream::{self, LoggedIn, UpstreamError};
 use crate::vault::{Lease, LeaseGuard};
-use handshake::{Accepted, ClientHello, ClientStream, quoted, report};
+use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
 use relay::{Control, Direction, RelayEnd, Relayed};
 
@@ -205,8 +206,8 @@ impl Session<'_> {
         let login_started = Instant::now();
         self.audit.upstream_user = Some(lease.username.clone());
         self.audit.lease_id = Some(lease.id.clone());
-        tracing::debug!(peer = %self.peer, identity = %hello.principal.display_name(),
-            database = %hello.database, role = %hello.role, username = %lease.username,
+        tracing::debug!(peer = %self.peer, identity = %logged(&hello.principal.display_name()),
+            database = %logged(&hello.database), role = %logged(&hello.role), username = %lease.username,
             lease_id = %guard.id(), "credential issued");
         let life = Lifetime {
             lease_id: lease.id.clone(),

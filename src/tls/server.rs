@@ -16,15 +16,20 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{TlsError, load_certs, load_key, load_roots, provider};
 use crate::config::ListenConfig;
+use crate::escape::logged;
 
 /// ALPN protocol id PostgreSQL 17 clients offer.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// Builds the acceptor from the `[listen]` section.
+/// (The key's permissions are checked with the other secret files when the configuration
+/// loads: `Config::validate`.)
 pub fn acceptor(listen: &ListenConfig) -> Result<TlsAcceptor, TlsError> {
-    check_key_permissions(&listen.key)?;
     let certs = load_certs(&listen.cert)?;
     let key = load_key(&listen.key)?;
+    for warning in intermediate_anchors(&listen.client_ca)? {
+        tracing::warn!("{warning}");
+    }
     let verifier = client_verifier(listen, true)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(super::VERSIONS)?
@@ -86,6 +91,33 @@ pub fn client_verifier(
         .map_err(|e| TlsError::Invalid(format!("client_ca: {e}")))
 }
 
+/// One warning per certificate in `client_ca` that is not self-signed (its issuer is another
+/// name, or its own key does not verify its signature). rustls makes every certificate there
+/// a trust anchor: a chain through such an intermediate stops at it, so its own expiry and
+/// its issuer's CRL are never checked.
+pub fn intermediate_anchors(path: &std::path::Path) -> Result<Vec<String>, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let mut warnings = Vec::new();
+    for cert in load_certs(path)? {
+        let (_, x509) = X509Certificate::from_der(cert.as_ref())
+            .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
+        let self_issued = x509.issuer().as_raw() == x509.subject().as_raw();
+        if self_issued && x509.verify_signature(None).is_ok() {
+            continue;
+        }
+        warnings.push(format!(
+            "listen.client_ca: {} holds certificate {} issued by {}, which is not self-signed: \
+             it becomes a trust anchor, so its own expiry and its issuer's CRL no longer apply \
+             to client certificates issued through it; put the root CA in client_ca and let \
+             clients send the intermediate with their certificate",
+            path.display(),
+            logged(&x509.subject().to_string()),
+            logged(&x509.issuer().to_string()),
+        ));
+    }
+    Ok(warnings)
+}
+
 fn load_crls(
     path: &std::path::Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
@@ -101,42 +133,24 @@ fn load_crls(
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// Refuses a server key readable by every user; warns when the group can read it.
-pub fn check_key_permissions(path: &std::path::Path) -> Result<(), TlsError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|source| TlsError::Read {
-            path: path.display().to_string(),
-            source,
-        })?
-        .permissions()
-        .mode();
-    if mode & 0o004 != 0 {
-        return Err(TlsError::Invalid(format!(
-            "{}: the private key is readable by every user (mode {:o}); run chmod 600",
-            path.display(),
-            mode & 0o777
-        )));
-    }
-    if mode & 0o040 != 0 {
-        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777),
-            "the server private key is readable by its group");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
     use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
-        KeyPair, SanType,
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, SanType,
     };
     use rustls::HandshakeKind;
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use std::os::unix::fs::PermissionsExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn ca_params(cn: &str) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+    }
 
     /// A CA, a server certificate for localhost and a client certificate, as files and as a
     /// `[listen]` section naming them.
@@ -258,14 +272,38 @@ mod tests {
         [&rustls::version::TLS13, &rustls::version::TLS12];
 
     #[test]
-    fn world_readable_keys_are_refused() {
+    fn only_self_signed_certificates_pass_as_trust_anchors() {
+        let root_key = KeyPair::generate().expect("key");
+        let root = ca_params("test root").self_signed(&root_key).expect("root");
+        let root_params = ca_params("test root");
+        let issuer = Issuer::from_params(&root_params, &root_key);
+        let inter_key = KeyPair::generate().expect("key");
+        let inter = ca_params("test intermediate")
+            .signed_by(&inter_key, &issuer)
+            .expect("intermediate");
+        // Same name as the root, another key: self-issued but not self-signed.
+        let impostor_key = KeyPair::generate().expect("key");
+        let impostor = ca_params("test root")
+            .signed_by(&impostor_key, &issuer)
+            .expect("impostor");
+
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("key.pem");
-        std::fs::write(&key, "x").expect("write");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let err = check_key_permissions(&key).expect_err("refused");
-        assert!(err.to_string().contains("chmod 600"), "{err}");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert!(check_key_permissions(&key).is_ok());
+        let bundle = dir.path().join("client-ca.pem");
+        let write = |pems: &[&str]| std::fs::write(&bundle, pems.concat()).expect("write");
+        write(&[&root.pem()]);
+        assert!(intermediate_anchors(&bundle).expect("loads").is_empty());
+
+        write(&[&root.pem(), &inter.pem(), &impostor.pem()]);
+        let warnings = intermediate_anchors(&bundle).expect("loads");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("\"CN=test intermediate\"")
+                && warnings[0].contains("issued by \"CN=test root\"")
+                && warnings[0].contains("trust anchor")
+                && warnings[0].contains("CRL"),
+            "{}",
+            warnings[0]
+        );
+        assert!(warnings[1].contains("\"CN=test root\""), "{}", warnings[1]);
     }
 }

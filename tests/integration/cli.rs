@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::bao::fresh_mount;
 use crate::harness::pki::Pki;
-use crate::harness::proxy::{BIN, Database, Grant, Proxy, ProxyConfig, check_config};
+use crate::harness::proxy::{BIN, Database, Grant, Proxy, ProxyConfig, check_config, write_secret};
 use crate::harness::root;
 
 /// A complete, valid config text (certificates and token file exist).
@@ -33,7 +33,7 @@ pub(crate) fn good_toml(pki: &Pki) -> String {
         }],
     };
     let token_file = pki.dir().join("vault-token");
-    std::fs::write(&token_file, "test-token\n").expect("write token file");
+    write_secret(&token_file, "test-token\n");
     cfg.to_toml(6432, 9187, &token_file)
 }
 
@@ -96,6 +96,58 @@ fn bad_duration_is_rejected() {
     let pki = Pki::new();
     let toml = good_toml(&pki).replace("login_timeout = \"10s\"", "login_timeout = \"soon\"");
     assert_rejected(&toml, "login_timeout");
+}
+
+#[test]
+fn nan_infinite_zero_and_negative_limits_are_rejected() {
+    let pki = Pki::new();
+    let good = good_toml(&pki);
+    let with = |limits: &str| format!("{good}\n[limits]\n{limits}\n");
+    let rate = "limits.new_sessions_per_second_per_identity must be a finite number above 0";
+    for (limits, problem) in [
+        ("new_sessions_per_second_per_identity = nan", rate),
+        ("new_sessions_per_second_per_identity = inf", rate),
+        ("new_sessions_per_second_per_identity = 0.0", rate),
+        ("new_sessions_per_second_per_identity = -1.5", rate),
+        ("max_sessions = 0", "limits.max_sessions must be at least 1"),
+        (
+            "max_sessions_per_identity = 0",
+            "limits.max_sessions_per_identity must be at least 1",
+        ),
+        (
+            "burst_per_identity = 0",
+            "limits.burst_per_identity must be at least 1",
+        ),
+        // Negative counts do not even parse; the message names the key.
+        (
+            "max_sessions_per_identity = -1",
+            "max_sessions_per_identity",
+        ),
+    ] {
+        assert_rejected(&with(limits), problem);
+    }
+    // Every bad limit at once.
+    let all = with(
+        "max_sessions = 0\nmax_sessions_per_identity = 0\nburst_per_identity = 0\n\
+         new_sessions_per_second_per_identity = nan",
+    );
+    let said = text(&check_config(&all));
+    for key in [
+        "limits.max_sessions ",
+        "limits.max_sessions_per_identity",
+        "limits.burst_per_identity",
+        "limits.new_sessions_per_second_per_identity",
+    ] {
+        assert!(said.contains(key), "check-config should name {key}: {said}");
+    }
+    let out = check_config(&with(
+        "max_sessions = 1\nnew_sessions_per_second_per_identity = 0.01\nburst_per_identity = 1",
+    ));
+    assert!(
+        out.status.success(),
+        "small positive limits are fine: {}",
+        text(&out)
+    );
 }
 
 #[test]

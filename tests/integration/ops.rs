@@ -29,7 +29,7 @@ use crate::harness::client::{Raw, Transport, current_user, pg_connect, raw_start
 use crate::harness::fixture::{Fixture, GOOD_URI};
 use crate::harness::pg::pg_bin;
 use crate::harness::pki::{ClientCert, Identity, Pki};
-use crate::harness::proxy::{BIN, Proxy, ProxyConfig, check_config, set, table};
+use crate::harness::proxy::{BIN, Proxy, ProxyConfig, check_config, set, table, write_secret};
 use crate::harness::wire::tls_connect;
 use crate::harness::{closed_port, dynamic_roles, env, free_port, next_id, poll_until, root, tail};
 
@@ -73,7 +73,7 @@ async fn one_session(f: &Fixture) -> String {
 }
 
 /// Number of lines of leasegate's log containing `needle`.
-fn log_count(proxy: &Proxy, needle: &str) -> usize {
+pub(crate) fn log_count(proxy: &Proxy, needle: &str) -> usize {
     proxy
         .log_text()
         .lines()
@@ -82,7 +82,7 @@ fn log_count(proxy: &Proxy, needle: &str) -> usize {
 }
 
 /// Polls the log until more than `before` lines contain `needle`.
-async fn wait_log(proxy: &Proxy, needle: &str, before: usize) {
+pub(crate) async fn wait_log(proxy: &Proxy, needle: &str, before: usize) {
     poll_until(
         Duration::from_secs(10),
         &format!("a new log line with {needle:?}"),
@@ -100,17 +100,17 @@ async fn wait_log(proxy: &Proxy, needle: &str, before: usize) {
 }
 
 /// Sends SIGHUP and waits for the log line `needle` that answers it.
-async fn reload(proxy: &Proxy, needle: &str) {
+pub(crate) async fn reload(proxy: &Proxy, needle: &str) {
     let before = log_count(proxy, needle);
     proxy.signal("HUP");
     wait_log(proxy, needle, before).await;
 }
 
-fn config_path(proxy: &Proxy) -> PathBuf {
+pub(crate) fn config_path(proxy: &Proxy) -> PathBuf {
     proxy.dir().join("leasegate.toml")
 }
 
-fn read_config(proxy: &Proxy) -> toml::Table {
+pub(crate) fn read_config(proxy: &Proxy) -> toml::Table {
     std::fs::read_to_string(config_path(proxy))
         .expect("read leasegate.toml")
         .parse()
@@ -118,7 +118,7 @@ fn read_config(proxy: &Proxy) -> toml::Table {
 }
 
 /// Replaces the config file atomically (a reload never reads half a file).
-fn write_config_text(proxy: &Proxy, text: &str) {
+pub(crate) fn write_config_text(proxy: &Proxy, text: &str) {
     let path = config_path(proxy);
     let tmp = path.with_extension("toml.new");
     std::fs::write(&tmp, text).expect("write new config");
@@ -664,12 +664,12 @@ fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Serial as hex without separators or leading zeros, lower case.
-fn norm_serial(s: &str) -> String {
+pub(crate) fn norm_serial(s: &str) -> String {
     let s: String = s
         .chars()
         .filter(|c| c.is_ascii_hexdigit())
@@ -678,7 +678,7 @@ fn norm_serial(s: &str) -> String {
     s.trim_start_matches('0').to_string()
 }
 
-fn cert_serial(der: &CertificateDer<'_>) -> String {
+pub(crate) fn cert_serial(der: &CertificateDer<'_>) -> String {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, x509) = X509Certificate::from_der(der.as_ref()).expect("parse certificate");
     norm_serial(&hex(x509.raw_serial()))
@@ -752,6 +752,23 @@ async fn audit_log_records_sessions_and_refusals_without_the_vault_token() {
     f.wait_all_revoked(Duration::from_secs(10)).await;
 
     let audit_text = std::fs::read_to_string(&audit).expect("read audit log");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&audit)
+            .expect("stat audit log")
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the audit log is created for leasegate only"
+    );
+    let scrape = f.proxy.metrics().await;
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l == "leasegate_audit_events_dropped_total 0"),
+        "the drop counter is exported, at 0:\n{scrape}"
+    );
     let events: Vec<Value> = audit_text
         .lines()
         .map(|l| {
@@ -856,7 +873,7 @@ async fn audit_log_records_sessions_and_refusals_without_the_vault_token() {
 // ------------------------------------------------------------------------------- SIGHUP
 
 /// The leaf certificate leasegate presents in a new handshake.
-async fn presented_cert(f: &Fixture) -> CertificateDer<'static> {
+pub(crate) async fn presented_cert(f: &Fixture) -> CertificateDer<'static> {
     let tls = tls_connect(f.proxy.port, tls_config(&f.pki, Some(&f.good)))
         .await
         .expect("TLS handshake with leasegate");
@@ -868,7 +885,7 @@ async fn presented_cert(f: &Fixture) -> CertificateDer<'static> {
         .into_owned()
 }
 
-fn pem_cert(path: &Path) -> CertificateDer<'static> {
+pub(crate) fn pem_cert(path: &Path) -> CertificateDer<'static> {
     let pem = std::fs::read(path).expect("read PEM");
     rustls_pemfile::certs(&mut pem.as_slice())
         .next()
@@ -877,7 +894,7 @@ fn pem_cert(path: &Path) -> CertificateDer<'static> {
 }
 
 /// A server certificate for localhost/127.0.0.1 from the test CA with serial `serial`.
-fn server_cert(pki: &Pki, name: &str, serial: u64, expired: bool) -> ClientCert {
+pub(crate) fn server_cert(pki: &Pki, name: &str, serial: u64, expired: bool) -> ClientCert {
     pki.client_with(name, Identity::Dns("localhost".into()), |p| {
         p.subject_alt_names
             .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
@@ -890,7 +907,7 @@ fn server_cert(pki: &Pki, name: &str, serial: u64, expired: bool) -> ClientCert 
     })
 }
 
-async fn assert_query_works(s: &crate::harness::client::PgSession, what: &str) {
+pub(crate) async fn assert_query_works(s: &crate::harness::client::PgSession, what: &str) {
     let n: i64 = s
         .client
         .query_one("select count(*) from generate_series(1, 10)", &[])
@@ -1064,7 +1081,7 @@ fn check_config_reports_every_problem_at_once() {
         .grant("uri:spiffe://example.org/a", &["nosuchdb"], &["readonly"])
         .grant("uri:spiffe://example.org/b", &["myapp"], &["nosuchrole"]);
     let token_file = pki.dir().join("vault-token");
-    std::fs::write(&token_file, "test-token\n").expect("write token file");
+    write_secret(&token_file, "test-token\n");
     let missing_ca = pki.dir().join("missing-ca.pem");
     let toml = cfg
         .to_toml(6432, 9187, &token_file)

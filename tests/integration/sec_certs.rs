@@ -7,12 +7,14 @@
 //! Every refusal is checked exactly (TLS alert, or SQLSTATE and message), and no creds request
 //! may have reached Vault: no lease, no role.
 
+use std::process::Command;
+
 use rustls::AlertDescription;
 
 use crate::harness::client::{Raw, conninfo, current_user, pg_connect, psql};
 use crate::harness::fixture::{Fixture, GOOD_URI};
-use crate::harness::pki::{ClientCert, Identity};
-use crate::harness::proxy::{ProcessOptions, set};
+use crate::harness::pki::{ClientCert, Identity, pem_certificate};
+use crate::harness::proxy::{BIN, ProcessOptions, set};
 use crate::harness::security::{
     assert_alert, assert_fatal, creds_requests, fixture_edited, tls_startup, wait_auth_failures,
     wait_tls_failures,
@@ -180,6 +182,78 @@ async fn chain_through_an_intermediate_ca_is_accepted() {
         stdout,
         String::from_utf8_lossy(&out.stderr)
     );
+    f.wait_all_revoked(std::time::Duration::from_secs(10)).await;
+}
+
+/// An intermediate CA in `client_ca` becomes a trust anchor: leasegate warns at start and in
+/// `check-config`, naming it, and indeed a leaf sent without the intermediate now passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_in_client_ca_is_named_as_a_trust_anchor() {
+    const CHAINED_URI: &str = "spiffe://leasegate.test/app/anchored";
+    let chained = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let slot = chained.clone();
+    let f = fixture_edited(
+        "sec-ca-inter",
+        |cfg| cfg.grant(&format!("uri:{CHAINED_URI}"), &["myapp"], &["readonly"]),
+        ProcessOptions::default(),
+        move |t, pki| {
+            let cert = pki.intermediate_client("anchored", Identity::Uri(CHAINED_URI.into()));
+            let root = std::fs::read_to_string(pki.ca_pem()).expect("read CA");
+            let bundle = pki.dir().join("client-ca-with-intermediate.pem");
+            std::fs::write(&bundle, root + &pem_certificate(&cert.chain[0])).expect("bundle");
+            set(t, "listen.client_ca", bundle.display().to_string());
+            *slot.lock().expect("slot") = Some(cert);
+        },
+    )
+    .await;
+    let chained = chained.lock().expect("slot").take().expect("issued");
+    let inter_cn = "anchored intermediate CA";
+    let warned = |text: &str| {
+        text.lines().any(|l| {
+            l.contains(" WARN ")
+                && l.contains(&format!("CN={inter_cn}"))
+                && l.contains("not self-signed")
+                && l.contains("trust anchor")
+        })
+    };
+    let log = f.proxy.log_text();
+    assert!(
+        warned(&log),
+        "start-up log should name the intermediate:\n{log}"
+    );
+    let anchors = log
+        .lines()
+        .filter(|l| l.contains("not self-signed"))
+        .count();
+    assert_eq!(
+        anchors, 1,
+        "only the intermediate, not the root, is warned about:\n{log}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(f.proxy.dir().join("leasegate.toml"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run check-config");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "a warning, not a refusal: {said}");
+    assert!(
+        warned(&said),
+        "check-config should show the warning: {said}"
+    );
+
+    // What the warning means: the leaf alone (no intermediate sent) is now accepted, because
+    // the intermediate itself is trusted (with only the root in client_ca it is refused:
+    // chain_through_an_intermediate_ca_is_accepted).
+    let mut leaf_only = chained.clone();
+    leaf_only.chain.clear();
+    let answer = tls_startup(f.proxy.port, &f.pki, Some(&leaf_only), "readonly", "myapp").await;
+    assert!(matches!(answer, Raw::Ready), "leaf only: {answer:?}");
     f.wait_all_revoked(std::time::Duration::from_secs(10)).await;
 }
 

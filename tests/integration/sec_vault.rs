@@ -112,7 +112,7 @@ async fn approle_login_redirected_elsewhere_sends_the_secret_id_nowhere() {
     .await;
     let secrets = root().tempdir("redirect-approle-");
     let secret_file = secrets.path().join("secret-id");
-    std::fs::write(&secret_file, format!("{CANARY_SECRET}\n")).expect("write secret_id");
+    crate::harness::proxy::write_secret(&secret_file, &format!("{CANARY_SECRET}\n"));
     let address = front.addr();
     let f = Fixture::start_edited(
         "redirect-approle",

@@ -32,8 +32,7 @@ path "auth/token/revoke-self" {{ capabilities = ["update"] }}
 }
 
 fn write_secret(path: &Path, text: &str) {
-    std::fs::write(path, format!("{text}\n")).expect("write secret file");
-    crate::harness::set_mode(path, 0o600).expect("chmod secret file");
+    crate::harness::proxy::write_secret(path, &format!("{text}\n"));
 }
 
 /// `auth` counter of leasegate_vault_auth_renewals_total.

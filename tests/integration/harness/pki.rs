@@ -300,7 +300,7 @@ impl Pki {
 }
 
 /// PEM text of a DER certificate.
-fn pem_certificate(der: &CertificateDer<'_>) -> String {
+pub fn pem_certificate(der: &CertificateDer<'_>) -> String {
     const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut text = String::new();
     for chunk in der.as_ref().chunks(3) {

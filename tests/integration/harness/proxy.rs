@@ -70,6 +70,27 @@ impl ProxyConfig {
         }
     }
 
+    /// For tests that start no service (`check-config`): Vault at 127.0.0.1:8200, one
+    /// database `myapp` on port 5432 served by mount `database`, no grants yet.
+    pub fn offline(pki: &Pki) -> ProxyConfig {
+        ProxyConfig {
+            pki: pki.clone(),
+            vault_address: "http://127.0.0.1:8200".into(),
+            vault_timeout: None,
+            vault_token: "test-token".into(),
+            login_timeout: None,
+            databases: vec![Database {
+                name: "myapp".into(),
+                port: 5432,
+                upstream_database: None,
+                mount: "database".into(),
+                roles: strings(&["readonly", "readwrite"]),
+                connect_timeout: None,
+            }],
+            grants: Vec::new(),
+        }
+    }
+
     pub fn grant(mut self, identity: &str, databases: &[&str], roles: &[&str]) -> Self {
         self.grants.push(Grant {
             identity: identity.to_string(),
@@ -130,12 +151,18 @@ impl ProxyConfig {
     /// Writes the config (and token file) into `dir`; returns the config path.
     pub fn write(&self, dir: &Path, port: u16, metrics_port: u16) -> PathBuf {
         let token_file = dir.join("vault-token");
-        std::fs::write(&token_file, format!("{}\n", self.vault_token)).expect("write token file");
+        write_secret(&token_file, &format!("{}\n", self.vault_token));
         let path = dir.join("leasegate.toml");
         std::fs::write(&path, self.to_toml(port, metrics_port, &token_file))
             .expect("write leasegate.toml");
         path
     }
+}
+
+/// Writes a secret file (token, secret ID) readable by its owner only, as leasegate demands.
+pub fn write_secret(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    super::set_mode(path, 0o600).expect("chmod 600 secret file");
 }
 
 /// TOML basic string (JSON string syntax is valid TOML for our ASCII values).
