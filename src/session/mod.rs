@@ -1,5 +1,6 @@
-//! One client session, end to end: handshake (`handshake`), policy, Vault credential, upstream
-//! login, the client's view of startup, relay (`relay`), and the close that revokes the lease.
+//! One client session, end to end: handshake (`handshake`), policy, the startup parameter
+//! check, Vault credential, upstream login, the client's view of startup, relay (`relay`), and
+//! the close that revokes the lease.
 
 pub mod handshake;
 pub mod lifecycle;
@@ -181,6 +182,16 @@ impl Session<'_> {
             Ok(d) => d,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
+        let extra = &database.config.allow_startup_parameters;
+        let settings = match upstream::params::check(&hello.params, extra) {
+            Ok(s) => s,
+            Err(refusal) => {
+                let code = refusal.sqlstate();
+                let message = refusal.message(quoted);
+                let e = SessionError::Refused { code, message };
+                return self.fail(&mut hello.stream, e).await;
+            }
+        };
         let identity = hello.principal.display_name();
         let _permit = match self.state.limiter.acquire(&identity) {
             Ok(p) => p,
@@ -214,10 +225,10 @@ impl Session<'_> {
             role: hello.role.clone(),
         };
         let logged_in = tokio::select! {
-            r = Box::pin(login_upstream(&database, &lease, &hello)) => r,
+            r = Box::pin(login_upstream(&database, &lease, &settings)) => r,
             _ = self.stop.cancelled() => Err(SessionError::Shutdown),
         };
-        drop(lease);
+        drop((lease, settings));
         if let Err(SessionError::Upstream(e)) = &logged_in {
             metrics.upstream_error(&database.config.name, e.kind());
         }
@@ -279,23 +290,17 @@ impl Session<'_> {
     }
 }
 
-/// Connects and logs in upstream within the database's `connect_timeout`.
+/// Connects and logs in upstream within the database's `connect_timeout`, sending the
+/// client's checked `settings`.
 async fn login_upstream(
     database: &DatabaseEntry,
     lease: &Lease,
-    hello: &ClientHello,
+    settings: &[(String, String)],
 ) -> Result<LoggedIn, SessionError> {
     let config = &database.config;
     let login = async {
         let stream = upstream::connect(config, database.tls.as_ref()).await?;
-        upstream::login(
-            stream,
-            config,
-            &lease.username,
-            &lease.password,
-            &hello.params,
-        )
-        .await
+        upstream::login(stream, config, &lease.username, &lease.password, settings).await
     };
     match tokio::time::timeout(config.connect_timeout, login).await {
         Ok(r) => r.map_err(SessionError::from),
