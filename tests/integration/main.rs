@@ -25,6 +25,8 @@ mod resilience;
 mod sec_certs;
 mod sec_input;
 mod sec_limits;
+mod sec_params;
+mod sec_params_clients;
 mod sec_secrets;
 mod sec_upstream;
 mod selftest;

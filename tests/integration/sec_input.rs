@@ -3,8 +3,8 @@
 //! `/creds/` — as the requested role (`user`) and as the database. Each is refused with
 //! FATAL 28000 before any Vault request (the role must be listed verbatim in the database
 //! entry), and the message never carries a control character raw (no forged lines or
-//! terminal escapes). Malformed packets (no terminator, bad lengths, binary garbage) get
-//! 08P01 (or 28000 when they decode to a startup without a user).
+//! terminal escapes). Malformed packets (no terminator, bad lengths, binary garbage,
+//! parameters that are not UTF-8) get 08P01.
 
 use std::time::Duration;
 
