@@ -47,7 +47,7 @@ fn is_c_space(c: char) -> bool {
 
 /// Splits `options` into words as PostgreSQL's `pg_split_opts` does: whitespace separates
 /// words, a backslash makes the next character part of the word (a trailing backslash is
-/// dropped).
+/// dropped; alone it leaves an empty word, which [`parse`] refuses as PostgreSQL does).
 pub fn split(options: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut chars = options.chars().peekable();
@@ -215,6 +215,11 @@ mod tests {
         assert_eq!(split(r"a\\b c\\"), [r"a\b", r"c\"]);
         // A trailing backslash escapes nothing and disappears.
         assert_eq!(split(r"abc\"), ["abc"]);
+        assert_eq!(split(r"-c a=b \"), ["-c", "a=b", ""]);
+        assert_eq!(
+            parse(r"-c a=b \"),
+            Err(OptionsError::Argument(String::new()))
+        );
         assert_eq!(split("\\\u{e9}t\u{e9}"), ["\u{e9}t\u{e9}"]);
     }
 
