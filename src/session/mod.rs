@@ -182,15 +182,9 @@ impl Session<'_> {
             Ok(d) => d,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
-        let extra = &database.config.allow_startup_parameters;
-        let settings = match upstream::params::check(&hello.params, extra) {
+        let settings = match startup_settings(&hello, &database) {
             Ok(s) => s,
-            Err(refusal) => {
-                let code = refusal.sqlstate();
-                let message = refusal.message(quoted);
-                let e = SessionError::Refused { code, message };
-                return self.fail(&mut hello.stream, e).await;
-            }
+            Err(e) => return self.fail(&mut hello.stream, e).await,
         };
         let identity = hello.principal.display_name();
         let _permit = match self.state.limiter.acquire(&identity) {
@@ -288,6 +282,19 @@ impl Session<'_> {
             duration_ms = started.elapsed().as_millis() as u64, "session ended");
         self.state.audit.record(end);
     }
+}
+
+/// The client's settings allowed upstream for this database, or the refusal (42501 naming
+/// the parameter) before any limit or Vault call.
+fn startup_settings(
+    hello: &ClientHello,
+    database: &DatabaseEntry,
+) -> Result<Vec<(String, String)>, SessionError> {
+    let extra = &database.config.allow_startup_parameters;
+    upstream::params::check(&hello.params, extra).map_err(|refusal| SessionError::Refused {
+        code: refusal.sqlstate(),
+        message: refusal.message(quoted),
+    })
 }
 
 /// Connects and logs in upstream within the database's `connect_timeout`, sending the
