@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::policy::IdentityPattern;
+use crate::protocol::options;
 use crate::secret_files::{Finding, check_secret_file};
 
 /// The whole configuration file.
@@ -356,6 +357,10 @@ pub struct DatabaseConfig {
     /// `max_session_duration`) the client gets a warning NoticeResponse.
     #[serde(default = "default_expiry_warning", with = "humantime_serde")]
     pub expiry_warning: Duration,
+    /// Settings clients may send at startup besides the built-in allow-list
+    /// (`crate::upstream::params::DEFAULT_ALLOWED`), e.g. `["work_mem", "myapp.tenant"]`.
+    #[serde(default)]
+    pub allow_startup_parameters: Vec<String>,
 }
 
 impl DatabaseConfig {
@@ -674,6 +679,14 @@ impl Config {
                     db.name, db.host
                 ));
             }
+            for name in &db.allow_startup_parameters {
+                if let Some(why) = startup_parameter_problem(name) {
+                    problems.push(format!(
+                        "database {:?}: allow_startup_parameters: {name:?} {why}",
+                        db.name
+                    ));
+                }
+            }
             if matches!(db.tls, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull)
                 && db.ca_cert.is_none()
             {
@@ -717,6 +730,21 @@ impl Config {
     /// The database entry a client asks for.
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
         self.databases.iter().find(|d| d.name == name)
+    }
+}
+
+/// Why `name` cannot be in `allow_startup_parameters`, if it cannot: it must look like a
+/// setting name and not be a parameter leasegate handles itself (any case).
+fn startup_parameter_problem(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    if options::is_protocol_parameter(&lower) || lower == "fallback_application_name" {
+        Some("is a startup parameter leasegate handles itself, not a setting")
+    } else if lower == "post_auth_delay" {
+        Some("makes the server sleep after the login, holding a connection slot")
+    } else if !options::is_setting_name(name) {
+        Some("is not a setting name (letters, digits and '_', parts separated by '.')")
+    } else {
+        None
     }
 }
 
@@ -842,6 +870,36 @@ roles = ["readonly", "readwrite"]
             Config::parse(&negative).is_err(),
             "a negative count does not parse"
         );
+    }
+
+    #[test]
+    fn startup_parameter_names_are_checked() {
+        let text = BASE.replace(
+            "roles = [\"readonly\"]\n",
+            "roles = [\"readonly\"]\nallow_startup_parameters = [\"work_mem\", \"myapp.tenant\", \"options\", \"post_auth_delay\", \"a b\"]\n",
+        );
+        let cfg = Config::parse(&text).expect("parses");
+        assert_eq!(cfg.databases[0].allow_startup_parameters.len(), 5);
+        let all = cfg.problems().join("\n");
+        for bad in ["\"options\"", "\"post_auth_delay\"", "\"a b\""] {
+            assert!(
+                all.contains(&format!("allow_startup_parameters: {bad}")),
+                "{all}"
+            );
+        }
+        assert!(!all.contains("\"work_mem\""), "{all}");
+        assert!(!all.contains("myapp.tenant"), "{all}");
+        for bad in [
+            "USER",
+            "_pq_.x",
+            "fallback_application_name",
+            "Options",
+            "x=1",
+            "",
+        ] {
+            assert!(startup_parameter_problem(bad).is_some(), "{bad:?}");
+        }
+        assert_eq!(startup_parameter_problem("DateStyle"), None);
     }
 
     #[test]

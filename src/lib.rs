@@ -13,12 +13,14 @@
 //! - [`limits`]: global and per-identity session limits and rate buckets.
 //! - [`listener`]: accept loop, connection limit, socket options.
 //! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
-//! - [`protocol`]: pre-authentication packets, messages leasegate writes, message framing.
+//! - [`protocol`]: pre-authentication packets, startup option values as PostgreSQL reads them,
+//!   messages leasegate writes, message framing.
 //! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close.
 //! - [`prefetch`]: credentials issued ahead of demand, per database and role.
 //! - [`policy`]: grants: identity + database + role → allow or the reason for denial.
 //! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.
-//! - [`upstream`]: upstream connect (TLS per config) and login (SCRAM, MD5 where allowed).
+//! - [`upstream`]: the startup settings allowed through, upstream connect (TLS per config) and
+//!   login (SCRAM, MD5 where allowed).
 //! - [`cancel`]: proxy cancel keys, their forwarding upstream, where a cancel goes, and the
 //!   rate limits and in-flight cap every cancel passes first.
 //! - [`cluster`]: forwarding cancels with unknown keys to peer instances, once, as

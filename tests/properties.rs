@@ -1,6 +1,6 @@
 //! Property tests (proptest) of the code that handles untrusted input before authentication
-//! and while relaying: the pre-authentication packet parser, the message framer, and the
-//! grant glob matcher. A separate test binary; the whole file runs in a few seconds.
+//! and while relaying: the pre-authentication packet parser, the message framer, the grant
+//! glob matcher, and the startup settings check (`options`, `parse_bool`, UTF-8). A separate test binary; the whole file runs in a few seconds.
 //!
 //! Regressions found by fuzzing (`fuzz/`) belong at the end of this file.
 
@@ -12,9 +12,11 @@ use std::task::{Context, Poll, Waker};
 use bytes::BytesMut;
 use leasegate::policy::glob_match;
 use leasegate::protocol::framing::Framer;
+use leasegate::protocol::options::{self, Setting};
 use leasegate::protocol::startup::{
     InitialPacket, MAX_STARTUP_PACKET, PacketError, parse_initial_packet, read_initial_packet,
 };
+use leasegate::upstream::params;
 use proptest::prelude::*;
 
 const SSL_REQUEST_CODE: u32 = 80_877_103;
@@ -407,6 +409,129 @@ fn reference_matcher_agrees_with_the_documented_examples() {
     ] {
         assert_eq!(reference(p, t), want, "{p:?} {t:?}");
         assert_eq!(glob_match(p, t), want, "{p:?} {t:?}");
+    }
+}
+
+// ---------------------------------------------------------------- startup settings
+
+/// `options` text built from words PostgreSQL's switch parser treats specially.
+fn options_text() -> impl Strategy<Value = String> {
+    let word = prop_oneof![
+        Just("-c".to_string()),
+        Just("-W".to_string()),
+        Just("--".to_string()),
+        Just("-".to_string()),
+        Just("-cpost-auth-delay=1".to_string()),
+        Just("--post_auth_delay=2".to_string()),
+        Just("POST_AUTH_DELAY=3".to_string()),
+        Just("statement_timeout=1".to_string()),
+        Just("--statement-timeout=2".to_string()),
+        Just("-csearch_path=a".to_string()),
+        Just("=".to_string()),
+        Just("\\".to_string()),
+        Just("\\ ".to_string()),
+        Just(" ".to_string()),
+        Just("\t".to_string()),
+        Just("\u{b}".to_string()),
+        Just("é".to_string()),
+        "[a-zA-Z_=.-]{0,6}",
+    ];
+    proptest::collection::vec(word, 0..12).prop_map(|words| words.concat())
+}
+
+/// PostgreSQL's `parse_bool`, written out: every spelling it accepts.
+fn reference_bool(v: &str) -> Option<bool> {
+    let v = v.to_ascii_lowercase();
+    let trues = ["t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"];
+    let falses = [
+        "f", "fa", "fal", "fals", "false", "n", "no", "of", "off", "0",
+    ];
+    if trues.contains(&v.as_str()) {
+        Some(true)
+    } else if falses.contains(&v.as_str()) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+proptest! {
+    #![proptest_config(config(1024))]
+
+    /// Settings written out with `to_options` parse back to exactly themselves, whatever
+    /// whitespace and backslashes their values hold.
+    #[test]
+    fn options_round_trip(
+        settings in proptest::collection::vec(("[a-zA-Z_.]{0,12}", c_text(0)), 0..6),
+    ) {
+        let settings: Vec<Setting> = settings
+            .into_iter()
+            .map(|(name, value)| Setting { name, value })
+            .collect();
+        let text = options::to_options(&settings);
+        prop_assert_eq!(options::parse(&text), Ok(settings));
+    }
+
+    /// Whatever `options` holds, nothing reaches the upstream that is not on the allow-list,
+    /// and a `post_auth_delay` PostgreSQL would read there is always refused.
+    #[test]
+    fn only_allowed_settings_pass(text in options_text(), bare in "[a-zA-Z_]{1,20}") {
+        let mut client = BTreeMap::new();
+        client.insert("options".to_string(), text.clone());
+        client.entry(bare).or_insert_with(|| "1".to_string());
+        let parsed = options::parse(&text);
+        if let Ok(out) = params::check(&client, &[]) {
+            for (name, _) in &out {
+                prop_assert!(params::DEFAULT_ALLOWED.contains(&name.as_str()), "{}", name);
+            }
+            let parsed = parsed.clone().expect("accepted options parse");
+            prop_assert!(parsed.iter().all(|s| !s.name.eq_ignore_ascii_case("post_auth_delay")));
+        }
+        for s in parsed.iter().flatten() {
+            prop_assert!(!s.name.contains('-') && !s.name.contains('='), "{:?}", s);
+        }
+    }
+
+    /// `parse_bool` accepts exactly PostgreSQL's spellings.
+    #[test]
+    fn parse_bool_matches_postgres(v in "[tTrRuUeEfFaAlLsSyYnNoO01 x]{0,6}") {
+        prop_assert_eq!(options::parse_bool(&v), reference_bool(&v));
+    }
+
+    /// A startup packet with a parameter that is not UTF-8 is refused, never decoded.
+    #[test]
+    fn startup_parameters_must_be_utf8(
+        params in proptest::collection::btree_map(c_text(1), c_text(0), 1..5),
+        pick in any::<proptest::sample::Index>(),
+        at in any::<proptest::sample::Index>(),
+        bad in prop_oneof![Just(0xffu8), Just(0xc3), Just(0x80), Just(0xfe)],
+        in_name in any::<bool>(),
+    ) {
+        let mut body = PROTOCOL_3_0.to_be_bytes().to_vec();
+        let victim = pick.index(params.len());
+        for (i, (k, v)) in params.iter().enumerate() {
+            let (mut k, mut v) = (k.as_bytes().to_vec(), v.as_bytes().to_vec());
+            if i == victim {
+                let target = if in_name { &mut k } else { &mut v };
+                // At a char boundary, so the rest stays UTF-8 and the byte alone breaks it.
+                let text = String::from_utf8(target.clone()).expect("utf-8");
+                let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
+                target.insert(bounds[at.index(bounds.len())], bad);
+                // 0xc3 followed by a continuation byte would be valid: make it stand alone.
+                let pos = target.iter().position(|b| *b == bad).expect("inserted");
+                if bad == 0xc3 { target.insert(pos + 1, b'x'); }
+            }
+            body.extend_from_slice(&k);
+            body.push(0);
+            body.extend_from_slice(&v);
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        prop_assume!(packet.len() <= MAX_STARTUP_PACKET);
+        let result = parse_initial_packet(BytesMut::from(&packet[..]));
+        prop_assert!(matches!(result, Err(PacketError::NotUtf8(_))), "{:?}", result);
     }
 }
 

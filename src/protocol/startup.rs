@@ -73,6 +73,10 @@ pub enum PacketError {
     /// The packet could not be decoded.
     #[error("invalid startup packet layout: {0}")]
     Malformed(String),
+    /// A parameter name or value is not UTF-8 (which leasegate would otherwise pass on
+    /// altered). Holds the name, shown safely.
+    #[error("invalid startup packet: parameter {0} is not valid UTF-8")]
+    NotUtf8(String),
 }
 
 /// Reads exactly one pre-authentication packet from `stream`.
@@ -125,7 +129,9 @@ pub fn parse_initial_packet(mut buf: BytesMut) -> Result<InitialPacket, PacketEr
 }
 
 /// The parameter list must be name/value C strings ending with one empty name exactly at the
-/// end of the packet, as PostgreSQL requires; anything else is a malformed packet.
+/// end of the packet, as PostgreSQL requires; anything else is a malformed packet. Names and
+/// values must be UTF-8: decoding them lossily would send the upstream something else than
+/// the client sent.
 fn check_parameter_list(mut list: &[u8]) -> Result<(), PacketError> {
     let malformed = |what: &str| Err(PacketError::Malformed(what.to_owned()));
     loop {
@@ -143,8 +149,22 @@ fn check_parameter_list(mut list: &[u8]) -> Result<(), PacketError> {
         let Some(value_end) = rest.iter().position(|b| *b == 0) else {
             return malformed("startup parameter without a value");
         };
+        let name = &list[..name_end];
+        if std::str::from_utf8(name).is_err() || std::str::from_utf8(&rest[..value_end]).is_err() {
+            return Err(PacketError::NotUtf8(shown(name)));
+        }
         list = &rest[value_end + 1..];
     }
+}
+
+/// A parameter name for a message: lossily decoded, quoted, escaped, at most 64 characters.
+fn shown(name: &[u8]) -> String {
+    let text = String::from_utf8_lossy(name);
+    let mut out: String = text.chars().take(64).flat_map(char::escape_debug).collect();
+    if text.chars().nth(64).is_some() {
+        out.push('…');
+    }
+    format!("\"{out}\"")
 }
 
 fn decode_cancel(mut buf: BytesMut) -> Result<InitialPacket, PacketError> {
@@ -276,6 +296,31 @@ mod tests {
         assert!(matches!(
             parse_initial_packet(packet(196_608, b"user\0readonly\0\0database\0myapp\0\0")),
             Err(PacketError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_parameters_that_are_not_utf8() {
+        let refused = |body: &[u8]| match parse_initial_packet(packet(196_608, body)) {
+            Err(e @ PacketError::NotUtf8(_)) => e.to_string(),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(
+            refused(b"user\0readonly\0application_name\0caf\xe9\0\0"),
+            "invalid startup packet: parameter \"application_name\" is not valid UTF-8"
+        );
+        assert_eq!(
+            refused(b"user\0read\xffonly\0\0"),
+            "invalid startup packet: parameter \"user\" is not valid UTF-8"
+        );
+        assert_eq!(
+            refused(b"\xff\n\xfe\0x\0\0"),
+            "invalid startup packet: parameter \"\u{fffd}\\n\u{fffd}\" is not valid UTF-8"
+        );
+        // UTF-8 beyond ASCII is fine.
+        assert!(matches!(
+            parse_initial_packet(packet(196_608, "user\0r\0application_name\0café ☕\0\0".as_bytes())),
+            Ok(InitialPacket::Startup(s)) if s.params["application_name"] == "café ☕"
         ));
     }
 

@@ -12,7 +12,9 @@ use tokio_rustls::server::TlsStream;
 
 use crate::cancel::CancelKind;
 use crate::error::SessionError;
+use crate::escape::quoted;
 use crate::protocol::messages::{Severity, error_response};
+use crate::protocol::options::parse_bool;
 use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_initial_packet};
 use crate::tls::identity::Principal;
 use crate::tls::server::ALPN_POSTGRESQL;
@@ -227,13 +229,20 @@ fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError>
             "no PostgreSQL user name specified in startup packet",
         ));
     };
-    if let Some(mode) = params.get("replication")
-        && !matches!(mode.as_str(), "false" | "off" | "no" | "0")
-    {
-        return Err(refused(
-            "0A000",
-            "replication connections are not supported through leasegate",
-        ));
+    // PostgreSQL's reading: exactly `database`, else a boolean (`parse_bool`).
+    if let Some(mode) = params.get("replication") {
+        match parse_bool(mode) {
+            Some(false) => {}
+            Some(true) => return Err(no_replication()),
+            None if mode == "database" => return Err(no_replication()),
+            None => {
+                let message = format!(
+                    "invalid value for parameter \"replication\": {}",
+                    quoted(mode)
+                );
+                return Err(refused("22023", &message));
+            }
+        }
     }
     let database = params
         .get("database")
@@ -241,6 +250,13 @@ fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError>
         .cloned()
         .unwrap_or_else(|| role.clone());
     Ok((role, database))
+}
+
+fn no_replication() -> SessionError {
+    refused(
+        "0A000",
+        "replication connections are not supported through leasegate",
+    )
 }
 
 fn refused(code: &'static str, message: &str) -> SessionError {
@@ -256,6 +272,39 @@ async fn fail<S: AsyncWrite + Unpin, T>(
 ) -> Result<T, SessionError> {
     report(stream, &err).await;
     Err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replication(mode: &str) -> Result<(String, String), SessionError> {
+        let params = [("user", "readonly"), ("replication", mode)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        requested(&StartupRequest {
+            major: 3,
+            minor: 0,
+            params,
+        })
+    }
+
+    #[test]
+    fn replication_is_read_as_postgres_reads_it() {
+        for off in ["false", "FALSE", "f", "off", "OfF", "of", "n", "no", "0"] {
+            assert!(replication(off).is_ok(), "{off}");
+        }
+        for on in ["true", "t", "on", "yes", "Y", "1", "database"] {
+            let e = replication(on).expect_err(on);
+            assert_eq!(e.sqlstate(), "0A000", "{on}");
+        }
+        for bad in ["maybe", "", "o", "DATABASE", "2", "false "] {
+            let e = replication(bad).expect_err(bad);
+            assert_eq!(e.sqlstate(), "22023", "{bad:?}");
+            assert!(e.client_message().contains("\"replication\""), "{e}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! One client session, end to end: handshake (`handshake`), policy, Vault credential, upstream
-//! login, the client's view of startup, relay (`relay`), and the close that revokes the lease.
+//! One client session, end to end: handshake (`handshake`), policy, the startup parameter
+//! check, Vault credential, upstream login, the client's view of startup, relay (`relay`), and
+//! the close that revokes the lease.
 
 mod cancel_request;
 pub mod handshake;
@@ -185,6 +186,10 @@ impl Session<'_> {
             Ok(d) => d,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
+        let settings = match startup_settings(&hello, &database) {
+            Ok(s) => s,
+            Err(e) => return self.fail(&mut hello.stream, e).await,
+        };
         // Counted under the identity the grant matched: a certificate cannot dodge its limit
         // by putting another name first.
         let _permit = match self.state.limiter.acquire(&identity) {
@@ -219,10 +224,10 @@ impl Session<'_> {
             role: hello.role.clone(),
         };
         let logged_in = tokio::select! {
-            r = Box::pin(login_upstream(&database, &lease, &hello)) => r,
+            r = Box::pin(login_upstream(&database, &lease, &settings)) => r,
             _ = self.stop.cancelled() => Err(SessionError::Shutdown),
         };
-        drop(lease);
+        drop((lease, settings));
         if let Err(SessionError::Upstream(e)) = &logged_in {
             metrics.upstream_error(&database.config.name, e.kind());
         }
@@ -284,23 +289,30 @@ impl Session<'_> {
     }
 }
 
-/// Connects and logs in upstream within the database's `connect_timeout`.
+/// The client's settings allowed upstream for this database, or the refusal (42501 naming
+/// the parameter) before any limit or Vault call.
+fn startup_settings(
+    hello: &ClientHello,
+    database: &DatabaseEntry,
+) -> Result<Vec<(String, String)>, SessionError> {
+    let extra = &database.config.allow_startup_parameters;
+    upstream::params::check(&hello.params, extra).map_err(|refusal| SessionError::Refused {
+        code: refusal.sqlstate(),
+        message: refusal.message(quoted),
+    })
+}
+
+/// Connects and logs in upstream within the database's `connect_timeout`, sending the
+/// client's checked `settings`.
 async fn login_upstream(
     database: &DatabaseEntry,
     lease: &Lease,
-    hello: &ClientHello,
+    settings: &[(String, String)],
 ) -> Result<LoggedIn, SessionError> {
     let config = &database.config;
     let login = async {
         let stream = upstream::connect(config, database.tls.as_ref()).await?;
-        upstream::login(
-            stream,
-            config,
-            &lease.username,
-            &lease.password,
-            &hello.params,
-        )
-        .await
+        upstream::login(stream, config, &lease.username, &lease.password, settings).await
     };
     match tokio::time::timeout(config.connect_timeout, login).await {
         Ok(r) => r.map_err(SessionError::from),

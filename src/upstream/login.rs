@@ -1,12 +1,10 @@
-//! Logging in upstream with the issued credential: StartupMessage with the client's harmless
-//! parameters, then SCRAM-SHA-256 (with `tls-server-end-point` channel binding over TLS, and
+//! Logging in upstream with the issued credential: StartupMessage with the client's allowed
+//! settings (checked by `params`), then SCRAM-SHA-256 (with `tls-server-end-point` channel binding over TLS, and
 //! the server's final signature verified before AuthenticationOk is believed), MD5 only where
 //! the database entry allows it, cleartext only over TLS that verified the host name
 //! (`verify-full`). Collects what the client must see afterwards: ParameterStatus and
 //! NoticeResponse messages, the upstream cancel key, and the transaction status of the first
 //! ReadyForQuery.
-
-use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -25,8 +23,8 @@ const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// Largest message accepted from the upstream during login.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
 
-/// Startup parameters that are leasegate's to set, never the client's.
-const RESERVED: &[&str] = &["user", "database", "replication"];
+/// Startup parameters that are leasegate's to set (or refused), never the client's.
+const RESERVED: &[&str] = &["user", "database", "replication", "options"];
 
 /// A logged-in upstream connection and what the client must be told about it.
 pub struct LoggedIn {
@@ -42,16 +40,16 @@ pub struct LoggedIn {
     pub leftover: BytesMut,
 }
 
-/// The startup parameters sent upstream: the client's, less the reserved and `_pq_.` ones,
-/// with leasegate's user and database.
+/// The startup parameters sent upstream: leasegate's user and database, then the client's
+/// allowed settings (see [`super::params::check`]), never a reserved or `_pq_.` one.
 pub fn upstream_params<'a>(
-    client: &'a BTreeMap<String, String>,
+    settings: &'a [(String, String)],
     user: &'a str,
     database: &'a str,
 ) -> Vec<(&'a str, &'a str)> {
     let mut params = vec![("user", user), ("database", database)];
     params.extend(
-        client
+        settings
             .iter()
             .filter(|(k, _)| !RESERVED.contains(&k.as_str()) && !k.starts_with("_pq_."))
             .map(|(k, v)| (k.as_str(), v.as_str())),
@@ -65,11 +63,11 @@ pub async fn login(
     db: &DatabaseConfig,
     username: &str,
     password: &SecretString,
-    client_params: &BTreeMap<String, String>,
+    settings: &[(String, String)],
 ) -> Result<LoggedIn, UpstreamError> {
     let mut out = BytesMut::new();
     frontend::startup_message(
-        upstream_params(client_params, username, db.upstream_database()),
+        upstream_params(settings, username, db.upstream_database()),
         &mut out,
     )?;
     stream.write_all(&out).await?;
@@ -279,12 +277,17 @@ mod tests {
 
     #[test]
     fn client_cannot_override_reserved_params() {
-        let mut client = BTreeMap::new();
-        client.insert("user".to_string(), "postgres".to_string());
-        client.insert("database".to_string(), "template1".to_string());
-        client.insert("replication".to_string(), "true".to_string());
-        client.insert("_pq_.x".to_string(), "1".to_string());
-        client.insert("application_name".to_string(), "app".to_string());
+        let client: Vec<(String, String)> = [
+            ("user", "postgres"),
+            ("database", "template1"),
+            ("replication", "true"),
+            ("options", "-W 2"),
+            ("_pq_.x", "1"),
+            ("application_name", "app"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         let params = upstream_params(&client, "v_dyn", "myapp");
         assert_eq!(
             params,

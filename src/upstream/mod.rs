@@ -1,8 +1,10 @@
 //! The upstream side of a session: connecting (with TLS per the database entry) in `connect`,
-//! logging in with the issued credential in `login`.
+//! the client startup parameters allowed through in `params`, logging in with the issued
+//! credential in `login`.
 
 pub mod connect;
 pub mod login;
+pub mod params;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

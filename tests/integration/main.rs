@@ -32,6 +32,8 @@ mod sec_identity;
 mod sec_input;
 mod sec_keying;
 mod sec_limits;
+mod sec_params;
+mod sec_params_clients;
 mod sec_resume;
 mod sec_secrets;
 mod sec_upstream;

@@ -3,8 +3,8 @@
 //! `/creds/` — as the requested role (`user`) and as the database. Each is refused with
 //! FATAL 28000 before any Vault request (the role must be listed verbatim in the database
 //! entry), and the message never carries a control character raw (no forged lines or
-//! terminal escapes). Malformed packets (no terminator, bad lengths, binary garbage) get
-//! 08P01 (or 28000 when they decode to a startup without a user).
+//! terminal escapes). Malformed packets (no terminator, bad lengths, binary garbage,
+//! parameters that are not UTF-8) get 08P01.
 
 use std::time::Duration;
 
@@ -214,16 +214,16 @@ async fn malformed_startup_packets_are_refused() {
             "invalid startup packet length 4294967295",
         ),
         (
-            "garbage that decodes to no user",
+            "a parameter name that is not UTF-8",
             startup_bytes(&[(b"\xff\xfe", b"")]),
-            "28000",
-            "no PostgreSQL user name specified in startup packet",
+            "08P01",
+            "is not valid UTF-8",
         ),
         (
             "invalid UTF-8 in the user",
             startup_bytes(&[(b"user", b"read\xffonly"), (b"database", b"myapp")]),
-            "28000",
-            "is not granted role",
+            "08P01",
+            "parameter \"user\" is not valid UTF-8",
         ),
     ];
     for (what, packet, code, needle) in &cases {
@@ -236,7 +236,7 @@ async fn malformed_startup_packets_are_refused() {
         );
         assert!(!has_raw_control(&message), "{what}: {message:?}");
     }
-    wait_auth_failures(&f.proxy, "bad_startup", 6.0).await;
+    wait_auth_failures(&f.proxy, "bad_startup", 7.0).await;
 
     // Before TLS: an absurd length is refused in plaintext, and a startup with hostile names
     // only hears that TLS is required.

@@ -1,5 +1,5 @@
 //! The shared PostgreSQL 15 cluster: initdb with SCRAM, start, readiness, fixtures, and
-//! superuser queries the tests use to look at roles and activity.
+//! superuser queries the tests use to look at roles and activity, and backend process titles.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -369,4 +369,54 @@ fn as_postgres<'a>(
             .env("USER", "postgres");
     }
     Ok(cmd)
+}
+
+/// Process titles of the backends of cluster `pg` (the children of its postmaster) that
+/// contain `needle` (a role prefix, a role, a database name), e.g.
+/// `postgres: lgt3_abc myapp 127.0.0.1(40022) startup`. A backend still starting (in
+/// authentication, or sleeping in `post_auth_delay`) is not in `pg_stat_activity`; its title
+/// shows it.
+pub fn backend_titles(pg: &Pg, needle: &str) -> Vec<String> {
+    let data = pg.log.parent().expect("cluster directory").join("data");
+    let pid_file = data.join("postmaster.pid");
+    let postmaster: u32 = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no postmaster pid in {}", pid_file.display()));
+    let mut titles = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        panic!("cannot list /proc");
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Field 4 of /proc/<pid>/stat is the parent pid; the command name in field 2 may
+        // hold spaces but ends with the last ')'.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent != Some(postmaster) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let title = String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .trim()
+            .to_string();
+        if title.contains(needle) {
+            titles.push(format!("{pid}: {title}"));
+        }
+    }
+    titles
 }
