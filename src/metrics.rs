@@ -1,5 +1,5 @@
 //! The Prometheus registry and leasegate's typed metrics. Labels are small fixed sets
-//! (outcome, result, op, status, phase, reason, direction, database); never a client
+//! (outcome, result, op, status, phase, reason, direction, how, database); never a client
 //! identity or anything else unbounded. Database names come from the configuration only.
 
 use prometheus_client::encoding::text::encode;
@@ -41,6 +41,9 @@ pub const AUTH_FAILURE_REASONS: [&str; 11] = [
     "identity_rate_limit",
 ];
 
+/// Every `leasegate_upstream_closes_total{how}` value.
+pub const UPSTREAM_CLOSES: [&str; 4] = ["idle", "busy", "gone", "timeout"];
+
 /// Every metric leasegate exports.
 pub struct Metrics {
     registry: Registry,
@@ -76,6 +79,8 @@ pub struct Metrics {
     pub upstream_errors_total: Family<Labels, Counter>,
     /// Relayed bytes by direction: to_upstream, to_client.
     pub relayed_bytes_total: Family<Label, Counter>,
+    /// Upstream connections closed at session end, by how: idle, busy, gone, timeout.
+    pub upstream_closes_total: Family<Label, Counter>,
     /// Prefetched credentials waiting, by database and role.
     pub prefetch_ready: Family<Labels, Gauge>,
     /// `limits.max_sessions`, for alerts on sessions near the limit.
@@ -115,6 +120,7 @@ impl Metrics {
             tls_handshake_failures_total: Family::default(),
             upstream_errors_total: Family::default(),
             relayed_bytes_total: Family::default(),
+            upstream_closes_total: Family::default(),
             build_info: Family::default(),
             prefetch_ready: Family::default(),
             sessions_limit: Gauge::default(),
@@ -219,6 +225,13 @@ impl Metrics {
         );
         register(
             r,
+            "leasegate_upstream_closes",
+            "Upstream connections closed at session end, by how (idle, busy: cancelled first, \
+             gone: closed by the server, timeout: still open when the lease was revoked)",
+            m.upstream_closes_total.clone(),
+        );
+        register(
+            r,
             "leasegate_sessions_limit",
             "Configured limits.max_sessions",
             m.sessions_limit.clone(),
@@ -273,6 +286,9 @@ impl Metrics {
             let _ = self
                 .relayed_bytes_total
                 .get_or_create(&[("direction", direction)]);
+        }
+        for how in UPSTREAM_CLOSES {
+            let _ = self.upstream_closes_total.get_or_create(&[("how", how)]);
         }
     }
 
@@ -345,6 +361,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts how a session's upstream connection was closed.
+    pub fn upstream_closed(&self, how: &'static str) {
+        self.upstream_closes_total
+            .get_or_create(&[("how", how)])
+            .inc();
+    }
+
     /// Counts a finished revocation.
     pub fn revocation(&self, result: &'static str) {
         self.lease_revocations_total
@@ -376,6 +399,7 @@ mod tests {
         m.leases_active.inc();
         m.relayed("to_client").inc_by(10);
         m.upstream_error("myapp", "connect");
+        m.upstream_closed("busy");
         let text = m.render();
         for needle in [
             "leasegate_sessions_active 1",
@@ -388,6 +412,8 @@ mod tests {
             "leasegate_relayed_bytes_total{direction=\"to_client\"} 10",
             "leasegate_upstream_errors_total{database=\"myapp\",kind=\"connect\"} 1",
             "leasegate_build_info{version=",
+            "leasegate_upstream_closes_total{how=\"busy\"} 1",
+            "leasegate_upstream_closes_total{how=\"timeout\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
