@@ -22,6 +22,7 @@ mod metrics;
 mod ops;
 mod rejections;
 mod resilience;
+mod sec_backend;
 mod sec_certs;
 mod sec_input;
 mod sec_limits;
