@@ -121,6 +121,26 @@ async fn readonly_backend_mid_query_is_gone_soon_after_the_client_vanished() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_pipelined_behind_a_running_query_leaves_no_backend() {
+    let f = Fixture::start("sec-backend-pipelined-x").await;
+    Target::shared()
+        .set_role_without_terminate(&f.mount, "readonly")
+        .await;
+    let mut w = f.raw_session("readonly").await;
+    let (pid, _) = backend_of(&mut w).await;
+    // The query and Terminate in one write: PostgreSQL reads the Terminate only after the
+    // query, so the relay ends (client_terminate) with the backend busy.
+    let mut both = query_message("select pg_sleep(300)");
+    both.extend_from_slice(b"X\0\0\0\x04");
+    w.send(&both).await.expect("send");
+    wait_running(pid, "pg_sleep").await;
+    let ended = vanish(w);
+    wait_backend_gone(pid, BACKEND_GONE_WITHIN, ended).await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    assert_eq!(closes(&f, "busy").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readwrite_backend_holding_a_lock_is_gone_and_the_lock_free_after_the_client_vanished() {
     let f = Fixture::start_with("sec-backend-rw", |mut cfg| {
         cfg.grants[0].roles.push("readwrite".into());
