@@ -8,7 +8,8 @@
 #   VAULT_CACERT          CA bundle for an https VAULT_ADDR                    []
 #   VAULT_NAMESPACE       namespace (Vault Enterprise / OpenBao namespaces)    []
 #   PGHOST, PGPORT        PostgreSQL as seen from this machine AND from Vault  [127.0.0.1, 5432]
-#   PGUSER, PGPASSWORD    a superuser (Vault creates and drops roles with it)  [postgres, required]
+#   PGUSER, PGPASSWORD    a superuser (Vault creates and drops roles with it,  [postgres, required]
+#                         and ends a revoked role's backends)
 #   PGDATABASE            the application database (created if missing)        [myapp]
 #   PG_SSLMODE            sslmode Vault uses to reach PostgreSQL               [disable]
 #   MOUNT                 database secrets engine mount                         [database]
@@ -141,15 +142,22 @@ api POST "$MOUNT/config/pg" "$(json '{
 }')" >/dev/null
 say "configured connection $MOUNT/config/pg (Vault connects to $PGHOST:$PGPORT/$PGDATABASE as $PGUSER)"
 
+# Revocation first ends the role's backends (a second line of defence behind leasegate, which
+# cancels a busy session's statement and waits for its backend to close before it revokes):
+# a backend that outlived its session would keep running, and holding locks, with its role
+# dropped. pg_terminate_backend needs PGUSER to be a superuser or a member of pg_signal_backend.
 api POST "$MOUNT/roles/readonly" "$(json '{
     "db_name": "pg", "default_ttl": "5m", "max_ttl": "1h",
     "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '"'"'{{password}}'"'"' VALID UNTIL '"'"'{{expiration}}'"'"' IN ROLE leasegate_readonly;"],
-    "revocation_statements": ["DROP ROLE IF EXISTS \"{{name}}\";"],
+    "revocation_statements": [
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '"'"'{{name}}'"'"';",
+        "DROP ROLE IF EXISTS \"{{name}}\";"],
 }')" >/dev/null
 api POST "$MOUNT/roles/readwrite" "$(json '{
     "db_name": "pg", "default_ttl": "5m", "max_ttl": "1h",
     "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '"'"'{{password}}'"'"' VALID UNTIL '"'"'{{expiration}}'"'"' IN ROLE leasegate_readwrite;"],
     "revocation_statements": [
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '"'"'{{name}}'"'"';",
         "REASSIGN OWNED BY \"{{name}}\" TO leasegate_readwrite;",
         "DROP OWNED BY \"{{name}}\";",
         "DROP ROLE IF EXISTS \"{{name}}\";"],

@@ -15,7 +15,8 @@
 //! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
 //! - [`protocol`]: pre-authentication packets, startup option values as PostgreSQL reads them,
 //!   messages leasegate writes, message framing.
-//! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close.
+//! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close
+//!   (a busy upstream is cancelled before its connection is closed and the lease revoked).
 //! - [`prefetch`]: credentials issued ahead of demand, per database and role.
 //! - [`policy`]: grants: identity + database + role → allow or the reason for denial.
 //! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.

@@ -1,5 +1,5 @@
 //! The Prometheus registry and leasegate's typed metrics. Labels are small fixed sets
-//! (outcome, result, op, status, phase, reason, direction, database); never a client
+//! (outcome, result, op, status, phase, reason, direction, how, database); never a client
 //! identity or anything else unbounded. Database names come from the configuration only.
 
 use prometheus_client::encoding::text::encode;
@@ -51,6 +51,8 @@ pub const CANCEL_RESULTS: [&str; 7] = [
     "over_capacity",
     "timed_out",
 ];
+/// Every `leasegate_upstream_closes_total{how}` value.
+pub const UPSTREAM_CLOSES: [&str; 4] = ["idle", "busy", "gone", "timeout"];
 
 /// Every metric leasegate exports.
 pub struct Metrics {
@@ -87,6 +89,8 @@ pub struct Metrics {
     pub upstream_errors_total: Family<Labels, Counter>,
     /// Relayed bytes by direction: to_upstream, to_client.
     pub relayed_bytes_total: Family<Label, Counter>,
+    /// Upstream connections closed at session end, by how: idle, busy, gone, timeout.
+    pub upstream_closes_total: Family<Label, Counter>,
     /// Prefetched credentials waiting, by database and role.
     pub prefetch_ready: Family<Labels, Gauge>,
     /// Cancel requests by what became of them.
@@ -132,6 +136,7 @@ impl Metrics {
             tls_handshake_failures_total: Family::default(),
             upstream_errors_total: Family::default(),
             relayed_bytes_total: Family::default(),
+            upstream_closes_total: Family::default(),
             build_info: Family::default(),
             prefetch_ready: Family::default(),
             sessions_limit: Gauge::default(),
@@ -252,6 +257,13 @@ impl Metrics {
         );
         register(
             r,
+            "leasegate_upstream_closes",
+            "Upstream connections closed at session end, by how (idle, busy: cancelled first, \
+             gone: closed by the server, timeout: still open when the lease was revoked)",
+            m.upstream_closes_total.clone(),
+        );
+        register(
+            r,
             "leasegate_sessions_limit",
             "Configured limits.max_sessions",
             m.sessions_limit.clone(),
@@ -322,6 +334,9 @@ impl Metrics {
             let _ = self
                 .relayed_bytes_total
                 .get_or_create(&[("direction", direction)]);
+        }
+        for how in UPSTREAM_CLOSES {
+            let _ = self.upstream_closes_total.get_or_create(&[("how", how)]);
         }
     }
 
@@ -410,6 +425,13 @@ impl Metrics {
         }
     }
 
+    /// Counts how a session's upstream connection was closed.
+    pub fn upstream_closed(&self, how: &'static str) {
+        self.upstream_closes_total
+            .get_or_create(&[("how", how)])
+            .inc();
+    }
+
     /// Counts a finished revocation.
     pub fn revocation(&self, result: &'static str) {
         self.lease_revocations_total
@@ -441,6 +463,7 @@ mod tests {
         m.leases_active.inc();
         m.relayed("to_client").inc_by(10);
         m.upstream_error("myapp", "connect");
+        m.upstream_closed("busy");
         let text = m.render();
         for needle in [
             "leasegate_sessions_active 1",
@@ -454,6 +477,8 @@ mod tests {
             "leasegate_upstream_errors_total{database=\"myapp\",kind=\"connect\"} 1",
             "leasegate_build_info{version=",
             "leasegate_audit_events_dropped_total 0",
+            "leasegate_upstream_closes_total{how=\"busy\"} 1",
+            "leasegate_upstream_closes_total{how=\"timeout\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use leasegate::policy::glob_match;
-use leasegate::protocol::framing::Framer;
+use leasegate::protocol::framing::{Framer, TypeSet};
 use leasegate::protocol::options::{self, Setting};
 use leasegate::protocol::startup::{
     InitialPacket, MAX_STARTUP_PACKET, PacketError, parse_initial_packet, read_initial_packet,
@@ -230,6 +230,35 @@ proptest! {
         }
         prop_assert!(framer.at_boundary());
         prop_assert_eq!(framer.last_type(), messages.last().map(|m| m.0).unwrap_or(0));
+    }
+
+    /// Under any chunking the framer counts exactly the messages of the counted types, and
+    /// knows whether one of the opening types came after the last of them.
+    #[test]
+    fn framer_counts_chosen_types_across_any_chunking(
+        messages in proptest::collection::vec(
+            (prop::sample::select(b"QSFPBEdcXZ".to_vec()), proptest::collection::vec(any::<u8>(), 0..40)),
+            1..30,
+        ),
+        cuts in proptest::collection::vec(1usize..16, 0..200),
+    ) {
+        let (stream, _) = encode(&messages);
+        let mut framer = Framer::counting(TypeSet::of(b"QSF"), TypeSet::of(b"PBE"));
+        let mut fed = 0;
+        let mut cuts = cuts.into_iter();
+        while fed < stream.len() {
+            let n = cuts.next().unwrap_or(stream.len()).min(stream.len() - fed);
+            framer.feed(&stream[fed..fed + n]);
+            fed += n;
+        }
+        let counted = messages.iter().filter(|m| b"QSF".contains(&m.0)).count() as u64;
+        let last_counted = messages.iter().rposition(|m| b"QSF".contains(&m.0));
+        let pending = messages
+            .iter()
+            .skip(last_counted.map_or(0, |i| i + 1))
+            .any(|m| b"PBE".contains(&m.0));
+        prop_assert_eq!(framer.count(), counted);
+        prop_assert_eq!(framer.pending(), pending);
     }
 
     /// `advance` walks message by message: it stops exactly at every boundary.

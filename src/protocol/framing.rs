@@ -1,7 +1,33 @@
 //! Message-boundary tracking for the relay. After login every message in either direction is
 //! a type byte and a 4-byte length; the tracker reads only those five bytes and skips bodies,
 //! so the relay can stop (or inject a message) exactly between two messages without copying
-//! or allocating per message.
+//! or allocating per message. It can also count messages of chosen types (the relay counts
+//! requests one way and ReadyForQuery the other, to know whether the server is idle).
+
+/// A set of message type bytes, as a bitmask (type bytes are ASCII letters; a byte of 128 or
+/// more is never a member).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TypeSet(u128);
+
+impl TypeSet {
+    /// The set of `types`.
+    pub const fn of(types: &[u8]) -> TypeSet {
+        let mut bits = 0u128;
+        let mut i = 0;
+        while i < types.len() {
+            if types[i] < 128 {
+                bits |= 1 << types[i];
+            }
+            i += 1;
+        }
+        TypeSet(bits)
+    }
+
+    /// True when `t` is in the set.
+    pub const fn contains(self, t: u8) -> bool {
+        t < 128 && self.0 & (1 << t) != 0
+    }
+}
 
 /// Tracks where the current message ends in a byte stream.
 #[derive(Debug, Default, Clone)]
@@ -10,9 +36,37 @@ pub struct Framer {
     have: usize,
     remaining: usize,
     last_type: u8,
+    /// Types whose messages are counted in `count`.
+    counted: TypeSet,
+    /// Messages of a `counted` type started so far.
+    count: u64,
+    /// Types that make `pending` true until the next message of a `counted` type.
+    opening: TypeSet,
+    /// A message of an `opening` type came after the last counted one.
+    pending: bool,
 }
 
 impl Framer {
+    /// A framer that also counts the messages of the `counted` types, and notes whether a
+    /// message of an `opening` type came after the last of them.
+    pub fn counting(counted: TypeSet, opening: TypeSet) -> Framer {
+        Framer {
+            counted,
+            opening,
+            ..Framer::default()
+        }
+    }
+
+    /// Messages of the counted types started so far (a message counts from its header on).
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// True when a message of an opening type came after the last counted one.
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
     /// True when the bytes fed so far end exactly at a message boundary.
     pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.remaining == 0
@@ -44,6 +98,12 @@ impl Framer {
             if self.have == 5 {
                 self.have = 0;
                 self.last_type = self.header[0];
+                if self.counted.contains(self.last_type) {
+                    self.count += 1;
+                    self.pending = false;
+                } else if self.opening.contains(self.last_type) {
+                    self.pending = true;
+                }
                 let len = u32::from_be_bytes([
                     self.header[1],
                     self.header[2],
@@ -94,6 +154,24 @@ mod tests {
         assert_eq!(f.advance(two), 6);
         assert!(f.at_boundary());
         assert_eq!(f.advance(&two[6..]), 6);
+    }
+
+    #[test]
+    fn counts_chosen_types_and_notes_openings() {
+        let mut f = Framer::counting(TypeSet::of(b"QS"), TypeSet::of(b"PBE"));
+        f.feed(b"Q\0\0\0\x05\0P\0\0\0\x04");
+        assert_eq!((f.count(), f.pending()), (1, true));
+        // A counted message is counted from its header on, and closes what was pending.
+        f.feed(b"S\0\0");
+        assert_eq!((f.count(), f.pending()), (1, true));
+        f.feed(b"\0\x04");
+        assert_eq!((f.count(), f.pending()), (2, false));
+        f.feed(b"d\0\0\0\x04");
+        assert_eq!((f.count(), f.pending()), (2, false));
+        assert!(
+            !TypeSet::of(b"Q").contains(0xd1),
+            "no byte above 127 is a member"
+        );
     }
 
     #[test]

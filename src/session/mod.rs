@@ -1,8 +1,10 @@
 //! One client session, end to end: handshake (`handshake`), policy, the startup parameter
 //! check, Vault credential, upstream login, the client's view of startup, relay (`relay`), and
-//! the close that revokes the lease.
+//! the close (`close`: a busy upstream is cancelled first, and the lease is revoked only once
+//! the backend is gone).
 
 mod cancel_request;
+pub mod close;
 pub mod handshake;
 pub mod lifecycle;
 pub mod relay;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, split};
+use tokio::io::{AsyncWriteExt, split};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,9 +31,6 @@ use crate::vault::{Lease, LeaseGuard};
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
 use relay::{Control, Direction, RelayEnd, Relayed};
-
-/// How long the close phase waits for the upstream to close its socket.
-const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Serves one accepted TCP connection to its end, recording metrics, logs and audit lines.
 pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
@@ -190,9 +189,11 @@ impl Session<'_> {
             Ok(s) => s,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
-        // Counted under the identity the grant matched: a certificate cannot dodge its limit
-        // by putting another name first.
-        let _permit = match self.state.limiter.acquire(&identity) {
+        // Counted under the identity the grant matched (a certificate cannot dodge its limit by
+        // putting another name first), and held until the upstream connection is closed (the
+        // end of this function): a session counts against its limits until its backend is
+        // gone, not only while it relays.
+        let permit = match self.state.limiter.acquire(&identity) {
             Ok(p) => p,
             Err(hit) => {
                 let message = hit.message(&identity);
@@ -249,6 +250,7 @@ impl Session<'_> {
         };
         self.relay(hello, logged_in, &database, life).await;
         drop(guard); // the upstream is closed: revoke now
+        drop(permit);
         Ok(())
     }
 
@@ -259,18 +261,14 @@ impl Session<'_> {
         database: &Arc<DatabaseEntry>,
         life: Lifetime,
     ) {
-        let registration = logged_in.cancel_key.map(|(pid, secret)| {
-            self.state.cancels.register(CancelTarget {
-                database: database.clone(),
-                pid,
-                secret,
-            })
-        });
+        let registration = cancel_target(database, logged_in.cancel_key)
+            .map(|target| self.state.cancels.register(target));
         self.state.audit.record(self.audit.again("session_start"));
         let started = Instant::now();
         self.state.metrics.sessions_active.inc();
         let key = registration.as_ref().map(|r| r.key);
-        let relayed = relay_session(self.state, hello, logged_in, key, life, self.stop).await;
+        let (relayed, closed) =
+            relay_session(self.state, hello, logged_in, key, database, life, self.stop).await;
         self.state.metrics.sessions_active.dec();
         self.state
             .metrics
@@ -282,7 +280,7 @@ impl Session<'_> {
         end.bytes_to_upstream = Some(relayed.to_upstream.bytes);
         end.bytes_to_client = Some(relayed.to_client.bytes);
         end.reason = Some(relayed.end.label().to_owned());
-        tracing::info!(peer = %self.peer, end = relayed.end.label(),
+        tracing::info!(peer = %self.peer, end = relayed.end.label(), upstream_close = closed.label(),
             bytes_to_upstream = relayed.to_upstream.bytes, bytes_to_client = relayed.to_client.bytes,
             duration_ms = started.elapsed().as_millis() as u64, "session ended");
         self.state.audit.record(end);
@@ -330,74 +328,88 @@ async fn forward_raw(stream: &mut ClientStream, raw: Option<&bytes::Bytes>) {
     .await;
 }
 
-/// Startup completion as the client sees it, then the relay, then the close.
-async fn relay_session(
-    state: &AppState,
-    hello: ClientHello,
-    logged_in: LoggedIn,
-    key: Option<(i32, i32)>,
-    life: Lifetime,
-    stop: &CancellationToken,
-) -> Relayed {
+/// Where a cancel for the upstream backend goes: its own key on its database entry.
+fn cancel_target(database: &Arc<DatabaseEntry>, key: Option<(i32, i32)>) -> Option<CancelTarget> {
+    key.map(|(pid, secret)| CancelTarget {
+        database: database.clone(),
+        pid,
+        secret,
+    })
+}
+
+/// What the client gets to complete its startup: NegotiateProtocolVersion if needed,
+/// AuthenticationOk, the upstream's ParameterStatus and notices, leasegate's cancel key,
+/// ReadyForQuery.
+fn startup_reply(hello: &ClientHello, logged_in: &LoggedIn, key: Option<(i32, i32)>) -> BytesMut {
     let mut out = BytesMut::with_capacity(1024);
-    negotiate_protocol(&mut out, &hello);
+    negotiate_protocol(&mut out, hello);
     messages::authentication_ok(&mut out);
     out.extend_from_slice(&logged_in.to_client);
     if let Some((pid, secret)) = key {
         messages::backend_key_data(&mut out, pid, secret);
     }
     messages::ready_for_query(&mut out, logged_in.ready_status);
-    out.extend_from_slice(&logged_in.leftover);
+    out
+}
+
+/// Startup completion as the client sees it, then the relay, then the close of the upstream
+/// connection (cancelling first when it is busy).
+async fn relay_session(
+    state: &AppState,
+    hello: ClientHello,
+    logged_in: LoggedIn,
+    key: Option<(i32, i32)>,
+    database: &Arc<DatabaseEntry>,
+    life: Lifetime,
+    stop: &CancellationToken,
+) -> (Relayed, close::Closed) {
+    let out = startup_reply(&hello, &logged_in, key);
+    let upstream_key = cancel_target(database, logged_in.cancel_key);
+    let mut to_upstream = Direction::to_upstream(Some(state.metrics.relayed("to_upstream")));
+    // What the upstream sent after its first ReadyForQuery goes through the relay's tracking.
+    let mut to_client =
+        Direction::to_client(Some(state.metrics.relayed("to_client")), logged_in.leftover);
     // Only the two streams live on through the relay: every setup buffer is freed here, so an
     // idle session costs little more than its sockets, TLS state and relay buffers.
     let mut client = hello.stream;
-    let mut upstream = logged_in.stream;
-    drop((
-        hello.params,
-        hello.principal,
-        logged_in.to_client,
-        logged_in.leftover,
-    ));
+    let upstream = logged_in.stream;
+    drop((hello.params, hello.principal, logged_in.to_client));
     let write = async {
         client.write_all(&out).await?;
         client.flush().await
     };
     let written = write.await;
     drop(out);
-    if let Err(e) = written {
-        close_upstream(&mut upstream, true).await;
-        return Relayed {
-            end: RelayEnd::ClientGone(Some(e)),
-            to_upstream: Default::default(),
-            to_client: Default::default(),
-        };
-    }
-    let (mut cr, mut cw) = split(client);
-    let (mut ur, mut uw) = split(upstream);
-    let (tx, mut control) = mpsc::channel::<Control>(4);
-    let mut to_upstream = Direction::counted(state.metrics.relayed("to_upstream"));
-    let mut to_client = Direction::counted(state.metrics.relayed("to_client"));
-    let end = tokio::select! {
-        end = relay::relay(
-            &mut cr, &mut cw, &mut ur, &mut uw, &mut control, &mut to_upstream, &mut to_client,
-        ) => end,
-        // The watcher asked the relay to end the session and the relay could not (a client
-        // that stopped reading): cut it.
-        () = lifecycle::watch(&state.vault, &state.metrics, life, stop, tx) => {
-            RelayEnd::Ended { delivered: false }
+    let (end, mut upstream) = match written {
+        Err(e) => (RelayEnd::ClientGone(Some(e)), upstream),
+        Ok(()) => {
+            let (mut cr, mut cw) = split(client);
+            let (mut ur, mut uw) = split(upstream);
+            let (tx, mut control) = mpsc::channel::<Control>(4);
+            let end = tokio::select! {
+                end = relay::relay(
+                    &mut cr, &mut cw, &mut ur, &mut uw, &mut control, &mut to_upstream, &mut to_client,
+                ) => end,
+                // The watcher asked the relay to end the session and the relay could not (a
+                // client that stopped reading): cut it.
+                () = lifecycle::watch(&state.vault, &state.metrics, life, stop, tx) => {
+                    RelayEnd::Ended { delivered: false }
+                }
+            };
+            let mut client = cr.unsplit(cw);
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+            (end, ur.unsplit(uw))
         }
     };
-    let relayed = Relayed {
+    let mut relayed = Relayed {
         end,
         to_upstream,
         to_client,
     };
-    let mut client = cr.unsplit(cw);
-    let mut upstream = ur.unsplit(uw);
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
-    let can_terminate = relayed.to_upstream.framer.at_boundary() && !relayed.to_upstream.torn;
-    close_upstream(&mut upstream, can_terminate).await;
-    relayed
+    let db = &database.config.name;
+    let key = upstream_key.as_ref();
+    let closed = close::close(&mut upstream, &mut relayed, key, db, &state.metrics).await;
+    (relayed, closed)
 }
 
 /// NegotiateProtocolVersion when the client asked for a newer minor version or `_pq_.`
@@ -421,28 +433,5 @@ fn negotiate_protocol(out: &mut BytesMut, hello: &ClientHello) {
     for o in options {
         out.put_slice(o.as_bytes());
         out.put_u8(0);
-    }
-}
-
-/// Ends the upstream connection and waits (bounded) until the server has closed its side, so
-/// the revocation's DROP ROLE never races a live backend.
-async fn close_upstream(upstream: &mut upstream::UpstreamStream, send_terminate: bool) {
-    let close = async {
-        if send_terminate {
-            let _ = upstream.write_all(b"X\0\0\0\x04").await;
-        }
-        let _ = upstream.shutdown().await;
-        let mut sink = [0u8; 1024];
-        while let Ok(n) = upstream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    if tokio::time::timeout(UPSTREAM_CLOSE_WAIT, close)
-        .await
-        .is_err()
-    {
-        tracing::warn!("upstream did not close its connection in time; revoking anyway");
     }
 }

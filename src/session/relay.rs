@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::protocol::framing::Framer;
+use crate::protocol::framing::{Framer, TypeSet};
 
 /// Buffer for upstream → client: one full TLS record's worth, for large results.
 pub const BUFFER_SIZE: usize = 16 * 1024;
@@ -19,6 +19,16 @@ pub const CLIENT_BUFFER_SIZE: usize = 8 * 1024;
 /// How long an `End` may wait for the upstream to finish the message it is sending before the
 /// session is cut without the closing ErrorResponse.
 const END_WAIT: Duration = Duration::from_secs(2);
+
+/// Client messages the server answers with exactly one ReadyForQuery each: Query, Sync,
+/// FunctionCall.
+const REQUESTS: TypeSet = TypeSet::of(b"QSF");
+/// Extended-protocol messages the server acts on at once (Execute runs the statement) but
+/// answers with ReadyForQuery only after a later Sync: Parse, Bind, Describe, Execute, Close,
+/// Flush. Until that Sync the server may be busy although every request was answered.
+const UNSYNCED: TypeSet = TypeSet::of(b"PBDECH");
+/// ReadyForQuery.
+const READY: TypeSet = TypeSet::of(b"Z");
 
 /// Messages leasegate injects into the upstream → client stream, between two messages.
 #[derive(Debug)]
@@ -63,30 +73,75 @@ impl RelayEnd {
 pub struct Direction {
     /// Bytes written to the far side.
     pub bytes: u64,
-    /// Boundary tracking over the bytes written.
+    /// Boundary tracking (and request or ReadyForQuery counting) over the bytes taken from
+    /// the near side: the server's view of the conversation, which decides at the close
+    /// whether the upstream is idle.
     pub framer: Framer,
-    /// A write was under way when the relay stopped (the stream may hold half a message).
+    /// Bytes were taken and their write was under way when the relay stopped: the far side
+    /// may have half a message.
     pub torn: bool,
+    /// Bytes already read from the near side and not yet relayed (the bytes the upstream sent
+    /// after the first ReadyForQuery at login); relayed first, through the same tracking.
+    pub unsent: BytesMut,
     /// `leasegate_relayed_bytes_total` for this direction.
     pub counter: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl Direction {
-    /// A direction counting into `counter`.
-    pub fn counted(counter: prometheus_client::metrics::counter::Counter) -> Direction {
+    /// Client → upstream, counting the client's requests.
+    pub fn to_upstream(counter: Option<prometheus_client::metrics::counter::Counter>) -> Self {
         Direction {
-            counter: Some(counter),
+            framer: Framer::counting(REQUESTS, UNSYNCED),
+            counter,
             ..Direction::default()
         }
     }
 
-    fn wrote(&mut self, chunk: &[u8]) {
-        self.torn = false;
-        self.bytes += chunk.len() as u64;
-        self.framer.feed(chunk);
-        if let Some(c) = &self.counter {
-            c.inc_by(chunk.len() as u64);
+    /// Upstream → client, counting ReadyForQuery; `unsent` is relayed before anything else.
+    pub fn to_client(
+        counter: Option<prometheus_client::metrics::counter::Counter>,
+        unsent: BytesMut,
+    ) -> Self {
+        Direction {
+            framer: Framer::counting(READY, TypeSet::default()),
+            unsent,
+            counter,
+            ..Direction::default()
         }
+    }
+
+    /// Bytes about to be written to the far side.
+    fn took(&mut self, chunk: &[u8]) {
+        self.torn = true;
+        self.framer.feed(chunk);
+    }
+
+    /// The bytes last taken are written.
+    fn sent(&mut self, n: usize) {
+        self.torn = false;
+        self.bytes += n as u64;
+        if let Some(c) = &self.counter {
+            c.inc_by(n as u64);
+        }
+    }
+
+    /// The next bytes of `unsent` copied into `buf`, at most its length; frees the buffer
+    /// once it is empty.
+    fn take_unsent(&mut self, buf: &mut [u8]) -> usize {
+        let n = self.unsent.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.unsent[..n]);
+        self.unsent.advance(n);
+        if self.unsent.is_empty() {
+            self.unsent = BytesMut::new();
+        }
+        n
+    }
+
+    /// Feeds what is left of `unsent` to the tracking only, at the close: the server sent it,
+    /// the client will never see it.
+    pub fn count_unsent(&mut self) {
+        let rest = std::mem::take(&mut self.unsent);
+        self.framer.feed(&rest);
     }
 }
 
@@ -101,11 +156,42 @@ pub struct Relayed {
     pub to_client: Direction,
 }
 
+impl Relayed {
+    /// True when the upstream is idle at ReadyForQuery: both directions rest between two
+    /// messages, nothing is half written, every request was answered with its ReadyForQuery,
+    /// and no extended-protocol message awaits its Sync. Anything else (a statement running,
+    /// COPY in either direction, a pipeline in flight, a request cut in half) is busy. A
+    /// client's protocol error can only make the count look busier than it is, never idle.
+    pub fn upstream_idle(&self) -> bool {
+        let (up, down) = (&self.to_upstream, &self.to_client);
+        up.framer.at_boundary()
+            && !up.torn
+            && !up.framer.pending()
+            && down.framer.at_boundary()
+            && up.framer.count() == down.framer.count()
+    }
+
+    /// True when Terminate can go upstream: the client → upstream stream is between two
+    /// messages (and the client did not send Terminate itself).
+    pub fn can_terminate(&self) -> bool {
+        let up = &self.to_upstream;
+        up.framer.at_boundary() && !up.torn && up.framer.last_type() != b'X'
+    }
+}
+
+/// What ended one pump.
+enum PumpEnd {
+    /// The near side closed (`None`) or failed reading.
+    Read(Option<std::io::Error>),
+    /// Writing to the far side failed.
+    Write(std::io::Error),
+}
+
 async fn pump<R, W>(
     reader: &mut ReadHalf<R>,
     writer: &mut WriteHalf<W>,
     dir: &mut Direction,
-) -> Option<std::io::Error>
+) -> PumpEnd
 where
     R: AsyncRead,
     W: AsyncWrite,
@@ -113,22 +199,37 @@ where
     let mut buf = vec![0u8; CLIENT_BUFFER_SIZE];
     loop {
         let n = match reader.read(&mut buf).await {
-            Ok(0) => return None,
+            Ok(0) => return PumpEnd::Read(None),
             Ok(n) => n,
-            Err(e) => return Some(e),
+            Err(e) => return PumpEnd::Read(Some(e)),
         };
-        dir.torn = true;
+        dir.took(&buf[..n]);
         if let Err(e) = writer.write_all(&buf[..n]).await {
-            return Some(e);
+            return PumpEnd::Write(e);
         }
-        dir.wrote(&buf[..n]);
+        dir.sent(n);
     }
 }
 
 /// What ended the upstream → client direction.
 enum DownEnd {
-    Closed(Option<std::io::Error>),
+    Pump(PumpEnd),
     Ended { delivered: bool },
+}
+
+/// Writes the queued notices, then the closing message if there is one (`Some(delivered)`).
+async fn at_boundary<W: AsyncWrite>(
+    writer: &mut WriteHalf<W>,
+    notices: &mut Vec<BytesMut>,
+    end: Option<&BytesMut>,
+) -> Result<Option<bool>, std::io::Error> {
+    for msg in notices.drain(..) {
+        writer.write_all(&msg).await?;
+    }
+    Ok(match end {
+        Some(msg) => Some(writer.write_all(msg).await.is_ok() && writer.flush().await.is_ok()),
+        None => None,
+    })
 }
 
 /// Upstream → client, with injected messages written only at message boundaries.
@@ -148,53 +249,60 @@ where
     let mut notices: Vec<BytesMut> = Vec::new();
     loop {
         if dir.framer.at_boundary() {
-            for msg in notices.drain(..) {
-                if let Err(e) = writer.write_all(&msg).await {
-                    return DownEnd::Closed(Some(e));
-                }
+            match at_boundary(writer, &mut notices, ending.as_ref().map(|(m, _)| m)).await {
+                Err(e) => return DownEnd::Pump(PumpEnd::Write(e)),
+                Ok(Some(delivered)) => return DownEnd::Ended { delivered },
+                Ok(None) => {}
             }
         }
-        if let Some((msg, _)) = ending.as_ref().filter(|_| dir.framer.at_boundary()) {
-            let delivered = writer.write_all(msg).await.is_ok() && writer.flush().await.is_ok();
-            return DownEnd::Ended { delivered };
-        }
-        let end_at = ending.as_ref().map(|(_, at)| *at);
-        let n = tokio::select! {
-            biased;
-            ctl = control.recv(), if control_open && ending.is_none() => {
-                match ctl {
-                    // Delivered at the next boundary (at once when idle).
-                    Some(Control::Notice(msg)) => notices.push(msg),
-                    Some(Control::End(msg)) => ending = Some((msg, Instant::now() + END_WAIT)),
-                    None => control_open = false,
+        let n = if dir.unsent.is_empty() {
+            let end_at = ending.as_ref().map(|(_, at)| *at);
+            tokio::select! {
+                biased;
+                ctl = control.recv(), if control_open && ending.is_none() => {
+                    match ctl {
+                        // Delivered at the next boundary (at once when idle).
+                        Some(Control::Notice(msg)) => notices.push(msg),
+                        Some(Control::End(msg)) => ending = Some((msg, Instant::now() + END_WAIT)),
+                        None => control_open = false,
+                    }
+                    continue;
                 }
-                continue;
+                _ = tokio::time::sleep_until(end_at.unwrap_or_else(Instant::now)), if end_at.is_some() => {
+                    return DownEnd::Ended { delivered: false };
+                }
+                r = reader.read(&mut buf) => match r {
+                    Ok(0) => return DownEnd::Pump(PumpEnd::Read(None)),
+                    Ok(n) => n,
+                    Err(e) => return DownEnd::Pump(PumpEnd::Read(Some(e))),
+                },
             }
-            _ = tokio::time::sleep_until(end_at.unwrap_or_else(Instant::now)), if end_at.is_some() => {
-                return DownEnd::Ended { delivered: false };
-            }
-            r = reader.read(&mut buf) => match r {
-                Ok(0) => return DownEnd::Closed(None),
-                Ok(n) => n,
-                Err(e) => return DownEnd::Closed(Some(e)),
-            },
+        } else {
+            dir.take_unsent(&mut buf)
         };
-        let mut chunk = &buf[..n];
-        // While ending, forward only up to the next boundary, then deliver the ErrorResponse.
-        if ending.is_some() {
-            let mut probe = dir.framer.clone();
-            chunk = &chunk[..probe.advance(chunk)];
+        let chunk = &buf[..n];
+        // While ending, forward only up to the next boundary; the rest waits in `unsent`
+        // (counted at the end, never relayed) and the closing message goes out first.
+        let cut = match ending {
+            Some(_) => dir.framer.clone().advance(chunk),
+            None => n,
+        };
+        if cut < n {
+            let mut rest = BytesMut::from(&chunk[cut..]);
+            rest.extend_from_slice(&dir.unsent);
+            dir.unsent = rest;
         }
-        dir.torn = true;
-        if let Err(e) = writer.write_all(chunk).await {
-            return DownEnd::Closed(Some(e));
+        dir.took(&chunk[..cut]);
+        if let Err(e) = writer.write_all(&chunk[..cut]).await {
+            return DownEnd::Pump(PumpEnd::Write(e));
         }
-        dir.wrote(chunk);
+        dir.sent(cut);
     }
 }
 
 /// Relays until either side closes or a `Control::End` is delivered. The directions are
-/// borrowed so that their counts survive when the caller cuts the relay short.
+/// borrowed so that their counts survive when the caller cuts the relay short; `to_client`'s
+/// `unsent` bytes go to the client first.
 pub async fn relay<C, U>(
     client_r: &mut ReadHalf<C>,
     client_w: &mut WriteHalf<C>,
@@ -209,94 +317,21 @@ where
     U: AsyncRead + AsyncWrite,
 {
     tokio::select! {
-        err = pump(client_r, upstream_w, to_upstream) => {
-            if err.is_none() && to_upstream.framer.at_boundary() && to_upstream.framer.last_type() == b'X' {
+        up = pump(client_r, upstream_w, to_upstream) => match up {
+            PumpEnd::Read(None) if to_upstream.framer.at_boundary() && to_upstream.framer.last_type() == b'X' => {
                 RelayEnd::ClientTerminated
-            } else {
-                RelayEnd::ClientGone(err)
             }
-        }
+            PumpEnd::Read(err) => RelayEnd::ClientGone(err),
+            PumpEnd::Write(e) => RelayEnd::UpstreamGone(Some(e)),
+        },
         down = pump_down(upstream_r, client_w, to_client, control) => match down {
-            DownEnd::Closed(err) => RelayEnd::UpstreamGone(err),
+            DownEnd::Pump(PumpEnd::Read(err)) => RelayEnd::UpstreamGone(err),
+            DownEnd::Pump(PumpEnd::Write(e)) => RelayEnd::ClientGone(Some(e)),
             DownEnd::Ended { delivered } => RelayEnd::Ended { delivered },
         },
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{DuplexStream, duplex, split};
-    use tokio::task::JoinHandle;
-
-    /// The relay task's result: its end, bytes up, bytes down.
-    type Outcome = JoinHandle<(RelayEnd, u64, u64)>;
-
-    /// A relay between two in-memory pipes: returns the client's and the database's ends,
-    /// the control sender, and the relay task.
-    fn relay_between() -> (DuplexStream, DuplexStream, mpsc::Sender<Control>, Outcome) {
-        let (client_app, client_proxy) = duplex(1024);
-        let (upstream_proxy, upstream_db) = duplex(1024);
-        let (tx, mut control) = mpsc::channel(4);
-        let task = tokio::spawn(async move {
-            let (mut cr, mut cw) = split(client_proxy);
-            let (mut ur, mut uw) = split(upstream_proxy);
-            let (mut up, mut down) = (Direction::default(), Direction::default());
-            let end = relay(
-                &mut cr,
-                &mut cw,
-                &mut ur,
-                &mut uw,
-                &mut control,
-                &mut up,
-                &mut down,
-            )
-            .await;
-            (end, up.bytes, down.bytes)
-        });
-        (client_app, upstream_db, tx, task)
-    }
-
-    #[tokio::test]
-    async fn relays_both_ways_and_sees_terminate() {
-        let (client_app, upstream_db, _tx, task) = relay_between();
-        let (mut app_r, mut app_w) = split(client_app);
-        let (mut db_r, mut db_w) = split(upstream_db);
-        app_w.write_all(b"Q\0\0\0\x09abcd\0").await.expect("write");
-        let mut got = [0u8; 10];
-        db_r.read_exact(&mut got).await.expect("read");
-        assert_eq!(&got, b"Q\0\0\0\x09abcd\0");
-        db_w.write_all(b"Z\0\0\0\x05I").await.expect("write");
-        let mut z = [0u8; 6];
-        app_r.read_exact(&mut z).await.expect("read");
-        app_w.write_all(b"X\0\0\0\x04").await.expect("write");
-        drop(app_w);
-        drop(app_r);
-        let (end, up, down) = task.await.expect("join");
-        assert_eq!((end.label(), up, down), ("client_terminate", 15, 6));
-    }
-
-    #[tokio::test]
-    async fn end_waits_for_a_message_boundary() {
-        let (client_app, upstream_db, tx, task) = relay_between();
-        let (mut app_r, _app_w) = split(client_app);
-        let (_db_r, mut db_w) = split(upstream_db);
-        // Half a DataRow, then leasegate decides to end the session.
-        db_w.write_all(b"D\0\0\0\x0aab").await.expect("write");
-        let mut first = [0u8; 7];
-        app_r.read_exact(&mut first).await.expect("read");
-        tx.send(Control::Notice(BytesMut::from(&b"N\0\0\0\x04"[..])))
-            .await
-            .expect("send");
-        tx.send(Control::End(BytesMut::from(&b"E\0\0\0\x04"[..])))
-            .await
-            .expect("send");
-        // The rest of the row and a second message arrive in one chunk.
-        db_w.write_all(b"cdefZ\0\0\0\x05I").await.expect("write");
-        let mut rest = [0u8; 14];
-        app_r.read_exact(&mut rest).await.expect("read");
-        assert_eq!(&rest, b"cdefN\0\0\0\x04E\0\0\0\x04");
-        let (end, _, _) = task.await.expect("join");
-        assert!(matches!(end, RelayEnd::Ended { delivered: true }));
-    }
-}
+#[path = "relay_tests.rs"]
+mod relay_tests;

@@ -36,7 +36,8 @@ pub struct LoggedIn {
     pub cancel_key: Option<(i32, i32)>,
     /// Transaction status byte of the first ReadyForQuery.
     pub ready_status: u8,
-    /// Bytes received after ReadyForQuery (normally none); relayed before anything else.
+    /// Bytes received after ReadyForQuery (normally none); the relay sends them first,
+    /// through its message-boundary tracking.
     pub leftover: BytesMut,
 }
 

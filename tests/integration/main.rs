@@ -24,6 +24,7 @@ mod ops_reload;
 mod rejections;
 mod resilience;
 mod sec_admin;
+mod sec_backend;
 mod sec_cancel;
 mod sec_certs;
 mod sec_cluster;

@@ -120,6 +120,25 @@ fn health(port: u16) -> Option<u16> {
     buf.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The contract's revocation statements of `readonly` or `readwrite`, as README and
+/// deploy/openbao-setup.sh ship them: end the role's backends, hand its objects over
+/// (readwrite), drop it.
+pub fn revocation_statements(role: &str) -> Vec<String> {
+    let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE usename = '{{name}}';";
+    let mut statements = vec![terminate];
+    match role {
+        "readonly" => {}
+        "readwrite" => statements.extend([
+            "REASSIGN OWNED BY \"{{name}}\" TO leasegate_readwrite;",
+            "DROP OWNED BY \"{{name}}\";",
+        ]),
+        other => panic!("unknown contract role {other}"),
+    }
+    statements.push("DROP ROLE IF EXISTS \"{{name}}\";");
+    statements.into_iter().map(String::from).collect()
+}
+
 /// A database secrets engine mount of one test.
 #[derive(Clone, Debug)]
 pub struct Mount {
@@ -265,15 +284,29 @@ impl Target {
     /// (Re)defines the contract's role `readonly` or `readwrite` of `mount` with these
     /// TTLs (durations as Vault takes them, e.g. "4s", "1h").
     pub async fn set_role_ttl(&self, mount: &Mount, role: &str, default_ttl: &str, max_ttl: &str) {
-        let revocation = match role {
-            "readonly" => json!(["DROP ROLE IF EXISTS \"{{name}}\";"]),
-            "readwrite" => json!([
-                "REASSIGN OWNED BY \"{{name}}\" TO leasegate_readwrite;",
-                "DROP OWNED BY \"{{name}}\";",
-                "DROP ROLE IF EXISTS \"{{name}}\";"
-            ]),
-            other => panic!("set_role_ttl: unknown contract role {other}"),
-        };
+        let revocation = revocation_statements(role);
+        self.set_role(mount, role, default_ttl, max_ttl, &revocation)
+            .await;
+    }
+
+    /// The contract's role (TTLs 5m and 1h) whose revocation does not end the role's
+    /// backends: for tests that show leasegate itself leaves no backend behind.
+    pub async fn set_role_without_terminate(&self, mount: &Mount, role: &str) {
+        let revocation: Vec<String> = revocation_statements(role)
+            .into_iter()
+            .filter(|s| !s.contains("pg_terminate_backend"))
+            .collect();
+        self.set_role(mount, role, "5m", "1h", &revocation).await;
+    }
+
+    async fn set_role(
+        &self,
+        mount: &Mount,
+        role: &str,
+        default_ttl: &str,
+        max_ttl: &str,
+        revocation: &[String],
+    ) {
         let creation = format!(
             "CREATE ROLE \"{{{{name}}}}\" WITH LOGIN PASSWORD '{{{{password}}}}' \
              VALID UNTIL '{{{{expiration}}}}' IN ROLE leasegate_{role};"

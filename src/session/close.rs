@@ -1,0 +1,279 @@
+//! The close of a session's upstream connection, before its lease is revoked. PostgreSQL
+//! notices a vanished client only when it next reads from it: a backend running a statement
+//! keeps its connection slot, its CPU and its locks (and a readwrite revocation's `DROP OWNED`
+//! waits on them). So when the upstream is not idle at ReadyForQuery the running statement is
+//! cancelled first, with the upstream's own cancel key, then the connection is closed, and the
+//! close waits (bounded) for the backend to close its side. The caller holds the lease guard
+//! and the limiter permit until this returns, so the session counts against its limits and
+//! its role lives until the backend is gone (or the wait gave up).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::relay::{RelayEnd, Relayed};
+use crate::cancel::{self, CancelTarget};
+use crate::metrics::Metrics;
+use crate::upstream::UpstreamStream;
+
+/// How long the close waits for the backend to close its connection (after Terminate, or
+/// after the cancel) before the lease is revoked regardless.
+pub const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(3);
+/// Bound on forwarding one CancelRequest.
+const CANCEL_WAIT: Duration = Duration::from_secs(2);
+/// While a busy backend has not closed, the cancel is repeated this often: PostgreSQL ignores
+/// a cancel that arrives while it reads the next command, e.g. between pipelined statements.
+const CANCEL_REPEAT: Duration = Duration::from_secs(1);
+/// The Terminate message.
+const TERMINATE: &[u8] = b"X\0\0\0\x04";
+
+/// How the upstream connection ended; the `leasegate_upstream_closes_total{how}` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Idle at ReadyForQuery: Terminate, and the server closed.
+    Idle,
+    /// Busy: cancelled first, then closed, and the server closed in time.
+    Busy,
+    /// The server had closed the connection already.
+    Gone,
+    /// The server did not close within [`UPSTREAM_CLOSE_WAIT`]; the lease is revoked anyway.
+    Timeout,
+}
+
+impl Closed {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Closed::Idle => "idle",
+            Closed::Busy => "busy",
+            Closed::Gone => "gone",
+            Closed::Timeout => "timeout",
+        }
+    }
+}
+
+/// Ends the upstream connection of a relayed session: cancels first when the upstream is
+/// busy (`cancel` is the upstream's own key), Terminate when the client → upstream stream is
+/// between two messages (else only the write side is shut), then waits for the server to
+/// close. Logs a timeout at WARN with the database name and counts every close by how.
+pub async fn close(
+    stream: &mut UpstreamStream,
+    relayed: &mut Relayed,
+    cancel: Option<&CancelTarget>,
+    database: &str,
+    metrics: &Metrics,
+) -> Closed {
+    relayed.to_client.count_unsent();
+    let gone = matches!(relayed.end, RelayEnd::UpstreamGone(_));
+    let busy = !gone && !relayed.upstream_idle();
+    let cancel = cancel.filter(|_| busy);
+    if let Some(target) = cancel {
+        tracing::debug!(
+            database,
+            end = relayed.end.label(),
+            "upstream busy at session end: cancelling"
+        );
+        send_cancel(target).await;
+    }
+    let terminate = !gone && relayed.can_terminate();
+    let started = Instant::now();
+    let closing = async {
+        if terminate {
+            let _ = stream.write_all(TERMINATE).await;
+        }
+        let _ = stream.shutdown().await;
+        drain(stream, relayed, cancel).await;
+    };
+    let closed = tokio::time::timeout(UPSTREAM_CLOSE_WAIT, closing)
+        .await
+        .is_ok();
+    let how = match (closed, gone, busy) {
+        (false, _, _) => Closed::Timeout,
+        (true, true, _) => Closed::Gone,
+        (true, false, true) => Closed::Busy,
+        (true, false, false) => Closed::Idle,
+    };
+    if how == Closed::Timeout {
+        tracing::warn!(database, busy, waited = ?started.elapsed(),
+            "upstream backend did not close its connection in time; revoking the lease anyway");
+    }
+    metrics.upstream_closed(how.label());
+    how
+}
+
+/// Forwards one CancelRequest, bounded.
+async fn send_cancel(target: &CancelTarget) {
+    if tokio::time::timeout(CANCEL_WAIT, cancel::forward(target.clone()))
+        .await
+        .is_err()
+    {
+        tracing::warn!(database = %target.database.config.name, "cancel at session end timed out");
+    }
+}
+
+/// Reads (and discards) until the server closes. What it still sends keeps counting, so a
+/// pipelined statement that starts after the cancelled one is cancelled too: at once when
+/// its predecessor's ReadyForQuery arrives, and every [`CANCEL_REPEAT`] while still busy.
+async fn drain(stream: &mut UpstreamStream, relayed: &mut Relayed, cancel: Option<&CancelTarget>) {
+    enum Event {
+        Read(usize),
+        Tick,
+    }
+    let mut sink = vec![0u8; 4096];
+    let mut next_cancel = Instant::now() + CANCEL_REPEAT;
+    loop {
+        let event = tokio::select! {
+            r = stream.read(&mut sink) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => Event::Read(n),
+            },
+            _ = tokio::time::sleep_until(next_cancel), if cancel.is_some() => Event::Tick,
+        };
+        let again = match event {
+            Event::Tick => true,
+            Event::Read(n) => {
+                let answered = relayed.to_client.framer.count();
+                relayed.to_client.framer.feed(&sink[..n]);
+                relayed.to_client.framer.count() > answered
+            }
+        };
+        if !again {
+            continue;
+        }
+        next_cancel = Instant::now() + CANCEL_REPEAT;
+        if let Some(target) = cancel.filter(|_| !relayed.upstream_idle()) {
+            send_cancel(target).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures_util::FutureExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::app::DatabaseEntry;
+    use crate::session::relay::Direction;
+
+    /// A stand-in for PostgreSQL on a local port: the session's connection and a cancel
+    /// target pointing at the same port (PostgreSQL takes cancels on its own port too).
+    async fn fake_backend() -> (TcpListener, UpstreamStream, TcpStream, CancelTarget) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let ours = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (theirs, _) = listener.accept().await.expect("accept");
+        let config = toml::from_str(&format!(
+            "name = \"myapp\"\nhost = \"127.0.0.1\"\nport = {port}\nmount = \"database\"\nroles = [\"readonly\"]"
+        ))
+        .expect("database entry");
+        let target = CancelTarget {
+            database: Arc::new(DatabaseEntry { config, tls: None }),
+            pid: 4242,
+            secret: 77,
+        };
+        (listener, UpstreamStream::Plain(ours), theirs, target)
+    }
+
+    /// A relay that saw `up` go upstream and `down` come back, and ended with `end`.
+    fn relayed(end: RelayEnd, up: &[u8], down: &[u8]) -> Relayed {
+        let mut r = Relayed {
+            end,
+            to_upstream: Direction::to_upstream(None),
+            to_client: Direction::to_client(None, bytes::BytesMut::new()),
+        };
+        r.to_upstream.framer.feed(up);
+        r.to_client.framer.feed(down);
+        r
+    }
+
+    /// Everything the fake backend reads until our side shuts its write half.
+    async fn read_to_end(mut s: TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.expect("read");
+        all
+    }
+
+    const QUERY: &[u8] = b"Q\0\0\0\x0asleep\0";
+
+    #[tokio::test]
+    async fn busy_upstream_is_cancelled_with_its_own_key_then_terminated() {
+        let (listener, mut stream, backend, target) = fake_backend().await;
+        let mut r = relayed(RelayEnd::ClientGone(None), QUERY, b"");
+        let metrics = Metrics::new();
+        let closing = tokio::spawn(async move {
+            let how = close(&mut stream, &mut r, Some(&target), "myapp", &metrics).await;
+            (how, metrics.render())
+        });
+        // The cancel comes first, on a connection of its own, with the upstream's key.
+        let (cancel, _) = listener.accept().await.expect("cancel connection");
+        let request = read_to_end(cancel).await;
+        let mut want = vec![0, 0, 0, 16];
+        want.extend_from_slice(&80_877_102u32.to_be_bytes());
+        want.extend_from_slice(&4242i32.to_be_bytes());
+        want.extend_from_slice(&77i32.to_be_bytes());
+        assert_eq!(request, want);
+        // The backend answers the cancelled query, then reads Terminate and closes.
+        let (mut backend_r, mut backend_w) = backend.into_split();
+        backend_w
+            .write_all(b"E\0\0\0\x04Z\0\0\0\x05I")
+            .await
+            .expect("answer");
+        let mut got = Vec::new();
+        backend_r.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, TERMINATE);
+        drop((backend_r, backend_w));
+        let (how, text) = closing.await.expect("join");
+        assert_eq!(how, Closed::Busy);
+        assert!(
+            text.contains("leasegate_upstream_closes_total{how=\"busy\"} 1"),
+            "{text}"
+        );
+        // The answered query needs no second cancel.
+        assert!(listener.accept().now_or_never().is_none(), "one cancel");
+    }
+
+    #[tokio::test]
+    async fn idle_upstream_gets_terminate_and_no_cancel() {
+        let (listener, mut stream, backend, target) = fake_backend().await;
+        let mut r = relayed(RelayEnd::ClientGone(None), QUERY, b"Z\0\0\0\x05I");
+        let metrics = Metrics::new();
+        let closing = tokio::spawn(async move {
+            close(&mut stream, &mut r, Some(&target), "myapp", &metrics).await
+        });
+        assert_eq!(read_to_end(backend).await, TERMINATE);
+        assert_eq!(closing.await.expect("join"), Closed::Idle);
+        assert!(listener.accept().now_or_never().is_none(), "no cancel");
+    }
+
+    #[tokio::test]
+    async fn half_a_message_upstream_gets_no_terminate() {
+        let (listener, mut stream, backend, target) = fake_backend().await;
+        let mut r = relayed(RelayEnd::ClientGone(None), &QUERY[..6], b"");
+        let metrics = Metrics::new();
+        let closing = tokio::spawn(async move {
+            close(&mut stream, &mut r, Some(&target), "myapp", &metrics).await
+        });
+        let (cancel, _) = listener.accept().await.expect("cancel connection");
+        assert_eq!(read_to_end(cancel).await.len(), 16);
+        // Only the write side is shut: a Terminate would land inside the query.
+        assert_eq!(read_to_end(backend).await, b"");
+        assert_eq!(closing.await.expect("join"), Closed::Busy);
+    }
+
+    #[tokio::test]
+    async fn a_closed_upstream_is_not_cancelled() {
+        let (listener, mut stream, backend, target) = fake_backend().await;
+        drop(backend);
+        let mut r = relayed(RelayEnd::UpstreamGone(None), QUERY, b"");
+        let metrics = Metrics::new();
+        let how = close(&mut stream, &mut r, Some(&target), "myapp", &metrics).await;
+        assert_eq!(how, Closed::Gone);
+        assert!(listener.accept().now_or_never().is_none(), "no cancel");
+    }
+}
