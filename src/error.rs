@@ -51,12 +51,12 @@ pub enum SessionError {
         message: String,
     },
     /// Vault could not issue a credential.
-    #[error("could not obtain credentials for role {role:?}: {source}")]
+    #[error("could not obtain credentials for role {role:?}: {error}")]
     Vault {
         /// The role asked for.
         role: String,
-        /// What Vault did.
-        source: VaultError,
+        /// What Vault did (in the message, so not also a `source()`).
+        error: VaultError,
     },
     /// Connecting or logging in upstream failed.
     #[error(transparent)]
@@ -97,9 +97,9 @@ impl SessionError {
             SessionError::Refused { message, .. }
             | SessionError::Denied { message, .. }
             | SessionError::Limited { message, .. } => message.clone(),
-            SessionError::Vault { role, source } => format!(
+            SessionError::Vault { role, error } => format!(
                 "could not obtain credentials for role \"{role}\": {}",
-                source.client_reason()
+                error.client_reason()
             ),
             SessionError::Upstream(e) => e.client_message(),
             SessionError::Shutdown => "terminating connection due to administrator command".into(),
@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(e.outcome(), "rejected");
         let e = SessionError::Vault {
             role: "readonly".into(),
-            source: VaultError::Unreachable("tcp connect error 10.1.2.3:8200".into()),
+            error: VaultError::Unreachable("tcp connect error 10.1.2.3:8200".into()),
         };
         assert_eq!(e.sqlstate(), "08006");
         assert!(!e.client_message().contains("10.1.2.3"));

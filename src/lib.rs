@@ -50,3 +50,6 @@ pub mod session;
 pub mod tls;
 pub mod upstream;
 pub mod vault;
+
+#[cfg(test)]
+mod error_chain_tests;

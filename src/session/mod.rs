@@ -169,9 +169,9 @@ impl Session<'_> {
             &self.state.revoker,
         ))
         .await;
-        let (lease, guard) = creds.map_err(|source| SessionError::Vault {
+        let (lease, guard) = creds.map_err(|error| SessionError::Vault {
             role: role.to_owned(),
-            source,
+            error,
         })?;
         if self.stop.is_cancelled() {
             guard.revoke();

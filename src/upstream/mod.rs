@@ -21,12 +21,12 @@ pub use login::{LoggedIn, login};
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// TCP connect failed.
-    #[error("could not connect to upstream for database \"{database}\": {source}")]
+    #[error("could not connect to upstream for database \"{database}\": {error}")]
     Connect {
         /// The `[[databases]]` name (not the address: that stays in the logs).
         database: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so not also a `source()`).
+        error: std::io::Error,
     },
     /// Connecting and logging in took longer than `connect_timeout`.
     #[error("upstream for database \"{0}\" did not answer in time")]
@@ -60,7 +60,13 @@ pub enum UpstreamError {
     Protocol(String),
     /// The connection failed during login.
     #[error("upstream connection lost during login: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for UpstreamError {
+    fn from(e: std::io::Error) -> Self {
+        UpstreamError::Io(e)
+    }
 }
 
 impl UpstreamError {
