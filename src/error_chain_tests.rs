@@ -9,10 +9,13 @@ use std::path::PathBuf;
 use crate::app::StartError;
 use crate::config::ConfigError;
 use crate::error::SessionError;
+use crate::limits::LimitHit;
+use crate::policy::Denial;
 use crate::protocol::options::OptionsError;
 use crate::protocol::startup::PacketError;
 use crate::tls::TlsError;
 use crate::upstream::UpstreamError;
+use crate::upstream::params::ParamRefusal;
 use crate::vault::VaultError;
 
 /// Fails when any error in `e`'s chain repeats the message of its `source()`.
@@ -118,7 +121,30 @@ fn session_errors() -> Vec<SessionError> {
         SessionError::NoClientCert,
         SessionError::Tls(os_error()),
         SessionError::LoginTimeout,
+        SessionError::NoAlpn,
+        SessionError::PlaintextPeerCancel,
+        SessionError::GssEncTwice,
+        SessionError::NegotiationInsideTls,
+        SessionError::BadCertificate("client certificate has expired".into()),
+        SessionError::NoUser,
+        SessionError::Replication,
+        SessionError::ReplicationValue("maybe".into()),
+        SessionError::StartupParameter(ParamRefusal::NotAllowed("work_mem".into())),
+        SessionError::Denied {
+            denial: Denial::NoGrant,
+            identity: "cn:a".into(),
+            role: "readonly".into(),
+            database: "myapp".into(),
+        },
+        SessionError::Limited {
+            hit: LimitHit::Global(1),
+            identity: "cn:a".into(),
+        },
         SessionError::Shutdown,
+        SessionError::CredentialLifetime {
+            role: "readonly".into(),
+        },
+        SessionError::MaxSessionDuration(std::time::Duration::from_secs(60)),
     ];
     all.extend(packet_errors().into_iter().map(SessionError::Packet));
     all.extend(upstream_errors().into_iter().map(SessionError::Upstream));

@@ -21,7 +21,7 @@ use crate::app::{AppState, DatabaseEntry, Live};
 use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
-use crate::escape::{logged, quoted};
+use crate::escape::logged;
 use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::upstream::{self, LoggedIn, UpstreamError};
@@ -89,22 +89,6 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
     }
 }
 
-fn denial_message(hello: &ClientHello, denial: &Denial) -> String {
-    let identity = quoted(&hello.principal.display_name());
-    let (role, db) = (quoted(&hello.role), quoted(&hello.database));
-    match denial {
-        Denial::NoGrant => {
-            format!("identity {identity} has no grant (asked for role {role} on database {db})")
-        }
-        Denial::DatabaseNotGranted => {
-            format!("identity {identity} is not granted database {db} (asked for role {role})")
-        }
-        Denial::RoleNotGranted => {
-            format!("identity {identity} is not granted role {role} on database {db}")
-        }
-    }
-}
-
 /// One session after the handshake: what it needs from the proxy, and its audit facts.
 struct Session<'a> {
     state: &'a AppState,
@@ -144,8 +128,12 @@ impl Session<'_> {
             (decision, _) => {
                 // The policy never allows a database that is not configured.
                 let denial = decision.err().unwrap_or(Denial::DatabaseNotGranted);
-                let message = denial_message(hello, &denial);
-                Err(SessionError::Denied { denial, message })
+                Err(SessionError::Denied {
+                    denial,
+                    identity: hello.principal.display_name(),
+                    role: hello.role.clone(),
+                    database: hello.database.clone(),
+                })
             }
         }
     }
@@ -195,10 +183,8 @@ impl Session<'_> {
         let _permit = match self.state.limiter.acquire(&identity) {
             Ok(p) => p,
             Err(hit) => {
-                let message = hit.message(&identity);
-                return self
-                    .fail(&mut hello.stream, SessionError::Limited { hit, message })
-                    .await;
+                let e = SessionError::Limited { hit, identity };
+                return self.fail(&mut hello.stream, e).await;
             }
         };
         let vault_started = Instant::now();
@@ -296,10 +282,7 @@ fn startup_settings(
     database: &DatabaseEntry,
 ) -> Result<Vec<(String, String)>, SessionError> {
     let extra = &database.config.allow_startup_parameters;
-    upstream::params::check(&hello.params, extra).map_err(|refusal| SessionError::Refused {
-        code: refusal.sqlstate(),
-        message: refusal.message(quoted),
-    })
+    upstream::params::check(&hello.params, extra).map_err(SessionError::StartupParameter)
 }
 
 /// Connects and logs in upstream within the database's `connect_timeout`, sending the

@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::protocol::sqlstate::SqlState;
+
 pub use connect::connect;
 pub use login::{LoggedIn, login};
 
@@ -71,12 +73,12 @@ impl From<std::io::Error> for UpstreamError {
 
 impl UpstreamError {
     /// SQLSTATE for the client.
-    pub fn sqlstate(&self) -> &'static str {
+    pub(crate) fn sqlstate(&self) -> SqlState {
         match self {
-            UpstreamError::AuthMethod(_) => "08004",
-            UpstreamError::Protocol(_) => "08P01",
+            UpstreamError::AuthMethod(_) => SqlState::SqlserverRejectedEstablishmentOfSqlconnection,
+            UpstreamError::Protocol(_) => SqlState::ProtocolViolation,
             // Rejected is forwarded verbatim; this is only its fallback.
-            _ => "08006",
+            _ => SqlState::ConnectionFailure,
         }
     }
 
