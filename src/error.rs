@@ -14,6 +14,7 @@ use bytes::BytesMut;
 
 use crate::escape::quoted;
 use crate::limits::LimitHit;
+use crate::metrics::labels::{AuthFailureReason, SessionOutcome, TlsFailureReason};
 use crate::policy::Denial;
 use crate::protocol::messages::{Severity, error_response, notice_response};
 use crate::protocol::sqlstate::SqlState;
@@ -211,37 +212,37 @@ impl SessionError {
 
     /// `leasegate_auth_failures_total{reason}` label when this is a refusal of the client,
     /// `None` for failures that are not the client's.
-    pub(crate) fn auth_failure_reason(&self) -> Option<&'static str> {
+    pub(crate) fn auth_failure_reason(&self) -> Option<AuthFailureReason> {
+        use AuthFailureReason as R;
         use SessionError as E;
-        match self {
-            E::Plaintext => Some("plaintext"),
-            E::NoClientCert => Some("no_client_cert"),
-            E::Tls(_) => Some("tls_handshake"),
-            E::LoginTimeout => Some("login_timeout"),
-            E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => {
-                Some("bad_startup")
-            }
-            E::NegotiationInsideTls | E::BadCertificate(_) | E::NoUser => Some("bad_startup"),
-            E::Replication | E::ReplicationValue(_) | E::StartupParameter(_) => Some("bad_startup"),
-            E::Denied { denial, .. } => Some(denial.label()),
-            E::Limited { hit, .. } => Some(hit.label()),
-            E::Vault { .. } | E::Upstream(_) | E::Shutdown => None,
-            E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => None,
-        }
+        Some(match self {
+            E::Plaintext => R::Plaintext,
+            E::NoClientCert => R::NoClientCert,
+            E::Tls(_) => R::TlsHandshake,
+            E::LoginTimeout => R::LoginTimeout,
+            E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => R::BadStartup,
+            E::NegotiationInsideTls | E::BadCertificate(_) | E::NoUser => R::BadStartup,
+            E::Replication | E::ReplicationValue(_) | E::StartupParameter(_) => R::BadStartup,
+            E::Denied { denial, .. } => denial.label(),
+            E::Limited { hit, .. } => hit.label(),
+            E::Vault { .. } | E::Upstream(_) | E::Shutdown => return None,
+            E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => return None,
+        })
     }
 
     /// `leasegate_sessions_total{outcome}` label of a session that ended with this error. (A
     /// session leasegate ended while relaying, with 57P01, counts as `ok`: it served.)
-    pub(crate) fn outcome(&self) -> &'static str {
+    pub(crate) fn outcome(&self) -> SessionOutcome {
         if self.auth_failure_reason().is_some() {
-            "rejected"
+            SessionOutcome::Rejected
         } else {
-            "error"
+            SessionOutcome::Error
         }
     }
 
     /// `leasegate_tls_handshake_failures_total{reason}` label for a failed handshake.
-    pub(crate) fn tls_failure_reason(&self) -> Option<&'static str> {
+    pub(crate) fn tls_failure_reason(&self) -> Option<TlsFailureReason> {
+        use TlsFailureReason as R;
         let SessionError::Tls(e) = self else {
             return None;
         };
@@ -250,22 +251,22 @@ impl SessionError {
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         else {
             return Some(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                "eof"
+                R::Eof
             } else {
-                "io"
+                R::Io
             });
         };
         use rustls::{CertificateError as C, Error as E};
         Some(match tls {
-            E::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
-            E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
-            E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
-            E::InvalidCertificate(C::Revoked) => "revoked",
-            E::InvalidCertificate(_) => "bad_certificate",
-            E::NoApplicationProtocol => "no_alpn",
-            E::PeerIncompatible(_) => "incompatible",
-            E::InvalidMessage(_) => "not_tls",
-            _ => "other",
+            E::InvalidCertificate(C::UnknownIssuer) => R::UnknownCa,
+            E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => R::Expired,
+            E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => R::NotYetValid,
+            E::InvalidCertificate(C::Revoked) => R::Revoked,
+            E::InvalidCertificate(_) => R::BadCertificate,
+            E::NoApplicationProtocol => R::NoAlpn,
+            E::PeerIncompatible(_) => R::Incompatible,
+            E::InvalidMessage(_) => R::NotTls,
+            _ => R::Other,
         })
     }
 

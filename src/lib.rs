@@ -53,3 +53,5 @@ pub mod vault;
 
 #[cfg(test)]
 mod error_chain_tests;
+#[cfg(test)]
+mod readme_tests;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::LimitsConfig;
+use crate::metrics::labels::AuthFailureReason;
 
 /// Which limit refused a session.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,12 +21,12 @@ pub enum LimitHit {
 }
 
 impl LimitHit {
-    /// Metric label.
-    pub fn label(&self) -> &'static str {
+    /// Metric label for `leasegate_auth_failures_total{reason}`.
+    pub(crate) fn label(&self) -> AuthFailureReason {
         match self {
-            LimitHit::Global(_) => "global_session_limit",
-            LimitHit::IdentitySessions(_) => "identity_session_limit",
-            LimitHit::IdentityRate(_) => "identity_rate_limit",
+            LimitHit::Global(_) => AuthFailureReason::GlobalSessionLimit,
+            LimitHit::IdentitySessions(_) => AuthFailureReason::IdentitySessionLimit,
+            LimitHit::IdentityRate(_) => AuthFailureReason::IdentityRateLimit,
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::relay::Control;
 use crate::error::{SessionError, SessionNotice};
 use crate::metrics::Metrics;
+use crate::metrics::labels::LeaseResult;
 use crate::vault::VaultClient;
 use crate::vault::duration::later;
 
@@ -225,7 +226,7 @@ async fn watch_inner(
             // Boxed: the HTTP future is large and only lives during the call, not the session.
             match Box::pin(vault.renew(&life.lease_id, life.ttl)).await {
                 Ok(r) => {
-                    metrics.lease_renewal("ok");
+                    metrics.lease_renewal(LeaseResult::Ok);
                     let now = Instant::now();
                     expires = later(now, r.duration);
                     renew_failing = false;
@@ -241,7 +242,7 @@ async fn watch_inner(
                     next_renew = renew_time(now, expires);
                 }
                 Err(e) => {
-                    metrics.lease_renewal("error");
+                    metrics.lease_renewal(LeaseResult::Error);
                     renew_failing = true;
                     tracing::warn!(lease_id = %life.lease_id, error = %e, "lease renewal failed, will retry");
                     let remaining = expires.saturating_duration_since(Instant::now());

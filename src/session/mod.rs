@@ -22,6 +22,7 @@ use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
 use crate::escape::logged;
+use crate::metrics::labels::{RelayDirection, SessionOutcome, SetupPhase};
 use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::upstream::{self, LoggedIn, UpstreamError};
@@ -51,7 +52,7 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
         Ok(Accepted::Session(hello)) => {
             state
                 .metrics
-                .setup_phase("tls", started.elapsed().as_secs_f64());
+                .setup_phase(SetupPhase::Tls, started.elapsed().as_secs_f64());
             let audit = AuditEvent::new("session_start", peer)
                 .principal(&hello.principal)
                 .request(&hello.database, &hello.role);
@@ -76,11 +77,11 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
         }
     };
     match result {
-        Ok(()) => state.metrics.session_finished("ok"),
+        Ok(()) => state.metrics.session_finished(SessionOutcome::Ok),
         Err(e) => {
             if let Some(reason) = e.auth_failure_reason() {
                 state.metrics.auth_failure(reason);
-                tracing::info!(%peer, reason, error = %e, "client refused");
+                tracing::info!(%peer, reason = reason.as_str(), error = %e, "client refused");
             } else {
                 tracing::warn!(%peer, error = %e, "session failed");
             }
@@ -193,7 +194,7 @@ impl Session<'_> {
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
         let metrics = &self.state.metrics;
-        metrics.setup_phase("vault", vault_started.elapsed().as_secs_f64());
+        metrics.setup_phase(SetupPhase::Vault, vault_started.elapsed().as_secs_f64());
         let login_started = Instant::now();
         self.audit.upstream_user = Some(lease.username.clone());
         self.audit.lease_id = Some(lease.id.clone());
@@ -219,8 +220,9 @@ impl Session<'_> {
         }
         let logged_in = match logged_in {
             Ok(l) => {
-                metrics.setup_phase("upstream_login", login_started.elapsed().as_secs_f64());
-                metrics.setup_phase("total", self.started.elapsed().as_secs_f64());
+                let login = login_started.elapsed().as_secs_f64();
+                metrics.setup_phase(SetupPhase::UpstreamLogin, login);
+                metrics.setup_phase(SetupPhase::Total, self.started.elapsed().as_secs_f64());
                 l
             }
             Err(SessionError::Upstream(e)) if e.raw_error().is_some() => {
@@ -358,8 +360,8 @@ async fn relay_session(
     let (mut cr, mut cw) = split(client);
     let (mut ur, mut uw) = split(upstream);
     let (tx, mut control) = mpsc::channel::<Control>(4);
-    let mut to_upstream = Direction::counted(state.metrics.relayed("to_upstream"));
-    let mut to_client = Direction::counted(state.metrics.relayed("to_client"));
+    let mut to_upstream = Direction::counted(state.metrics.relayed(RelayDirection::ToUpstream));
+    let mut to_client = Direction::counted(state.metrics.relayed(RelayDirection::ToClient));
     let end = tokio::select! {
         end = relay::relay(
             &mut cr, &mut cw, &mut ur, &mut uw, &mut control, &mut to_upstream, &mut to_client,

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::metrics::labels::UpstreamErrorKind;
 use crate::protocol::sqlstate::SqlState;
 
 pub use connect::connect;
@@ -95,15 +96,15 @@ impl UpstreamError {
     }
 
     /// Metric label for `leasegate_upstream_errors_total{kind}`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> UpstreamErrorKind {
         match self {
-            UpstreamError::Connect { .. } => "connect",
-            UpstreamError::Timeout(_) => "timeout",
-            UpstreamError::Tls { .. } => "tls",
-            UpstreamError::Rejected { .. } => "rejected",
-            UpstreamError::AuthMethod(_) | UpstreamError::Scram(_) => "auth",
-            UpstreamError::Protocol(_) => "protocol",
-            UpstreamError::Io(_) => "io",
+            UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
+            UpstreamError::Timeout(_) => UpstreamErrorKind::Timeout,
+            UpstreamError::Tls { .. } => UpstreamErrorKind::Tls,
+            UpstreamError::Rejected { .. } => UpstreamErrorKind::Rejected,
+            UpstreamError::AuthMethod(_) | UpstreamError::Scram(_) => UpstreamErrorKind::Auth,
+            UpstreamError::Protocol(_) => UpstreamErrorKind::Protocol,
+            UpstreamError::Io(_) => UpstreamErrorKind::Io,
         }
     }
 
