@@ -1,5 +1,5 @@
 //! Messages leasegate writes to clients itself, encoded with pgwire's codecs. Errors and
-//! notices take their SQLSTATE, severity and text from `crate::error`.
+//! notices get their SQLSTATE, severity and text from the session error type.
 
 use bytes::BytesMut;
 use pgwire::messages::Message;
