@@ -118,7 +118,7 @@ impl AppState {
 pub enum StartError {
     /// TLS material problems.
     #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
+    Tls(TlsError),
     /// Vault client problems.
     #[error(transparent)]
     Vault(#[from] VaultError),
@@ -128,6 +128,12 @@ pub enum StartError {
     /// The audit log could not be opened.
     #[error("cannot open the audit log: {0}")]
     Audit(std::io::Error),
+}
+
+impl From<TlsError> for StartError {
+    fn from(e: TlsError) -> Self {
+        StartError::Tls(e)
+    }
 }
 
 /// Builds the shared state (must run inside a Tokio runtime: the revoker starts here).

@@ -105,7 +105,7 @@ impl AuditEvent {
     /// Adds the client-visible outcome of a refusal or failure.
     pub fn error(mut self, err: &crate::error::SessionError) -> AuditEvent {
         self.reason = Some(err.to_string());
-        self.sqlstate = Some(err.sqlstate().to_owned());
+        self.sqlstate = Some(err.sqlstate().code().to_owned());
         self
     }
 

@@ -15,6 +15,7 @@ use rand::RngExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::app::DatabaseEntry;
+use crate::metrics::labels::CancelResult;
 use crate::protocol::startup::CancelKey;
 
 /// Where a cancel for one session must go.
@@ -117,13 +118,13 @@ pub enum CancelKind {
 
 /// What to do with a cancel request.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Route<T> {
+pub(crate) enum Route<T> {
     /// The key is one of this instance's sessions: cancel upstream.
     Upstream(T),
     /// A client's cancel with a key unknown here: forward it to the peers, once.
     Peers,
     /// Nothing to do; the `leasegate_cancel_requests_total{result}` label says why.
-    Drop(&'static str),
+    Drop(CancelResult),
 }
 
 /// Decides where a cancel goes. `from_peer`: the sender's certificate matches
@@ -133,19 +134,19 @@ pub enum Route<T> {
 /// Loop-free by construction: only a client's CancelRequest can be routed to the peers, and
 /// the peers receive it as a PeerCancelRequest, which is only ever looked up locally. A
 /// PeerCancelRequest from anyone but a peer is dropped without a lookup.
-pub fn route<T>(
+pub(crate) fn route<T>(
     kind: CancelKind,
     from_peer: bool,
     clustered: bool,
     lookup: impl FnOnce() -> Option<T>,
 ) -> Route<T> {
     if kind == CancelKind::Peer && !from_peer {
-        return Route::Drop("not_peer");
+        return Route::Drop(CancelResult::NotPeer);
     }
     match (lookup(), kind) {
         (Some(target), _) => Route::Upstream(target),
         (None, CancelKind::Client) if clustered => Route::Peers,
-        (None, _) => Route::Drop("unknown_key"),
+        (None, _) => Route::Drop(CancelResult::UnknownKey),
     }
 }
 
@@ -233,10 +234,10 @@ mod tests {
                 let peer_unknown = route(Peer, from_peer, clustered, unknown);
                 if from_peer {
                     assert_eq!(peer_known, Route::Upstream(1));
-                    assert_eq!(peer_unknown, Route::Drop("unknown_key"));
+                    assert_eq!(peer_unknown, Route::Drop(CancelResult::UnknownKey));
                 } else {
-                    assert_eq!(peer_known, Route::Drop("not_peer"));
-                    assert_eq!(peer_unknown, Route::Drop("not_peer"));
+                    assert_eq!(peer_known, Route::Drop(CancelResult::NotPeer));
+                    assert_eq!(peer_unknown, Route::Drop(CancelResult::NotPeer));
                 }
                 // A client's cancel (even one sent with a peer's certificate) goes upstream
                 // when known, to the peers once when unknown and clustered.
@@ -247,7 +248,7 @@ mod tests {
                 let expected = if clustered {
                     Route::Peers
                 } else {
-                    Route::Drop("unknown_key")
+                    Route::Drop(CancelResult::UnknownKey)
                 };
                 assert_eq!(route(Client, from_peer, clustered, unknown), expected);
             }

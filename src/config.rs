@@ -429,12 +429,12 @@ fn default_pg_port() -> u16 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The config path.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so not also a `source()`).
+        error: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
     #[error("{path}: {message}")]
@@ -464,9 +464,9 @@ impl Config {
     /// Reads and parses the file and resolves relative paths, without validating, so that
     /// `check-config` can collect the validation problems together with its own.
     pub fn load_unvalidated(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),

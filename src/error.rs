@@ -1,14 +1,31 @@
-//! Session errors and their one mapping to what the client sees: SQLSTATE, severity, a
-//! client-safe message, and the metric labels. Vault bodies, tokens and internal addresses
-//! never reach a client message; the full error goes to the log.
+//! What a client is told, from one place: every ErrorResponse and NoticeResponse leasegate
+//! writes comes from [`SessionError`] or [`SessionNotice`], each case with its typed
+//! [`SqlState`], its severity, a client-safe message and (for errors) the metric labels.
+//! Vault bodies, tokens and internal addresses never reach a client message; the full error
+//! (its `Display`) goes to the log and the audit line.
+//!
+//! Error causes, here and in every error type of the crate, are stated once: in the message
+//! (`{0}`) with no `source()`, because logs, the audit log and `check-config` print
+//! `Display` only; a wrapped error of another layer is `transparent`.
 
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use crate::escape::quoted;
 use crate::limits::LimitHit;
+use crate::metrics::labels::{AuthFailureReason, SessionOutcome, TlsFailureReason};
 use crate::policy::Denial;
+use crate::protocol::messages::{Severity, error_response, notice_response};
+use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::PacketError;
 use crate::upstream::UpstreamError;
+use crate::upstream::params::ParamRefusal;
 use crate::vault::VaultError;
 
-/// Everything that can end a session before or during relaying.
+/// Everything that ends a session: refusals before relaying, failures of Vault or the
+/// upstream, and leasegate ending a live session (57P01). Where a refusal's `Display` is what
+/// the client is told, the text is in its `#[error]`.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// StartupMessage sent without TLS.
@@ -26,37 +43,60 @@ pub enum SessionError {
     /// A malformed or unsupported startup packet.
     #[error(transparent)]
     Packet(#[from] PacketError),
-    /// A protocol step leasegate refuses (second SSLRequest, replication, ...).
-    #[error("{message}")]
-    Refused {
-        /// SQLSTATE to report.
-        code: &'static str,
-        /// Client-visible message.
-        message: String,
-    },
+    /// A PostgreSQL 17 direct TLS connection that did not negotiate ALPN `postgresql`.
+    #[error("direct TLS connections must negotiate the ALPN protocol \"postgresql\"")]
+    NoAlpn,
+    /// A PeerCancelRequest outside TLS (peers are known by their certificate only).
+    #[error("peer cancel requests are only accepted inside TLS")]
+    PlaintextPeerCancel,
+    /// A second GSSENCRequest after leasegate declined the first.
+    #[error("GSSENCRequest sent twice")]
+    GssEncTwice,
+    /// SSLRequest or GSSENCRequest inside TLS.
+    #[error("encryption negotiation inside TLS is not allowed")]
+    NegotiationInsideTls,
+    /// The verified client certificate is unusable now (unparsable, expired, not yet valid).
+    #[error("{0}")]
+    BadCertificate(String),
+    /// No (or an empty) `user` in the startup packet.
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    /// A replication connection (`replication` true or `database`).
+    #[error("replication connections are not supported through leasegate")]
+    Replication,
+    /// `replication` is neither a boolean nor `database`; holds the value as sent.
+    #[error("invalid value for parameter \"replication\": {}", quoted(.0))]
+    ReplicationValue(String),
+    /// A startup parameter or `options` content that does not reach the upstream.
+    #[error("{}", .0.message(quoted))]
+    StartupParameter(ParamRefusal),
     /// The grants do not allow the request.
-    #[error("{message}")]
+    #[error("{}", denial_message(.denial, .identity, .role, .database))]
     Denied {
         /// Which check failed.
         denial: Denial,
-        /// Client-visible message naming identity, role and database.
-        message: String,
+        /// The certificate identity, as the client is told it.
+        identity: String,
+        /// The role asked for.
+        role: String,
+        /// The database asked for.
+        database: String,
     },
     /// A session limit refused the client.
-    #[error("{message}")]
+    #[error("{}", limit_message(.hit, .identity))]
     Limited {
         /// Which limit.
         hit: LimitHit,
-        /// Client-visible message.
-        message: String,
+        /// The identity the grant matched, counted against the limit.
+        identity: String,
     },
     /// Vault could not issue a credential.
-    #[error("could not obtain credentials for role {role:?}: {source}")]
+    #[error("could not obtain credentials for role {role:?}: {error}")]
     Vault {
         /// The role asked for.
         role: String,
-        /// What Vault did.
-        source: VaultError,
+        /// What Vault did (in the message, so not also a `source()`).
+        error: VaultError,
     },
     /// Connecting or logging in upstream failed.
     #[error(transparent)]
@@ -64,74 +104,145 @@ pub enum SessionError {
     /// leasegate is shutting down.
     #[error("leasegate is shutting down")]
     Shutdown,
+    /// The credential reached Vault's max_ttl: leasegate ends the live session.
+    #[error(
+        "terminating connection: the database credential for role \"{role}\" reached its maximum lifetime"
+    )]
+    CredentialLifetime {
+        /// The role of the credential.
+        role: String,
+    },
+    /// The database entry's `max_session_duration` passed: leasegate ends the live session.
+    #[error(
+        "terminating connection: the session reached max_session_duration ({})",
+        humantime::format_duration(*.0)
+    )]
+    MaxSessionDuration(Duration),
+}
+
+fn denial_message(denial: &Denial, identity: &str, role: &str, database: &str) -> String {
+    let (identity, role, db) = (quoted(identity), quoted(role), quoted(database));
+    match denial {
+        Denial::NoGrant => {
+            format!("identity {identity} has no grant (asked for role {role} on database {db})")
+        }
+        Denial::DatabaseNotGranted => {
+            format!("identity {identity} is not granted database {db} (asked for role {role})")
+        }
+        Denial::RoleNotGranted => {
+            format!("identity {identity} is not granted role {role} on database {db}")
+        }
+    }
+}
+
+/// The identity (certificate text) is quoted and escaped.
+fn limit_message(hit: &LimitHit, identity: &str) -> String {
+    let identity = quoted(identity);
+    match hit {
+        LimitHit::Global(n) => format!("too many sessions through leasegate (limit {n})"),
+        LimitHit::IdentitySessions(n) => {
+            format!("too many sessions for identity {identity} (limit {n})")
+        }
+        LimitHit::IdentityRate(r) => {
+            format!("too many new sessions per second for identity {identity} (limit {r}/s)")
+        }
+    }
 }
 
 impl SessionError {
     /// SQLSTATE for the client's ErrorResponse.
-    pub fn sqlstate(&self) -> &'static str {
+    pub(crate) fn sqlstate(&self) -> SqlState {
+        use SessionError as E;
         match self {
-            SessionError::Plaintext | SessionError::NoClientCert | SessionError::Denied { .. } => {
-                "28000"
+            E::Plaintext | E::NoClientCert | E::Denied { .. } => {
+                SqlState::InvalidAuthorizationSpecification
             }
-            SessionError::Tls(_) | SessionError::LoginTimeout => "08006",
-            SessionError::Packet(PacketError::UnsupportedVersion(..)) => "0A000",
-            SessionError::Packet(_) => "08P01",
-            SessionError::Refused { code, .. } => code,
-            SessionError::Limited { .. } => "53300",
-            SessionError::Vault { .. } => "08006",
-            SessionError::Upstream(e) => e.sqlstate(),
-            SessionError::Shutdown => "57P01",
+            E::BadCertificate(_) | E::NoUser => SqlState::InvalidAuthorizationSpecification,
+            E::Tls(_) | E::LoginTimeout | E::Vault { .. } => SqlState::ConnectionFailure,
+            E::Packet(PacketError::UnsupportedVersion(..)) | E::Replication => {
+                SqlState::FeatureNotSupported
+            }
+            E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => {
+                SqlState::ProtocolViolation
+            }
+            E::NegotiationInsideTls => SqlState::ProtocolViolation,
+            E::ReplicationValue(_) => SqlState::InvalidParameterValue,
+            E::StartupParameter(refusal) => refusal.sqlstate(),
+            E::Limited { .. } => SqlState::TooManyConnections,
+            E::Upstream(e) => e.sqlstate(),
+            E::Shutdown | E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => {
+                SqlState::AdminShutdown
+            }
         }
     }
 
+    /// Every session error ends the session.
+    pub(crate) fn severity(&self) -> Severity {
+        Severity::Fatal
+    }
+
     /// The message the client sees.
-    pub fn client_message(&self) -> String {
+    pub(crate) fn client_message(&self) -> String {
         match self {
             SessionError::Plaintext => "SSL with a client certificate is required".into(),
             SessionError::NoClientCert => {
                 "a client certificate is required: connect with sslcert and sslkey".into()
             }
             SessionError::Tls(_) => "TLS handshake failed".into(),
-            SessionError::LoginTimeout => "login timed out".into(),
-            SessionError::Packet(e) => e.to_string(),
-            SessionError::Refused { message, .. }
-            | SessionError::Denied { message, .. }
-            | SessionError::Limited { message, .. } => message.clone(),
-            SessionError::Vault { role, source } => format!(
+            SessionError::Vault { role, error } => format!(
                 "could not obtain credentials for role \"{role}\": {}",
-                source.client_reason()
+                error.client_reason()
             ),
             SessionError::Upstream(e) => e.client_message(),
             SessionError::Shutdown => "terminating connection due to administrator command".into(),
+            // The rest say in their `Display` exactly what the client is told.
+            other => other.to_string(),
         }
+    }
+
+    /// Appends the FATAL ErrorResponse that tells the client.
+    pub(crate) fn encode(&self, buf: &mut BytesMut) {
+        error_response(
+            buf,
+            self.severity(),
+            self.sqlstate(),
+            &self.client_message(),
+        );
     }
 
     /// `leasegate_auth_failures_total{reason}` label when this is a refusal of the client,
     /// `None` for failures that are not the client's.
-    pub fn auth_failure_reason(&self) -> Option<&'static str> {
-        match self {
-            SessionError::Plaintext => Some("plaintext"),
-            SessionError::NoClientCert => Some("no_client_cert"),
-            SessionError::Tls(_) => Some("tls_handshake"),
-            SessionError::LoginTimeout => Some("login_timeout"),
-            SessionError::Packet(_) | SessionError::Refused { .. } => Some("bad_startup"),
-            SessionError::Denied { denial, .. } => Some(denial.label()),
-            SessionError::Limited { hit, .. } => Some(hit.label()),
-            SessionError::Vault { .. } | SessionError::Upstream(_) | SessionError::Shutdown => None,
-        }
+    pub(crate) fn auth_failure_reason(&self) -> Option<AuthFailureReason> {
+        use AuthFailureReason as R;
+        use SessionError as E;
+        Some(match self {
+            E::Plaintext => R::Plaintext,
+            E::NoClientCert => R::NoClientCert,
+            E::Tls(_) => R::TlsHandshake,
+            E::LoginTimeout => R::LoginTimeout,
+            E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => R::BadStartup,
+            E::NegotiationInsideTls | E::BadCertificate(_) | E::NoUser => R::BadStartup,
+            E::Replication | E::ReplicationValue(_) | E::StartupParameter(_) => R::BadStartup,
+            E::Denied { denial, .. } => denial.label(),
+            E::Limited { hit, .. } => hit.label(),
+            E::Vault { .. } | E::Upstream(_) | E::Shutdown => return None,
+            E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => return None,
+        })
     }
 
-    /// `leasegate_sessions_total{outcome}` label.
-    pub fn outcome(&self) -> &'static str {
+    /// `leasegate_sessions_total{outcome}` label of a session that ended with this error. (A
+    /// session leasegate ended while relaying, with 57P01, counts as `ok`: it served.)
+    pub(crate) fn outcome(&self) -> SessionOutcome {
         if self.auth_failure_reason().is_some() {
-            "rejected"
+            SessionOutcome::Rejected
         } else {
-            "error"
+            SessionOutcome::Error
         }
     }
 
     /// `leasegate_tls_handshake_failures_total{reason}` label for a failed handshake.
-    pub fn tls_failure_reason(&self) -> Option<&'static str> {
+    pub(crate) fn tls_failure_reason(&self) -> Option<TlsFailureReason> {
+        use TlsFailureReason as R;
         let SessionError::Tls(e) = self else {
             return None;
         };
@@ -140,22 +251,22 @@ impl SessionError {
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         else {
             return Some(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                "eof"
+                R::Eof
             } else {
-                "io"
+                R::Io
             });
         };
         use rustls::{CertificateError as C, Error as E};
         Some(match tls {
-            E::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
-            E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
-            E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
-            E::InvalidCertificate(C::Revoked) => "revoked",
-            E::InvalidCertificate(_) => "bad_certificate",
-            E::NoApplicationProtocol => "no_alpn",
-            E::PeerIncompatible(_) => "incompatible",
-            E::InvalidMessage(_) => "not_tls",
-            _ => "other",
+            E::InvalidCertificate(C::UnknownIssuer) => R::UnknownCa,
+            E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => R::Expired,
+            E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => R::NotYetValid,
+            E::InvalidCertificate(C::Revoked) => R::Revoked,
+            E::InvalidCertificate(_) => R::BadCertificate,
+            E::NoApplicationProtocol => R::NoAlpn,
+            E::PeerIncompatible(_) => R::Incompatible,
+            E::InvalidMessage(_) => R::NotTls,
+            _ => R::Other,
         })
     }
 
@@ -165,29 +276,66 @@ impl SessionError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The WARNING (NoticeResponse 01000) leasegate sends `expiry_warning` before it ends a live
+/// session; the session goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionNotice {
+    /// The credential cannot be renewed further ([`SessionError::CredentialLifetime`] follows).
+    CredentialEnding {
+        /// The role of the credential.
+        role: String,
+        /// Time until the session is ended.
+        left: Duration,
+    },
+    /// `max_session_duration` is near ([`SessionError::MaxSessionDuration`] follows).
+    MaxSessionEnding {
+        /// Time until the session is ended.
+        left: Duration,
+    },
+}
 
-    #[test]
-    fn mapping() {
-        let e = SessionError::Plaintext;
-        assert_eq!(e.sqlstate(), "28000");
-        assert_eq!(
-            e.client_message(),
-            "SSL with a client certificate is required"
-        );
-        assert_eq!(e.outcome(), "rejected");
-        let e = SessionError::Vault {
-            role: "readonly".into(),
-            source: VaultError::Unreachable("tcp connect error 10.1.2.3:8200".into()),
-        };
-        assert_eq!(e.sqlstate(), "08006");
-        assert!(!e.client_message().contains("10.1.2.3"));
-        assert_eq!(e.outcome(), "error");
-        assert_eq!(
-            SessionError::Packet(PacketError::UnsupportedVersion(4, 0)).sqlstate(),
-            "0A000"
+impl SessionNotice {
+    /// Always 01000.
+    pub(crate) fn sqlstate(&self) -> SqlState {
+        SqlState::Warning
+    }
+
+    /// A warning: the session continues.
+    pub(crate) fn severity(&self) -> Severity {
+        Severity::Warning
+    }
+
+    /// The message the client sees; the time left is rounded up to whole seconds.
+    pub(crate) fn client_message(&self) -> String {
+        match self {
+            SessionNotice::CredentialEnding { role, left } => format!(
+                "the database credential for role \"{role}\" cannot be extended; this session will be ended in {}",
+                seconds_rounded_up(*left)
+            ),
+            SessionNotice::MaxSessionEnding { left } => format!(
+                "this session reaches max_session_duration and will be ended in {}",
+                seconds_rounded_up(*left)
+            ),
+        }
+    }
+
+    /// Appends the NoticeResponse.
+    pub(crate) fn encode(&self, buf: &mut BytesMut) {
+        notice_response(
+            buf,
+            self.severity(),
+            self.sqlstate(),
+            &self.client_message(),
         );
     }
 }
+
+/// "3s" for anything above 2 s up to 3 s: a notice never announces less time than is left.
+fn seconds_rounded_up(d: Duration) -> String {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+#[cfg(test)]
+#[path = "error_tests.rs"]
+mod tests;

@@ -51,3 +51,8 @@ pub mod session;
 pub mod tls;
 pub mod upstream;
 pub mod vault;
+
+#[cfg(test)]
+mod error_chain_tests;
+#[cfg(test)]
+mod readme_tests;

@@ -1,13 +1,13 @@
 //! Abuse limits, checked after the certificate is known and before any Vault call: a global
 //! cap on sessions, and per identity a cap on concurrent sessions and a token bucket for new
-//! sessions per second. A refused client gets FATAL 53300.
+//! sessions per second. A refused client gets FATAL 53300 (`SessionError::Limited`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::LimitsConfig;
-use crate::escape::quoted;
+use crate::metrics::labels::AuthFailureReason;
 
 /// Which limit refused a session.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,26 +21,12 @@ pub enum LimitHit {
 }
 
 impl LimitHit {
-    /// Metric label.
-    pub fn label(&self) -> &'static str {
+    /// Metric label for `leasegate_auth_failures_total{reason}`.
+    pub(crate) fn label(&self) -> AuthFailureReason {
         match self {
-            LimitHit::Global(_) => "global_session_limit",
-            LimitHit::IdentitySessions(_) => "identity_session_limit",
-            LimitHit::IdentityRate(_) => "identity_rate_limit",
-        }
-    }
-
-    /// Client-visible message; the identity (certificate text) is quoted and escaped.
-    pub fn message(&self, identity: &str) -> String {
-        let identity = quoted(identity);
-        match self {
-            LimitHit::Global(n) => format!("too many sessions through leasegate (limit {n})"),
-            LimitHit::IdentitySessions(n) => {
-                format!("too many sessions for identity {identity} (limit {n})")
-            }
-            LimitHit::IdentityRate(r) => {
-                format!("too many new sessions per second for identity {identity} (limit {r}/s)")
-            }
+            LimitHit::Global(_) => AuthFailureReason::GlobalSessionLimit,
+            LimitHit::IdentitySessions(_) => AuthFailureReason::IdentitySessionLimit,
+            LimitHit::IdentityRate(_) => AuthFailureReason::IdentityRateLimit,
         }
     }
 }
@@ -206,17 +192,5 @@ mod tests {
         });
         assert_eq!(l.acquire("a").err(), Some(LimitHit::IdentitySessions(2)));
         assert!(l.acquire("b").is_ok(), "other identities are not affected");
-    }
-
-    #[test]
-    fn messages_escape_the_identity() {
-        let hit = LimitHit::IdentitySessions(1);
-        let message = hit.message("cn:evil\"\n\u{1b}[2Jx");
-        assert_eq!(
-            message,
-            "too many sessions for identity \"cn:evil\\\"\\n\\u{1b}[2Jx\" (limit 1)"
-        );
-        let long = LimitHit::IdentityRate(1.0).message(&"y".repeat(300));
-        assert!(long.contains(&format!("\"{}…\"", "y".repeat(64))), "{long}");
     }
 }

@@ -1,20 +1,24 @@
-//! The Prometheus registry and leasegate's typed metrics. Labels are small fixed sets
-//! (outcome, result, op, status, phase, reason, direction, how, database); never a client
-//! identity or anything else unbounded. Database names come from the configuration only.
+//! The Prometheus registry and leasegate's typed metrics. Labels are small fixed sets, typed in
+//! [`labels`] (outcome, result, op, status, phase, reason, direction, kind) or names from the
+//! configuration (database, role); never a client identity or anything else unbounded. The
+//! table below is the one list of metrics: field, type, name, help.
+
+pub(crate) mod labels;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Metric, Registry};
+use prometheus_client::registry::Registry;
 
-/// One label: (name, value), both from fixed sets.
-pub type Label = [(&'static str, &'static str); 1];
-/// Several labels, values from fixed sets or the configuration.
-pub type Labels = Vec<(&'static str, String)>;
+use labels::{
+    AuthFailureReason, CancelResult, DatabaseLabel, FixedLabel, LeaseResult, PeerForwardResult,
+    RelayDirection, RoleLabel, SessionOutcome, SetupPhase, TlsFailureReason, UpstreamClose,
+    UpstreamErrorKind, VaultAuthResult, VaultOp, VaultStatus, VersionLabel,
+};
 
-type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~16 s
@@ -26,83 +30,122 @@ fn session_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 4.0, 12))
 }
 
-/// Every `leasegate_auth_failures_total{reason}` value.
-pub const AUTH_FAILURE_REASONS: [&str; 11] = [
-    "plaintext",
-    "no_client_cert",
-    "tls_handshake",
-    "login_timeout",
-    "bad_startup",
-    "no_grant",
-    "database_not_granted",
-    "role_not_granted",
-    "global_session_limit",
-    "identity_session_limit",
-    "identity_rate_limit",
-];
+/// Declares `Metrics` from the table: each entry is a field, its type and initial value, the
+/// registered name (a counter is exported with `_total` appended) and its help text.
+macro_rules! metrics {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty = $init:expr => $name:literal, $help:literal;)+) => {
+        /// Every metric leasegate exports.
+        pub struct Metrics {
+            registry: Registry,
+            $($(#[$doc])* pub(crate) $field: $ty,)+
+        }
 
-/// Every `leasegate_cancel_requests_total{result}` value.
-pub const CANCEL_RESULTS: [&str; 7] = [
-    "forwarded",
-    "to_peers",
-    "unknown_key",
-    "not_peer",
-    "rate_limited",
-    "over_capacity",
-    "timed_out",
-];
-/// Every `leasegate_upstream_closes_total{how}` value.
-pub const UPSTREAM_CLOSES: [&str; 4] = ["idle", "busy", "gone", "timeout"];
+        impl Metrics {
+            /// Every metric, created and registered.
+            fn registered() -> Metrics {
+                let mut registry = Registry::default();
+                $(
+                    let $field: $ty = $init;
+                    registry.register($name, $help, $field.clone());
+                )+
+                Metrics { registry, $($field,)+ }
+            }
 
-/// Every metric leasegate exports.
-pub struct Metrics {
-    registry: Registry,
+            /// (registered name, type, labels) of every metric, for the README check.
+            #[cfg(test)]
+            pub(crate) fn schema() -> Vec<(
+                &'static str,
+                prometheus_client::metrics::MetricType,
+                Vec<(&'static str, &'static [&'static str])>,
+            )> {
+                use labels::LabelSchema;
+                use prometheus_client::metrics::TypedMetric;
+                vec![$(($name, <$ty as TypedMetric>::TYPE, <$ty as LabelSchema>::labels()),)+]
+            }
+        }
+    };
+}
+
+metrics! {
     /// Sessions currently relaying.
-    pub sessions_active: Gauge,
-    /// Finished connections by outcome: ok, rejected, error.
-    pub sessions_total: Family<Label, Counter>,
+    sessions_active: Gauge = Gauge::default()
+        => "leasegate_sessions_active", "Client sessions currently relaying";
+    /// Finished connections by outcome.
+    sessions_total: Family<SessionOutcome, Counter> = Family::default()
+        => "leasegate_sessions", "Client connections handled, by outcome (ok, rejected, error)";
     /// Relaying sessions' lifetimes.
-    pub session_duration: Histogram,
-    /// Session setup time by phase: tls, vault, upstream_login, total.
-    pub session_setup_duration: HistogramFamily,
+    session_duration: Histogram = session_histogram()
+        => "leasegate_session_duration_seconds", "Lifetime of relaying sessions";
+    /// Session setup time by phase.
+    session_setup_duration: HistogramFamily<SetupPhase> = Family::new_with_constructor(latency_histogram)
+        => "leasegate_session_setup_duration_seconds",
+           "Session setup time, by phase (tls, vault, upstream_login, total)";
     /// Leases issued and not yet revoked.
-    pub leases_active: Gauge,
+    leases_active: Gauge = Gauge::default()
+        => "leasegate_leases_active", "Vault leases issued to sessions and not yet revoked";
     /// Leases issued.
-    pub leases_issued_total: Counter,
-    /// Revocations by result: ok, error.
-    pub lease_revocations_total: Family<Label, Counter>,
-    /// Lease renewals by result: ok, error.
-    pub lease_renewals_total: Family<Label, Counter>,
+    leases_issued_total: Counter = Counter::default()
+        => "leasegate_leases_issued", "Vault leases issued to sessions";
+    /// Revocations by result.
+    lease_revocations_total: Family<LeaseResult, Counter> = Family::default()
+        => "leasegate_lease_revocations", "Lease revocations, by result (ok, error)";
+    /// Lease renewals by result.
+    lease_renewals_total: Family<LeaseResult, Counter> = Family::default()
+        => "leasegate_lease_renewals", "Lease renewals, by result (ok, error)";
     /// Revocations queued or in flight.
-    pub revocations_pending: Gauge,
+    revocations_pending: Gauge = Gauge::default()
+        => "leasegate_revocations_pending", "Lease revocations queued or being retried";
     /// Vault request latency by op.
-    pub vault_request_duration: HistogramFamily,
-    /// Vault requests by op and status (2xx, 4xx, 5xx, timeout, unreachable).
-    pub vault_requests_total: Family<Labels, Counter>,
-    /// Vault token renewals and logins by result: ok, error, login.
-    pub vault_auth_renewals_total: Family<Label, Counter>,
+    vault_request_duration: HistogramFamily<VaultOp> = Family::new_with_constructor(latency_histogram)
+        => "leasegate_vault_request_duration_seconds", "Vault HTTP request latency, by operation";
+    /// Vault requests by op and status.
+    vault_requests_total: Family<(VaultOp, VaultStatus), Counter> = Family::default()
+        => "leasegate_vault_requests",
+           "Vault HTTP requests, by operation and status (2xx, 3xx, 4xx, 5xx, timeout, unreachable)";
+    /// Vault token renewals, logins and revocations by result.
+    vault_auth_renewals_total: Family<VaultAuthResult, Counter> = Family::default()
+        => "leasegate_vault_auth_renewals",
+           "Vault token renewals, logins and revocations, by result (ok, error, login, revoked)";
     /// Refused clients by reason.
-    pub auth_failures_total: Family<Label, Counter>,
+    auth_failures_total: Family<AuthFailureReason, Counter> = Family::default()
+        => "leasegate_auth_failures", "Clients refused before any credential was issued, by reason";
     /// TLS handshake failures by reason.
-    pub tls_handshake_failures_total: Family<Label, Counter>,
+    tls_handshake_failures_total: Family<TlsFailureReason, Counter> = Family::default()
+        => "leasegate_tls_handshake_failures", "Client TLS handshakes that failed, by reason";
     /// Upstream connect and login failures by database and kind.
-    pub upstream_errors_total: Family<Labels, Counter>,
-    /// Relayed bytes by direction: to_upstream, to_client.
-    pub relayed_bytes_total: Family<Label, Counter>,
-    /// Upstream connections closed at session end, by how: idle, busy, gone, timeout.
-    pub upstream_closes_total: Family<Label, Counter>,
-    /// Prefetched credentials waiting, by database and role.
-    pub prefetch_ready: Family<Labels, Gauge>,
+    upstream_errors_total: Family<(DatabaseLabel, UpstreamErrorKind), Counter> = Family::default()
+        => "leasegate_upstream_errors", "Upstream connect and login failures, by database and kind";
+    /// Relayed bytes by direction.
+    relayed_bytes_total: Family<RelayDirection, Counter> = Family::default()
+        => "leasegate_relayed_bytes", "Bytes relayed, by direction (to_upstream, to_client)";
+    /// Upstream connections closed at session end, by how.
+    upstream_closes_total: Family<UpstreamClose, Counter> = Family::default()
+        => "leasegate_upstream_closes",
+           "Upstream connections closed at session end, by how (idle, busy: cancelled first, \
+            gone: closed by the server, timeout: still open when the lease was revoked)";
     /// Cancel requests by what became of them.
-    pub cancel_requests_total: Family<Label, Counter>,
-    /// Cancels forwarded to peer addresses, by result: sent, failed.
-    pub cancel_peer_forwards_total: Family<Label, Counter>,
+    cancel_requests_total: Family<CancelResult, Counter> = Family::default()
+        => "leasegate_cancel_requests",
+           "Cancel requests, by result (forwarded, to_peers, unknown_key, not_peer, \
+            rate_limited, over_capacity, timed_out)";
+    /// Cancels forwarded to peer addresses, by result.
+    cancel_peer_forwards_total: Family<PeerForwardResult, Counter> = Family::default()
+        => "leasegate_cancel_peer_forwards",
+           "Cancels forwarded to cluster peer addresses, by result (sent, failed)";
     /// `limits.max_sessions`, for alerts on sessions near the limit.
-    pub sessions_limit: Gauge,
+    sessions_limit: Gauge = Gauge::default()
+        => "leasegate_sessions_limit", "Configured limits.max_sessions";
+    /// Prefetched credentials waiting, by database and role.
+    prefetch_ready: Family<(DatabaseLabel, RoleLabel), Gauge> = Family::default()
+        => "leasegate_prefetch_ready",
+           "Prefetched credentials waiting for a session, by database and role";
     /// Audit events dropped because the writer fell behind (the queue was full).
-    pub audit_events_dropped_total: Counter,
+    audit_events_dropped_total: Counter = Counter::default()
+        => "leasegate_audit_events_dropped",
+           "Audit events dropped because the audit log writer fell behind";
     /// Constant 1 with the version label.
-    pub build_info: Family<Label, Gauge>,
+    build_info: Family<VersionLabel, Gauge> = Family::default()
+        => "leasegate_build_info", "Build information (constant 1)";
 }
 
 impl Default for Metrics {
@@ -111,332 +154,125 @@ impl Default for Metrics {
     }
 }
 
-fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
-    registry.register(name, help, metric);
+/// Creates the series of every value of `L` at 0.
+fn zero<L: FixedLabel>(family: &Family<L, Counter>) {
+    for value in L::all() {
+        let _ = family.get_or_create(value);
+    }
 }
 
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
-        let m = Metrics {
-            registry: Registry::default(),
-            sessions_active: Gauge::default(),
-            sessions_total: Family::default(),
-            session_duration: session_histogram(),
-            session_setup_duration: Family::new_with_constructor(latency_histogram),
-            leases_active: Gauge::default(),
-            leases_issued_total: Counter::default(),
-            lease_revocations_total: Family::default(),
-            lease_renewals_total: Family::default(),
-            revocations_pending: Gauge::default(),
-            vault_request_duration: Family::new_with_constructor(latency_histogram),
-            vault_requests_total: Family::default(),
-            vault_auth_renewals_total: Family::default(),
-            auth_failures_total: Family::default(),
-            tls_handshake_failures_total: Family::default(),
-            upstream_errors_total: Family::default(),
-            relayed_bytes_total: Family::default(),
-            upstream_closes_total: Family::default(),
-            build_info: Family::default(),
-            prefetch_ready: Family::default(),
-            sessions_limit: Gauge::default(),
-            cancel_requests_total: Family::default(),
-            cancel_peer_forwards_total: Family::default(),
-            audit_events_dropped_total: Counter::default(),
-        };
-        let mut r = Registry::default();
-        let r = &mut r;
-        register(
-            r,
-            "leasegate_sessions_active",
-            "Client sessions currently relaying",
-            m.sessions_active.clone(),
-        );
-        register(
-            r,
-            "leasegate_sessions",
-            "Client connections handled, by outcome (ok, rejected, error)",
-            m.sessions_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_session_duration_seconds",
-            "Lifetime of relaying sessions",
-            m.session_duration.clone(),
-        );
-        register(
-            r,
-            "leasegate_session_setup_duration_seconds",
-            "Session setup time, by phase (tls, vault, upstream_login, total)",
-            m.session_setup_duration.clone(),
-        );
-        register(
-            r,
-            "leasegate_leases_active",
-            "Vault leases issued to sessions and not yet revoked",
-            m.leases_active.clone(),
-        );
-        register(
-            r,
-            "leasegate_leases_issued",
-            "Vault leases issued to sessions",
-            m.leases_issued_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_lease_revocations",
-            "Lease revocations, by result (ok, error)",
-            m.lease_revocations_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_lease_renewals",
-            "Lease renewals, by result (ok, error)",
-            m.lease_renewals_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_revocations_pending",
-            "Lease revocations queued or being retried",
-            m.revocations_pending.clone(),
-        );
-        register(
-            r,
-            "leasegate_vault_request_duration_seconds",
-            "Vault HTTP request latency, by operation",
-            m.vault_request_duration.clone(),
-        );
-        register(
-            r,
-            "leasegate_vault_requests",
-            "Vault HTTP requests, by operation and status (2xx, 3xx, 4xx, 5xx, timeout, unreachable)",
-            m.vault_requests_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_vault_auth_renewals",
-            "Vault token renewals, logins and revocations, by result (ok, error, login, revoked)",
-            m.vault_auth_renewals_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_auth_failures",
-            "Clients refused before any credential was issued, by reason",
-            m.auth_failures_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_tls_handshake_failures",
-            "Client TLS handshakes that failed, by reason",
-            m.tls_handshake_failures_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_upstream_errors",
-            "Upstream connect and login failures, by database and kind",
-            m.upstream_errors_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_relayed_bytes",
-            "Bytes relayed, by direction (to_upstream, to_client)",
-            m.relayed_bytes_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_cancel_requests",
-            "Cancel requests, by result (forwarded, to_peers, unknown_key, not_peer, \
-             rate_limited, over_capacity, timed_out)",
-            m.cancel_requests_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_cancel_peer_forwards",
-            "Cancels forwarded to cluster peer addresses, by result (sent, failed)",
-            m.cancel_peer_forwards_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_upstream_closes",
-            "Upstream connections closed at session end, by how (idle, busy: cancelled first, \
-             gone: closed by the server, timeout: still open when the lease was revoked)",
-            m.upstream_closes_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_sessions_limit",
-            "Configured limits.max_sessions",
-            m.sessions_limit.clone(),
-        );
-        register(
-            r,
-            "leasegate_prefetch_ready",
-            "Prefetched credentials waiting for a session, by database and role",
-            m.prefetch_ready.clone(),
-        );
-        register(
-            r,
-            "leasegate_audit_events_dropped",
-            "Audit events dropped because the audit log writer fell behind",
-            m.audit_events_dropped_total.clone(),
-        );
-        register(
-            r,
-            "leasegate_build_info",
-            "Build information (constant 1)",
-            m.build_info.clone(),
-        );
-        m.build_info
-            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
-            .set(1);
+        let m = Metrics::registered();
+        let version = VersionLabel(env!("CARGO_PKG_VERSION").to_owned());
+        m.build_info.get_or_create(&version).set(1);
         m.zero_known_series();
-        Metrics {
-            registry: std::mem::take(r),
-            ..m
-        }
+        m
     }
 
     /// Creates the series with fixed label values at 0, so dashboards and alerts see 0
     /// rather than no data on a fresh instance.
     fn zero_known_series(&self) {
-        for outcome in ["ok", "rejected", "error"] {
-            let _ = self.sessions_total.get_or_create(&[("outcome", outcome)]);
-        }
-        for result in ["ok", "error"] {
-            let _ = self
-                .lease_revocations_total
-                .get_or_create(&[("result", result)]);
-            let _ = self
-                .lease_renewals_total
-                .get_or_create(&[("result", result)]);
-        }
-        for result in ["ok", "error", "login", "revoked"] {
-            let _ = self
-                .vault_auth_renewals_total
-                .get_or_create(&[("result", result)]);
-        }
-        for reason in AUTH_FAILURE_REASONS {
-            let _ = self
-                .auth_failures_total
-                .get_or_create(&[("reason", reason)]);
-        }
-        for result in CANCEL_RESULTS {
-            let _ = self
-                .cancel_requests_total
-                .get_or_create(&[("result", result)]);
-        }
-        for result in ["sent", "failed"] {
-            let _ = self
-                .cancel_peer_forwards_total
-                .get_or_create(&[("result", result)]);
-        }
-        for direction in ["to_upstream", "to_client"] {
-            let _ = self
-                .relayed_bytes_total
-                .get_or_create(&[("direction", direction)]);
-        }
-        for how in UPSTREAM_CLOSES {
-            let _ = self.upstream_closes_total.get_or_create(&[("how", how)]);
-        }
+        zero(&self.sessions_total);
+        zero(&self.lease_revocations_total);
+        zero(&self.lease_renewals_total);
+        zero(&self.vault_auth_renewals_total);
+        zero(&self.auth_failures_total);
+        zero(&self.cancel_requests_total);
+        zero(&self.cancel_peer_forwards_total);
+        zero(&self.relayed_bytes_total);
+        zero(&self.upstream_closes_total);
     }
 
     /// Counts a finished connection.
-    pub fn session_finished(&self, outcome: &'static str) {
-        self.sessions_total
-            .get_or_create(&[("outcome", outcome)])
-            .inc();
+    pub(crate) fn session_finished(&self, outcome: SessionOutcome) {
+        self.sessions_total.get_or_create(&outcome).inc();
     }
 
     /// Counts a refused client.
-    pub fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures_total
-            .get_or_create(&[("reason", reason)])
-            .inc();
+    pub(crate) fn auth_failure(&self, reason: AuthFailureReason) {
+        self.auth_failures_total.get_or_create(&reason).inc();
     }
 
     /// Records one Vault request's latency and status.
-    pub fn vault_request(&self, op: &'static str, status: &'static str, seconds: f64) {
+    pub(crate) fn vault_request(&self, op: VaultOp, status: VaultStatus, seconds: f64) {
         self.vault_request_duration
-            .get_or_create(&[("op", op)])
+            .get_or_create(&op)
             .observe(seconds);
-        self.vault_requests_total
-            .get_or_create(&vec![("op", op.to_owned()), ("status", status.to_owned())])
-            .inc();
+        self.vault_requests_total.get_or_create(&(op, status)).inc();
     }
 
     /// Records one setup phase's duration.
-    pub fn setup_phase(&self, phase: &'static str, seconds: f64) {
+    pub(crate) fn setup_phase(&self, phase: SetupPhase, seconds: f64) {
         self.session_setup_duration
-            .get_or_create(&[("phase", phase)])
+            .get_or_create(&phase)
             .observe(seconds);
     }
 
     /// Counts an upstream failure.
-    pub fn upstream_error(&self, database: &str, kind: &'static str) {
+    pub(crate) fn upstream_error(&self, database: &str, kind: UpstreamErrorKind) {
         self.upstream_errors_total
-            .get_or_create(&vec![
-                ("database", database.to_owned()),
-                ("kind", kind.to_owned()),
-            ])
+            .get_or_create(&(DatabaseLabel(database.to_owned()), kind))
             .inc();
     }
 
+    /// Sets the prefetched credentials waiting for `database` and `role`.
+    pub(crate) fn set_prefetch_ready(&self, database: &str, role: &str, n: usize) {
+        let labels = (
+            DatabaseLabel(database.to_owned()),
+            RoleLabel(role.to_owned()),
+        );
+        self.prefetch_ready.get_or_create(&labels).set(n as i64);
+    }
+
     /// Counts a failed client TLS handshake.
-    pub fn tls_failure(&self, reason: &'static str) {
+    pub(crate) fn tls_failure(&self, reason: TlsFailureReason) {
         self.tls_handshake_failures_total
-            .get_or_create(&[("reason", reason)])
+            .get_or_create(&reason)
             .inc();
     }
 
     /// Counter handle for one relay direction.
-    pub fn relayed(&self, direction: &'static str) -> Counter {
-        self.relayed_bytes_total
-            .get_or_create(&[("direction", direction)])
-            .clone()
+    pub(crate) fn relayed(&self, direction: RelayDirection) -> Counter {
+        self.relayed_bytes_total.get_or_create(&direction).clone()
     }
 
     /// Counts a lease renewal.
-    pub fn lease_renewal(&self, result: &'static str) {
-        self.lease_renewals_total
-            .get_or_create(&[("result", result)])
-            .inc();
+    pub(crate) fn lease_renewal(&self, result: LeaseResult) {
+        self.lease_renewals_total.get_or_create(&result).inc();
     }
 
-    /// Counts a Vault token renewal or login.
-    pub fn vault_auth_renewal(&self, result: &'static str) {
-        self.vault_auth_renewals_total
-            .get_or_create(&[("result", result)])
-            .inc();
+    /// Counts a Vault token renewal, login or revocation.
+    pub(crate) fn vault_auth_renewal(&self, result: VaultAuthResult) {
+        self.vault_auth_renewals_total.get_or_create(&result).inc();
     }
 
-    /// Counts a handled cancel request by its result (one of [`CANCEL_RESULTS`]).
-    pub fn cancel_request(&self, result: &'static str) {
-        self.cancel_requests_total
-            .get_or_create(&[("result", result)])
-            .inc();
+    /// Counts a handled cancel request by its result.
+    pub(crate) fn cancel_request(&self, result: CancelResult) {
+        self.cancel_requests_total.get_or_create(&result).inc();
     }
 
     /// Counts one cancel's forwards to peer addresses.
-    pub fn cancel_peer_forwards(&self, sent: usize, failed: usize) {
-        for (result, n) in [("sent", sent), ("failed", failed)] {
+    pub(crate) fn cancel_peer_forwards(&self, sent: usize, failed: usize) {
+        for (result, n) in [
+            (PeerForwardResult::Sent, sent),
+            (PeerForwardResult::Failed, failed),
+        ] {
             self.cancel_peer_forwards_total
-                .get_or_create(&[("result", result)])
+                .get_or_create(&result)
                 .inc_by(n as u64);
         }
     }
 
     /// Counts how a session's upstream connection was closed.
-    pub fn upstream_closed(&self, how: &'static str) {
-        self.upstream_closes_total
-            .get_or_create(&[("how", how)])
-            .inc();
+    pub(crate) fn upstream_closed(&self, how: UpstreamClose) {
+        self.upstream_closes_total.get_or_create(&how).inc();
     }
 
     /// Counts a finished revocation.
-    pub fn revocation(&self, result: &'static str) {
-        self.lease_revocations_total
-            .get_or_create(&[("result", result)])
-            .inc();
+    pub(crate) fn revocation(&self, result: LeaseResult) {
+        self.lease_revocations_total.get_or_create(&result).inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -455,29 +291,32 @@ mod tests {
     #[test]
     fn exposes_the_contract_names() {
         let m = Metrics::new();
-        m.session_finished("ok");
-        m.auth_failure("no_grant");
-        m.vault_request("creds", "2xx", 0.01);
-        m.revocation("ok");
+        m.session_finished(SessionOutcome::Ok);
+        m.auth_failure(AuthFailureReason::NoGrant);
+        m.vault_request(VaultOp::Creds, VaultStatus::Success, 0.01);
+        m.revocation(LeaseResult::Ok);
         m.sessions_active.inc();
         m.leases_active.inc();
-        m.relayed("to_client").inc_by(10);
-        m.upstream_error("myapp", "connect");
-        m.upstream_closed("busy");
+        m.relayed(RelayDirection::ToClient).inc_by(10);
+        m.upstream_error("myapp", UpstreamErrorKind::Connect);
+        m.set_prefetch_ready("myapp", "readonly", 2);
         let text = m.render();
         for needle in [
             "leasegate_sessions_active 1",
             "leasegate_sessions_total{outcome=\"ok\"} 1",
+            "leasegate_sessions_total{outcome=\"rejected\"} 0",
             "leasegate_leases_active 1",
             "leasegate_lease_revocations_total{result=\"ok\"} 1",
             "leasegate_vault_request_duration_seconds_count{op=\"creds\"} 1",
             "leasegate_vault_requests_total{op=\"creds\",status=\"2xx\"} 1",
             "leasegate_auth_failures_total{reason=\"no_grant\"} 1",
+            "leasegate_auth_failures_total{reason=\"identity_rate_limit\"} 0",
             "leasegate_relayed_bytes_total{direction=\"to_client\"} 10",
             "leasegate_upstream_errors_total{database=\"myapp\",kind=\"connect\"} 1",
+            "leasegate_prefetch_ready{database=\"myapp\",role=\"readonly\"} 2",
+            "leasegate_cancel_peer_forwards_total{result=\"failed\"} 0",
             "leasegate_build_info{version=",
             "leasegate_audit_events_dropped_total 0",
-            "leasegate_upstream_closes_total{how=\"busy\"} 1",
             "leasegate_upstream_closes_total{how=\"timeout\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");

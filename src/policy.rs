@@ -6,6 +6,7 @@
 //! compare case-insensitively, everything else exactly. Deny by default.
 
 use crate::config::GrantConfig;
+use crate::metrics::labels::AuthFailureReason;
 use crate::tls::identity::Principal;
 
 /// The kind of certificate field an identity pattern applies to.
@@ -155,11 +156,11 @@ pub enum Denial {
 
 impl Denial {
     /// Metric label for `leasegate_auth_failures_total{reason}`.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> AuthFailureReason {
         match self {
-            Denial::NoGrant => "no_grant",
-            Denial::DatabaseNotGranted => "database_not_granted",
-            Denial::RoleNotGranted => "role_not_granted",
+            Denial::NoGrant => AuthFailureReason::NoGrant,
+            Denial::DatabaseNotGranted => AuthFailureReason::DatabaseNotGranted,
+            Denial::RoleNotGranted => AuthFailureReason::RoleNotGranted,
         }
     }
 }

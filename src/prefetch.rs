@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DatabaseConfig};
 use crate::metrics::Metrics;
+use crate::metrics::labels::LeaseResult;
 use crate::vault::duration::later;
 use crate::vault::{Lease, LeaseGuard, Revoker, VaultClient};
 
@@ -159,13 +160,7 @@ impl Prefetcher {
     }
 
     fn set_gauge(&self, database: &str, role: &str, n: usize) {
-        self.metrics
-            .prefetch_ready
-            .get_or_create(&vec![
-                ("database", database.to_owned()),
-                ("role", role.to_owned()),
-            ])
-            .set(n as i64);
+        self.metrics.set_prefetch_ready(database, role, n);
     }
 
     /// Revokes every waiting lease (shutdown).
@@ -231,8 +226,11 @@ impl Prefetcher {
         };
         for (id, ttl) in due {
             let result = self.vault.renew(&id, ttl).await;
-            self.metrics
-                .lease_renewal(if result.is_ok() { "ok" } else { "error" });
+            self.metrics.lease_renewal(if result.is_ok() {
+                LeaseResult::Ok
+            } else {
+                LeaseResult::Error
+            });
             let now = Instant::now();
             let mut pools = self.lock();
             let Some(pool) = pools.get_mut(key) else {

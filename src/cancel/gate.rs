@@ -21,6 +21,7 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::LimitsConfig;
+use crate::metrics::labels::CancelResult;
 
 /// Why a cancel request was dropped before any work; the label of
 /// `leasegate_cancel_requests_total{result}`.
@@ -34,10 +35,10 @@ pub enum Refusal {
 
 impl Refusal {
     /// Metric label.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> CancelResult {
         match self {
-            Refusal::RateLimited => "rate_limited",
-            Refusal::OverCapacity => "over_capacity",
+            Refusal::RateLimited => CancelResult::RateLimited,
+            Refusal::OverCapacity => CancelResult::OverCapacity,
         }
     }
 }

@@ -1,9 +1,12 @@
-//! Messages leasegate writes to clients itself, encoded with pgwire's codecs.
+//! Messages leasegate writes to clients itself, encoded with pgwire's codecs. Errors and
+//! notices get their SQLSTATE, severity and text from the session error type.
 
 use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
+
+use super::sqlstate::SqlState;
 
 /// Severity of an error or notice leasegate reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,24 +26,34 @@ impl Severity {
     }
 }
 
-fn fields(severity: Severity, code: &str, message: &str) -> Vec<(u8, String)> {
+fn fields(severity: Severity, code: SqlState, message: &str) -> Vec<(u8, String)> {
     vec![
         (b'S', severity.as_str().to_owned()),
         (b'V', severity.as_str().to_owned()),
-        (b'C', code.to_owned()),
+        (b'C', code.code().to_owned()),
         (b'M', message.to_owned()),
     ]
 }
 
 /// Appends an ErrorResponse with the given SQLSTATE and message.
-pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+pub(crate) fn error_response(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: SqlState,
+    message: &str,
+) {
     // Encoding into a BytesMut only fails for messages over 2 GiB.
     let _ = ErrorResponse::new(fields(severity, code, message)).encode(buf);
 }
 
 /// Appends a NoticeResponse with the given SQLSTATE and message.
-pub fn notice_response(buf: &mut BytesMut, code: &str, message: &str) {
-    let _ = NoticeResponse::new(fields(Severity::Warning, code, message)).encode(buf);
+pub(crate) fn notice_response(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: SqlState,
+    message: &str,
+) {
+    let _ = NoticeResponse::new(fields(severity, code, message)).encode(buf);
 }
 
 /// Appends AuthenticationOk.
@@ -71,7 +84,8 @@ mod tests {
     #[test]
     fn error_response_layout() {
         let mut buf = BytesMut::new();
-        error_response(&mut buf, Severity::Fatal, "28000", "no");
+        let code = SqlState::InvalidAuthorizationSpecification;
+        error_response(&mut buf, Severity::Fatal, code, "no");
         assert_eq!(buf[0], b'E');
         let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
         assert_eq!(len + 1, buf.len());

@@ -63,7 +63,7 @@ pub struct StartupRequest {
 pub enum PacketError {
     /// The socket failed or closed mid-packet.
     #[error("connection lost during startup: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// Length field below the minimum or above [`MAX_STARTUP_PACKET`].
     #[error("invalid startup packet length {0}")]
     BadLength(u32),
@@ -77,6 +77,12 @@ pub enum PacketError {
     /// altered). Holds the name, shown safely.
     #[error("invalid startup packet: parameter {0} is not valid UTF-8")]
     NotUtf8(String),
+}
+
+impl From<std::io::Error> for PacketError {
+    fn from(e: std::io::Error) -> Self {
+        PacketError::Io(e)
+    }
 }
 
 /// Reads exactly one pre-authentication packet from `stream`.

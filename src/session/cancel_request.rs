@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::handshake::CancelRequest;
 use crate::app::{AppState, Live};
 use crate::cancel::{self, CancelKind, Route};
+use crate::metrics::labels::CancelResult;
 
 /// Limit for all the work one cancel causes (each step has its own, shorter limit).
 const CANCEL_WORK_LIMIT: Duration = Duration::from_secs(10);
@@ -26,11 +27,11 @@ pub async fn handle(state: &AppState, live: &Live, request: CancelRequest, peer:
             let work = dispatch(state, live, &request, from_peer);
             tokio::time::timeout(CANCEL_WORK_LIMIT, work)
                 .await
-                .unwrap_or("timed_out")
+                .unwrap_or(CancelResult::TimedOut)
         }
     };
     state.metrics.cancel_request(result);
-    tracing::debug!(%peer, kind = ?request.kind, result, "cancel request");
+    tracing::debug!(%peer, kind = ?request.kind, result = result.as_str(), "cancel request");
     request.conn.close().await;
 }
 
@@ -40,7 +41,7 @@ async fn dispatch(
     live: &Live,
     request: &CancelRequest,
     from_peer: bool,
-) -> &'static str {
+) -> CancelResult {
     let cluster = live.cluster.as_ref();
     let route = cancel::route(request.kind, from_peer, cluster.is_some(), || {
         state.cancels.lookup(&request.key)
@@ -48,14 +49,14 @@ async fn dispatch(
     match (route, cluster) {
         (Route::Upstream(target), _) => {
             cancel::forward(target).await;
-            "forwarded"
+            CancelResult::Forwarded
         }
         (Route::Peers, Some(cluster)) => {
             let done = cluster.forward(&request.key).await;
             state.metrics.cancel_peer_forwards(done.sent, done.failed);
-            "to_peers"
+            CancelResult::ToPeers
         }
-        (Route::Peers, None) => "unknown_key",
+        (Route::Peers, None) => CancelResult::UnknownKey,
         (Route::Drop(label), _) => label,
     }
 }

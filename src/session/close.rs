@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::relay::{RelayEnd, Relayed};
 use crate::cancel::{self, CancelTarget};
 use crate::metrics::Metrics;
+use crate::metrics::labels::UpstreamClose;
 use crate::upstream::UpstreamStream;
 
 /// How long the close waits for the backend to close its connection (after Terminate, or
@@ -42,14 +43,19 @@ pub enum Closed {
 }
 
 impl Closed {
-    /// Metric label.
-    pub fn label(self) -> &'static str {
+    /// The metric label value.
+    pub(crate) fn metric(self) -> UpstreamClose {
         match self {
-            Closed::Idle => "idle",
-            Closed::Busy => "busy",
-            Closed::Gone => "gone",
-            Closed::Timeout => "timeout",
+            Closed::Idle => UpstreamClose::Idle,
+            Closed::Busy => UpstreamClose::Busy,
+            Closed::Gone => UpstreamClose::Gone,
+            Closed::Timeout => UpstreamClose::Timeout,
         }
+    }
+
+    /// Short label for logs: the metric's label value.
+    pub fn label(self) -> &'static str {
+        self.metric().as_str()
     }
 }
 
@@ -98,7 +104,7 @@ pub async fn close(
         tracing::warn!(database, busy, waited = ?started.elapsed(),
             "upstream backend did not close its connection in time; revoking the lease anyway");
     }
-    metrics.upstream_closed(how.label());
+    metrics.upstream_closed(how.metric());
     how
 }
 

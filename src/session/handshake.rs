@@ -12,8 +12,6 @@ use tokio_rustls::server::TlsStream;
 
 use crate::cancel::CancelKind;
 use crate::error::SessionError;
-use crate::escape::quoted;
-use crate::protocol::messages::{Severity, error_response};
 use crate::protocol::options::parse_bool;
 use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_initial_packet};
 use crate::tls::identity::Principal;
@@ -88,12 +86,7 @@ pub async fn report<S: AsyncWrite + Unpin>(stream: &mut S, err: &SessionError) {
         return;
     }
     let mut buf = BytesMut::new();
-    error_response(
-        &mut buf,
-        Severity::Fatal,
-        err.sqlstate(),
-        &err.client_message(),
-    );
+    err.encode(&mut buf);
     let write = async {
         stream.write_all(&buf).await?;
         stream.shutdown().await
@@ -120,11 +113,7 @@ pub async fn accept(mut tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<Accept
     }
     let mut stream = acceptor.accept(tcp).await.map_err(SessionError::Tls)?;
     if direct && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
-        let e = refused(
-            "08P01",
-            "direct TLS connections must negotiate the ALPN protocol \"postgresql\"",
-        );
-        return fail(&mut stream, e).await;
+        return fail(&mut stream, SessionError::NoAlpn).await;
     }
     after_tls(stream).await
 }
@@ -145,13 +134,11 @@ async fn negotiate(tcp: &mut TcpStream) -> Result<Option<CancelKey>, SessionErro
             }
             Ok(InitialPacket::Cancel(key)) => return Ok(Some(key)),
             Ok(InitialPacket::PeerCancel(_)) => {
-                let e = refused("08P01", "peer cancel requests are only accepted inside TLS");
-                return fail(tcp, e).await;
+                return fail(tcp, SessionError::PlaintextPeerCancel).await;
             }
             Ok(InitialPacket::Startup(_)) => return fail(tcp, SessionError::Plaintext).await,
             Ok(InitialPacket::GssEncRequest) => {
-                let e = refused("08P01", "GSSENCRequest sent twice");
-                return fail(tcp, e).await;
+                return fail(tcp, SessionError::GssEncTwice).await;
             }
             Err(e) => return fail(tcp, e.into()).await,
         }
@@ -175,8 +162,7 @@ async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
             return Ok(tls_cancel(CancelKind::Peer, key, cert, stream));
         }
         Ok(InitialPacket::SslRequest | InitialPacket::GssEncRequest) => {
-            let e = refused("08P01", "encryption negotiation inside TLS is not allowed");
-            return fail(&mut stream, e).await;
+            return fail(&mut stream, SessionError::NegotiationInsideTls).await;
         }
         Err(e) => return fail(&mut stream, e.into()).await,
     };
@@ -185,7 +171,7 @@ async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
     };
     let principal = match Principal::from_certificate(&cert) {
         Ok(p) => p,
-        Err(msg) => return fail(&mut stream, refused("28000", &msg)).await,
+        Err(msg) => return fail(&mut stream, SessionError::BadCertificate(msg)).await,
     };
     let (role, database) = match requested(&startup) {
         Ok(names) => names,
@@ -224,24 +210,15 @@ fn tls_cancel(
 fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError> {
     let params = &startup.params;
     let Some(role) = params.get("user").filter(|u| !u.is_empty()).cloned() else {
-        return Err(refused(
-            "28000",
-            "no PostgreSQL user name specified in startup packet",
-        ));
+        return Err(SessionError::NoUser);
     };
     // PostgreSQL's reading: exactly `database`, else a boolean (`parse_bool`).
     if let Some(mode) = params.get("replication") {
         match parse_bool(mode) {
             Some(false) => {}
-            Some(true) => return Err(no_replication()),
-            None if mode == "database" => return Err(no_replication()),
-            None => {
-                let message = format!(
-                    "invalid value for parameter \"replication\": {}",
-                    quoted(mode)
-                );
-                return Err(refused("22023", &message));
-            }
+            Some(true) => return Err(SessionError::Replication),
+            None if mode == "database" => return Err(SessionError::Replication),
+            None => return Err(SessionError::ReplicationValue(mode.clone())),
         }
     }
     let database = params
@@ -250,20 +227,6 @@ fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError>
         .cloned()
         .unwrap_or_else(|| role.clone());
     Ok((role, database))
-}
-
-fn no_replication() -> SessionError {
-    refused(
-        "0A000",
-        "replication connections are not supported through leasegate",
-    )
-}
-
-fn refused(code: &'static str, message: &str) -> SessionError {
-    SessionError::Refused {
-        code,
-        message: message.to_owned(),
-    }
 }
 
 async fn fail<S: AsyncWrite + Unpin, T>(
@@ -297,11 +260,11 @@ mod tests {
         }
         for on in ["true", "t", "on", "yes", "Y", "1", "database"] {
             let e = replication(on).expect_err(on);
-            assert_eq!(e.sqlstate(), "0A000", "{on}");
+            assert_eq!(e.sqlstate().code(), "0A000", "{on}");
         }
         for bad in ["maybe", "", "o", "DATABASE", "2", "false "] {
             let e = replication(bad).expect_err(bad);
-            assert_eq!(e.sqlstate(), "22023", "{bad:?}");
+            assert_eq!(e.sqlstate().code(), "22023", "{bad:?}");
             assert!(e.client_message().contains("\"replication\""), "{e}");
         }
     }

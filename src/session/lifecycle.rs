@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::relay::Control;
+use crate::error::{SessionError, SessionNotice};
 use crate::metrics::Metrics;
-use crate::protocol::messages::{Severity, error_response, notice_response};
+use crate::metrics::labels::LeaseResult;
 use crate::vault::VaultClient;
 use crate::vault::duration::later;
 
@@ -97,22 +98,37 @@ fn plan(
     }
 }
 
-/// "3s" for anything above 2 s up to 3 s: a notice never announces less time than is left.
-fn seconds_rounded_up(d: Duration) -> String {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
-}
-
-fn fatal(message: &str) -> BytesMut {
+/// The FATAL 57P01 that ends the session.
+fn fatal(end: &SessionError) -> BytesMut {
     let mut buf = BytesMut::new();
-    error_response(&mut buf, Severity::Fatal, "57P01", message);
+    end.encode(&mut buf);
     buf
 }
 
-fn notice(message: &str) -> BytesMut {
+/// The WARNING that announces the end `left` from now.
+fn notice(ending: Ending, life: &Lifetime, left: Duration) -> BytesMut {
+    let notice = match ending {
+        Ending::Credential => SessionNotice::CredentialEnding {
+            role: life.role.clone(),
+            left,
+        },
+        Ending::MaxSession => SessionNotice::MaxSessionEnding { left },
+    };
     let mut buf = BytesMut::new();
-    notice_response(&mut buf, "01000", message);
+    notice.encode(&mut buf);
     buf
+}
+
+/// Why leasegate ends the session, as the client is told.
+fn ended(ending: Ending, life: &Lifetime) -> SessionError {
+    match ending {
+        Ending::Credential => SessionError::CredentialLifetime {
+            role: life.role.clone(),
+        },
+        Ending::MaxSession => {
+            SessionError::MaxSessionDuration(life.max_session.unwrap_or_default())
+        }
+    }
 }
 
 /// How the watcher's own work ended.
@@ -184,7 +200,7 @@ async fn watch_inner(
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
             _ = stop.cancelled() => {
-                let _ = control.send(Control::End(fatal("terminating connection due to administrator command"))).await;
+                let _ = control.send(Control::End(fatal(&SessionError::Shutdown))).await;
                 return Watched::EndSent;
             }
             _ = control.closed() => return Watched::RelayGone,
@@ -195,37 +211,22 @@ async fn watch_inner(
         // became known too late to give the full `expiry_warning`).
         if !warned && (warn_at.is_some_and(|w| now >= w) || due_to_end) {
             warned = true;
-            let left = seconds_rounded_up(end_at.saturating_duration_since(now));
-            let message = match ending {
-                Ending::Credential => format!(
-                    "the database credential for role \"{}\" cannot be extended; this session will be ended in {left}",
-                    life.role
-                ),
-                Ending::MaxSession => {
-                    format!("this session reaches max_session_duration and will be ended in {left}")
-                }
-            };
-            let _ = control.send(Control::Notice(notice(&message))).await;
+            let left = end_at.saturating_duration_since(now);
+            let _ = control
+                .send(Control::Notice(notice(ending, &life, left)))
+                .await;
         }
         if due_to_end {
-            let message = match ending {
-                Ending::Credential => format!(
-                    "terminating connection: the database credential for role \"{}\" reached its maximum lifetime",
-                    life.role
-                ),
-                Ending::MaxSession => format!(
-                    "terminating connection: the session reached max_session_duration ({})",
-                    humantime::format_duration(life.max_session.unwrap_or_default())
-                ),
-            };
-            let _ = control.send(Control::End(fatal(&message))).await;
+            let _ = control
+                .send(Control::End(fatal(&ended(ending, &life))))
+                .await;
             return Watched::EndSent;
         }
         if renewable && now >= next_renew {
             // Boxed: the HTTP future is large and only lives during the call, not the session.
             match Box::pin(vault.renew(&life.lease_id, life.ttl)).await {
                 Ok(r) => {
-                    metrics.lease_renewal("ok");
+                    metrics.lease_renewal(LeaseResult::Ok);
                     let now = Instant::now();
                     expires = later(now, r.duration);
                     renew_failing = false;
@@ -241,7 +242,7 @@ async fn watch_inner(
                     next_renew = renew_time(now, expires);
                 }
                 Err(e) => {
-                    metrics.lease_renewal("error");
+                    metrics.lease_renewal(LeaseResult::Error);
                     renew_failing = true;
                     tracing::warn!(lease_id = %life.lease_id, error = %e, "lease renewal failed, will retry");
                     let remaining = expires.saturating_duration_since(Instant::now());
@@ -257,14 +258,6 @@ async fn watch_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn announced_time_is_rounded_up() {
-        assert_eq!(seconds_rounded_up(Duration::from_millis(990)), "1s");
-        assert_eq!(seconds_rounded_up(Duration::from_millis(2000)), "2s");
-        assert_eq!(seconds_rounded_up(Duration::from_millis(2001)), "3s");
-        assert_eq!(seconds_rounded_up(Duration::from_secs(61)), "1m 1s");
-    }
 
     #[test]
     fn margins_and_renew_times() {

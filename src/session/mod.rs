@@ -23,7 +23,8 @@ use crate::app::{AppState, DatabaseEntry, Live};
 use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
-use crate::escape::{logged, quoted};
+use crate::escape::logged;
+use crate::metrics::labels::{RelayDirection, SessionOutcome, SetupPhase};
 use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::upstream::{self, LoggedIn, UpstreamError};
@@ -50,7 +51,7 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
         Ok(Accepted::Session(hello)) => {
             state
                 .metrics
-                .setup_phase("tls", started.elapsed().as_secs_f64());
+                .setup_phase(SetupPhase::Tls, started.elapsed().as_secs_f64());
             let audit = AuditEvent::new("session_start", peer)
                 .principal(&hello.principal)
                 .request(&hello.database, &hello.role);
@@ -75,31 +76,15 @@ pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: C
         }
     };
     match result {
-        Ok(()) => state.metrics.session_finished("ok"),
+        Ok(()) => state.metrics.session_finished(SessionOutcome::Ok),
         Err(e) => {
             if let Some(reason) = e.auth_failure_reason() {
                 state.metrics.auth_failure(reason);
-                tracing::info!(%peer, reason, error = %e, "client refused");
+                tracing::info!(%peer, reason = reason.as_str(), error = %e, "client refused");
             } else {
                 tracing::warn!(%peer, error = %e, "session failed");
             }
             state.metrics.session_finished(e.outcome());
-        }
-    }
-}
-
-fn denial_message(hello: &ClientHello, denial: &Denial) -> String {
-    let identity = quoted(&hello.principal.display_name());
-    let (role, db) = (quoted(&hello.role), quoted(&hello.database));
-    match denial {
-        Denial::NoGrant => {
-            format!("identity {identity} has no grant (asked for role {role} on database {db})")
-        }
-        Denial::DatabaseNotGranted => {
-            format!("identity {identity} is not granted database {db} (asked for role {role})")
-        }
-        Denial::RoleNotGranted => {
-            format!("identity {identity} is not granted role {role} on database {db}")
         }
     }
 }
@@ -143,8 +128,12 @@ impl Session<'_> {
             (decision, _) => {
                 // The policy never allows a database that is not configured.
                 let denial = decision.err().unwrap_or(Denial::DatabaseNotGranted);
-                let message = denial_message(hello, &denial);
-                Err(SessionError::Denied { denial, message })
+                Err(SessionError::Denied {
+                    denial,
+                    identity: hello.principal.display_name(),
+                    role: hello.role.clone(),
+                    database: hello.database.clone(),
+                })
             }
         }
     }
@@ -168,9 +157,9 @@ impl Session<'_> {
             &self.state.revoker,
         ))
         .await;
-        let (lease, guard) = creds.map_err(|source| SessionError::Vault {
+        let (lease, guard) = creds.map_err(|error| SessionError::Vault {
             role: role.to_owned(),
-            source,
+            error,
         })?;
         if self.stop.is_cancelled() {
             guard.revoke();
@@ -196,10 +185,8 @@ impl Session<'_> {
         let permit = match self.state.limiter.acquire(&identity) {
             Ok(p) => p,
             Err(hit) => {
-                let message = hit.message(&identity);
-                return self
-                    .fail(&mut hello.stream, SessionError::Limited { hit, message })
-                    .await;
+                let e = SessionError::Limited { hit, identity };
+                return self.fail(&mut hello.stream, e).await;
             }
         };
         let vault_started = Instant::now();
@@ -208,7 +195,7 @@ impl Session<'_> {
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
         let metrics = &self.state.metrics;
-        metrics.setup_phase("vault", vault_started.elapsed().as_secs_f64());
+        metrics.setup_phase(SetupPhase::Vault, vault_started.elapsed().as_secs_f64());
         let login_started = Instant::now();
         self.audit.upstream_user = Some(lease.username.clone());
         self.audit.lease_id = Some(lease.id.clone());
@@ -234,8 +221,9 @@ impl Session<'_> {
         }
         let logged_in = match logged_in {
             Ok(l) => {
-                metrics.setup_phase("upstream_login", login_started.elapsed().as_secs_f64());
-                metrics.setup_phase("total", self.started.elapsed().as_secs_f64());
+                let login = login_started.elapsed().as_secs_f64();
+                metrics.setup_phase(SetupPhase::UpstreamLogin, login);
+                metrics.setup_phase(SetupPhase::Total, self.started.elapsed().as_secs_f64());
                 l
             }
             Err(SessionError::Upstream(e)) if e.raw_error().is_some() => {
@@ -294,10 +282,7 @@ fn startup_settings(
     database: &DatabaseEntry,
 ) -> Result<Vec<(String, String)>, SessionError> {
     let extra = &database.config.allow_startup_parameters;
-    upstream::params::check(&hello.params, extra).map_err(|refusal| SessionError::Refused {
-        code: refusal.sqlstate(),
-        message: refusal.message(quoted),
-    })
+    upstream::params::check(&hello.params, extra).map_err(SessionError::StartupParameter)
 }
 
 /// Connects and logs in upstream within the database's `connect_timeout`, sending the
@@ -365,10 +350,13 @@ async fn relay_session(
 ) -> (Relayed, close::Closed) {
     let out = startup_reply(&hello, &logged_in, key);
     let upstream_key = cancel_target(database, logged_in.cancel_key);
-    let mut to_upstream = Direction::to_upstream(Some(state.metrics.relayed("to_upstream")));
+    let mut to_upstream =
+        Direction::to_upstream(Some(state.metrics.relayed(RelayDirection::ToUpstream)));
     // What the upstream sent after its first ReadyForQuery goes through the relay's tracking.
-    let mut to_client =
-        Direction::to_client(Some(state.metrics.relayed("to_client")), logged_in.leftover);
+    let mut to_client = Direction::to_client(
+        Some(state.metrics.relayed(RelayDirection::ToClient)),
+        logged_in.leftover,
+    );
     // Only the two streams live on through the relay: every setup buffer is freed here, so an
     // idle session costs little more than its sockets, TLS state and relay buffers.
     let mut client = hello.stream;

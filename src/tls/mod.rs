@@ -14,25 +14,25 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A PEM/DER file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// File path.
         path: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so not also a `source()`).
+        error: std::io::Error,
     },
     /// A file held nothing usable.
     #[error("{0}")]
     Invalid(String),
     /// rustls refused the material.
-    #[error("{0}")]
+    #[error(transparent)]
     Rustls(#[from] rustls::Error),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 

@@ -121,9 +121,9 @@ pub fn intermediate_anchors(path: &std::path::Path) -> Result<Vec<String>, TlsEr
 fn load_crls(
     path: &std::path::Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+    let data = std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     if !data.starts_with(b"-----") {
         return Ok(vec![CertificateRevocationListDer::from(data)]);

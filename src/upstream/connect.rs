@@ -19,9 +19,9 @@ pub async fn connect(
 ) -> Result<UpstreamStream, UpstreamError> {
     let tcp = TcpStream::connect((db.host.as_str(), db.port))
         .await
-        .map_err(|source| UpstreamError::Connect {
+        .map_err(|error| UpstreamError::Connect {
             database: db.name.clone(),
-            source,
+            error,
         })?;
     crate::listener::tune_socket(&tcp, db.tcp_keepalive);
     let Some(connector) = tls else {

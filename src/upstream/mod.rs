@@ -14,6 +14,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::metrics::labels::UpstreamErrorKind;
+use crate::protocol::sqlstate::SqlState;
+
 pub use connect::connect;
 pub use login::{LoggedIn, login};
 
@@ -21,12 +24,12 @@ pub use login::{LoggedIn, login};
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// TCP connect failed.
-    #[error("could not connect to upstream for database \"{database}\": {source}")]
+    #[error("could not connect to upstream for database \"{database}\": {error}")]
     Connect {
         /// The `[[databases]]` name (not the address: that stays in the logs).
         database: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so not also a `source()`).
+        error: std::io::Error,
     },
     /// Connecting and logging in took longer than `connect_timeout`.
     #[error("upstream for database \"{0}\" did not answer in time")]
@@ -60,17 +63,23 @@ pub enum UpstreamError {
     Protocol(String),
     /// The connection failed during login.
     #[error("upstream connection lost during login: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for UpstreamError {
+    fn from(e: std::io::Error) -> Self {
+        UpstreamError::Io(e)
+    }
 }
 
 impl UpstreamError {
     /// SQLSTATE for the client.
-    pub fn sqlstate(&self) -> &'static str {
+    pub(crate) fn sqlstate(&self) -> SqlState {
         match self {
-            UpstreamError::AuthMethod(_) => "08004",
-            UpstreamError::Protocol(_) => "08P01",
+            UpstreamError::AuthMethod(_) => SqlState::SqlserverRejectedEstablishmentOfSqlconnection,
+            UpstreamError::Protocol(_) => SqlState::ProtocolViolation,
             // Rejected is forwarded verbatim; this is only its fallback.
-            _ => "08006",
+            _ => SqlState::ConnectionFailure,
         }
     }
 
@@ -87,15 +96,15 @@ impl UpstreamError {
     }
 
     /// Metric label for `leasegate_upstream_errors_total{kind}`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> UpstreamErrorKind {
         match self {
-            UpstreamError::Connect { .. } => "connect",
-            UpstreamError::Timeout(_) => "timeout",
-            UpstreamError::Tls { .. } => "tls",
-            UpstreamError::Rejected { .. } => "rejected",
-            UpstreamError::AuthMethod(_) | UpstreamError::Scram(_) => "auth",
-            UpstreamError::Protocol(_) => "protocol",
-            UpstreamError::Io(_) => "io",
+            UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
+            UpstreamError::Timeout(_) => UpstreamErrorKind::Timeout,
+            UpstreamError::Tls { .. } => UpstreamErrorKind::Tls,
+            UpstreamError::Rejected { .. } => UpstreamErrorKind::Rejected,
+            UpstreamError::AuthMethod(_) | UpstreamError::Scram(_) => UpstreamErrorKind::Auth,
+            UpstreamError::Protocol(_) => UpstreamErrorKind::Protocol,
+            UpstreamError::Io(_) => UpstreamErrorKind::Io,
         }
     }
 

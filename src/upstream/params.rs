@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use crate::protocol::options::{self, OptionsError};
+use crate::protocol::sqlstate::SqlState;
 
 /// Settings every client may send: what libpq, pgjdbc, Npgsql, asyncpg, pgx, lib/pq, node
 /// `pg` and tokio-postgres send at startup, and session defaults any role may `SET`.
@@ -54,12 +55,12 @@ pub enum ParamRefusal {
 impl ParamRefusal {
     /// SQLSTATE for the client: 42601 (as PostgreSQL) for `options` it cannot read, 42501
     /// for what it would read but leasegate does not allow.
-    pub fn sqlstate(&self) -> &'static str {
+    pub(crate) fn sqlstate(&self) -> SqlState {
         match self {
             ParamRefusal::Options(
                 OptionsError::NoValue(_) | OptionsError::NoArgument | OptionsError::Argument(_),
-            ) => "42601",
-            _ => "42501",
+            ) => SqlState::SyntaxError,
+            _ => SqlState::InsufficientPrivilege,
         }
     }
 
@@ -269,7 +270,7 @@ mod tests {
     fn messages_name_the_parameter() {
         let q = |s: &str| format!("\"{s}\"");
         let m = ParamRefusal::NotAllowed("post_auth_delay".into());
-        assert_eq!(m.sqlstate(), "42501");
+        assert_eq!(m.sqlstate().code(), "42501");
         assert_eq!(
             m.message(q),
             "startup parameter \"post_auth_delay\" is not allowed through leasegate"
@@ -278,13 +279,13 @@ mod tests {
             switch: 'W',
             sets: Some("post_auth_delay"),
         });
-        assert_eq!(m.sqlstate(), "42501");
+        assert_eq!(m.sqlstate().code(), "42501");
         assert!(
             m.message(q).contains("\"-W\" (sets post_auth_delay)"),
             "{}",
             m.message(q)
         );
         let m = ParamRefusal::Options(OptionsError::NoValue("x".into()));
-        assert_eq!(m.sqlstate(), "42601");
+        assert_eq!(m.sqlstate().code(), "42601");
     }
 }

@@ -18,12 +18,13 @@ pub use super::login::login;
 use super::login::{LoginResponse, renewal_granted};
 use super::token::Token;
 use crate::config::{AuthMethod, VaultAuthConfig};
+use crate::metrics::labels::{VaultAuthResult, VaultOp};
 
 /// `auth/token/renew-self` for one token; updates its expiry.
 async fn renew(client: &VaultClient, token: &Token) -> Result<(), VaultError> {
     let resp = client
         .request_as(
-            "renew_self",
+            VaultOp::RenewSelf,
             Method::POST,
             "auth/token/renew-self",
             Some(Body::Json(
@@ -49,7 +50,7 @@ async fn revoke_token(client: &VaultClient, token: &Token, why: &'static str) {
     }
     let result = client
         .request_as(
-            "revoke_self",
+            VaultOp::RevokeSelf,
             Method::POST,
             "auth/token/revoke-self",
             None,
@@ -58,7 +59,7 @@ async fn revoke_token(client: &VaultClient, token: &Token, why: &'static str) {
         .await;
     match result {
         Ok(_) => {
-            client.metrics.vault_auth_renewal("revoked");
+            client.metrics.vault_auth_renewal(VaultAuthResult::Revoked);
             tracing::info!(why, "Vault token revoked");
         }
         // Vault no longer knows the token: nothing left to revoke.
@@ -127,9 +128,9 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
                 continue;
             }
             match renew(&client, &token).await {
-                Ok(()) => client.metrics.vault_auth_renewal("ok"),
+                Ok(()) => client.metrics.vault_auth_renewal(VaultAuthResult::Ok),
                 Err(e) => {
-                    client.metrics.vault_auth_renewal("error");
+                    client.metrics.vault_auth_renewal(VaultAuthResult::Error);
                     tracing::warn!(error = %e, current, "Vault token renewal failed");
                     // Retry well before the token expires.
                     token.set_state(|s| {
@@ -159,13 +160,13 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
         if relogin {
             match login(&client, &auth).await {
                 Ok(token) => {
-                    client.metrics.vault_auth_renewal("login");
+                    client.metrics.vault_auth_renewal(VaultAuthResult::Login);
                     tracing::info!(method = ?auth.method, ttl = ?token.ttl, "logged in to Vault");
                     client.tokens.install(token);
                     backoff = Duration::from_millis(500);
                 }
                 Err(e) => {
-                    client.metrics.vault_auth_renewal("error");
+                    client.metrics.vault_auth_renewal(VaultAuthResult::Error);
                     client.tokens.healthy.store(false, Ordering::SeqCst);
                     tracing::error!(method = ?auth.method, error = %e, retry_in = ?backoff, "Vault login failed");
                     tokio::select! {
@@ -199,7 +200,7 @@ async fn health_check(client: &VaultClient) -> bool {
     };
     let result = client
         .request_as(
-            "lookup",
+            VaultOp::Lookup,
             Method::GET,
             "auth/token/lookup-self",
             None,

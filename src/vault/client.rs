@@ -18,6 +18,7 @@ use super::lease::{Lease, LeaseGuard, Revoker};
 use super::token::TokenStore;
 use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
 use crate::metrics::Metrics;
+use crate::metrics::labels::{VaultOp, VaultStatus};
 
 /// Failures talking to Vault.
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +216,7 @@ impl VaultClient {
 
     async fn request(
         &self,
-        op: &'static str,
+        op: VaultOp,
         method: Method,
         path: &str,
         body: Option<serde_json::Value>,
@@ -230,7 +231,7 @@ impl VaultClient {
     /// origin: a 3xx elsewhere comes back as [`VaultError::Redirected`].
     pub(crate) async fn request_as(
         &self,
-        op: &'static str,
+        op: VaultOp,
         method: Method,
         path: &str,
         body: Option<Body>,
@@ -262,12 +263,12 @@ impl VaultClient {
         }
         let result = req.send().await;
         let status = match &result {
-            Ok(r) if r.status().is_success() => "2xx",
-            Ok(r) if r.status().is_redirection() => "3xx",
-            Ok(r) if r.status().is_client_error() => "4xx",
-            Ok(_) => "5xx",
-            Err(e) if e.is_timeout() => "timeout",
-            Err(_) => "unreachable",
+            Ok(r) if r.status().is_success() => VaultStatus::Success,
+            Ok(r) if r.status().is_redirection() => VaultStatus::Redirect,
+            Ok(r) if r.status().is_client_error() => VaultStatus::ClientError,
+            Ok(_) => VaultStatus::ServerError,
+            Err(e) if e.is_timeout() => VaultStatus::Timeout,
+            Err(_) => VaultStatus::Unreachable,
         };
         self.metrics
             .vault_request(op, status, started.elapsed().as_secs_f64());
@@ -350,7 +351,7 @@ impl VaultClient {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let resp = self
             .request_as(
-                "creds",
+                VaultOp::Creds,
                 Method::GET,
                 &format!("{mount}/creds/{role}"),
                 None,
@@ -400,7 +401,7 @@ impl VaultClient {
     pub async fn renew(&self, lease_id: &str, increment: Duration) -> Result<Renewed, VaultError> {
         let resp = self
             .request(
-                "renew",
+                VaultOp::Renew,
                 Method::PUT,
                 "sys/leases/renew",
                 Some(serde_json::json!({
@@ -419,7 +420,7 @@ impl VaultClient {
     /// `PUT /v1/sys/leases/revoke`. Idempotent, so the revoker retries it.
     pub async fn revoke(&self, lease_id: &str) -> Result<(), VaultError> {
         self.request(
-            "revoke",
+            VaultOp::Revoke,
             Method::PUT,
             "sys/leases/revoke",
             Some(serde_json::json!({ "lease_id": lease_id })),

@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use super::client::VaultClient;
 use super::token::Token;
 use crate::metrics::Metrics;
+use crate::metrics::labels::LeaseResult;
 
 /// A credential issued by Vault. No `Debug`: it holds the password.
 pub struct Lease {
@@ -195,7 +196,7 @@ impl Revoker {
             match vault.revoke(&id).await {
                 Ok(()) => {
                     tracing::debug!(lease_id = %id, attempt, "lease revoked");
-                    self.metrics.revocation("ok");
+                    self.metrics.revocation(LeaseResult::Ok);
                     self.finished(&id);
                     return;
                 }
@@ -211,7 +212,7 @@ impl Revoker {
                 }
             }
         }
-        self.metrics.revocation("error");
+        self.metrics.revocation(LeaseResult::Error);
         self.finished(&id);
     }
 

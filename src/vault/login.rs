@@ -16,6 +16,7 @@ use super::client::{Body, VaultClient, VaultError, load_token};
 use super::duration::from_vault_secs;
 use super::token::Token;
 use crate::config::{AuthMethod, VaultAuthConfig};
+use crate::metrics::labels::VaultOp;
 
 /// A login or renew-self answer.
 #[derive(Deserialize)]
@@ -84,7 +85,7 @@ pub async fn login(client: &VaultClient, auth: &VaultAuthConfig) -> Result<Token
     };
     let path = format!("auth/{}/login", auth.mount());
     let resp = client
-        .request_as("login", Method::POST, &path, Some(body), None)
+        .request_as(VaultOp::Login, Method::POST, &path, Some(body), None)
         .await?;
     let login: LoginResponse = client.read_json("login response", resp).await?;
     Ok(token_from_login(login.auth, true))
@@ -136,7 +137,7 @@ pub(crate) fn kubernetes_body(auth: &VaultAuthConfig) -> Result<SecretBody, Vaul
 async fn lookup(client: &VaultClient, secret: SecretString) -> Result<Token, VaultError> {
     let resp = client
         .request_as(
-            "lookup",
+            VaultOp::Lookup,
             Method::GET,
             "auth/token/lookup-self",
             None,

@@ -194,3 +194,57 @@ async fn sigterm_stops_an_idle_server() {
         .expect("leasegate exits within 5 s of SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
+
+/// Runs `leasegate` with `args` to its exit (killed after 10 s) and returns what it printed.
+fn run_to_exit(args: &[&std::ffi::OsStr]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn leasegate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait leasegate").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("leasegate {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("collect leasegate output");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_missing_config_file_is_reported_with_its_os_error_once() {
+    let dir = root().tempdir("nope-");
+    let path = dir.path().join("nope.toml");
+    let os_error = std::fs::read(&path)
+        .expect_err("the file is missing")
+        .to_string();
+    let config = std::ffi::OsStr::new("--config");
+    for args in [
+        vec![config, path.as_os_str()],
+        vec![
+            std::ffi::OsStr::new("check-config"),
+            config,
+            path.as_os_str(),
+        ],
+    ] {
+        let (status, stderr) = run_to_exit(&args);
+        assert!(!status.success(), "{args:?} exits non-zero: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot read {}", path.display())),
+            "{args:?} names the file: {stderr}"
+        );
+        assert_eq!(
+            stderr.matches(&os_error).count(),
+            1,
+            "{args:?} prints {os_error:?} exactly once: {stderr}"
+        );
+    }
+}
