@@ -8,9 +8,9 @@ use std::hint::black_box;
 use bytes::{BufMut, BytesMut};
 use criterion::{Criterion, criterion_group, criterion_main};
 use leasegate::config::GrantConfig;
+use leasegate::identity::Principal;
 use leasegate::policy::Policy;
 use leasegate::protocol::startup::parse_initial_packet;
-use leasegate::tls::identity::Principal;
 
 fn startup_packet() -> BytesMut {
     let body: &[u8] = b"user\0readonly\0database\0myapp\0application_name\0psql\0client_encoding\0UTF8\0DateStyle\0ISO, MDY\0\0";

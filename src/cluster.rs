@@ -28,10 +28,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 pub use check::problems;
 
 use crate::config::{ClusterConfig, ListenConfig};
-use crate::policy::IdentityPattern;
+use crate::identity::{IdentityPattern, Principal};
 use crate::protocol::startup::{CancelKey, peer_cancel_packet};
 use crate::tls::TlsError;
-use crate::tls::identity::Principal;
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// Limit for forwarding to one peer address.

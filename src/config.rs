@@ -9,7 +9,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::policy::IdentityPattern;
+use crate::identity::IdentityPattern;
 use crate::protocol::options;
 use crate::secret_files::{Finding, check_secret_file};
 

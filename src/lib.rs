@@ -11,8 +11,10 @@
 //!   messages, log fields and the audit log.
 //! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
 //! - [`limits`]: global and per-identity session limits and rate buckets.
-//! - [`listener`]: accept loop, connection limit, socket options.
-//! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
+//! - [`listener`]: accept loop, connection limit.
+//! - [`net`]: socket options (NODELAY, keepalive) for client and upstream connections.
+//! - [`identity`]: the identity a client certificate carries, identity patterns and globs.
+//! - [`tls`]: client-facing acceptor and verifier, upstream TLS.
 //! - [`protocol`]: pre-authentication packets, startup option values as PostgreSQL reads them,
 //!   messages leasegate writes, message framing.
 //! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close.
@@ -39,9 +41,11 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod escape;
+pub mod identity;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub(crate) mod net;
 pub mod policy;
 pub mod prefetch;
 pub mod protocol;

@@ -12,8 +12,7 @@ use rustls::pki_types::{ServerName, UnixTime};
 use tokio_rustls::TlsConnector;
 
 use crate::config::{CLUSTER_CA_REQUIRED, ClusterConfig, ListenConfig};
-use crate::policy::IdentityPattern;
-use crate::tls::identity::Principal;
+use crate::identity::{IdentityPattern, Principal};
 use crate::tls::{self, load_certs, load_key, load_roots, provider};
 
 /// One `peers` entry, parsed.

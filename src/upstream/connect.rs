@@ -23,7 +23,7 @@ pub async fn connect(
             database: db.name.clone(),
             source,
         })?;
-    crate::listener::tune_socket(&tcp, db.tcp_keepalive);
+    crate::net::tune_socket(&tcp, db.tcp_keepalive);
     let Some(connector) = tls else {
         return Ok(UpstreamStream::Plain(tcp));
     };
