@@ -1,11 +1,11 @@
-//! The running proxy: shared state, the listener and admin server, signals (SIGHUP reloads:
-//! [`reload`]), and the graceful
+//! The running proxy: builds the shared state ([`crate::state`]), starts the listener and
+//! admin server, answers signals (SIGHUP reloads: [`reload`]), and runs the graceful
 //! drain (stop accepting, not ready, let sessions finish within `shutdown_grace`, end the rest,
 //! revoke every outstanding lease, exit).
 
 pub mod reload;
+mod signals;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,104 +14,20 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
 use crate::cancel::gate::CancelGate;
-use crate::cluster::Cluster;
-use crate::config::{Config, DatabaseConfig};
+use crate::config::Config;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
-use crate::policy::Policy;
 use crate::prefetch::Prefetcher;
-use crate::tls::{self, TlsError};
+use crate::state::{AppState, Live};
+use crate::tls::TlsError;
 use crate::vault::{Revoker, VaultClient, VaultError};
-
-/// A `[[databases]]` entry with its ready-made TLS connector.
-pub struct DatabaseEntry {
-    /// The configured entry.
-    pub config: DatabaseConfig,
-    /// TLS towards the upstream, `None` for `tls = "disable"`.
-    pub tls: Option<TlsConnector>,
-}
-
-/// What SIGHUP reloads. A session takes one snapshot when it starts and keeps it, so a reload
-/// never changes a session in flight.
-pub struct Live {
-    /// Client-facing TLS.
-    pub tls: TlsAcceptor,
-    /// The compiled grants.
-    pub policy: Policy,
-    /// Database entries by client-facing name.
-    pub databases: HashMap<String, Arc<DatabaseEntry>>,
-    /// Limit for TLS handshake plus startup packet.
-    pub login_timeout: Duration,
-    /// Peers for cancel forwarding.
-    pub cluster: Option<Cluster>,
-    /// Keepalive idle time for client sockets.
-    pub tcp_keepalive: Duration,
-}
-
-impl Live {
-    /// Builds everything reloadable from a validated config (inside a Tokio runtime: a
-    /// `[cluster]` starts resolving its peers, until this `Live` is dropped).
-    pub fn build(config: &Config) -> Result<Live, TlsError> {
-        let mut databases = HashMap::new();
-        for db in &config.databases {
-            let entry = DatabaseEntry {
-                tls: tls::upstream::connector(db)?,
-                config: db.clone(),
-            };
-            databases.insert(db.name.clone(), Arc::new(entry));
-        }
-        Ok(Live {
-            tls: tls::server::acceptor(&config.listen)?,
-            policy: Policy::new(&config.grants),
-            databases,
-            login_timeout: config.listen.login_timeout,
-            tcp_keepalive: config.listen.tcp_keepalive,
-            cluster: config
-                .cluster
-                .as_ref()
-                .map(|c| Cluster::new(c, &config.listen))
-                .transpose()?,
-        })
-    }
-}
-
-/// Everything sessions share.
-pub struct AppState {
-    /// Reloadable configuration.
-    pub live: ArcSwap<Live>,
-    /// Audit log writer.
-    pub audit: AuditLog,
-    /// Session limits (one instance: a reload replaces its limits, its counts live on).
-    pub limiter: Limiter,
-    /// Vault client (shared connection pool).
-    pub vault: Arc<VaultClient>,
-    /// Background revocation queue.
-    pub revoker: Revoker,
-    /// Credentials issued ahead of demand.
-    pub prefetch: Arc<Prefetcher>,
-    /// Every exported metric.
-    pub metrics: Arc<Metrics>,
-    /// Cancel keys of live sessions.
-    pub cancels: Arc<CancelMap>,
-    /// Rate limits and the in-flight cap for cancel requests (not reloaded, like `limiter`).
-    pub cancel_gate: CancelGate,
-    /// False while starting and while draining.
-    ready: AtomicBool,
-}
-
-impl AppState {
-    /// Whether `/readyz` should answer 200.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.vault.tokens.healthy()
-    }
-}
+use signals::Signals;
 
 /// Failures starting the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -189,9 +105,14 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
             .await
             .map_err(|e| StartError::Bind(metrics.address, e))?;
         tracing::info!(address = %admin.local_addr().map_err(|e| StartError::Bind(metrics.address, e))?, "metrics listening");
+        let ready = {
+            let state = state.clone();
+            move || state.is_ready()
+        };
         tokio::spawn(crate::admin::serve(
             admin,
-            state.clone(),
+            state.metrics.clone(),
+            ready,
             admin_stop.clone(),
         ));
     }
@@ -255,38 +176,4 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     }
     admin_stop.cancel();
     Ok(())
-}
-
-/// SIGTERM, SIGINT and SIGHUP as one stream.
-struct Signals {
-    term: Option<tokio::signal::unix::Signal>,
-    int: Option<tokio::signal::unix::Signal>,
-    hup: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn new() -> Signals {
-        use tokio::signal::unix::{SignalKind, signal};
-        Signals {
-            term: signal(SignalKind::terminate()).ok(),
-            int: signal(SignalKind::interrupt()).ok(),
-            hup: signal(SignalKind::hangup()).ok(),
-        }
-    }
-
-    async fn next(&mut self) -> &'static str {
-        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
-            match s {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        }
-        tokio::select! {
-            _ = recv(&mut self.term) => "SIGTERM",
-            _ = recv(&mut self.int) => "SIGINT",
-            _ = recv(&mut self.hup) => "SIGHUP",
-        }
-    }
 }

@@ -51,6 +51,7 @@ pub mod prefetch;
 pub mod protocol;
 pub mod secret_files;
 pub mod session;
+pub mod state;
 pub mod tls;
 pub mod upstream;
 pub mod vault;

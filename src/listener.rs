@@ -9,8 +9,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::AppState;
 use crate::net::tune_socket;
+use crate::state::AppState;
 
 /// Accepts until `accepting` is cancelled.
 pub async fn accept_loop(

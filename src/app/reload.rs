@@ -12,8 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::ExposeSecret;
 
-use super::{AppState, Live, Signals};
+use super::signals::Signals;
 use crate::config::{Config, VaultAuthConfig};
+use crate::state::{AppState, Live};
 
 /// Reloads `path` into `state`. Returns the configuration now in force: the new one (with
 /// the keys that need a restart kept at their running values), or `running` when the new file

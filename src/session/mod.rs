@@ -17,14 +17,14 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{AppState, DatabaseEntry, Live};
 use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
 use crate::escape::{logged, quoted};
 use crate::policy::Denial;
 use crate::protocol::messages;
-use crate::upstream::{self, LoggedIn, UpstreamError};
+use crate::state::{AppState, Live};
+use crate::upstream::{self, Database, LoggedIn, UpstreamError};
 use crate::vault::{Lease, LeaseGuard};
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
@@ -132,7 +132,7 @@ impl Session<'_> {
 
     /// The grant check: the database entry the client may use and the identity the grant
     /// matched, or the denial.
-    fn authorize(&self, hello: &ClientHello) -> Result<(Arc<DatabaseEntry>, String), SessionError> {
+    fn authorize(&self, hello: &ClientHello) -> Result<(Arc<Database>, String), SessionError> {
         let database = self.live.databases.get(&hello.database).cloned();
         let db_roles = database.as_ref().map(|d| d.config.roles.as_slice());
         let decision =
@@ -154,7 +154,7 @@ impl Session<'_> {
     /// Vault. The guard exists from the moment Vault issued it, so every later path revokes.
     async fn credential(
         &self,
-        database: &DatabaseEntry,
+        database: &Database,
         role: &str,
     ) -> Result<(Lease, LeaseGuard, Duration), SessionError> {
         if let Some(p) = self.state.prefetch.take(&database.config, role) {
@@ -256,7 +256,7 @@ impl Session<'_> {
         &self,
         hello: ClientHello,
         logged_in: LoggedIn,
-        database: &Arc<DatabaseEntry>,
+        database: &Arc<Database>,
         life: Lifetime,
     ) {
         let registration = logged_in.cancel_key.map(|(pid, secret)| {
@@ -293,7 +293,7 @@ impl Session<'_> {
 /// the parameter) before any limit or Vault call.
 fn startup_settings(
     hello: &ClientHello,
-    database: &DatabaseEntry,
+    database: &Database,
 ) -> Result<Vec<(String, String)>, SessionError> {
     let extra = &database.config.allow_startup_parameters;
     upstream::params::check(&hello.params, extra).map_err(|refusal| SessionError::Refused {
@@ -305,13 +305,13 @@ fn startup_settings(
 /// Connects and logs in upstream within the database's `connect_timeout`, sending the
 /// client's checked `settings`.
 async fn login_upstream(
-    database: &DatabaseEntry,
+    database: &Database,
     lease: &Lease,
     settings: &[(String, String)],
 ) -> Result<LoggedIn, SessionError> {
     let config = &database.config;
     let login = async {
-        let stream = upstream::connect(config, database.tls.as_ref()).await?;
+        let stream = database.connect().await?;
         upstream::login(stream, config, &lease.username, &lease.password, settings).await
     };
     match tokio::time::timeout(config.connect_timeout, login).await {

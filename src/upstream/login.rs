@@ -15,7 +15,8 @@ use postgres_protocol::message::frontend;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{UpstreamError, UpstreamStream};
+use super::error::UpstreamError;
+use super::stream::UpstreamStream;
 use crate::config::{DatabaseConfig, UpstreamTls};
 use crate::tls::upstream::server_end_point;
 
