@@ -14,18 +14,17 @@
 mod check;
 mod resolve;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use check::problems;
+pub use resolve::PeerAddr;
 
 use crate::config::{ClusterConfig, ListenConfig};
 use crate::identity::{IdentityPattern, Principal};
@@ -48,16 +47,6 @@ pub struct Cluster {
     peers: Arc<ArcSwap<Vec<PeerAddr>>>,
     /// Stops the resolver when this `Cluster` is dropped (a reload built a new one).
     _resolver: DropGuard,
-}
-
-/// One address to forward cancels to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerAddr {
-    /// A resolved address of a `peers` entry.
-    pub addr: SocketAddr,
-    /// That entry's host (DNS name or IP address): the name sent and checked in the peer's
-    /// certificate.
-    pub name: ServerName<'static>,
 }
 
 /// How forwarding one cancel went, per peer address.

@@ -8,6 +8,8 @@ use rcgen::{
     SanType,
 };
 
+use rustls::pki_types::ServerName;
+
 use super::*;
 use crate::config::CLUSTER_CA_REQUIRED;
 
