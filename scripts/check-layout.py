@@ -17,7 +17,8 @@ literals are blanked first. A path is resolved in the module it appears in: `cra
 `super::`, `self::`, a child module, or a name a `use` bound. The longest prefix that is a
 module is the target, followed through imports and re-exports (`pub use`) to the module that
 defines the item, so `crate::vault::VaultClient` is an edge to `vault::client`, not to `vault`.
-An edge to the module itself is not one; a parent declaring `mod child;` is not one either,
+Naming a module (`use crate::tls;`) is no edge, what is then reached through it
+(`tls::upstream::connector`) is. An edge to the module itself is not one; a parent declaring `mod child;` is not one either,
 while a parent using an item of its child is, like a child using one of its parent: both at
 once are a cycle. Inline non-test modules count as part of their file's module.
 """
@@ -286,7 +287,9 @@ def defining_module(path, modules, seen=None):
     if home is None:
         return None
     rest = path[k:]
-    if rest and rest[0] in home.imports and (home.path, rest[0]) not in seen:
+    if not rest:
+        return None  # the module itself, named to reach into it: not an item of its own
+    if rest[0] in home.imports and (home.path, rest[0]) not in seen:
         seen.add((home.path, rest[0]))
         target = home.imports[rest[0]] + rest[1:]
         return defining_module(target, modules, seen) or home.path

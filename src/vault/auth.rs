@@ -12,8 +12,9 @@ use reqwest::Method;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Body, VaultClient, VaultError};
+use super::client::{Body, VaultClient};
 use super::duration::later;
+use super::error::VaultError;
 pub use super::login::login;
 use super::login::{LoginResponse, renewal_granted};
 use super::token::Token;

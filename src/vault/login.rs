@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::body::SecretBody;
-use super::client::{Body, VaultClient, VaultError, load_token};
+use super::client::{Body, VaultClient, load_token};
 use super::duration::from_vault_secs;
+use super::error::VaultError;
 use super::token::Token;
 use crate::config::{AuthMethod, VaultAuthConfig};
 
