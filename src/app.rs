@@ -51,8 +51,8 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
     metrics
         .sessions_limit
-        .set(i64::from(config.limits.max_sessions));
-    let vault = Arc::new(VaultClient::new(&config.vault, metrics.clone())?);
+        .set(i64::from(config.reloadable.limits.max_sessions));
+    let vault = Arc::new(VaultClient::new(&config.fixed.vault, metrics.clone())?);
     let revoker = Revoker::spawn(vault.clone(), metrics.clone());
     let prefetch = Arc::new(Prefetcher::new(
         config,
@@ -61,19 +61,19 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
         metrics.clone(),
     ));
     Ok(Arc::new(AppState {
-        live: ArcSwap::from_pointee(Live::build(config)?),
+        live: ArcSwap::from_pointee(Live::build(&config.reloadable)?),
         audit: AuditLog::spawn(
-            config.audit.path.clone(),
+            config.fixed.audit.path.clone(),
             metrics.audit_events_dropped_total.clone(),
         )
         .map_err(StartError::Audit)?,
-        limiter: Limiter::new(config.limits.clone()),
+        limiter: Limiter::new(config.reloadable.limits),
         revoker,
         prefetch,
         vault,
         metrics,
         cancels: Arc::new(CancelMap::default()),
-        cancel_gate: CancelGate::new(&config.limits),
+        cancel_gate: CancelGate::new(&config.fixed.limits),
         ready: AtomicBool::new(false),
     }))
 }
@@ -85,22 +85,22 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     let auth_stop = CancellationToken::new();
     let mut vault_login = tokio::spawn(crate::vault::auth::maintain(
         state.vault.clone(),
-        config.vault.auth.clone(),
+        config.fixed.vault.auth.clone(),
         auth_stop.clone(),
     ));
     // Give the first login a moment so the first clients do not race it; failures are
     // retried in the background and /readyz stays 503 until a token works.
     let first_login = state.vault.tokens.wait_current();
-    let _ = tokio::time::timeout(config.vault.timeout, first_login).await;
+    let _ = tokio::time::timeout(config.fixed.vault.timeout, first_login).await;
     let prefetch_stop = CancellationToken::new();
     let prefetcher = tokio::spawn(state.prefetch.clone().run(prefetch_stop.clone()));
-    let listener = TcpListener::bind(config.listen.address)
+    let listener = TcpListener::bind(config.fixed.listen.address)
         .await
-        .map_err(|e| StartError::Bind(config.listen.address, e))?;
+        .map_err(|e| StartError::Bind(config.fixed.listen.address, e))?;
     let accepting = CancellationToken::new();
     let sessions = CancellationToken::new();
     let admin_stop = CancellationToken::new();
-    if let Some(metrics) = &config.metrics {
+    if let Some(metrics) = &config.fixed.metrics {
         let admin = TcpListener::bind(metrics.address)
             .await
             .map_err(|e| StartError::Bind(metrics.address, e))?;
@@ -118,12 +118,12 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     }
     let local = listener
         .local_addr()
-        .map_err(|e| StartError::Bind(config.listen.address, e))?;
+        .map_err(|e| StartError::Bind(config.fixed.listen.address, e))?;
     let tracker = TaskTracker::new();
     let accept = tokio::spawn(crate::listener::accept_loop(
         listener,
         state.clone(),
-        config.listen.max_connections,
+        config.fixed.listen.max_connections,
         tracker.clone(),
         accepting.clone(),
         sessions.clone(),
@@ -133,7 +133,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
 
     let mut signals = Signals::new();
     let (config, signal) = reload::until_stopped(&state, config, &path, &mut signals).await;
-    tracing::info!(signal, grace = ?config.listen.shutdown_grace, "shutting down: no new sessions");
+    tracing::info!(signal, grace = ?config.reloadable.listen.shutdown_grace, "shutting down: no new sessions");
     state.ready.store(false, Ordering::SeqCst);
     accepting.cancel();
     let _ = accept.await;
@@ -141,7 +141,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     prefetch_stop.cancel();
     let _ = prefetcher.await;
     let drain = async {
-        if tokio::time::timeout(config.listen.shutdown_grace, tracker.wait())
+        if tokio::time::timeout(config.reloadable.listen.shutdown_grace, tracker.wait())
             .await
             .is_err()
         {
@@ -151,10 +151,11 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
             );
             sessions.cancel();
             // A session waiting for Vault lets its creds call finish (then revokes it).
-            let ending = Duration::from_secs(10).max(config.vault.timeout + Duration::from_secs(2));
+            let ending =
+                Duration::from_secs(10).max(config.fixed.vault.timeout + Duration::from_secs(2));
             let _ = tokio::time::timeout(ending, tracker.wait()).await;
         }
-        let left = state.revoker.drain(config.vault.timeout * 4).await;
+        let left = state.revoker.drain(config.fixed.vault.timeout * 4).await;
         if !left.is_empty() {
             tracing::error!(
                 leases = left.len(),

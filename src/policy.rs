@@ -2,7 +2,7 @@
 //! identity patterns and their matching are [`crate::identity`]'s. Deny by default.
 
 use crate::config::GrantConfig;
-use crate::identity::{IdentityPattern, Principal};
+use crate::identity::Principal;
 
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,25 +26,18 @@ impl Denial {
     }
 }
 
-/// The compiled grant table.
+/// The grant table (its identity patterns were parsed when the configuration loaded).
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    grants: Vec<(IdentityPattern, GrantConfig)>,
+    grants: Vec<GrantConfig>,
 }
 
 impl Policy {
-    /// Compiles the configured grants; patterns were checked by config validation, any that
-    /// still fail to parse are skipped (they could never match).
+    /// The table of the configured grants.
     pub fn new(grants: &[GrantConfig]) -> Policy {
-        let grants = grants
-            .iter()
-            .filter_map(|g| {
-                IdentityPattern::parse(&g.identity)
-                    .ok()
-                    .map(|p| (p, g.clone()))
-            })
-            .collect();
-        Policy { grants }
+        Policy {
+            grants: grants.to_vec(),
+        }
     }
 
     /// Decides whether `principal` may use `role` on `database`. `database_roles` are the roles
@@ -61,8 +54,8 @@ impl Policy {
     ) -> Result<String, Denial> {
         let mut identity_matched = false;
         let mut database_matched = false;
-        for (pattern, grant) in &self.grants {
-            let Some(identity) = pattern.matched(principal) else {
+        for grant in &self.grants {
+            let Some(identity) = grant.identity.matched(principal) else {
                 continue;
             };
             identity_matched = true;
@@ -102,7 +95,7 @@ mod tests {
 
     fn grant(identity: &str, dbs: &[&str], roles: &[&str]) -> GrantConfig {
         GrantConfig {
-            identity: identity.into(),
+            identity: crate::identity::IdentityPattern::parse(identity).expect("pattern"),
             databases: dbs.iter().map(|s| s.to_string()).collect(),
             roles: roles.iter().map(|s| s.to_string()).collect(),
         }

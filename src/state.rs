@@ -14,7 +14,7 @@ use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
 use crate::cancel::gate::CancelGate;
 use crate::cluster::Cluster;
-use crate::config::Config;
+use crate::config::ReloadableConfig;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -43,7 +43,7 @@ pub struct Live {
 impl Live {
     /// Builds everything reloadable from a validated config (inside a Tokio runtime: a
     /// `[cluster]` starts resolving its peers, until this `Live` is dropped).
-    pub fn build(config: &Config) -> Result<Live, TlsError> {
+    pub fn build(config: &ReloadableConfig) -> Result<Live, TlsError> {
         let mut databases = HashMap::new();
         for db in &config.databases {
             databases.insert(db.name.clone(), Arc::new(Database::new(db)?));

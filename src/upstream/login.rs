@@ -175,7 +175,7 @@ fn cleartext(
     password: &SecretString,
     out: &mut BytesMut,
 ) -> Result<(), UpstreamError> {
-    if db.tls != UpstreamTls::VerifyFull {
+    if !matches!(db.tls, UpstreamTls::VerifyFull(_)) {
         return Err(UpstreamError::AuthMethod(
             "cleartext password (allowed only with tls = \"verify-full\")".into(),
         ));

@@ -18,7 +18,7 @@ use super::error::VaultError;
 pub use super::login::login;
 use super::login::{LoginResponse, renewal_granted};
 use super::token::Token;
-use crate::config::{AuthMethod, VaultAuthConfig};
+use crate::config::VaultAuth;
 
 /// `auth/token/renew-self` for one token; updates its expiry.
 async fn renew(client: &VaultClient, token: &Token) -> Result<(), VaultError> {
@@ -74,7 +74,7 @@ async fn revoke_token(client: &VaultClient, token: &Token, why: &'static str) {
 
 /// Logs in once as leasegate would, then revokes the token again if leasegate owns it
 /// (`check-config --online` must not leave tokens behind).
-pub async fn check_login(client: &VaultClient, auth: &VaultAuthConfig) -> Result<(), VaultError> {
+pub async fn check_login(client: &VaultClient, auth: &VaultAuth) -> Result<(), VaultError> {
     let token = login(client, auth).await?;
     revoke_token(client, &token, "check-config").await;
     Ok(())
@@ -104,9 +104,9 @@ fn file_mtime(path: &std::path::Path) -> Option<SystemTime> {
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Logs in (retrying with backoff until it works), then keeps tokens alive until `stop`.
-pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: CancellationToken) {
+pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuth, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(500);
-    let mut token_file_mtime = auth.token_file.as_deref().and_then(file_mtime);
+    let mut token_file_mtime = auth.token_file().and_then(file_mtime);
     let mut last_check = Instant::now();
     loop {
         let mut relogin = client.tokens.current().is_none();
@@ -121,7 +121,7 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
                     && state
                         .expires
                         .is_some_and(|e| e.saturating_duration_since(now) < token.ttl / 3)
-                    && auth.method != AuthMethod::Token
+                    && !auth.is_token()
                 {
                     relogin = true;
                 }
@@ -145,7 +145,7 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
                 }
             }
         }
-        if let Some(path) = &auth.token_file {
+        if let Some(path) = auth.token_file() {
             let mtime = file_mtime(path);
             if mtime != token_file_mtime {
                 token_file_mtime = mtime;
@@ -161,14 +161,14 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
             match login(&client, &auth).await {
                 Ok(token) => {
                     client.metrics.vault_auth_renewal("login");
-                    tracing::info!(method = ?auth.method, ttl = ?token.ttl, "logged in to Vault");
+                    tracing::info!(method = auth.method.name(), ttl = ?token.ttl, "logged in to Vault");
                     client.tokens.install(token);
                     backoff = Duration::from_millis(500);
                 }
                 Err(e) => {
                     client.metrics.vault_auth_renewal("error");
                     client.tokens.healthy.store(false, Ordering::SeqCst);
-                    tracing::error!(method = ?auth.method, error = %e, retry_in = ?backoff, "Vault login failed");
+                    tracing::error!(method = auth.method.name(), error = %e, retry_in = ?backoff, "Vault login failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => return,

@@ -16,7 +16,7 @@ use super::body::{self, SecretBody};
 use super::duration::from_vault_secs;
 use super::error::VaultError;
 use super::token::TokenStore;
-use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
+use crate::config::{AuthMethod, VaultAuth, VaultConfig};
 use crate::metrics::Metrics;
 
 /// A Vault client bound to one server and namespace, with the token store its auth method
@@ -58,11 +58,11 @@ struct ErrorBody {
 }
 
 /// Finds the token: inline, then token_file, then `VAULT_TOKEN`.
-pub fn load_token(auth: &VaultAuthConfig) -> Result<SecretString, VaultError> {
-    if let Some(token) = &auth.token {
+pub fn load_token(auth: &VaultAuth) -> Result<SecretString, VaultError> {
+    if let Some(token) = auth.inline_token() {
         return Ok(token.clone());
     }
-    if let Some(path) = &auth.token_file {
+    if let Some(path) = auth.token_file() {
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| VaultError::TokenFile(path.display().to_string(), e))?,
@@ -108,9 +108,7 @@ impl VaultClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        if cfg.auth.method == AuthMethod::Cert
-            && let (Some(cert), Some(key)) = (&cfg.auth.cert, &cfg.auth.key)
-        {
+        if let AuthMethod::Cert { cert, key, .. } = &cfg.auth.method {
             let mut pem = std::fs::read(cert)
                 .map_err(|e| VaultError::Setup(format!("{}: {e}", cert.display())))?;
             pem.push(b'\n');
