@@ -2,7 +2,8 @@
 """Layout checks of the crate's source tree (src/), run by scripts/test.sh:
 
   1. The modules' imports form a DAG: no module reaches itself through `use` declarations or
-     `crate::` / `super::` / `self::` paths.
+     `crate::` / `super::` / `self::` paths; and no import runs up a floor of the table in
+     the Layout section of src/lib.rs's crate doc (every top-level module has its floor).
   2. No file in src/ is longer than MAX_FILE_LINES lines.
   3. No function is longer than MAX_FN_LINES lines, counted from the line of its `fn` to the
      line of its closing brace (WAIVED lists the ones left to another change, each with why).
@@ -18,9 +19,10 @@ literals are blanked first. A path is resolved in the module it appears in: `cra
 module is the target, followed through imports and re-exports (`pub use`) to the module that
 defines the item, so `crate::vault::VaultClient` is an edge to `vault::client`, not to `vault`.
 Naming a module (`use crate::tls;`) is no edge, what is then reached through it
-(`tls::upstream::connector`) is. An edge to the module itself is not one; a parent declaring `mod child;` is not one either,
-while a parent using an item of its child is, like a child using one of its parent: both at
-once are a cycle. Inline non-test modules count as part of their file's module.
+(`tls::upstream::connector`) is. An edge to the module itself is not one; a parent declaring
+`mod child;` is not one either, while a parent using an item of its child is, like a child
+using one of its parent: both at once are a cycle. Inline non-test modules count as part of
+their file's module.
 """
 
 import argparse
@@ -33,10 +35,14 @@ MAX_FN_LINES = 70
 
 # (file, function name): why it is longer than MAX_FN_LINES for now.
 WAIVED = {
-    ("src/app.rs", "run"): "the process wiring, being reshaped as one shutdown tree (issue 11, item 6)",
-    ("src/metrics.rs", "new"): "the metric registry, being reshaped by the metric model (issue 11, item 5)",
-    ("src/session/lifecycle.rs", "watch_inner"): "the lease watcher, being reshaped by the lease clock (issue 11, item 4)",
-    ("src/vault/auth.rs", "maintain"): "token upkeep, being reshaped by the lease clock (issue 11, item 4)",
+    ("src/app.rs", "run"):
+        "the process wiring, being reshaped as one shutdown tree (issue 11, item 6)",
+    ("src/metrics.rs", "new"):
+        "the metric registry, being reshaped by the metric model (issue 11, item 5)",
+    ("src/session/lifecycle.rs", "watch_inner"):
+        "the lease watcher, being reshaped by the lease clock (issue 11, item 4)",
+    ("src/vault/auth.rs", "maintain"):
+        "token upkeep, being reshaped by the lease clock (issue 11, item 4)",
 }
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +85,7 @@ def blank(text):
             j = n if j < 0 else j + len(end)
             out.append(keep_lines(text[i:j]))
             i = j
-        elif c == '"' or (c == "b" and text.startswith('b"', i) and not (i and re.match(r"\w", text[i - 1]))):
+        elif c == '"' or (text.startswith('b"', i) and not (i and re.match(r"\w", text[i - 1]))):
             j = i + (2 if c == "b" else 1)
             while j < n and text[j] != '"':
                 j += 2 if text[j] == "\\" else 1
@@ -180,7 +186,8 @@ def discover():
         modules[path] = module
         raw = blank(file.read_text())
         module.code = strip_cfg_test(raw)
-        decl = re.compile(r"((?:#\[[^\]]*\]\s*)*)(?:pub(?:\([^)]*\))?\s+)?mod\s+(" + IDENT + r")\s*;")
+        decl = re.compile(
+            r"((?:#\[[^\]]*\]\s*)*)(?:pub(?:\([^)]*\))?\s+)?mod\s+(" + IDENT + r")\s*;")
         for m in decl.finditer(raw):
             attrs, name = m.group(1), m.group(2)
             child_test = test or "cfg(test)" in attrs
@@ -360,6 +367,55 @@ def cycles(graph):
     return found
 
 
+# ------------------------------------------------------------------------------ the floors
+def floors():
+    """Top-level module -> floor, from the table in the Layout section of src/lib.rs's crate
+    doc: lines `floor N  name  what it is`, further names of that floor on the lines below
+    (indented like the first name), descriptions continued further right."""
+    table, floor, inside = {}, None, False
+    for line in (SRC / "lib.rs").read_text().splitlines():
+        if not line.startswith("//!"):
+            continue
+        body = line[3:]
+        if body.strip().startswith("```"):
+            if inside:
+                break
+            inside = floor is None
+            continue
+        if not inside or not body.strip():
+            continue
+        m = re.match(r" floor (\d+)(\s+)(\S+)", body)
+        if m:
+            floor, name = int(m.group(1)), m.group(3)
+        elif len(body) - len(body.lstrip()) <= len(" floor 0  "):
+            name = body.split()[0]
+        else:
+            continue  # a description goes on
+        if not name.endswith(".rs"):
+            table[name] = floor
+    return table
+
+
+def floor_problems(graph, modules):
+    """Imports that run up a floor, and modules missing from the table (or names in it that
+    are no module)."""
+    table = floors()
+    tops = {p[0] for p in graph if p}
+    problems = [f"src/lib.rs Layout: {name} is not a module"
+                for name in sorted(set(table) - tops)]
+    problems += [f"src/lib.rs Layout: module {name} has no floor"
+                 for name in sorted(tops - set(table))]
+    for source in sorted(graph):
+        for target in sorted(graph[source]):
+            a, b = source[0], target[0]
+            if a != b and a in table and b in table and table[b] > table[a]:
+                problems.append(
+                    f"{modules[source].name} (floor {table[a]}) imports "
+                    f"{modules[target].name} (floor {table[b]}): up a floor"
+                )
+    return problems
+
+
 # ----------------------------------------------------------------------------- the lengths
 def long_files():
     for file in sorted(SRC.rglob("*.rs")):
@@ -412,6 +468,13 @@ def main():
             print(f"    {modules[p].name} -> {', '.join(inner)}")
     if not found:
         print(f"imports: {len(graph) - 1} modules, no cycle")
+
+    upwards = floor_problems(graph, modules)
+    for problem in upwards:
+        failed = True
+        print(problem)
+    if not upwards:
+        print("floors: every import stays on its floor or goes down (src/lib.rs, Layout)")
 
     files = list(long_files())
     for file, lines in files:

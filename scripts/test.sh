@@ -7,8 +7,8 @@
 # Debian when root, rustfmt/clippy via rustup), then: shell syntax, cargo fmt --check, the
 # layout check (scripts/check-layout.py: module imports without a cycle, short files and
 # functions), cargo clippy --all-targets -D warnings, cargo test --all-targets (the
-# integration tests start their own PostgreSQL and OpenBao processes), doc tests, and
-# shellcheck when it is installed.
+# integration tests start their own PostgreSQL and OpenBao processes), doc tests, and, when
+# they are installed, shellcheck and pyflakes.
 # Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -euo pipefail
 
@@ -137,6 +137,11 @@ if command -v shellcheck >/dev/null; then
     step "shellcheck" shellcheck -x "${SCRIPTS[@]}"
 else
     say "shellcheck not installed: skipped (apt-get install shellcheck)"
+fi
+if python3 -m pyflakes --version >/dev/null 2>&1; then
+    step "pyflakes scripts/*.py" python3 -m pyflakes scripts/
+else
+    say "pyflakes not installed: skipped (python3 -m pip install pyflakes)"
 fi
 
 say "summary"

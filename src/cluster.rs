@@ -8,8 +8,8 @@
 //! hop. The secret key itself is the proof that the requester owns the session, as in
 //! PostgreSQL.
 //!
-//! Peer addresses are resolved in the background ([`resolve`]), never on the packet path; the
-//! configuration is checked at load ([`check`]).
+//! Peer addresses are resolved in the background (`resolve`), never on the packet path; the
+//! configuration is checked at load (`check`).
 
 mod check;
 mod resolve;

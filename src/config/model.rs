@@ -9,7 +9,7 @@
 //! reload keeps it and names each changed key: its serialized form spells the file's keys),
 //! [`ReloadableConfig`] is applied by a reload. Every section also deserializes on its own
 //! through its schema struct (tests read sections that way); the conversions are in
-//! [`super::build`].
+//! `build`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

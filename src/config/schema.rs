@@ -1,5 +1,5 @@
 //! The configuration file as written: one serde struct per TOML table, unknown keys refused,
-//! defaults filled in. Every key of the file is here, documented; [`super::validate`] checks
+//! defaults filled in. Every key of the file is here, documented; `validate` checks
 //! these structs and [`super::model`] turns them into the types the rest of leasegate reads.
 
 use std::collections::BTreeMap;
