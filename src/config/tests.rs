@@ -57,6 +57,10 @@ fn defaults_and_debug_redaction() {
     assert_eq!(cfg.reloadable.databases[0].tls, UpstreamTls::Disable);
     let shown = format!("{:?}", cfg.fixed.vault);
     assert!(!shown.contains("supersecret"), "{shown}");
+    // The form a reload compares holds the token's SHA-256, not the token.
+    let compared = serde_json::to_string(&cfg.fixed).expect("serializes");
+    assert!(!compared.contains("supersecret"), "{compared}");
+    assert!(compared.contains("\"token\":\""), "{compared}");
 }
 
 #[test]
