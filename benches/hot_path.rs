@@ -8,9 +8,9 @@ use std::hint::black_box;
 use bytes::{BufMut, BytesMut};
 use criterion::{Criterion, criterion_group, criterion_main};
 use leasegate::config::GrantConfig;
+use leasegate::identity::{IdentityPattern, Principal};
 use leasegate::policy::Policy;
 use leasegate::protocol::startup::parse_initial_packet;
-use leasegate::tls::identity::Principal;
 
 fn startup_packet() -> BytesMut {
     let body: &[u8] = b"user\0readonly\0database\0myapp\0application_name\0psql\0client_encoding\0UTF8\0DateStyle\0ISO, MDY\0\0";
@@ -24,7 +24,8 @@ fn startup_packet() -> BytesMut {
 fn grants(n: usize) -> Vec<GrantConfig> {
     (0..n)
         .map(|i| GrantConfig {
-            identity: format!("uri:spiffe://example.org/ns/team{i}/sa/*"),
+            identity: IdentityPattern::parse(&format!("uri:spiffe://example.org/ns/team{i}/sa/*"))
+                .expect("pattern"),
             databases: vec!["myapp".into()],
             roles: vec!["readonly".into()],
         })

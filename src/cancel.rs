@@ -14,15 +14,15 @@ use std::time::Duration;
 use rand::RngExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::app::DatabaseEntry;
 use crate::metrics::labels::CancelResult;
 use crate::protocol::startup::CancelKey;
+use crate::upstream::{Database, UpstreamError};
 
 /// Where a cancel for one session must go.
 #[derive(Clone)]
 pub struct CancelTarget {
     /// The database entry the session is connected to.
-    pub database: Arc<DatabaseEntry>,
+    pub database: Arc<Database>,
     /// The upstream backend's pid.
     pub pid: i32,
     /// The upstream backend's secret.
@@ -155,12 +155,12 @@ pub(crate) fn route<T>(
 pub async fn forward(target: CancelTarget) {
     let db = &target.database;
     let attempt = async {
-        let mut stream = crate::upstream::connect(&db.config, db.tls.as_ref()).await?;
+        let mut stream = db.connect().await?;
         let mut buf = bytes::BytesMut::new();
         postgres_protocol::message::frontend::cancel_request(target.pid, target.secret, &mut buf);
         stream.write_all(&buf).await?;
         stream.shutdown().await?;
-        Ok::<_, crate::upstream::UpstreamError>(())
+        Ok::<_, UpstreamError>(())
     };
     match tokio::time::timeout(
         Duration::from_secs(5).min(db.config.connect_timeout * 2),
@@ -186,7 +186,7 @@ mod tests {
         )
         .expect("database entry");
         CancelTarget {
-            database: Arc::new(DatabaseEntry { config, tls: None }),
+            database: Arc::new(Database { config, tls: None }),
             pid: 42,
             secret: 7,
         }

@@ -8,30 +8,28 @@
 //! hop. The secret key itself is the proof that the requester owns the session, as in
 //! PostgreSQL.
 //!
-//! Peer addresses are resolved in the background ([`resolve`]), never on the packet path; the
-//! configuration is checked at load ([`check`]).
+//! Peer addresses are resolved in the background (`resolve`), never on the packet path; the
+//! configuration is checked at load (`check`).
 
 mod check;
 mod resolve;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use check::problems;
+pub use resolve::PeerAddr;
 
 use crate::config::{ClusterConfig, ListenConfig};
-use crate::policy::IdentityPattern;
+use crate::identity::{IdentityPattern, Principal};
 use crate::protocol::startup::{CancelKey, peer_cancel_packet};
 use crate::tls::TlsError;
-use crate::tls::identity::Principal;
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// Limit for forwarding to one peer address.
@@ -49,16 +47,6 @@ pub struct Cluster {
     peers: Arc<ArcSwap<Vec<PeerAddr>>>,
     /// Stops the resolver when this `Cluster` is dropped (a reload built a new one).
     _resolver: DropGuard,
-}
-
-/// One address to forward cancels to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerAddr {
-    /// A resolved address of a `peers` entry.
-    pub addr: SocketAddr,
-    /// That entry's host (DNS name or IP address): the name sent and checked in the peer's
-    /// certificate.
-    pub name: ServerName<'static>,
 }
 
 /// How forwarding one cancel went, per peer address.

@@ -3,31 +3,75 @@
 //! OpenBao, revoking it when the session ends.
 //!
 //! # Layout
-//! - [`app`]: shared state, reload, listener and admin startup, signals, graceful drain.
-//! - [`audit`]: the JSON audit log of session starts, ends and refusals.
-//! - [`config`]: the TOML schema, defaults and validation.
-//! - [`secret_files`]: permission checks of key, token and secret-ID files.
-//! - [`escape`]: the one escaping rule for client- and certificate-supplied names in
-//!   messages, log fields and the audit log.
-//! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
-//! - [`limits`]: global and per-identity session limits and rate buckets.
-//! - [`listener`]: accept loop, connection limit, socket options.
-//! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
-//! - [`protocol`]: pre-authentication packets, startup option values as PostgreSQL reads them,
-//!   messages leasegate writes, message framing.
-//! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close
-//!   (a busy upstream is cancelled before its connection is closed and the lease revoked).
-//! - [`prefetch`]: credentials issued ahead of demand, per database and role.
-//! - [`policy`]: grants: identity + database + role → allow or the reason for denial.
-//! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.
-//! - [`upstream`]: the startup settings allowed through, upstream connect (TLS per config) and
-//!   login (SCRAM, MD5 where allowed).
-//! - [`cancel`]: proxy cancel keys, their forwarding upstream, where a cancel goes, and the
-//!   rate limits and in-flight cap every cancel passes first.
-//! - [`cluster`]: forwarding cancels with unknown keys to peer instances, once, as
-//!   PeerCancelRequests; the peer configuration checked at load, peers resolved in the
-//!   background.
-//! - [`metrics`] and [`admin`]: the Prometheus registry and `/metrics`, `/healthz`, `/readyz`.
+//! The modules stand on floors: a module imports from its own floor or lower, and never in a
+//! circle (`scripts/check-layout.py` checks both against this table, and `--edges` lists every
+//! import).
+//!
+//! ```text
+//! floor 7  main.rs       the binary: CLI, logging, load the configuration, run the app
+//! floor 6  app           process wiring: build the state, start the listener, the admin
+//!                        server and the revoker, signals, reload (app::reload), the drain
+//! floor 5  listener      accept loop, connection permits, one task per session
+//!          admin         /metrics /healthz /readyz, given the registry and a readiness fn
+//! floor 4  session       one session: handshake, grants, credential, upstream login,
+//!                        relay, lease upkeep, close
+//! floor 3  state         AppState (the services sessions share), Live (the reloadable
+//!                        snapshot a session takes when it starts)
+//! floor 2  upstream      Database (what to connect to, and connecting), login (SCRAM),
+//!                        the startup parameters allowed through
+//!          cancel        proxy key ↔ upstream key, forwarding upstream, the cancel gate
+//!          cluster       cancels with unknown keys forwarded to peer instances, once
+//!          prefetch      credentials issued ahead of demand
+//!          error         session errors → SQLSTATE, message, metric label
+//!          audit         the JSON audit log of session starts, ends and refusals
+//! floor 1  vault         duration, error ← token ← body ← client ← lease (the revoker)
+//!                        ← creds; login ← auth (keeping leasegate's token alive)
+//!          tls           client-facing acceptor and verifier; upstream connector
+//!          policy        grants: identity + database + role → allow or why not
+//!          limits        global and per-identity session limits and rate buckets
+//! floor 0  config        schema (serde) → validate → model (typed: static | reloadable)
+//!          identity      identity kinds, patterns, globs; Principal from a certificate
+//!          protocol      framing, startup/SSL/cancel packets, options, messages we send
+//!                        and their SQLSTATEs (protocol::sqlstate)
+//!          metrics       the Prometheus registry from one table; the label sets as types
+//!                        (metrics::labels)
+//!          escape        the one escaping rule for client- and certificate-supplied names
+//!          secret_files  permission checks of key, token and secret-ID files
+//!          net           socket options for client and upstream connections
+//! ```
+//!
+//! # One session, step by step
+//! 1. [`listener::accept_loop`] takes a connection permit, accepts, tunes the socket
+//!    (`net::tune_socket`) and spawns [`session::run`] on the task tracker with a child of
+//!    the sessions' stop token. The session takes the current [`state::Live`] and keeps it.
+//! 2. [`session::handshake::accept`], under `listen.login_timeout`: SSLRequest → `S` (or
+//!    direct TLS), the rustls acceptor of [`tls::server::acceptor`] with its client-certificate
+//!    verifier, [`identity::Principal::from_certificate`], then the StartupMessage
+//!    ([`protocol::startup::read_initial_packet`]). A CancelRequest instead goes to the cancel
+//!    path: admitted by [`cancel::gate::CancelGate::admit`], routed by [`cancel::route`],
+//!    sent by [`cancel::forward`] or [`cluster::Cluster::forward`]; nothing is answered.
+//! 3. `Session::authorize` asks [`policy::Policy::decide`]; a denial is FATAL 28000
+//!    ([`session::handshake::report`] writes it), before any Vault call.
+//! 4. `startup_settings` checks the client's startup parameters
+//!    ([`upstream::params::check`]: 42501 for one not allowed), then
+//!    [`limits::Limiter::acquire`] counts the session under the identity the grant matched
+//!    (53300 over a limit).
+//! 5. `Session::credential` takes a prefetched credential ([`prefetch::Prefetcher::take`]) or
+//!    reads `creds/<role>` ([`vault::VaultClient::creds`]); the [`vault::LeaseGuard`] exists
+//!    from the moment Vault answered, so every later failure still revokes the lease.
+//! 6. `login_upstream`, under the database's `connect_timeout`: [`upstream::Database::connect`]
+//!    (TCP, then TLS per the entry) and [`upstream::login()`] (SCRAM to the verified server
+//!    signature; ParameterStatus and BackendKeyData collected).
+//! 7. `Session::relay` registers the cancel key ([`cancel::CancelMap::register`]);
+//!    `relay_session` sends AuthenticationOk, the ParameterStatus messages, leasegate's own
+//!    BackendKeyData and ReadyForQuery ([`protocol::messages`]), then relays bytes
+//!    ([`session::relay::relay`]) while [`session::lifecycle::watch`] renews the lease, warns
+//!    before the end and ends the session when it must.
+//! 8. Close: [`session::close::close`] cancels a busy upstream first (a statement still
+//!    running), sends Terminate and waits for the upstream to close; then the guard is
+//!    dropped and the [`vault::Revoker`] revokes the lease (retrying with backoff), and the
+//!    limit slot is released; the metrics and the audit line ([`audit::AuditLog::record`])
+//!    record how it went.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -40,14 +84,17 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod escape;
+pub mod identity;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub(crate) mod net;
 pub mod policy;
 pub mod prefetch;
 pub mod protocol;
 pub mod secret_files;
 pub mod session;
+pub mod state;
 pub mod tls;
 pub mod upstream;
 pub mod vault;

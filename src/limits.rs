@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::LimitsConfig;
+use crate::config::SessionLimits;
 use crate::metrics::labels::AuthFailureReason;
 
 /// Which limit refused a session.
@@ -39,7 +39,7 @@ struct Bucket {
 
 struct Counts {
     /// The limits in force; a reload replaces them and keeps the counts.
-    config: LimitsConfig,
+    config: SessionLimits,
     total: u32,
     identities: HashMap<String, Bucket>,
 }
@@ -71,7 +71,7 @@ const SWEEP_ABOVE: usize = 10_000;
 
 impl Limiter {
     /// A limiter for `config`.
-    pub fn new(config: LimitsConfig) -> Limiter {
+    pub fn new(config: SessionLimits) -> Limiter {
         Limiter {
             counts: Arc::new(Mutex::new(Counts {
                 config,
@@ -83,7 +83,7 @@ impl Limiter {
 
     /// Puts new limits in force (SIGHUP). Sessions already counted stay counted, so a lowered
     /// limit refuses new sessions until enough of the open ones have ended.
-    pub fn set_limits(&self, config: LimitsConfig) {
+    pub fn set_limits(&self, config: SessionLimits) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.config = config;
     }
@@ -144,12 +144,11 @@ mod tests {
     use std::time::Duration;
 
     fn limiter(max: u32, per_id: u32, rate: f64, burst: u32) -> Limiter {
-        Limiter::new(LimitsConfig {
+        Limiter::new(SessionLimits {
             max_sessions: max,
             max_sessions_per_identity: per_id,
             new_sessions_per_second_per_identity: rate,
             burst_per_identity: burst,
-            ..LimitsConfig::default()
         })
     }
 
@@ -186,9 +185,9 @@ mod tests {
         let l = limiter(100, 5, 1000.0, 1000);
         let _a1 = l.acquire("a").expect("first");
         let _a2 = l.acquire("a").expect("second");
-        l.set_limits(LimitsConfig {
+        l.set_limits(SessionLimits {
             max_sessions_per_identity: 2,
-            ..LimitsConfig::default()
+            ..SessionLimits::default()
         });
         assert_eq!(l.acquire("a").err(), Some(LimitHit::IdentitySessions(2)));
         assert!(l.acquire("b").is_ok(), "other identities are not affected");

@@ -4,25 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::AppState;
-
-/// NODELAY (the protocol is request/response) and TCP keepalive, so a peer that vanished
-/// without closing is noticed and its session (and lease) ended: after `idle` without
-/// traffic, probes every quarter of that (at least 1 s), three unanswered probes end it.
-pub fn tune_socket(stream: &TcpStream, idle: Duration) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval((idle / 4).max(Duration::from_secs(1)))
-        .with_retries(3);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
-}
+use crate::net::tune_socket;
+use crate::state::AppState;
 
 /// Accepts until `accepting` is cancelled.
 pub async fn accept_loop(

@@ -90,15 +90,6 @@ fn take_env_token() -> Option<SecretString> {
     (!token.is_empty()).then(|| SecretString::from(token.to_owned()))
 }
 
-/// The `VAULT_TOKEN` taken at startup serves `method = "token"` when neither `token` nor
-/// `token_file` is configured (the documented order: inline, file, environment).
-fn use_env_token(config: &mut Config, env_token: Option<SecretString>) {
-    let auth = &mut config.vault.auth;
-    if auth.token.is_none() && auth.token_file.is_none() {
-        auth.token = env_token;
-    }
-}
-
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -132,16 +123,16 @@ fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<()> {
         .config
         .context("--config PATH is required (see leasegate --help)")?;
     if let Some(Command::CheckConfig { online }) = cli.command {
-        let mut config = Config::load_unvalidated(&path)?;
-        use_env_token(&mut config, env_token);
-        check(&config, online)?;
+        check(&path, env_token, online)?;
         println!("{}: configuration is valid", path.display());
         return Ok(());
     }
     let mut config = Config::load(&path)?;
-    use_env_token(&mut config, env_token);
+    // The `VAULT_TOKEN` taken at startup serves `method = "token"` when neither `token` nor
+    // `token_file` is configured (the documented order: inline, file, environment).
+    config.fixed.vault.auth.use_env_token(env_token);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.runtime.worker_threads {
+    if let Some(n) = config.fixed.runtime.worker_threads {
         builder.worker_threads(n);
     }
     let runtime = builder
@@ -152,15 +143,33 @@ fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every problem at once: the schema's cross-references and files, then what needs more than
-/// parsing (TLS material loads and is in date, the cluster certificate is one the peers accept,
-/// the Vault token is present) and, with `online`, whether Vault accepts the configured login.
-fn check(config: &Config, online: bool) -> anyhow::Result<()> {
-    for warning in config.warnings() {
+/// Every problem at once: the schema's cross-references and files, then, when the typed
+/// configuration could be built, what needs more than parsing (see [`check_typed`]).
+fn check(
+    path: &std::path::Path,
+    env_token: Option<SecretString>,
+    online: bool,
+) -> anyhow::Result<()> {
+    let examined = Config::examine(path)?;
+    for warning in &examined.warnings {
         tracing::warn!("{warning}");
     }
-    let mut problems = config.problems();
-    let listen = &config.listen;
+    let mut problems = examined.problems;
+    if let Some(mut config) = examined.config {
+        config.fixed.vault.auth.use_env_token(env_token);
+        check_typed(&config, online, &mut problems)?;
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
+    }
+}
+
+/// TLS material loads and is in date, the cluster certificate is one the peers accept, the
+/// Vault token is present, and, with `online`, Vault accepts the configured login.
+fn check_typed(config: &Config, online: bool, problems: &mut Vec<String>) -> anyhow::Result<()> {
+    let listen = &config.reloadable.listen;
     let exists = |p: &std::path::Path| p.exists();
     if [&listen.cert, &listen.key, &listen.client_ca]
         .iter()
@@ -179,7 +188,7 @@ fn check(config: &Config, online: bool) -> anyhow::Result<()> {
             problems.push(format!("{key}: {e}"));
         }
     }
-    check_cluster(config, &mut problems);
+    check_cluster(config, problems);
     if online {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -190,40 +199,38 @@ fn check(config: &Config, online: bool) -> anyhow::Result<()> {
         }
     }
     for db in config
+        .reloadable
         .databases
         .iter()
-        .filter(|d| d.ca_cert.iter().all(|p| exists(p)))
+        .filter(|d| d.tls.ca_cert().is_none_or(exists))
     {
         if let Err(e) = leasegate::tls::upstream::connector(db) {
             problems.push(format!("database {:?} TLS: {e}", db.name));
         }
     }
-    if config.vault.auth.method == leasegate::config::AuthMethod::Token
-        && config.vault.auth.token_file.iter().all(|p| exists(p))
-        && let Err(e) = leasegate::vault::client::load_token(&config.vault.auth)
+    let auth = &config.fixed.vault.auth;
+    if auth.is_token()
+        && auth.token_file().is_none_or(exists)
+        && let Err(e) = leasegate::vault::client::load_token(auth)
     {
         problems.push(e.to_string());
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
-    }
+    Ok(())
 }
 
 /// `[cluster]` checked as its peers will see it, once its files exist (missing files are
 /// already reported); problems `config.problems()` found too are not repeated.
 fn check_cluster(config: &Config, problems: &mut Vec<String>) {
-    let Some(cluster) = &config.cluster else {
+    let Some(cluster) = &config.reloadable.cluster else {
         return;
     };
-    let files = [&cluster.cert, &cluster.key]
-        .into_iter()
-        .chain(&cluster.ca_cert);
-    if !files.into_iter().all(|p| p.exists()) {
+    if ![&cluster.cert, &cluster.key, &cluster.ca_cert]
+        .iter()
+        .all(|p| p.exists())
+    {
         return;
     }
-    for problem in leasegate::cluster::problems(cluster, &config.listen) {
+    for problem in leasegate::cluster::problems(cluster, &config.reloadable.listen) {
         if !problems.contains(&problem) {
             problems.push(problem);
         }
@@ -233,7 +240,8 @@ fn check_cluster(config: &Config, problems: &mut Vec<String>) {
 /// Logs in to Vault as leasegate would.
 async fn check_vault(config: &Config) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(leasegate::metrics::Metrics::new());
-    let client = leasegate::vault::VaultClient::new(&config.vault, metrics)?;
-    leasegate::vault::auth::check_login(&client, &config.vault.auth).await?;
+    let vault = &config.fixed.vault;
+    let client = leasegate::vault::VaultClient::new(vault, metrics)?;
+    leasegate::vault::auth::check_login(&client, &vault.auth).await?;
     Ok(())
 }

@@ -1,147 +1,9 @@
-//! Grants: which certificate identities may use which Vault roles on which databases.
-//!
-//! An identity is written `uri:<URI SAN>`, `dns:<DNS SAN>` or `cn:<subject CN>`. Patterns use
-//! two wildcards: `*` matches any run of characters that contains no `/` and no `.`, so it never
-//! crosses a path segment or a DNS label; `**` matches any run of characters at all. DNS names
-//! compare case-insensitively, everything else exactly. Deny by default.
+//! Grants: which certificate identities may use which Vault roles on which databases. The
+//! identity patterns and their matching are [`crate::identity`]'s. Deny by default.
 
 use crate::config::GrantConfig;
+use crate::identity::Principal;
 use crate::metrics::labels::AuthFailureReason;
-use crate::tls::identity::Principal;
-
-/// The kind of certificate field an identity pattern applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentityKind {
-    /// A URI subject alternative name (e.g. a SPIFFE ID).
-    Uri,
-    /// A DNS subject alternative name.
-    Dns,
-    /// The subject common name.
-    Cn,
-}
-
-impl IdentityKind {
-    /// The prefix used in config and messages.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            IdentityKind::Uri => "uri",
-            IdentityKind::Dns => "dns",
-            IdentityKind::Cn => "cn",
-        }
-    }
-}
-
-/// A parsed `identity = "..."` pattern.
-#[derive(Debug, Clone)]
-pub struct IdentityPattern {
-    kind: IdentityKind,
-    pattern: String,
-    /// Literal text before the first `*`: a name that does not start with it cannot match.
-    prefix_len: usize,
-    /// Literal text after the last `*` (the whole pattern when there is none).
-    suffix_len: usize,
-}
-
-impl IdentityPattern {
-    /// Parses `uri:…`, `dns:…` or `cn:…`.
-    pub fn parse(text: &str) -> Result<IdentityPattern, String> {
-        let (prefix, pattern) = text
-            .split_once(':')
-            .ok_or_else(|| format!("identity {text:?} must start with uri:, dns: or cn:"))?;
-        let kind = match prefix {
-            "uri" => IdentityKind::Uri,
-            "dns" => IdentityKind::Dns,
-            "cn" => IdentityKind::Cn,
-            _ => {
-                return Err(format!(
-                    "identity {text:?} must start with uri:, dns: or cn:"
-                ));
-            }
-        };
-        if pattern.is_empty() {
-            return Err(format!("identity {text:?} has an empty pattern"));
-        }
-        let pattern = if kind == IdentityKind::Dns {
-            pattern.to_ascii_lowercase()
-        } else {
-            pattern.to_owned()
-        };
-        let prefix_len = pattern.find('*').unwrap_or(pattern.len());
-        let suffix_len = pattern.len() - pattern.rfind('*').map_or(0, |i| i + 1);
-        Ok(IdentityPattern {
-            kind,
-            pattern,
-            prefix_len,
-            suffix_len,
-        })
-    }
-
-    /// Glob match with a cheap literal prefix/suffix test first, so that large grant tables
-    /// cost a few byte comparisons per grant that cannot apply.
-    fn matches_value(&self, value: &[u8]) -> bool {
-        let pattern = self.pattern.as_bytes();
-        let prefix = &pattern[..self.prefix_len];
-        let suffix = &pattern[pattern.len() - self.suffix_len..];
-        if self.prefix_len == pattern.len() {
-            return pattern == value;
-        }
-        value.len() >= prefix.len() + suffix.len()
-            && value.starts_with(prefix)
-            && value.ends_with(suffix)
-            && glob_match(pattern, value)
-    }
-
-    /// True when the pattern matches one of the principal's identities.
-    pub fn matches(&self, principal: &Principal) -> bool {
-        self.matched(principal).is_some()
-    }
-
-    /// The first of the principal's identities the pattern matches, normalized as it was
-    /// compared (`kind:value`, DNS names in lower case).
-    pub fn matched(&self, principal: &Principal) -> Option<String> {
-        principal.identities().find_map(|(kind, value)| {
-            if kind != self.kind {
-                return None;
-            }
-            let value = if kind == IdentityKind::Dns {
-                std::borrow::Cow::Owned(value.to_ascii_lowercase())
-            } else {
-                std::borrow::Cow::Borrowed(value)
-            };
-            self.matches_value(value.as_bytes())
-                .then(|| format!("{}:{value}", kind.prefix()))
-        })
-    }
-}
-
-/// Glob match with `*` (any run, possibly empty, without `/` or `.`) and `**` (any run).
-/// Dynamic programming over the text, one pass per pattern token: O(pattern × text) time,
-/// O(text) memory, no recursion, so hostile names can neither blow the stack nor miss a
-/// match by greedy backtracking.
-pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    // ok[j]: the pattern tokens seen so far match text[..j].
-    let mut ok = vec![false; text.len() + 1];
-    ok[0] = true;
-    let mut p = 0;
-    while p < pattern.len() {
-        if pattern[p] == b'*' {
-            let double = pattern.get(p + 1) == Some(&b'*');
-            p += if double { 2 } else { 1 };
-            for j in 1..=text.len() {
-                let extend = ok[j - 1] && (double || !matches!(text[j - 1], b'/' | b'.'));
-                ok[j] = ok[j] || extend;
-            }
-        } else {
-            let c = pattern[p];
-            p += 1;
-            for j in (1..=text.len()).rev() {
-                ok[j] = ok[j - 1] && text[j - 1] == c;
-            }
-            ok[0] = false;
-        }
-    }
-    ok[text.len()]
-}
 
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,25 +27,18 @@ impl Denial {
     }
 }
 
-/// The compiled grant table.
+/// The grant table (its identity patterns were parsed when the configuration loaded).
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    grants: Vec<(IdentityPattern, GrantConfig)>,
+    grants: Vec<GrantConfig>,
 }
 
 impl Policy {
-    /// Compiles the configured grants; patterns were checked by config validation, any that
-    /// still fail to parse are skipped (they could never match).
+    /// The table of the configured grants.
     pub fn new(grants: &[GrantConfig]) -> Policy {
-        let grants = grants
-            .iter()
-            .filter_map(|g| {
-                IdentityPattern::parse(&g.identity)
-                    .ok()
-                    .map(|p| (p, g.clone()))
-            })
-            .collect();
-        Policy { grants }
+        Policy {
+            grants: grants.to_vec(),
+        }
     }
 
     /// Decides whether `principal` may use `role` on `database`. `database_roles` are the roles
@@ -200,8 +55,8 @@ impl Policy {
     ) -> Result<String, Denial> {
         let mut identity_matched = false;
         let mut database_matched = false;
-        for (pattern, grant) in &self.grants {
-            let Some(identity) = pattern.matched(principal) else {
+        for grant in &self.grants {
+            let Some(identity) = grant.identity.matched(principal) else {
                 continue;
             };
             identity_matched = true;
@@ -241,61 +96,10 @@ mod tests {
 
     fn grant(identity: &str, dbs: &[&str], roles: &[&str]) -> GrantConfig {
         GrantConfig {
-            identity: identity.into(),
+            identity: crate::identity::IdentityPattern::parse(identity).expect("pattern"),
             databases: dbs.iter().map(|s| s.to_string()).collect(),
             roles: roles.iter().map(|s| s.to_string()).collect(),
         }
-    }
-
-    #[test]
-    fn glob_semantics() {
-        assert!(glob_match(b"spiffe://x/app/*", b"spiffe://x/app/billing"));
-        assert!(!glob_match(
-            b"spiffe://x/app/*",
-            b"spiffe://x/app/billing/extra"
-        ));
-        assert!(glob_match(
-            b"spiffe://x/**",
-            b"spiffe://x/app/billing/extra"
-        ));
-        assert!(glob_match(b"*.example.org", b"db.example.org"));
-        assert!(!glob_match(b"*.example.org", b"a.b.example.org"));
-        assert!(!glob_match(b"*.example.org", b"example.org"));
-        assert!(glob_match(b"app-*-prod", b"app-billing-prod"));
-        assert!(!glob_match(b"exact", b"exactly"));
-        assert!(!glob_match(
-            b"a*",
-            &[b'a'; 10_000]
-                .iter()
-                .chain(b"/")
-                .copied()
-                .collect::<Vec<_>>()
-        ));
-    }
-
-    #[test]
-    fn prefix_and_suffix_prechecks_agree_with_the_glob() {
-        let p = |s: &str| IdentityPattern::parse(s).expect("parses");
-        let uri = |u: &str| principal(&[u], &[], None);
-        assert!(p("uri:spiffe://x/a/*/b").matches(&uri("spiffe://x/a/q/b")));
-        assert!(!p("uri:spiffe://x/a/*/b").matches(&uri("spiffe://x/a/q/c")));
-        assert!(p("uri:spiffe://x/**").matches(&uri("spiffe://x/")));
-        assert!(
-            !p("uri:ab*ba").matches(&uri("aba")),
-            "prefix and suffix may not overlap"
-        );
-        assert!(p("uri:exact").matches(&uri("exact")));
-        assert!(!p("uri:exact").matches(&uri("exactly")));
-    }
-
-    #[test]
-    fn cn_and_uri_are_not_confused() {
-        let p = IdentityPattern::parse("uri:spiffe://x/app").expect("parses");
-        assert!(!p.matches(&principal(&[], &[], Some("spiffe://x/app"))));
-        let p = IdentityPattern::parse("cn:uri:spiffe://x/app").expect("parses");
-        assert!(!p.matches(&principal(&["spiffe://x/app"], &[], None)));
-        assert!(IdentityPattern::parse("spiffe://x").is_err());
-        assert!(IdentityPattern::parse("email:a@b").is_err());
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl Prefetcher {
         for pool in pools.values_mut() {
             pool.target = 0;
         }
-        for db in &config.databases {
+        for db in &config.reloadable.databases {
             for (role, &target) in &db.prefetch {
                 let origin = Origin::of(db);
                 let pool = pools

@@ -10,7 +10,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
-use leasegate::policy::glob_match;
+use leasegate::identity::glob_match;
 use leasegate::protocol::framing::{Framer, TypeSet};
 use leasegate::protocol::options::{self, Setting};
 use leasegate::protocol::startup::{

@@ -1,147 +1,134 @@
-//! Reloading the configuration (SIGHUP, or the file watch): the new file is compared with the
-//! running configuration key by key. What can change without dropping a session is applied
-//! (TLS material, grants, databases, cluster peers, the session `[limits]`,
-//! `listen.login_timeout`,
-//! `listen.tcp_keepalive`, `listen.shutdown_grace`, `listen.watch_interval`); every other
-//! changed key is named in a warning and stays as it was until a restart. The configuration
-//! in force then becomes the running one, so the watched files follow the new file's paths.
+//! Reloading the configuration (SIGHUP, or the file watch). The new file loads whole; what
+//! can change without dropping a session is applied: its [`ReloadableConfig`] (TLS material,
+//! grants, databases, cluster peers, the session `[limits]`, `listen.login_timeout`,
+//! `listen.tcp_keepalive`, `listen.shutdown_grace`, `listen.watch_interval`). Its
+//! [`StaticConfig`] keeps its running value until a restart, and every key of it that changed
+//! is named in a warning: the two are compared in their serialized form, whose keys are the
+//! file's, so no list of keys is kept here. The configuration in force then becomes the
+//! running one, so the watched files follow the new file's paths.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use secrecy::ExposeSecret;
+use serde_json::Value;
 
-use super::{AppState, Live, Signals};
-use crate::config::{Config, VaultAuthConfig};
+use super::signals::Signals;
+use crate::config::{Config, ReloadableConfig, StaticConfig};
+use crate::state::{AppState, Live};
 
 /// Reloads `path` into `state`. Returns the configuration now in force: the new one (with
-/// the keys that need a restart kept at their running values), or `running` when the new file
-/// does not load.
+/// the static settings kept at their running values), or `running` when the new file does
+/// not load.
 pub fn reload(state: &AppState, running: Config, path: &Path) -> Config {
-    let mut config = match Config::load(path) {
+    let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: keeping the running configuration");
             return running;
         }
     };
-    // A `VAULT_TOKEN` taken from the environment at startup is not in the file: it stays.
-    let auth = &mut config.vault.auth;
-    if auth.token.is_none() && auth.token_file.is_none() {
-        auth.token = running.vault.auth.token.clone();
-    }
-    let live = match Live::build(&config) {
+    let live = match Live::build(&new.reloadable) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: keeping the running configuration");
             return running;
         }
     };
-    for key in restart_only_changes(&running, &config) {
+    let (config, changed) = in_force(running, new);
+    for key in changed {
         tracing::warn!("{key} changed: takes effect after a restart");
     }
-    keep_restart_only(&mut config, running);
-    state.live.store(Arc::new(live));
-    state.prefetch.configure(&config);
-    state.limiter.set_limits(config.limits.clone());
-    state
-        .metrics
-        .sessions_limit
-        .set(i64::from(config.limits.max_sessions));
+    apply(state, &config, live);
     tracing::info!(
-        databases = config.databases.len(),
-        grants = config.grants.len(),
+        databases = config.reloadable.databases.len(),
+        grants = config.reloadable.grants.len(),
         "configuration reloaded"
     );
     config
 }
 
-/// Every key whose new value is not applied by a reload, when it differs.
-pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    let mut check = |key: &'static str, differs: bool| {
-        if differs {
-            changed.push(key);
+/// What is in force after a reload from `running` to `new`: `new`'s reloadable settings with
+/// `running`'s static ones; and the static keys whose new values wait for a restart.
+fn in_force(running: Config, mut new: Config) -> (Config, Vec<String>) {
+    // A `VAULT_TOKEN` taken from the environment at startup is not in the file: it stays.
+    let token = running.fixed.vault.auth.inline_token().cloned();
+    new.fixed.vault.auth.use_env_token(token);
+    let changed = restart_only_changes(&running.fixed, &new.fixed);
+    new.fixed = running.fixed;
+    (new, changed)
+}
+
+/// Applies every reloadable setting. Each is named here, so that a new one does not compile
+/// until it has its place.
+fn apply(state: &AppState, config: &Config, live: Live) {
+    let ReloadableConfig {
+        // Into `live`, which every session starting from now on takes; `listen` also holds
+        // `shutdown_grace` and `watch_interval`, which the drain and the file watch read from
+        // the configuration in force.
+        listen: _,
+        grants: _,
+        cluster: _,
+        // Into `live` and the prefetch pools.
+        databases: _,
+        // Into the limiter (its counts live on) and the limit gauge.
+        limits,
+    } = &config.reloadable;
+    state.live.store(Arc::new(live));
+    state.prefetch.configure(config);
+    state.limiter.set_limits(*limits);
+    state
+        .metrics
+        .sessions_limit
+        .set(i64::from(limits.max_sessions));
+}
+
+/// Every static key whose value differs, spelled as in the file (`listen.address`,
+/// `vault.auth.role_id`), in alphabetical order.
+pub fn restart_only_changes(old: &StaticConfig, new: &StaticConfig) -> Vec<String> {
+    let (old, new) = (leaves(old), leaves(new));
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// The settings serialized, as (dotted key, value) for every key that has a value.
+fn leaves(settings: &StaticConfig) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    match serde_json::to_value(settings) {
+        Ok(value) => flatten(String::new(), value, &mut out),
+        // Plain data always serializes (a unit test covers every key).
+        Err(e) => tracing::error!(error = %e, "cannot compare the static settings"),
+    }
+    out
+}
+
+fn flatten(key: String, value: Value, out: &mut BTreeMap<String, Value>) {
+    match value {
+        Value::Object(map) => {
+            for (name, value) in map {
+                let inner = if key.is_empty() {
+                    name
+                } else {
+                    format!("{key}.{name}")
+                };
+                flatten(inner, value, out);
+            }
         }
-    };
-    check("listen.address", old.listen.address != new.listen.address);
-    check(
-        "listen.max_connections",
-        old.listen.max_connections != new.listen.max_connections,
-    );
-    let metrics = |c: &Config| c.metrics.as_ref().map(|m| m.address);
-    check("metrics.address", metrics(old) != metrics(new));
-    let (ov, nv) = (&old.vault, &new.vault);
-    check("vault.address", ov.address != nv.address);
-    check("vault.ca_cert", ov.ca_cert != nv.ca_cert);
-    check("vault.namespace", ov.namespace != nv.namespace);
-    check("vault.timeout", ov.timeout != nv.timeout);
-    auth_changes(&ov.auth, &nv.auth, &mut check);
-    check("audit.path", old.audit.path != new.audit.path);
-    let (ol, nl) = (&old.limits, &new.limits);
-    check(
-        "limits.cancels_per_second",
-        ol.cancels_per_second != nl.cancels_per_second,
-    );
-    check(
-        "limits.cancels_per_second_per_address",
-        ol.cancels_per_second_per_address != nl.cancels_per_second_per_address,
-    );
-    check(
-        "limits.max_concurrent_cancels",
-        ol.max_concurrent_cancels != nl.max_concurrent_cancels,
-    );
-    check(
-        "runtime.worker_threads",
-        old.runtime.worker_threads != new.runtime.worker_threads,
-    );
-    changed
-}
-
-fn auth_changes(
-    old: &VaultAuthConfig,
-    new: &VaultAuthConfig,
-    check: &mut impl FnMut(&'static str, bool),
-) {
-    let token = |a: &VaultAuthConfig| a.token.as_ref().map(|t| t.expose_secret().to_owned());
-    check("vault.auth.method", old.method != new.method);
-    check("vault.auth.mount", old.mount != new.mount);
-    check("vault.auth.token", token(old) != token(new));
-    check("vault.auth.token_file", old.token_file != new.token_file);
-    check("vault.auth.role_id", old.role_id != new.role_id);
-    check(
-        "vault.auth.role_id_file",
-        old.role_id_file != new.role_id_file,
-    );
-    check(
-        "vault.auth.secret_id_file",
-        old.secret_id_file != new.secret_id_file,
-    );
-    check("vault.auth.role", old.role != new.role);
-    check("vault.auth.jwt_file", old.jwt_file != new.jwt_file);
-    check("vault.auth.cert", old.cert != new.cert);
-    check("vault.auth.key", old.key != new.key);
-}
-
-/// Puts the running values of the restart-only keys back into `new`, so that the running
-/// configuration says what is really in force (and a later reload warns again).
-fn keep_restart_only(new: &mut Config, old: Config) {
-    new.listen.address = old.listen.address;
-    new.listen.max_connections = old.listen.max_connections;
-    new.metrics = old.metrics;
-    new.vault = old.vault;
-    new.audit = old.audit;
-    new.limits.cancels_per_second = old.limits.cancels_per_second;
-    new.limits.cancels_per_second_per_address = old.limits.cancels_per_second_per_address;
-    new.limits.max_concurrent_cancels = old.limits.max_concurrent_cancels;
-    new.runtime = old.runtime;
+        Value::Null => {}
+        leaf => {
+            out.insert(key, leaf);
+        }
+    }
 }
 
 /// The files whose content a reload applies: the configuration file, the listen TLS files
 /// and CRLs, the cluster peer certificate, key and CA, and the upstream CAs.
 pub fn watched_files(config: &Config, path: &Path) -> Vec<PathBuf> {
-    let listen = &config.listen;
+    let listen = &config.reloadable.listen;
     let mut files = vec![
         path.to_owned(),
         listen.cert.clone(),
@@ -149,11 +136,19 @@ pub fn watched_files(config: &Config, path: &Path) -> Vec<PathBuf> {
         listen.client_ca.clone(),
     ];
     files.extend(listen.crl.iter().cloned());
-    if let Some(cluster) = &config.cluster {
-        files.extend([cluster.cert.clone(), cluster.key.clone()]);
-        files.extend(cluster.ca_cert.iter().cloned());
+    if let Some(cluster) = &config.reloadable.cluster {
+        files.extend([
+            cluster.cert.clone(),
+            cluster.key.clone(),
+            cluster.ca_cert.clone(),
+        ]);
     }
-    files.extend(config.databases.iter().filter_map(|d| d.ca_cert.clone()));
+    let databases = &config.reloadable.databases;
+    files.extend(
+        databases
+            .iter()
+            .filter_map(|d| d.tls.ca_cert().map(Path::to_owned)),
+    );
     files
 }
 
@@ -174,7 +169,7 @@ pub(super) async fn until_stopped(
     signals: &mut Signals,
 ) -> (Config, &'static str) {
     let arm = |every: Option<Duration>| every.map(tokio::time::interval);
-    let mut every = running.listen.watch_interval;
+    let mut every = running.reloadable.listen.watch_interval;
     let mut watch = arm(every);
     let mut seen = files_changed_at(&running, path);
     loop {
@@ -201,8 +196,8 @@ pub(super) async fn until_stopped(
         }
         // The running configuration may name other files, or another interval, now.
         seen = files_changed_at(&running, path);
-        if running.listen.watch_interval != every {
-            every = running.listen.watch_interval;
+        if running.reloadable.listen.watch_interval != every {
+            every = running.reloadable.listen.watch_interval;
             watch = arm(every);
         }
     }
@@ -231,56 +226,120 @@ address = "127.0.0.1:9187"
         Config::parse(text).expect("parses")
     }
 
+    fn changes(old: &str, new: &str) -> Vec<String> {
+        restart_only_changes(&parse(old).fixed, &parse(new).fixed)
+    }
+
     #[test]
-    fn every_restart_only_key_is_named() {
-        let old = parse(BASE);
-        assert!(restart_only_changes(&old, &parse(BASE)).is_empty());
+    fn every_static_key_is_named() {
+        assert!(changes(BASE, BASE).is_empty());
         let changed = BASE
             .replace("127.0.0.1:6432", "127.0.0.1:6433")
             .replace("127.0.0.1:9187", "127.0.0.1:9188")
-            .replace("http://127.0.0.1:8200", "http://127.0.0.1:8201")
-            .replace("token = \"s.one\"", "token = \"s.two\"\nmount = \"tok\"")
+            .replace(
+                "address = \"http://127.0.0.1:8200\"",
+                "address = \"http://127.0.0.1:8201\"\nca_cert = \"/ca\"\nnamespace = \"ns\"\n\
+                 timeout = \"9s\"",
+            )
+            .replace(
+                "token = \"s.one\"",
+                "token = \"s.two\"\nmount = \"tok\"\ntoken_file = \"/t\"",
+            )
             .replace(
                 "[listen]\n",
                 "[listen]\nmax_connections = 5\nlogin_timeout = \"3s\"\n",
             )
-            + "[audit]\npath = \"/var/log/a.log\"\n[runtime]\nworker_threads = 1\n";
-        let keys = restart_only_changes(&old, &parse(&changed));
+            + "[audit]\npath = \"/var/log/a.log\"\n[runtime]\nworker_threads = 1\n\
+               [limits]\ncancels_per_second = 1\ncancels_per_second_per_address = 1\n\
+               max_concurrent_cancels = 1\nmax_sessions = 3\n";
         assert_eq!(
-            keys,
+            changes(BASE, &changed),
             [
+                "audit.path",
+                "limits.cancels_per_second",
+                "limits.cancels_per_second_per_address",
+                "limits.max_concurrent_cancels",
                 "listen.address",
                 "listen.max_connections",
                 "metrics.address",
+                "runtime.worker_threads",
                 "vault.address",
                 "vault.auth.mount",
                 "vault.auth.token",
-                "audit.path",
-                "runtime.worker_threads",
+                "vault.auth.token_file",
+                "vault.ca_cert",
+                "vault.namespace",
+                "vault.timeout",
+            ],
+            "every static key, and none of the reloadable ones (login_timeout, max_sessions)"
+        );
+        let dropped = BASE.replace("[metrics]\naddress = \"127.0.0.1:9187\"\n", "");
+        assert_eq!(changes(BASE, &dropped), ["metrics.address"]);
+    }
+
+    #[test]
+    fn auth_keys_are_named_as_the_file_spells_them() {
+        let approle = |keys: &str| {
+            BASE.replace(
+                "method = \"token\"\ntoken = \"s.one\"",
+                &format!("method = \"approle\"\nsecret_id_file = \"/s\"\n{keys}"),
+            )
+        };
+        assert_eq!(
+            changes(
+                &approle("role_id = \"a\""),
+                &approle("role_id_file = \"/r\"")
+            ),
+            ["vault.auth.role_id", "vault.auth.role_id_file"]
+        );
+        assert_eq!(
+            changes(BASE, &approle("role_id = \"a\"")),
+            [
+                "vault.auth.method",
+                "vault.auth.role_id",
+                "vault.auth.secret_id_file",
+                "vault.auth.token"
             ]
         );
     }
 
     #[test]
-    fn restart_only_keys_keep_their_running_values() {
+    fn static_settings_keep_their_running_values() {
         let old = parse(BASE);
-        let mut new = parse(
+        let new = parse(
             &(BASE
                 .replace("127.0.0.1:6432", "127.0.0.1:6433")
                 .replace("[listen]\n", "[listen]\nlogin_timeout = \"3s\"\n")
                 + "[runtime]\nworker_threads = 1\n[limits]\nmax_sessions = 7\n"),
         );
-        keep_restart_only(&mut new, old);
-        assert_eq!(new.listen.address.port(), 6432, "not applied: kept");
-        assert_eq!(new.runtime.worker_threads, None, "not applied: kept");
-        assert_eq!(new.listen.login_timeout, Duration::from_secs(3), "applied");
-        assert_eq!(new.limits.max_sessions, 7, "applied");
+        let (new, changed) = in_force(old, new);
+        assert_eq!(changed, ["listen.address", "runtime.worker_threads"]);
+        assert_eq!(new.fixed.listen.address.port(), 6432, "not applied: kept");
+        assert_eq!(new.fixed.runtime.worker_threads, None, "not applied: kept");
+        let reloadable = &new.reloadable;
+        assert_eq!(
+            reloadable.listen.login_timeout,
+            Duration::from_secs(3),
+            "applied"
+        );
+        assert_eq!(reloadable.limits.max_sessions, 7, "applied");
         let again = parse(&BASE.replace("127.0.0.1:6432", "127.0.0.1:6433"));
         assert_eq!(
-            restart_only_changes(&new, &again),
+            restart_only_changes(&new.fixed, &again.fixed),
             ["listen.address"],
             "a later reload still warns"
         );
+    }
+
+    #[test]
+    fn a_token_from_the_environment_is_no_change() {
+        let no_token = BASE.replace("token = \"s.one\"\n", "");
+        let mut running = parse(&no_token);
+        let env = secrecy::SecretString::from("s.env".to_owned());
+        running.fixed.vault.auth.use_env_token(Some(env));
+        let (config, changed) = in_force(running, parse(&no_token));
+        assert!(changed.is_empty(), "{changed:?}");
+        assert!(config.fixed.vault.auth.inline_token().is_some());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::LimitsConfig;
+use crate::config::CancelLimits;
 use crate::metrics::labels::CancelResult;
 
 /// Why a cancel request was dropped before any work; the label of
@@ -71,14 +71,14 @@ fn quota(per_second: u32) -> Quota {
 
 impl CancelGate {
     /// A gate for the `[limits]` cancel settings.
-    pub fn new(limits: &LimitsConfig) -> CancelGate {
+    pub fn new(limits: &CancelLimits) -> CancelGate {
         CancelGate::with_clock(limits, DefaultClock::default())
     }
 }
 
 impl<C: Clock + Clone> CancelGate<C> {
     /// A gate on `clock` (tests use a fake one).
-    pub fn with_clock(limits: &LimitsConfig, clock: C) -> CancelGate<C> {
+    pub fn with_clock(limits: &CancelLimits, clock: C) -> CancelGate<C> {
         CancelGate {
             per_address: RateLimiter::dashmap_with_clock(
                 quota(limits.cancels_per_second_per_address),
@@ -147,11 +147,10 @@ mod tests {
         per_address: u32,
         slots: u32,
     ) -> (CancelGate<FakeRelativeClock>, FakeRelativeClock) {
-        let limits = LimitsConfig {
+        let limits = CancelLimits {
             cancels_per_second: global,
             cancels_per_second_per_address: per_address,
             max_concurrent_cancels: slots,
-            ..LimitsConfig::default()
         };
         let clock = FakeRelativeClock::default();
         (CancelGate::with_clock(&limits, clock.clone()), clock)

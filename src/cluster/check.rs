@@ -3,17 +3,16 @@
 //! its own cluster certificate the way its peers will: it must match `peer_identity` (or they
 //! would take its forwarded cancels for a stranger's and drop them) and verify as a client
 //! certificate against `listen.client_ca` and `listen.crl` (or their TLS would refuse it).
-//! `ca_cert`, the CA of the peers' server certificates, is required, and each `peers` entry
-//! must name a host that certificate can be checked against.
+//! Each `peers` entry must name a host the peers' server certificates can be checked against
+//! (`ca_cert` and `peer_identity` are there and parsed: the typed configuration says so).
 
 use std::sync::Arc;
 
 use rustls::pki_types::{ServerName, UnixTime};
 use tokio_rustls::TlsConnector;
 
-use crate::config::{CLUSTER_CA_REQUIRED, ClusterConfig, ListenConfig};
-use crate::policy::IdentityPattern;
-use crate::tls::identity::Principal;
+use crate::config::{ClusterConfig, ListenConfig};
+use crate::identity::{IdentityPattern, Principal};
 use crate::tls::{self, load_certs, load_key, load_roots, provider};
 
 /// One `peers` entry, parsed.
@@ -42,9 +41,6 @@ pub fn problems(config: &ClusterConfig, listen: &ListenConfig) -> Vec<String> {
 /// Checks everything and builds the connector, or returns every problem found.
 pub(super) fn check(config: &ClusterConfig, listen: &ListenConfig) -> Result<Checked, Vec<String>> {
     let mut problems = Vec::new();
-    let identity = IdentityPattern::parse(&config.peer_identity)
-        .map_err(|e| problems.push(format!("cluster.peer_identity: {e}")))
-        .ok();
     if config.peers.is_empty() {
         problems.push("cluster.peers is empty: name the other instances".into());
     }
@@ -62,27 +58,18 @@ pub(super) fn check(config: &ClusterConfig, listen: &ListenConfig) -> Result<Che
         .map_err(|e| problems.push(format!("cluster.key: {e}")))
         .ok();
     if let Some(chain) = &chain {
-        check_own_certificate(config, identity.as_ref(), listen, chain, &mut problems);
+        check_own_certificate(config, listen, chain, &mut problems);
     }
-    let verifier = match &config.ca_cert {
-        None => {
-            problems.push(CLUSTER_CA_REQUIRED.into());
-            None
-        }
-        Some(path) => load_roots(path)
-            .and_then(|roots| {
-                rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider(),
-                )
+    let verifier = load_roots(&config.ca_cert)
+        .and_then(|roots| {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| tls::TlsError::Invalid(e.to_string()))
-            })
-            .map_err(|e| problems.push(format!("cluster.ca_cert: {e}")))
-            .ok(),
-    };
-    let (Some(identity), Some(chain), Some(key), Some(verifier), true) =
-        (identity, chain, key, verifier, problems.is_empty())
+        })
+        .map_err(|e| problems.push(format!("cluster.ca_cert: {e}")))
+        .ok();
+    let (Some(chain), Some(key), Some(verifier), true) =
+        (chain, key, verifier, problems.is_empty())
     else {
         return Err(problems);
     };
@@ -96,7 +83,7 @@ pub(super) fn check(config: &ClusterConfig, listen: &ListenConfig) -> Result<Che
     // Peers resume nothing either; do not keep what could never be used.
     client.resumption = rustls::client::Resumption::disabled();
     Ok(Checked {
-        identity,
+        identity: config.peer_identity.clone(),
         connector: TlsConnector::from(Arc::new(client)),
         peers,
     })
@@ -105,7 +92,6 @@ pub(super) fn check(config: &ClusterConfig, listen: &ListenConfig) -> Result<Che
 /// This instance's cluster certificate as its peers will see it.
 fn check_own_certificate(
     config: &ClusterConfig,
-    identity: Option<&IdentityPattern>,
     listen: &ListenConfig,
     chain: &[rustls::pki_types::CertificateDer<'static>],
     problems: &mut Vec<String>,
@@ -116,14 +102,12 @@ fn check_own_certificate(
     match Principal::from_certificate(leaf) {
         Err(e) => problems.push(format!("cluster.cert: {e}")),
         Ok(principal) => {
-            if let Some(identity) = identity
-                && !identity.matches(&principal)
-            {
+            if !config.peer_identity.matches(&principal) {
                 problems.push(format!(
                     "cluster.cert: its identities ({}) do not match cluster.peer_identity {:?}: \
                      peers would drop this instance's forwarded cancels",
                     principal.all_identities().join(", "),
-                    config.peer_identity
+                    config.peer_identity.as_str()
                 ));
             }
         }

@@ -12,8 +12,17 @@ use arc_swap::ArcSwap;
 use rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
-use super::PeerAddr;
 use super::check::PeerSpec;
+
+/// One address to forward cancels to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// A resolved address of a `peers` entry.
+    pub addr: SocketAddr,
+    /// That entry's host (DNS name or IP address): the name sent and checked in the peer's
+    /// certificate.
+    pub name: ServerName<'static>,
+}
 
 /// How often the peers are resolved again.
 const EVERY: Duration = Duration::from_secs(5);

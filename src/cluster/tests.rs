@@ -8,8 +8,10 @@ use rcgen::{
     SanType,
 };
 
+use rustls::pki_types::ServerName;
+
 use super::*;
-use crate::config::CLUSTER_CA_REQUIRED;
+use crate::identity::IdentityPattern;
 
 /// A client CA, another CA, and files in a temporary directory.
 struct Pki {
@@ -77,14 +79,14 @@ fn cluster_config(
     identity: &str,
     cert: &Path,
     key: &Path,
-    ca: Option<&Path>,
+    ca: &Path,
 ) -> ClusterConfig {
     ClusterConfig {
         peers: peers.iter().map(|p| p.to_string()).collect(),
-        peer_identity: identity.into(),
+        peer_identity: IdentityPattern::parse(identity).expect("pattern"),
         cert: cert.to_owned(),
         key: key.to_owned(),
-        ca_cert: ca.map(Path::to_owned),
+        ca_cert: ca.to_owned(),
     }
 }
 
@@ -92,7 +94,7 @@ fn cluster_config(
 fn a_cluster_certificate_peers_would_refuse_is_refused_at_load() {
     let pki = Pki::new();
     let listen = pki.listen();
-    let ca = Some(pki.ca_pem.as_path());
+    let ca = pki.ca_pem.as_path();
     let (good, good_key) = pki.cert(
         "peer",
         "leasegate-peer",
@@ -154,18 +156,6 @@ fn a_cluster_certificate_peers_would_refuse_is_refused_at_load() {
         "{found}"
     );
 
-    let no_ca = cluster_config(
-        &["127.0.0.1:6432"],
-        "dns:leasegate-peer",
-        &good,
-        &good_key,
-        None,
-    );
-    assert_eq!(
-        problems(&no_ca, &listen),
-        vec![CLUSTER_CA_REQUIRED.to_string()]
-    );
-
     let bad_peer = cluster_config(&["::1:6432"], "dns:leasegate-peer", &good, &good_key, ca);
     let found = problems(&bad_peer, &listen).join("\n");
     assert!(found.contains("in brackets"), "{found}");
@@ -180,7 +170,7 @@ async fn peers_are_resolved_in_the_background_until_the_cluster_is_dropped() {
         ExtendedKeyUsagePurpose::ClientAuth,
         true,
     );
-    let ca = Some(pki.ca_pem.as_path());
+    let ca = pki.ca_pem.as_path();
     let config = cluster_config(
         &["127.0.0.1:7001", "localhost:7002"],
         "dns:leasegate-peer",

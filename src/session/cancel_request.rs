@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::handshake::CancelRequest;
-use crate::app::{AppState, Live};
 use crate::cancel::{self, CancelKind, Route};
 use crate::metrics::labels::CancelResult;
+use crate::state::{AppState, Live};
 
 /// Limit for all the work one cancel causes (each step has its own, shorter limit).
 const CANCEL_WORK_LIMIT: Duration = Duration::from_secs(10);

@@ -162,8 +162,8 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::app::DatabaseEntry;
     use crate::session::relay::Direction;
+    use crate::upstream::Database;
 
     /// A stand-in for PostgreSQL on a local port: the session's connection and a cancel
     /// target pointing at the same port (PostgreSQL takes cancels on its own port too).
@@ -179,7 +179,7 @@ mod tests {
         ))
         .expect("database entry");
         let target = CancelTarget {
-            database: Arc::new(DatabaseEntry { config, tls: None }),
+            database: Arc::new(Database { config, tls: None }),
             pid: 4242,
             secret: 77,
         };

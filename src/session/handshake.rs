@@ -12,9 +12,9 @@ use tokio_rustls::server::TlsStream;
 
 use crate::cancel::CancelKind;
 use crate::error::SessionError;
+use crate::identity::Principal;
 use crate::protocol::options::parse_bool;
 use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_initial_packet};
-use crate::tls::identity::Principal;
 use crate::tls::server::ALPN_POSTGRESQL;
 
 /// A client TLS connection.

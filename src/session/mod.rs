@@ -19,7 +19,6 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{AppState, DatabaseEntry, Live};
 use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
@@ -27,7 +26,8 @@ use crate::escape::logged;
 use crate::metrics::labels::{RelayDirection, SessionOutcome, SetupPhase};
 use crate::policy::Denial;
 use crate::protocol::messages;
-use crate::upstream::{self, LoggedIn, UpstreamError};
+use crate::state::{AppState, Live};
+use crate::upstream::{self, Database, LoggedIn, UpstreamError};
 use crate::vault::{Lease, LeaseGuard};
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
@@ -116,7 +116,7 @@ impl Session<'_> {
 
     /// The grant check: the database entry the client may use and the identity the grant
     /// matched, or the denial.
-    fn authorize(&self, hello: &ClientHello) -> Result<(Arc<DatabaseEntry>, String), SessionError> {
+    fn authorize(&self, hello: &ClientHello) -> Result<(Arc<Database>, String), SessionError> {
         let database = self.live.databases.get(&hello.database).cloned();
         let db_roles = database.as_ref().map(|d| d.config.roles.as_slice());
         let decision =
@@ -142,7 +142,7 @@ impl Session<'_> {
     /// Vault. The guard exists from the moment Vault issued it, so every later path revokes.
     async fn credential(
         &self,
-        database: &DatabaseEntry,
+        database: &Database,
         role: &str,
     ) -> Result<(Lease, LeaseGuard, Duration), SessionError> {
         if let Some(p) = self.state.prefetch.take(&database.config, role) {
@@ -202,15 +202,7 @@ impl Session<'_> {
         tracing::debug!(peer = %self.peer, identity = %logged(&hello.principal.display_name()),
             database = %logged(&hello.database), role = %logged(&hello.role), username = %lease.username,
             lease_id = %guard.id(), "credential issued");
-        let life = Lifetime {
-            lease_id: lease.id.clone(),
-            ttl: lease.duration,
-            remaining,
-            renewable: lease.renewable,
-            max_session: database.config.max_session_duration,
-            warning: database.config.expiry_warning,
-            role: hello.role.clone(),
-        };
+        let life = lifetime(&lease, remaining, &database, &hello.role);
         let logged_in = tokio::select! {
             r = Box::pin(login_upstream(&database, &lease, &settings)) => r,
             _ = self.stop.cancelled() => Err(SessionError::Shutdown),
@@ -246,7 +238,7 @@ impl Session<'_> {
         &self,
         hello: ClientHello,
         logged_in: LoggedIn,
-        database: &Arc<DatabaseEntry>,
+        database: &Arc<Database>,
         life: Lifetime,
     ) {
         let registration = cancel_target(database, logged_in.cancel_key)
@@ -279,22 +271,35 @@ impl Session<'_> {
 /// the parameter) before any limit or Vault call.
 fn startup_settings(
     hello: &ClientHello,
-    database: &DatabaseEntry,
+    database: &Database,
 ) -> Result<Vec<(String, String)>, SessionError> {
     let extra = &database.config.allow_startup_parameters;
     upstream::params::check(&hello.params, extra).map_err(SessionError::StartupParameter)
 }
 
+/// What the session's watcher needs of its lease and database entry.
+fn lifetime(lease: &Lease, remaining: Duration, database: &Database, role: &str) -> Lifetime {
+    Lifetime {
+        lease_id: lease.id.clone(),
+        ttl: lease.duration,
+        remaining,
+        renewable: lease.renewable,
+        max_session: database.config.max_session_duration,
+        warning: database.config.expiry_warning,
+        role: role.to_owned(),
+    }
+}
+
 /// Connects and logs in upstream within the database's `connect_timeout`, sending the
 /// client's checked `settings`.
 async fn login_upstream(
-    database: &DatabaseEntry,
+    database: &Database,
     lease: &Lease,
     settings: &[(String, String)],
 ) -> Result<LoggedIn, SessionError> {
     let config = &database.config;
     let login = async {
-        let stream = upstream::connect(config, database.tls.as_ref()).await?;
+        let stream = database.connect().await?;
         upstream::login(stream, config, &lease.username, &lease.password, settings).await
     };
     match tokio::time::timeout(config.connect_timeout, login).await {
@@ -314,7 +319,7 @@ async fn forward_raw(stream: &mut ClientStream, raw: Option<&bytes::Bytes>) {
 }
 
 /// Where a cancel for the upstream backend goes: its own key on its database entry.
-fn cancel_target(database: &Arc<DatabaseEntry>, key: Option<(i32, i32)>) -> Option<CancelTarget> {
+fn cancel_target(database: &Arc<Database>, key: Option<(i32, i32)>) -> Option<CancelTarget> {
     key.map(|(pid, secret)| CancelTarget {
         database: database.clone(),
         pid,
@@ -344,7 +349,7 @@ async fn relay_session(
     hello: ClientHello,
     logged_in: LoggedIn,
     key: Option<(i32, i32)>,
-    database: &Arc<DatabaseEntry>,
+    database: &Arc<Database>,
     life: Lifetime,
     stop: &CancellationToken,
 ) -> (Relayed, close::Closed) {

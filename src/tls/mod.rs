@@ -1,8 +1,7 @@
-//! TLS: the client-facing acceptor with its client-certificate verifier (`server`), the
-//! identity a verified certificate carries (`identity`), and TLS towards upstream databases
-//! (`upstream`). Every config is built with the aws-lc-rs provider, TLS 1.2 and 1.3 only.
+//! TLS: the client-facing acceptor with its client-certificate verifier (`server`) and TLS
+//! towards upstream databases (`upstream`); the identity a verified certificate carries is
+//! [`crate::identity`]'s. Every config is built with the aws-lc-rs provider, TLS 1.2 and 1.3 only.
 
-pub mod identity;
 pub mod server;
 pub mod upstream;
 

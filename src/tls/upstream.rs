@@ -2,6 +2,7 @@
 //! checking the certificate, `verify-ca` checks the chain, `verify-full` also the host name.
 //! Also computes the `tls-server-end-point` channel-binding data for SCRAM-SHA-256-PLUS.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
@@ -18,23 +19,11 @@ use crate::config::{DatabaseConfig, UpstreamTls};
 
 /// Builds the connector for a database entry; `None` for `tls = "disable"`.
 pub fn connector(db: &DatabaseConfig) -> Result<Option<TlsConnector>, TlsError> {
-    let verifier: Arc<dyn ServerCertVerifier> = match db.tls {
+    let verifier: Arc<dyn ServerCertVerifier> = match &db.tls {
         UpstreamTls::Disable => return Ok(None),
         UpstreamTls::Require => Arc::new(NoVerify),
-        UpstreamTls::VerifyCa | UpstreamTls::VerifyFull => {
-            let path = db.ca_cert.as_ref().ok_or_else(|| {
-                TlsError::Invalid(format!("database {:?}: ca_cert required", db.name))
-            })?;
-            let roots = load_roots(path)?;
-            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
-            if db.tls == UpstreamTls::VerifyCa {
-                Arc::new(ChainOnly(inner))
-            } else {
-                inner
-            }
-        }
+        UpstreamTls::VerifyCa(ca) => Arc::new(ChainOnly(chain_verifier(ca)?)),
+        UpstreamTls::VerifyFull(ca) => chain_verifier(ca)?,
     };
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(super::VERSIONS)?
@@ -42,6 +31,14 @@ pub fn connector(db: &DatabaseConfig) -> Result<Option<TlsConnector>, TlsError> 
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(Some(TlsConnector::from(Arc::new(config))))
+}
+
+/// rustls' verifier of chains to the CA bundle at `path` (and of the host name).
+fn chain_verifier(path: &Path) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+    let roots = load_roots(path)?;
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))
 }
 
 /// The server name to present (SNI) and, for `verify-full`, to check. Loading refuses

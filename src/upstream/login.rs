@@ -15,7 +15,8 @@ use postgres_protocol::message::frontend;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{UpstreamError, UpstreamStream};
+use super::error::UpstreamError;
+use super::stream::UpstreamStream;
 use crate::config::{DatabaseConfig, UpstreamTls};
 use crate::tls::upstream::server_end_point;
 
@@ -129,21 +130,11 @@ async fn authenticate(
                     .map(|m| Ok(m.to_owned()))
                     .collect()
                     .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-                let (mechanism, binding) = choose_mechanism(stream, &mechanisms)?;
-                let s = ScramSha256::new(password.expose_secret().as_bytes(), binding);
-                frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
-                scram = Some(s);
+                scram = Some(sasl_start(stream, &mechanisms, password, &mut out)?);
             }
             Message::AuthenticationSaslContinue(body) => {
-                let mut s = scram.take().ok_or_else(|| unexpected("SASL continue"))?;
-                // PBKDF2 with thousands of rounds: keep it off the async worker threads.
-                let data = body.data().to_vec();
-                let s = tokio::task::spawn_blocking(move || s.update(&data).map(|()| s))
-                    .await
-                    .map_err(|e| UpstreamError::Scram(e.to_string()))?
-                    .map_err(|e| UpstreamError::Scram(e.to_string()))?;
-                frontend::sasl_response(s.message(), &mut out)?;
-                scram = Some(s);
+                let s = scram.take().ok_or_else(|| unexpected("SASL continue"))?;
+                scram = Some(sasl_continue(s, body.data().to_vec(), &mut out).await?);
             }
             Message::AuthenticationSaslFinal(body) => {
                 let mut s = scram.take().ok_or_else(|| unexpected("SASL final"))?;
@@ -163,16 +154,7 @@ async fn authenticate(
             Message::AuthenticationMd5Password(_) => {
                 return Err(UpstreamError::AuthMethod("MD5".into()));
             }
-            // Only a server whose certificate names the configured host may see the password:
-            // `verify-ca` accepts any certificate of the CA, so any of its servers could ask.
-            Message::AuthenticationCleartextPassword if db.tls == UpstreamTls::VerifyFull => {
-                frontend::password_message(password.expose_secret().as_bytes(), &mut out)?;
-            }
-            Message::AuthenticationCleartextPassword => {
-                return Err(UpstreamError::AuthMethod(
-                    "cleartext password (allowed only with tls = \"verify-full\")".into(),
-                ));
-            }
+            Message::AuthenticationCleartextPassword => cleartext(db, password, &mut out)?,
             Message::ErrorResponse(body) => return Err(rejected(raw, &body)),
             Message::AuthenticationGss
             | Message::AuthenticationSspi
@@ -185,6 +167,50 @@ async fn authenticate(
         }
         stream.write_all(&out).await?;
     }
+}
+
+/// The password in the clear, only to a server whose certificate names the configured host:
+/// `verify-ca` accepts any certificate of the CA, so any of its servers could ask.
+fn cleartext(
+    db: &DatabaseConfig,
+    password: &SecretString,
+    out: &mut BytesMut,
+) -> Result<(), UpstreamError> {
+    if !matches!(db.tls, UpstreamTls::VerifyFull(_)) {
+        return Err(UpstreamError::AuthMethod(
+            "cleartext password (allowed only with tls = \"verify-full\")".into(),
+        ));
+    }
+    frontend::password_message(password.expose_secret().as_bytes(), out)?;
+    Ok(())
+}
+
+/// The client-first message of SCRAM, with channel binding over TLS.
+fn sasl_start(
+    stream: &UpstreamStream,
+    mechanisms: &[String],
+    password: &SecretString,
+    out: &mut BytesMut,
+) -> Result<ScramSha256, UpstreamError> {
+    let (mechanism, binding) = choose_mechanism(stream, mechanisms)?;
+    let scram = ScramSha256::new(password.expose_secret().as_bytes(), binding);
+    frontend::sasl_initial_response(mechanism, scram.message(), out)?;
+    Ok(scram)
+}
+
+/// The client-final message of SCRAM for the server-first message `data`.
+async fn sasl_continue(
+    mut scram: ScramSha256,
+    data: Vec<u8>,
+    out: &mut BytesMut,
+) -> Result<ScramSha256, UpstreamError> {
+    // PBKDF2 with thousands of rounds: keep it off the async worker threads.
+    let scram = tokio::task::spawn_blocking(move || scram.update(&data).map(|()| scram))
+        .await
+        .map_err(|e| UpstreamError::Scram(e.to_string()))?
+        .map_err(|e| UpstreamError::Scram(e.to_string()))?;
+    frontend::sasl_response(scram.message(), out)?;
+    Ok(scram)
 }
 
 fn choose_mechanism(

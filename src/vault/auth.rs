@@ -12,12 +12,13 @@ use reqwest::Method;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Body, VaultClient, VaultError};
+use super::client::{Body, VaultClient};
 use super::duration::later;
+use super::error::VaultError;
 pub use super::login::login;
 use super::login::{LoginResponse, renewal_granted};
 use super::token::Token;
-use crate::config::{AuthMethod, VaultAuthConfig};
+use crate::config::VaultAuth;
 use crate::metrics::labels::{VaultAuthResult, VaultOp};
 
 /// `auth/token/renew-self` for one token; updates its expiry.
@@ -74,7 +75,7 @@ async fn revoke_token(client: &VaultClient, token: &Token, why: &'static str) {
 
 /// Logs in once as leasegate would, then revokes the token again if leasegate owns it
 /// (`check-config --online` must not leave tokens behind).
-pub async fn check_login(client: &VaultClient, auth: &VaultAuthConfig) -> Result<(), VaultError> {
+pub async fn check_login(client: &VaultClient, auth: &VaultAuth) -> Result<(), VaultError> {
     let token = login(client, auth).await?;
     revoke_token(client, &token, "check-config").await;
     Ok(())
@@ -104,9 +105,9 @@ fn file_mtime(path: &std::path::Path) -> Option<SystemTime> {
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Logs in (retrying with backoff until it works), then keeps tokens alive until `stop`.
-pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: CancellationToken) {
+pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuth, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(500);
-    let mut token_file_mtime = auth.token_file.as_deref().and_then(file_mtime);
+    let mut token_file_mtime = auth.token_file().and_then(file_mtime);
     let mut last_check = Instant::now();
     loop {
         let mut relogin = client.tokens.current().is_none();
@@ -121,7 +122,7 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
                     && state
                         .expires
                         .is_some_and(|e| e.saturating_duration_since(now) < token.ttl / 3)
-                    && auth.method != AuthMethod::Token
+                    && !auth.is_token()
                 {
                     relogin = true;
                 }
@@ -145,7 +146,7 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
                 }
             }
         }
-        if let Some(path) = &auth.token_file {
+        if let Some(path) = auth.token_file() {
             let mtime = file_mtime(path);
             if mtime != token_file_mtime {
                 token_file_mtime = mtime;
@@ -161,14 +162,14 @@ pub async fn maintain(client: Arc<VaultClient>, auth: VaultAuthConfig, stop: Can
             match login(&client, &auth).await {
                 Ok(token) => {
                     client.metrics.vault_auth_renewal(VaultAuthResult::Login);
-                    tracing::info!(method = ?auth.method, ttl = ?token.ttl, "logged in to Vault");
+                    tracing::info!(method = auth.method.name(), ttl = ?token.ttl, "logged in to Vault");
                     client.tokens.install(token);
                     backoff = Duration::from_millis(500);
                 }
                 Err(e) => {
                     client.metrics.vault_auth_renewal(VaultAuthResult::Error);
                     client.tokens.healthy.store(false, Ordering::SeqCst);
-                    tracing::error!(method = ?auth.method, error = %e, retry_in = ?backoff, "Vault login failed");
+                    tracing::error!(method = auth.method.name(), error = %e, retry_in = ?backoff, "Vault login failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => return,

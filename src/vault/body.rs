@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::client::VaultError;
+use super::error::VaultError;
 
 /// Largest answer body leasegate reads (a creds answer is well under 4 KiB).
 const MAX_BODY: usize = 1 << 20;

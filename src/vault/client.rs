@@ -6,81 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_TYPE, HeaderValue, LOCATION};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::{Method, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-use super::body::{self, SecretBody, lease_id_in};
+use super::body::{self, SecretBody};
 use super::duration::from_vault_secs;
-use super::lease::{Lease, LeaseGuard, Revoker};
+use super::error::VaultError;
 use super::token::TokenStore;
-use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
+use crate::config::{AuthMethod, VaultAuth, VaultConfig};
 use crate::metrics::Metrics;
 use crate::metrics::labels::{VaultOp, VaultStatus};
-
-/// Failures talking to Vault.
-#[derive(Debug, thiserror::Error)]
-pub enum VaultError {
-    /// No token could be found in config, token_file or VAULT_TOKEN.
-    #[error("no Vault token: set vault.auth.token, vault.auth.token_file or VAULT_TOKEN")]
-    NoToken,
-    /// The token file could not be read.
-    #[error("cannot read Vault token file {0}: {1}")]
-    TokenFile(String, std::io::Error),
-    /// The CA bundle or client could not be set up.
-    #[error("Vault client setup: {0}")]
-    Setup(String),
-    /// The request did not complete in time.
-    #[error("Vault did not answer within {0:?}")]
-    Timeout(Duration),
-    /// Connection refused, reset, DNS failure, TLS failure.
-    #[error("Vault unreachable: {0}")]
-    Unreachable(String),
-    /// Vault answered with an error status.
-    #[error("Vault answered {status}: {detail}")]
-    Status {
-        /// HTTP status.
-        status: StatusCode,
-        /// Vault's `errors` array, joined (for logs only).
-        detail: String,
-    },
-    /// The answer did not have the expected shape.
-    #[error("unexpected Vault answer: {0}")]
-    Malformed(String),
-    /// Vault (or something in front of it) redirected the request to another origin or from
-    /// https to http; leasegate does not follow, so the token and login secrets stay put.
-    #[error(
-        "Vault answered {status} redirecting to {to}; not followed (only redirects within {from} are)"
-    )]
-    Redirected {
-        /// The redirect status.
-        status: StatusCode,
-        /// Origin (scheme, host, port) of the `Location`, never its path or query.
-        to: String,
-        /// Origin of the configured `vault.address`.
-        from: String,
-    },
-}
-
-impl VaultError {
-    /// Short, client-safe description (no Vault bodies, tokens or addresses).
-    pub fn client_reason(&self) -> String {
-        match self {
-            VaultError::Timeout(d) => format!("Vault did not answer within {d:?}"),
-            VaultError::Unreachable(_) => "Vault is unreachable".into(),
-            VaultError::Status { status, .. } => {
-                format!("Vault refused the request (HTTP {})", status.as_u16())
-            }
-            VaultError::Malformed(_) => "Vault sent an unexpected answer".into(),
-            VaultError::Redirected { .. } => "Vault redirected the request elsewhere".into(),
-            VaultError::NoToken | VaultError::TokenFile(..) | VaultError::Setup(_) => {
-                "leasegate has no usable Vault token".into()
-            }
-        }
-    }
-}
 
 /// A Vault client bound to one server and namespace, with the token store its auth method
 /// keeps filled.
@@ -93,23 +31,9 @@ pub struct VaultClient {
     namespace: Option<String>,
     /// The current token and the retired ones still parenting live leases.
     pub tokens: TokenStore,
-    timeout: Duration,
+    /// `vault.timeout`: the limit of every request, body included.
+    pub(super) timeout: Duration,
     pub(crate) metrics: Arc<Metrics>,
-}
-
-#[derive(Deserialize)]
-struct CredsResponse {
-    lease_id: String,
-    lease_duration: u64,
-    #[serde(default)]
-    renewable: bool,
-    data: CredsData,
-}
-
-#[derive(Deserialize)]
-struct CredsData {
-    username: String,
-    password: SecretString,
 }
 
 #[derive(Deserialize)]
@@ -135,11 +59,11 @@ struct ErrorBody {
 }
 
 /// Finds the token: inline, then token_file, then `VAULT_TOKEN`.
-pub fn load_token(auth: &VaultAuthConfig) -> Result<SecretString, VaultError> {
-    if let Some(token) = &auth.token {
+pub fn load_token(auth: &VaultAuth) -> Result<SecretString, VaultError> {
+    if let Some(token) = auth.inline_token() {
         return Ok(token.clone());
     }
-    if let Some(path) = &auth.token_file {
+    if let Some(path) = auth.token_file() {
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| VaultError::TokenFile(path.display().to_string(), e))?,
@@ -185,9 +109,7 @@ impl VaultClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        if cfg.auth.method == AuthMethod::Cert
-            && let (Some(cert), Some(key)) = (&cfg.auth.cert, &cfg.auth.key)
-        {
+        if let AuthMethod::Cert { cert, key, .. } = &cfg.auth.method {
             let mut pem = std::fs::read(cert)
                 .map_err(|e| VaultError::Setup(format!("{}: {e}", cert.display())))?;
             pem.push(b'\n');
@@ -334,67 +256,6 @@ impl VaultClient {
             }
             VaultError::Unreachable(text)
         }
-    }
-
-    /// `GET /v1/<mount>/creds/<role>`: a fresh database credential and the guard of its
-    /// lease. Never retried here: a retry after a timeout could create a second role nobody
-    /// revokes. The lease id is taken from the body first (from a broken or cut-off body too,
-    /// as far as it can be found) and guarded before anything else is parsed, so a 2xx
-    /// answer whose body fails still has its lease revoked.
-    pub async fn creds(
-        &self,
-        mount: &str,
-        role: &str,
-        revoker: &Revoker,
-    ) -> Result<(Lease, LeaseGuard), VaultError> {
-        let token = self.tokens.current().ok_or(VaultError::NoToken)?;
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let resp = self
-            .request_as(
-                VaultOp::Creds,
-                Method::GET,
-                &format!("{mount}/creds/{role}"),
-                None,
-                Some(token.secret()),
-            )
-            .await?;
-        let (body, failed) = match body::read(resp, deadline, self.timeout).await {
-            Ok(body) => (body, None),
-            Err((partial, e)) => (partial, Some(e)),
-        };
-        // From here on the lease exists in Vault: guard it before anything else can fail.
-        let guard = lease_id_in(&body).map(|id| revoker.guard_id(id, token.clone()));
-        let parsed = match failed {
-            Some(e) => Err(e),
-            None => body::parse::<CredsResponse>("creds response", &body),
-        };
-        let result = match (parsed, guard) {
-            (Ok(parsed), Some(guard)) => Ok((parsed, guard)),
-            (Ok(_), None) => Err(VaultError::Malformed(
-                "creds response without lease_id".into(),
-            )),
-            (Err(e), Some(guard)) => {
-                tracing::warn!(lease_id = %guard.id(), error = %e,
-                    "broken creds answer after Vault issued the lease: revoking it");
-                Err(e)
-            }
-            (Err(e), None) => {
-                tracing::error!(error = %e,
-                    "broken creds answer without a readable lease_id: if Vault issued a \
-                     credential, it stays valid until its TTL ends");
-                Err(e)
-            }
-        };
-        let (parsed, guard) = result?;
-        let lease = Lease {
-            id: parsed.lease_id,
-            duration: from_vault_secs(parsed.lease_duration),
-            renewable: parsed.renewable,
-            username: parsed.data.username,
-            password: parsed.data.password,
-            parent: token,
-        };
-        Ok((lease, guard))
     }
 
     /// `PUT /v1/sys/leases/renew`: asks for `increment` more; returns what Vault granted.

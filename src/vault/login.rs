@@ -12,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::body::SecretBody;
-use super::client::{Body, VaultClient, VaultError, load_token};
+use super::client::{Body, VaultClient, load_token};
 use super::duration::from_vault_secs;
+use super::error::VaultError;
 use super::token::Token;
-use crate::config::{AuthMethod, VaultAuthConfig};
+use crate::config::{AuthMethod, RoleId, VaultAuth};
 use crate::metrics::labels::VaultOp;
 
 /// A login or renew-self answer.
@@ -73,15 +74,18 @@ fn read_secret_file(path: &Path) -> Result<SecretString, VaultError> {
 }
 
 /// Logs in with the configured method and returns the new token.
-pub async fn login(client: &VaultClient, auth: &VaultAuthConfig) -> Result<Token, VaultError> {
-    let body = match auth.method {
-        AuthMethod::Token => return lookup(client, load_token(auth)?).await,
-        AuthMethod::Approle => approle_body(auth)?,
-        AuthMethod::Cert => Body::Json(match &auth.role {
+pub async fn login(client: &VaultClient, auth: &VaultAuth) -> Result<Token, VaultError> {
+    let body = match &auth.method {
+        AuthMethod::Token { .. } => return lookup(client, load_token(auth)?).await,
+        AuthMethod::Approle {
+            role_id,
+            secret_id_file,
+        } => approle_body(role_id, secret_id_file)?,
+        AuthMethod::Cert { role, .. } => Body::Json(match role {
             Some(name) => serde_json::json!({ "name": name }),
             None => serde_json::json!({}),
         }),
-        AuthMethod::Kubernetes => Body::Secret(kubernetes_body(auth)?),
+        AuthMethod::Kubernetes { role, jwt_file } => Body::Secret(kubernetes_body(role, jwt_file)?),
     };
     let path = format!("auth/{}/login", auth.mount());
     let resp = client
@@ -103,17 +107,12 @@ fn token_from_login(auth: AuthBody, owned: bool) -> Token {
 }
 
 /// The AppRole login body: the role ID and the secret ID read from its file.
-fn approle_body(auth: &VaultAuthConfig) -> Result<Body, VaultError> {
-    let role_id = match (&auth.role_id, &auth.role_id_file) {
-        (Some(id), _) => SecretString::from(id.clone()),
-        (None, Some(path)) => read_secret_file(path)?,
-        (None, None) => return Err(VaultError::Setup("approle needs role_id".into())),
+fn approle_body(role_id: &RoleId, secret_id_file: &Path) -> Result<Body, VaultError> {
+    let role_id = match role_id {
+        RoleId::Inline(id) => SecretString::from(id.clone()),
+        RoleId::File(path) => read_secret_file(path)?,
     };
-    let secret_path = auth
-        .secret_id_file
-        .as_ref()
-        .ok_or_else(|| VaultError::Setup("approle needs secret_id_file".into()))?;
-    let secret_id = read_secret_file(secret_path)?;
+    let secret_id = read_secret_file(secret_id_file)?;
     let (role_id, secret_id) = (role_id.expose_secret(), secret_id.expose_secret());
     let login = AppRoleLogin { role_id, secret_id };
     Ok(Body::Secret(SecretBody::json(
@@ -123,12 +122,8 @@ fn approle_body(auth: &VaultAuthConfig) -> Result<Body, VaultError> {
 }
 
 /// The Kubernetes login body: the configured role and the service-account JWT.
-pub(crate) fn kubernetes_body(auth: &VaultAuthConfig) -> Result<SecretBody, VaultError> {
-    let role = auth
-        .role
-        .as_ref()
-        .ok_or_else(|| VaultError::Setup("kubernetes needs role".into()))?;
-    let jwt = read_secret_file(&auth.jwt_file)?;
+pub(crate) fn kubernetes_body(role: &str, jwt_file: &Path) -> Result<SecretBody, VaultError> {
+    let jwt = read_secret_file(jwt_file)?;
     let jwt = jwt.expose_secret();
     SecretBody::json(&KubernetesLogin { role, jwt }, role.len() + jwt.len())
 }
@@ -175,9 +170,12 @@ mod tests {
             "method = \"kubernetes\"\nrole = \"leasegate\"\njwt_file = {:?}\n",
             jwt.display().to_string()
         );
-        let auth: VaultAuthConfig = toml::from_str(&text).expect("parses");
+        let auth: VaultAuth = toml::from_str(&text).expect("parses");
         assert_eq!(auth.mount(), "kubernetes");
-        let body = kubernetes_body(&auth).expect("body");
+        let AuthMethod::Kubernetes { role, jwt_file } = &auth.method else {
+            panic!("kubernetes: {:?}", auth.method);
+        };
+        let body = kubernetes_body(role, jwt_file).expect("body");
         assert_eq!(
             parsed(&body),
             serde_json::json!({ "role": "leasegate", "jwt": "eyJhbGciOi.payload.sig" })
@@ -193,8 +191,15 @@ mod tests {
             "method = \"approle\"\nrole_id = \"r-1\"\nsecret_id_file = {:?}\n",
             secret.display().to_string()
         );
-        let auth: VaultAuthConfig = toml::from_str(&text).expect("parses");
-        let Body::Secret(body) = approle_body(&auth).expect("body") else {
+        let auth: VaultAuth = toml::from_str(&text).expect("parses");
+        let AuthMethod::Approle {
+            role_id,
+            secret_id_file,
+        } = &auth.method
+        else {
+            panic!("approle: {:?}", auth.method);
+        };
+        let Body::Secret(body) = approle_body(role_id, secret_id_file).expect("body") else {
             panic!("the AppRole body holds a secret");
         };
         assert_eq!(

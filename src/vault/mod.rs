@@ -1,17 +1,25 @@
-//! Vault / OpenBao: the HTTP client and the calls leasegate makes (`client`, with answer and
-//! secret request bodies in `body` and clamped durations in `duration`), leasegate's own
-//! tokens (`token`), how it gets one (`login`) and keeps it alive and revokes it (`auth`), and
-//! the lease a session holds with the revoker that guarantees it is revoked (`lease`).
+//! Vault / OpenBao, in floors (each module imports only from the ones above it in this list):
+//! - `duration` (clamped Vault durations) and `error` ([`VaultError`]): leaves.
+//! - `token`: leasegate's own tokens and their store.
+//! - `body`: answer and secret request bodies in zeroizing memory.
+//! - `client`: the HTTP client, its requests, renew and revoke.
+//! - `lease`: the lease a session holds, its guard and the revoker that guarantees the
+//!   revocation (it calls the client).
+//! - `creds`: the creds call, which guards the lease it issues with the revoker.
+//! - `login` (how leasegate gets a token) and `auth` (keeping it alive, revoking it).
 
 pub mod auth;
 pub(crate) mod body;
 pub mod client;
+mod creds;
 pub mod duration;
+pub mod error;
 pub mod lease;
 pub mod login;
 #[cfg(test)]
 mod testing;
 pub mod token;
 
-pub use client::{VaultClient, VaultError};
+pub use client::VaultClient;
+pub use error::VaultError;
 pub use lease::{Lease, LeaseGuard, Revoker};

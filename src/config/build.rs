@@ -1,0 +1,255 @@
+//! Building the typed configuration ([`super::model`]) from the file as written
+//! ([`super::schema`]): the keys a method or mode needs must be there, identity patterns must
+//! parse. Every problem is collected, none stops the others from being found.
+
+use super::model::{
+    AuthMethod, CLUSTER_CA_REQUIRED, CancelLimits, ClusterConfig, Config, DatabaseConfig,
+    GrantConfig, ListenConfig, Problems, ReloadableConfig, RoleId, SessionLimits, StaticConfig,
+    StaticListen, UpstreamTls, VaultAuth, VaultConfig,
+};
+use super::schema::{self, Method, TlsMode};
+use crate::identity::IdentityPattern;
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        split_limits(schema::Limits::default()).0
+    }
+}
+
+impl Default for CancelLimits {
+    fn default() -> Self {
+        split_limits(schema::Limits::default()).1
+    }
+}
+
+fn split_limits(l: schema::Limits) -> (SessionLimits, CancelLimits) {
+    let session = SessionLimits {
+        max_sessions: l.max_sessions,
+        max_sessions_per_identity: l.max_sessions_per_identity,
+        new_sessions_per_second_per_identity: l.new_sessions_per_second_per_identity,
+        burst_per_identity: l.burst_per_identity,
+    };
+    let cancel = CancelLimits {
+        cancels_per_second: l.cancels_per_second,
+        cancels_per_second_per_address: l.cancels_per_second_per_address,
+        max_concurrent_cancels: l.max_concurrent_cancels,
+    };
+    (session, cancel)
+}
+
+fn split_listen(l: schema::Listen) -> (StaticListen, ListenConfig) {
+    let fixed = StaticListen {
+        address: l.address,
+        max_connections: l.max_connections,
+    };
+    let listen = ListenConfig {
+        cert: l.cert,
+        key: l.key,
+        client_ca: l.client_ca,
+        crl: l.crl,
+        login_timeout: l.login_timeout,
+        shutdown_grace: l.shutdown_grace,
+        watch_interval: l.watch_interval,
+        tcp_keepalive: l.tcp_keepalive,
+    };
+    (fixed, listen)
+}
+
+impl TryFrom<schema::Listen> for ListenConfig {
+    type Error = Problems;
+    fn try_from(l: schema::Listen) -> Result<Self, Problems> {
+        Ok(split_listen(l).1)
+    }
+}
+
+impl TryFrom<schema::Vault> for VaultConfig {
+    type Error = Problems;
+    fn try_from(v: schema::Vault) -> Result<Self, Problems> {
+        Ok(VaultConfig {
+            auth: VaultAuth::try_from(v.auth)?,
+            address: v.address,
+            ca_cert: v.ca_cert,
+            namespace: v.namespace,
+            timeout: v.timeout,
+        })
+    }
+}
+
+impl TryFrom<schema::VaultAuth> for VaultAuth {
+    type Error = Problems;
+    fn try_from(a: schema::VaultAuth) -> Result<Self, Problems> {
+        let needs = |what: &str| {
+            Problems(vec![format!(
+                "vault.auth: method {:?} needs {what}",
+                a.method
+            )])
+        };
+        let method = match a.method {
+            Method::Token => AuthMethod::Token {
+                token: a.token,
+                token_file: a.token_file,
+            },
+            Method::Approle => {
+                let role_id = match (a.role_id, a.role_id_file) {
+                    (Some(id), _) => Some(RoleId::Inline(id)),
+                    (None, Some(path)) => Some(RoleId::File(path)),
+                    (None, None) => None,
+                };
+                match (role_id, a.secret_id_file) {
+                    (Some(role_id), Some(secret_id_file)) => AuthMethod::Approle {
+                        role_id,
+                        secret_id_file,
+                    },
+                    (None, secret) => {
+                        let mut p = needs("role_id or role_id_file");
+                        if secret.is_none() {
+                            p.0.extend(needs("secret_id_file").0);
+                        }
+                        return Err(p);
+                    }
+                    (Some(_), None) => return Err(needs("secret_id_file")),
+                }
+            }
+            Method::Cert => match (a.cert, a.key) {
+                (Some(cert), Some(key)) => AuthMethod::Cert {
+                    cert,
+                    key,
+                    role: a.role,
+                },
+                _ => return Err(needs("cert and key")),
+            },
+            Method::Kubernetes => match a.role {
+                Some(role) => AuthMethod::Kubernetes {
+                    role,
+                    jwt_file: a.jwt_file,
+                },
+                None => return Err(needs("role")),
+            },
+        };
+        Ok(VaultAuth {
+            mount: a.mount,
+            method,
+        })
+    }
+}
+
+impl TryFrom<schema::Database> for DatabaseConfig {
+    type Error = Problems;
+    fn try_from(d: schema::Database) -> Result<Self, Problems> {
+        let tls = match (d.tls, d.ca_cert) {
+            (TlsMode::Disable, _) => UpstreamTls::Disable,
+            (TlsMode::Require, _) => UpstreamTls::Require,
+            (TlsMode::VerifyCa, Some(ca)) => UpstreamTls::VerifyCa(ca),
+            (TlsMode::VerifyFull, Some(ca)) => UpstreamTls::VerifyFull(ca),
+            (TlsMode::VerifyCa | TlsMode::VerifyFull, None) => {
+                return Err(Problems(vec![format!(
+                    "database {:?}: tls = verify-ca/verify-full needs ca_cert",
+                    d.name
+                )]));
+            }
+        };
+        Ok(DatabaseConfig {
+            name: d.name,
+            host: d.host,
+            port: d.port,
+            upstream_database: d.upstream_database,
+            tls,
+            connect_timeout: d.connect_timeout,
+            mount: d.mount,
+            roles: d.roles,
+            allow_md5: d.allow_md5,
+            prefetch: d.prefetch,
+            prefetch_max_idle: d.prefetch_max_idle,
+            tcp_keepalive: d.tcp_keepalive,
+            max_session_duration: d.max_session_duration,
+            expiry_warning: d.expiry_warning,
+            allow_startup_parameters: d.allow_startup_parameters,
+        })
+    }
+}
+
+impl TryFrom<schema::Grant> for GrantConfig {
+    type Error = Problems;
+    fn try_from(g: schema::Grant) -> Result<Self, Problems> {
+        Ok(GrantConfig {
+            identity: IdentityPattern::parse(&g.identity).map_err(|e| Problems(vec![e]))?,
+            databases: g.databases,
+            roles: g.roles,
+        })
+    }
+}
+
+impl TryFrom<schema::Cluster> for ClusterConfig {
+    type Error = Problems;
+    fn try_from(c: schema::Cluster) -> Result<Self, Problems> {
+        let mut problems = Vec::new();
+        let identity = IdentityPattern::parse(&c.peer_identity)
+            .map_err(|e| problems.push(format!("cluster.peer_identity: {e}")))
+            .ok();
+        if c.ca_cert.is_none() {
+            problems.push(CLUSTER_CA_REQUIRED.into());
+        }
+        match (identity, c.ca_cert) {
+            (Some(peer_identity), Some(ca_cert)) => Ok(ClusterConfig {
+                peers: c.peers,
+                peer_identity,
+                cert: c.cert,
+                key: c.key,
+                ca_cert,
+            }),
+            _ => Err(Problems(problems)),
+        }
+    }
+}
+
+/// Keeps `Ok` values, collects the problems of the rest.
+fn collect<T>(problems: &mut Vec<String>, result: Result<T, Problems>) -> Option<T> {
+    result.map_err(|p| problems.extend(p.0)).ok()
+}
+
+impl TryFrom<schema::File> for Config {
+    type Error = Problems;
+    fn try_from(file: schema::File) -> Result<Self, Problems> {
+        let mut problems = Vec::new();
+        let vault = collect(&mut problems, VaultConfig::try_from(file.vault));
+        let databases: Vec<_> = file
+            .databases
+            .into_iter()
+            .filter_map(|d| collect(&mut problems, DatabaseConfig::try_from(d)))
+            .collect();
+        let mut grants = Vec::new();
+        for (i, grant) in file.grants.into_iter().enumerate() {
+            match GrantConfig::try_from(grant) {
+                Ok(g) => grants.push(g),
+                Err(p) => problems.extend(p.0.into_iter().map(|e| format!("grants[{i}]: {e}"))),
+            }
+        }
+        // `None`: `[cluster]` did not build.
+        let cluster = match file.cluster {
+            None => Some(None),
+            Some(c) => collect(&mut problems, ClusterConfig::try_from(c)).map(Some),
+        };
+        let (Some(vault), Some(cluster), true) = (vault, cluster, problems.is_empty()) else {
+            return Err(Problems(problems));
+        };
+        let (fixed_listen, listen) = split_listen(file.listen);
+        let (session, cancel) = split_limits(file.limits);
+        Ok(Config {
+            fixed: StaticConfig {
+                listen: fixed_listen,
+                metrics: file.metrics,
+                vault,
+                audit: file.audit,
+                limits: cancel,
+                runtime: file.runtime,
+            },
+            reloadable: ReloadableConfig {
+                listen,
+                databases,
+                grants,
+                limits: session,
+                cluster,
+            },
+        })
+    }
+}
