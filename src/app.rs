@@ -241,10 +241,9 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
             );
         }
         // The leases are done with: stop renewing and revoke the tokens leasegate logged in
-        // for (an operator's token is left alone).
+        // for (an operator's token is left alone); the upkeep does that as it stops.
         auth_stop.cancel();
         let _ = (&mut vault_login).await;
-        crate::vault::auth::logout(&state.vault).await;
     };
     tokio::select! {
         _ = drain => tracing::info!("shutdown complete"),

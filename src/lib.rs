@@ -12,6 +12,9 @@
 //! - [`error`]: session errors and their single mapping to SQLSTATE, message and metric label.
 //! - [`limits`]: global and per-identity session limits and rate buckets.
 //! - [`listener`]: accept loop, connection limit, socket options.
+//! - `lease_clock`: when to renew, whether a grant is final, when to warn and end a session,
+//!   retry backoff: pure decisions, used by the session watcher, prefetch, token upkeep and
+//!   the revoker.
 //! - [`tls`]: client-facing acceptor and verifier, certificate identity, upstream TLS.
 //! - [`protocol`]: pre-authentication packets, startup option values as PostgreSQL reads them,
 //!   messages leasegate writes, message framing.
@@ -39,6 +42,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod escape;
+pub(crate) mod lease_clock;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

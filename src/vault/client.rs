@@ -13,10 +13,10 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use super::body::{self, SecretBody, lease_id_in};
-use super::duration::from_vault_secs;
 use super::lease::{Lease, LeaseGuard, Revoker};
 use super::token::TokenStore;
 use crate::config::{AuthMethod, VaultAuthConfig, VaultConfig};
+use crate::lease_clock::from_vault_secs;
 use crate::metrics::Metrics;
 
 /// Failures talking to Vault.

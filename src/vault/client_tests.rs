@@ -86,7 +86,7 @@ fn absurd_lease_durations_parse_clamped() {
     let parsed: CredsResponse = body::parse("creds", body.as_bytes()).expect("parses");
     assert_eq!(
         from_vault_secs(parsed.lease_duration),
-        super::super::duration::MAX_VAULT_DURATION
+        crate::lease_clock::MAX_VAULT_DURATION
     );
     let renewed: RenewResponse = body::parse(
         "renew",
@@ -95,6 +95,6 @@ fn absurd_lease_durations_parse_clamped() {
     .expect("parses");
     assert_eq!(
         from_vault_secs(renewed.lease_duration),
-        super::super::duration::MAX_VAULT_DURATION
+        crate::lease_clock::MAX_VAULT_DURATION
     );
 }

@@ -13,9 +13,9 @@ use zeroize::Zeroizing;
 
 use super::body::SecretBody;
 use super::client::{Body, VaultClient, VaultError, load_token};
-use super::duration::from_vault_secs;
 use super::token::Token;
 use crate::config::{AuthMethod, VaultAuthConfig};
+use crate::lease_clock::from_vault_secs;
 
 /// A login or renew-self answer.
 #[derive(Deserialize)]
@@ -211,7 +211,7 @@ mod tests {
         let login: LoginResponse = body::parse("login", text.as_bytes()).expect("parses");
         assert_eq!(
             renewal_granted(&login.auth),
-            crate::vault::duration::MAX_VAULT_DURATION
+            crate::lease_clock::MAX_VAULT_DURATION
         );
         let token = token_from_login(login.auth, true);
         token.renewed(tokio::time::Instant::now(), Duration::MAX, true);

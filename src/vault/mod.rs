@@ -1,16 +1,15 @@
 //! Vault / OpenBao: the HTTP client and the calls leasegate makes (`client`, with answer and
-//! secret request bodies in `body` and clamped durations in `duration`), leasegate's own
-//! tokens (`token`), how it gets one (`login`) and keeps it alive and revokes it (`auth`), and
-//! the lease a session holds with the revoker that guarantees it is revoked (`lease`).
+//! secret request bodies in `body`), leasegate's own tokens (`token`), how it gets one
+//! (`login`) and keeps it alive and revokes it (`auth`), and the lease a session holds with
+//! the revoker that guarantees it is revoked (`lease`).
 
 pub mod auth;
 pub(crate) mod body;
 pub mod client;
-pub mod duration;
 pub mod lease;
 pub mod login;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod token;
 
 pub use client::{VaultClient, VaultError};
