@@ -20,9 +20,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
+use crate::tasks::Tasks;
 
 /// Admin connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -66,8 +66,9 @@ fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+/// Serves until the token of `tasks` is cancelled; connections are served on `tasks` too.
+pub(crate) async fn serve(listener: TcpListener, state: Arc<AppState>, tasks: Tasks) {
+    let stop = tasks.stop();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -91,7 +92,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
         };
         let state = state.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let service = service_fn(move |req| {
                 let resp = route(&state, &req);
                 async move { Ok::<_, Infallible>(resp) }

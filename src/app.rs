@@ -1,9 +1,10 @@
 //! The running proxy: shared state, the listener and admin server, signals (SIGHUP reloads:
-//! [`reload`]), and the graceful
-//! drain (stop accepting, not ready, let sessions finish within `shutdown_grace`, end the rest,
-//! revoke every outstanding lease, exit).
+//! [`reload`]), and the graceful drain along the shutdown tree (`shutdown`): not ready, stop
+//! accepting, let sessions finish within `shutdown_grace`, end the rest, revoke every
+//! outstanding lease, revoke leasegate's own tokens, stop the background tasks, exit.
 
 pub mod reload;
+mod shutdown;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,9 +15,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
@@ -27,8 +27,10 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::prefetch::Prefetcher;
+use crate::tasks::Tasks;
 use crate::tls::{self, TlsError};
 use crate::vault::{Revoker, VaultClient, VaultError};
+use shutdown::Shutdown;
 
 /// A `[[databases]]` entry with its ready-made TLS connector.
 pub struct DatabaseEntry {
@@ -57,8 +59,8 @@ pub struct Live {
 
 impl Live {
     /// Builds everything reloadable from a validated config (inside a Tokio runtime: a
-    /// `[cluster]` starts resolving its peers, until this `Live` is dropped).
-    pub fn build(config: &Config) -> Result<Live, TlsError> {
+    /// `[cluster]` starts resolving its peers on `cluster`, until this `Live` is dropped).
+    pub(crate) fn build(config: &Config, cluster: &Tasks) -> Result<Live, TlsError> {
         let mut databases = HashMap::new();
         for db in &config.databases {
             let entry = DatabaseEntry {
@@ -76,7 +78,7 @@ impl Live {
             cluster: config
                 .cluster
                 .as_ref()
-                .map(|c| Cluster::new(c, &config.listen))
+                .map(|c| Cluster::new(c, &config.listen, cluster))
                 .transpose()?,
         })
     }
@@ -111,6 +113,11 @@ impl AppState {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && self.vault.tokens.healthy()
     }
+
+    /// Ready once started, not ready from the start of the drain.
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
 }
 
 /// Failures starting the proxy.
@@ -130,27 +137,28 @@ pub enum StartError {
     Audit(std::io::Error),
 }
 
-/// Builds the shared state (must run inside a Tokio runtime: the revoker starts here).
-pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
+/// Builds the shared state (inside a Tokio runtime: the revoker, the audit writer and the
+/// cluster's resolvers start here, each on its part of `tree`).
+fn build_state(config: &Config, tree: &Shutdown) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
     metrics
         .sessions_limit
         .set(i64::from(config.limits.max_sessions));
     let vault = Arc::new(VaultClient::new(&config.vault, metrics.clone())?);
-    let revoker = Revoker::spawn(vault.clone(), metrics.clone());
+    let revoker = Revoker::spawn(vault.clone(), metrics.clone(), &tree.revoker());
     let prefetch = Arc::new(Prefetcher::new(
         config,
         vault.clone(),
         revoker.clone(),
         metrics.clone(),
     ));
+    let live = Live::build(config, &tree.cluster())?;
+    let dropped = metrics.audit_events_dropped_total.clone();
+    let audit = AuditLog::spawn(config.audit.path.clone(), dropped, &tree.audit())
+        .map_err(StartError::Audit)?;
     Ok(Arc::new(AppState {
-        live: ArcSwap::from_pointee(Live::build(config)?),
-        audit: AuditLog::spawn(
-            config.audit.path.clone(),
-            metrics.audit_events_dropped_total.clone(),
-        )
-        .map_err(StartError::Audit)?,
+        live: ArcSwap::from_pointee(live),
+        audit,
         limiter: Limiter::new(config.limits.clone()),
         revoker,
         prefetch,
@@ -162,98 +170,118 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     }))
 }
 
-/// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once.
-/// SIGHUP reloads `path`.
+/// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once
+/// (status 130). SIGHUP reloads `path`.
 pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
-    let state = build_state(&config)?;
-    let auth_stop = CancellationToken::new();
-    let mut vault_login = tokio::spawn(crate::vault::auth::maintain(
-        state.vault.clone(),
-        config.vault.auth.clone(),
-        auth_stop.clone(),
-    ));
-    // Give the first login a moment so the first clients do not race it; failures are
-    // retried in the background and /readyz stays 503 until a token works.
-    let first_login = state.vault.tokens.wait_current();
-    let _ = tokio::time::timeout(config.vault.timeout, first_login).await;
-    let prefetch_stop = CancellationToken::new();
-    let prefetcher = tokio::spawn(state.prefetch.clone().run(prefetch_stop.clone()));
-    let listener = TcpListener::bind(config.listen.address)
-        .await
-        .map_err(|e| StartError::Bind(config.listen.address, e))?;
-    let accepting = CancellationToken::new();
-    let sessions = CancellationToken::new();
-    let admin_stop = CancellationToken::new();
-    if let Some(metrics) = &config.metrics {
-        let admin = TcpListener::bind(metrics.address)
-            .await
-            .map_err(|e| StartError::Bind(metrics.address, e))?;
-        tracing::info!(address = %admin.local_addr().map_err(|e| StartError::Bind(metrics.address, e))?, "metrics listening");
-        tokio::spawn(crate::admin::serve(
-            admin,
-            state.clone(),
-            admin_stop.clone(),
-        ));
-    }
-    let local = listener
-        .local_addr()
-        .map_err(|e| StartError::Bind(config.listen.address, e))?;
-    let tracker = TaskTracker::new();
-    let accept = tokio::spawn(crate::listener::accept_loop(
-        listener,
-        state.clone(),
-        config.listen.max_connections,
-        tracker.clone(),
-        accepting.clone(),
-        sessions.clone(),
-    ));
-    state.ready.store(true, Ordering::SeqCst);
-    tracing::info!(address = %local, "leasegate listening");
-
+    let tree = Shutdown::new();
+    let started = start(&config, &tree).await?;
+    let state = &started.state;
     let mut signals = Signals::new();
-    let (config, signal) = reload::until_stopped(&state, config, &path, &mut signals).await;
+    let (config, signal) =
+        reload::until_stopped(state, config, &path, &mut signals, &tree.cluster()).await;
     tracing::info!(signal, grace = ?config.listen.shutdown_grace, "shutting down: no new sessions");
-    state.ready.store(false, Ordering::SeqCst);
-    accepting.cancel();
-    let _ = accept.await;
-    tracker.close();
-    prefetch_stop.cancel();
-    let _ = prefetcher.await;
+    let vault_timeout = config.vault.timeout;
     let drain = async {
-        if tokio::time::timeout(config.listen.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::info!(
-                open = tracker.len(),
-                "grace period over: ending open sessions"
-            );
-            sessions.cancel();
-            // A session waiting for Vault lets its creds call finish (then revokes it).
-            let ending = Duration::from_secs(10).max(config.vault.timeout + Duration::from_secs(2));
-            let _ = tokio::time::timeout(ending, tracker.wait()).await;
+        tree.stop_accepting(state, started.accept, started.prefetch)
+            .await;
+        if !tree.grace(config.listen.shutdown_grace).await {
+            tree.end_sessions(shutdown::session_end_budget(vault_timeout))
+                .await;
         }
-        let left = state.revoker.drain(config.vault.timeout * 4).await;
-        if !left.is_empty() {
-            tracing::error!(
-                leases = left.len(),
-                "leases left unrevoked at exit; they expire at their TTL"
-            );
-        }
-        // The leases are done with: stop renewing and revoke the tokens leasegate logged in
-        // for (an operator's token is left alone); the upkeep does that as it stops.
-        auth_stop.cancel();
-        let _ = (&mut vault_login).await;
+        shutdown::drain_leases(state, shutdown::revoke_drain_budget(vault_timeout)).await;
+        let budget = shutdown::token_revoke_budget(vault_timeout);
+        tree.revoke_own_tokens(started.vault_auth, budget).await;
+        tree.stop_background().await;
     };
     tokio::select! {
-        _ = drain => tracing::info!("shutdown complete"),
+        () = drain => tracing::info!("shutdown complete"),
         s = signals.next() => {
             tracing::warn!(signal = s, "second signal: exiting immediately");
             std::process::exit(130);
         }
     }
-    admin_stop.cancel();
     Ok(())
+}
+
+/// What [`start`] leaves running that the drain stops step by step.
+struct Started {
+    state: Arc<AppState>,
+    /// The accept loop.
+    accept: JoinHandle<()>,
+    /// Credential prefetch.
+    prefetch: JoinHandle<()>,
+    /// The Vault token upkeep.
+    vault_auth: JoinHandle<()>,
+}
+
+/// Builds the state, logs in to Vault, starts prefetch, the admin server and the listener,
+/// and turns ready.
+async fn start(config: &Config, tree: &Shutdown) -> Result<Started, StartError> {
+    let state = build_state(config, tree)?;
+    let (vault, auth) = (state.vault.clone(), config.vault.auth.clone());
+    let vault_auth = tree
+        .vault_auth()
+        .run(|stop| crate::vault::auth::maintain(vault, auth, stop));
+    // Give the first login a moment so the first clients do not race it; failures are
+    // retried in the background and /readyz stays 503 until a token works.
+    let first_login = state.vault.tokens.wait_current();
+    let _ = tokio::time::timeout(config.vault.timeout, first_login).await;
+    let prefetch = tree.prefetch().run(|stop| state.prefetch.clone().run(stop));
+    let listener = bind(config.listen.address).await?;
+    if let Some(metrics) = &config.metrics {
+        start_admin(metrics.address, &state, tree).await?;
+    }
+    let (accept, local) = start_accepting(listener, config, &state, tree)?;
+    state.set_ready(true);
+    tracing::info!(address = %local, "leasegate listening");
+    Ok(Started {
+        state,
+        accept,
+        prefetch,
+        vault_auth,
+    })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `address` until the end of the drain.
+async fn start_admin(
+    address: SocketAddr,
+    state: &Arc<AppState>,
+    tree: &Shutdown,
+) -> Result<(), StartError> {
+    let admin = bind(address).await?;
+    let local = admin
+        .local_addr()
+        .map_err(|e| StartError::Bind(address, e))?;
+    tracing::info!(address = %local, "metrics listening");
+    let tasks = tree.admin();
+    tasks.spawn(crate::admin::serve(admin, state.clone(), tasks.clone()));
+    Ok(())
+}
+
+/// Starts the accept loop (every session runs on the session tracker, under a child of the
+/// sessions' token); returns it and the address it listens on.
+fn start_accepting(
+    listener: TcpListener,
+    config: &Config,
+    state: &Arc<AppState>,
+    tree: &Shutdown,
+) -> Result<(JoinHandle<()>, SocketAddr), StartError> {
+    let address = config.listen.address;
+    let local = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(address, e))?;
+    let (state, max) = (state.clone(), config.listen.max_connections);
+    let (session_tasks, sessions) = (tree.session_tasks.clone(), tree.sessions.clone());
+    let accept = tree.accepting().run(|accepting| {
+        crate::listener::accept_loop(listener, state, max, session_tasks, accepting, sessions)
+    });
+    Ok((accept, local))
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| StartError::Bind(address, e))
 }
 
 /// SIGTERM, SIGINT and SIGHUP as one stream.

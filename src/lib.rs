@@ -20,6 +20,8 @@
 //!   messages leasegate writes, message framing.
 //! - [`session`]: one session end to end: handshake, policy, credential, login, relay, close.
 //! - [`prefetch`]: credentials issued ahead of demand, per database and role.
+//! - `tasks`: where background tasks run (the one tracker) and the token each part stops
+//!   with; `app` builds the shutdown tree from them.
 //! - [`policy`]: grants: identity + database + role → allow or the reason for denial.
 //! - [`vault`]: the Vault HTTP client, leases, the guard and the revoker.
 //! - [`upstream`]: the startup settings allowed through, upstream connect (TLS per config) and
@@ -51,6 +53,7 @@ pub mod prefetch;
 pub mod protocol;
 pub mod secret_files;
 pub mod session;
+pub(crate) mod tasks;
 pub mod tls;
 pub mod upstream;
 pub mod vault;

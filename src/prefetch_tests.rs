@@ -6,6 +6,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::lease_clock::MAX_VAULT_DURATION;
+use crate::tasks::Tasks;
 use crate::vault::client::Renewed;
 use crate::vault::testing::{Called, ScriptedVault, unreachable};
 
@@ -45,7 +46,7 @@ struct Running {
 
 fn start(vault: &Arc<ScriptedVault>, max_idle: &str) -> Running {
     let metrics = Arc::new(Metrics::new());
-    let revoker = Revoker::spawn(vault.clone(), metrics.clone());
+    let revoker = Revoker::spawn(vault.clone(), metrics.clone(), &Tasks::detached());
     let prefetcher = Arc::new(Prefetcher::new(
         &config(max_idle),
         vault.clone(),

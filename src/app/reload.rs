@@ -14,11 +14,12 @@ use secrecy::ExposeSecret;
 
 use super::{AppState, Live, Signals};
 use crate::config::{Config, VaultAuthConfig};
+use crate::tasks::Tasks;
 
 /// Reloads `path` into `state`. Returns the configuration now in force: the new one (with
 /// the keys that need a restart kept at their running values), or `running` when the new file
-/// does not load.
-pub fn reload(state: &AppState, running: Config, path: &Path) -> Config {
+/// does not load. A new cluster resolves its peers on `cluster`.
+pub(crate) fn reload(state: &AppState, running: Config, path: &Path, cluster: &Tasks) -> Config {
     let mut config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -31,7 +32,7 @@ pub fn reload(state: &AppState, running: Config, path: &Path) -> Config {
     if auth.token.is_none() && auth.token_file.is_none() {
         auth.token = running.vault.auth.token.clone();
     }
-    let live = match Live::build(&config) {
+    let live = match Live::build(&config, cluster) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: keeping the running configuration");
@@ -172,6 +173,7 @@ pub(super) async fn until_stopped(
     mut running: Config,
     path: &Path,
     signals: &mut Signals,
+    cluster: &Tasks,
 ) -> (Config, &'static str) {
     let arm = |every: Option<Duration>| every.map(tokio::time::interval);
     let mut every = running.listen.watch_interval;
@@ -188,7 +190,7 @@ pub(super) async fn until_stopped(
         };
         tokio::select! {
             s = signals.next() => match s {
-                "SIGHUP" => running = reload(state, running, path),
+                "SIGHUP" => running = reload(state, running, path, cluster),
                 other => return (running, other),
             },
             () = tick => {
@@ -196,7 +198,7 @@ pub(super) async fn until_stopped(
                     continue;
                 }
                 tracing::info!("configuration or TLS files changed: reloading");
-                running = reload(state, running, path);
+                running = reload(state, running, path, cluster);
             }
         }
         // The running configuration may name other files, or another interval, now.

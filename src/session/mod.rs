@@ -32,6 +32,15 @@ use relay::{Control, Direction, RelayEnd, Relayed};
 
 /// How long the close phase waits for the upstream to close its socket.
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long the close phase waits for the client's socket to shut down.
+const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Longest a relaying session takes to end once its stop token is cancelled: the watcher's
+/// FATAL, delivered or cut after [`lifecycle::FORCE_AFTER`], then the client's and the
+/// upstream's close. (A session still waiting for its creds call takes up to `vault.timeout`
+/// instead.)
+pub(crate) const END_WITHIN: Duration = lifecycle::FORCE_AFTER
+    .saturating_add(CLIENT_CLOSE_WAIT)
+    .saturating_add(UPSTREAM_CLOSE_WAIT);
 
 /// Serves one accepted TCP connection to its end, recording metrics, logs and audit lines.
 pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
@@ -394,7 +403,7 @@ async fn relay_session(
     };
     let mut client = cr.unsplit(cw);
     let mut upstream = ur.unsplit(uw);
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+    let _ = tokio::time::timeout(CLIENT_CLOSE_WAIT, client.shutdown()).await;
     let can_terminate = relayed.to_upstream.framer.at_boundary() && !relayed.to_upstream.torn;
     close_upstream(&mut upstream, can_terminate).await;
     relayed

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use super::client::{Renewed, VaultClient, VaultError};
 use super::token::Token;
 use crate::lease_clock::{Backoff, Jitter};
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 
 /// A Vault call in flight, boxed so that [`LeaseApi`] can be a trait object.
 pub(crate) type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, VaultError>> + Send + 'a>>;
@@ -152,8 +154,9 @@ pub struct Revoker {
 }
 
 impl Revoker {
-    /// Starts the revoker task on the current runtime.
-    pub(crate) fn spawn(vault: Arc<dyn LeaseApi>, metrics: Arc<Metrics>) -> Revoker {
+    /// Starts the revoker on `tasks`: it revokes until their token is cancelled (after the
+    /// drain at shutdown; what is still being retried then dies at its TTL).
+    pub(crate) fn spawn(vault: Arc<dyn LeaseApi>, metrics: Arc<Metrics>, tasks: &Tasks) -> Revoker {
         let (tx, rx) = mpsc::unbounded_channel::<String>();
         let revoker = Revoker {
             tx,
@@ -161,21 +164,34 @@ impl Revoker {
             ledger: Arc::default(),
             metrics,
         };
-        tokio::spawn(revoker.clone().dispatch(rx, vault));
+        tasks.spawn(revoker.clone().dispatch(rx, vault, tasks.clone()));
         revoker
     }
 
     /// Takes queued lease ids and revokes each in a task of its own, at most
     /// [`MAX_IN_FLIGHT`] at once (a mass disconnect does not flood Vault).
-    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<String>, vault: Arc<dyn LeaseApi>) {
+    async fn dispatch(
+        self,
+        mut rx: mpsc::UnboundedReceiver<String>,
+        vault: Arc<dyn LeaseApi>,
+        tasks: Tasks,
+    ) {
         let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-        while let Some(id) = rx.recv().await {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
+        let stop = tasks.stop();
+        loop {
+            let id = tokio::select! {
+                id = rx.recv() => id,
+                () = stop.cancelled() => None,
             };
-            let (worker, vault) = (self.clone(), vault.clone());
-            tokio::spawn(async move {
-                worker.revoke_with_retries(&*vault, id).await;
+            let Some(id) = id else { return };
+            let permit = tokio::select! {
+                p = in_flight.clone().acquire_owned() => p,
+                () = stop.cancelled() => return,
+            };
+            let Ok(permit) = permit else { return };
+            let (worker, vault, stop) = (self.clone(), vault.clone(), stop.clone());
+            tasks.spawn(async move {
+                worker.revoke_with_retries(&*vault, id, &stop).await;
                 drop(permit);
             });
         }
@@ -231,8 +247,13 @@ impl Revoker {
         }
     }
 
-    /// Revokes `id`, retrying with [`RETRY`] up to [`MAX_ATTEMPTS`] times.
-    async fn revoke_with_retries(&self, vault: &dyn LeaseApi, id: String) {
+    /// Revokes `id`, retrying with [`RETRY`] up to [`MAX_ATTEMPTS`] times (or until `stop`).
+    async fn revoke_with_retries(
+        &self,
+        vault: &dyn LeaseApi,
+        id: String,
+        stop: &CancellationToken,
+    ) {
         let mut backoff = RETRY;
         for attempt in 1..=MAX_ATTEMPTS {
             match vault.revoke(&id).await {
@@ -248,7 +269,12 @@ impl Revoker {
                 }
                 Err(e) => {
                     tracing::warn!(lease_id = %id, attempt, error = %e, "lease revocation failed, retrying");
-                    tokio::time::sleep(backoff.next_wait(Jitter::random())).await;
+                    let wait = backoff.next_wait(Jitter::random());
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        // Shutting down after the drain: the lease dies at its TTL.
+                        () = stop.cancelled() => return,
+                    }
                 }
             }
         }

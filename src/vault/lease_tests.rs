@@ -5,7 +5,7 @@ use super::*;
 use crate::vault::testing::{self, ScriptedVault, parent_token as parent};
 
 fn spawn(vault: Arc<dyn LeaseApi>) -> Revoker {
-    Revoker::spawn(vault, Arc::new(Metrics::new()))
+    Revoker::spawn(vault, Arc::new(Metrics::new()), &Tasks::detached())
 }
 
 #[tokio::test]
@@ -89,7 +89,7 @@ async fn failed_revocations_back_off_growing_capped_and_give_up_after_the_last_a
         ScriptedVault::new(Duration::from_secs(30)).revoking(|_| Err(testing::unreachable())),
     );
     let metrics = Arc::new(Metrics::new());
-    let revoker = Revoker::spawn(vault.clone(), metrics.clone());
+    let revoker = Revoker::spawn(vault.clone(), metrics.clone(), &Tasks::detached());
     drop(revoker.guard_id("database/creds/readonly/x".into(), parent()));
     settled(&revoker).await;
     let at: Vec<_> = vault.calls_of("revoke").iter().map(|c| c.at).collect();
@@ -128,7 +128,7 @@ async fn a_revocation_that_succeeds_on_a_retry_is_not_tried_again() {
         }),
     );
     let metrics = Arc::new(Metrics::new());
-    let revoker = Revoker::spawn(vault.clone(), metrics.clone());
+    let revoker = Revoker::spawn(vault.clone(), metrics.clone(), &Tasks::detached());
     drop(revoker.guard_id("database/creds/readonly/y".into(), parent()));
     settled(&revoker).await;
     tokio::time::sleep(Duration::from_secs(600)).await;
@@ -137,5 +137,27 @@ async fn a_revocation_that_succeeds_on_a_retry_is_not_tried_again() {
     assert!(
         text.contains(r#"leasegate_lease_revocations_total{result="ok"} 1"#),
         "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_revoker_stops_retrying_when_its_token_is_cancelled() {
+    let vault = Arc::new(
+        ScriptedVault::new(Duration::from_secs(30)).revoking(|_| Err(testing::unreachable())),
+    );
+    let tracker = tokio_util::task::TaskTracker::new();
+    let tasks = Tasks::new(tracker.clone(), CancellationToken::new());
+    let revoker = Revoker::spawn(vault.clone(), Arc::new(Metrics::new()), &tasks);
+    drop(revoker.guard_id("database/creds/readonly/z".into(), parent()));
+    while vault.calls_of("revoke").len() < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tasks.stop().cancel();
+    tracker.close();
+    tracker.wait().await;
+    assert_eq!(
+        vault.calls_of("revoke").len(),
+        2,
+        "no attempt after the stop"
     );
 }
