@@ -20,9 +20,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 
 /// Admin connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -66,14 +66,16 @@ fn route(metrics: &Metrics, ready: bool, req: &Request<Incoming>) -> Response<Fu
     }
 }
 
-/// Serves `metrics` and, on `/readyz`, what `ready` says, until `stop` is cancelled.
-pub async fn serve(
+/// Serves `metrics` and, on `/readyz`, what `ready` says, until the token of `tasks` is
+/// cancelled; connections are served on `tasks` too.
+pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: impl Fn() -> bool + Send + Sync + 'static,
-    stop: CancellationToken,
+    tasks: Tasks,
 ) {
     let ready = Arc::new(ready);
+    let stop = tasks.stop();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -97,7 +99,7 @@ pub async fn serve(
         };
         let (metrics, ready) = (metrics.clone(), ready.clone());
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let service = service_fn(move |req| {
                 let resp = route(&metrics, ready(), &req);
                 async move { Ok::<_, Infallible>(resp) }

@@ -1,21 +1,21 @@
 //! The running proxy: builds the shared state ([`crate::state`]), starts the listener and
-//! admin server, answers signals (SIGHUP reloads: [`reload`]), and runs the graceful
-//! drain (stop accepting, not ready, let sessions finish within `shutdown_grace`, end the rest,
-//! revoke every outstanding lease, exit).
+//! admin server, answers signals (SIGHUP reloads: [`reload`]), and runs the graceful drain
+//! along the shutdown tree (`shutdown`): not ready, stop accepting, let sessions finish within
+//! `shutdown_grace`, end the rest, revoke every outstanding lease, revoke leasegate's own
+//! tokens, stop the background tasks, exit.
 
 pub mod reload;
+mod shutdown;
 mod signals;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::task::JoinHandle;
 
 use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
@@ -27,6 +27,7 @@ use crate::prefetch::Prefetcher;
 use crate::state::{AppState, Live};
 use crate::tls::TlsError;
 use crate::vault::{Revoker, VaultClient, VaultError};
+use shutdown::Shutdown;
 use signals::Signals;
 
 /// Failures starting the proxy.
@@ -52,27 +53,28 @@ impl From<TlsError> for StartError {
     }
 }
 
-/// Builds the shared state (must run inside a Tokio runtime: the revoker starts here).
-pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
+/// Builds the shared state (inside a Tokio runtime: the revoker, the audit writer and the
+/// cluster's resolvers start here, each on its part of `tree`).
+fn build_state(config: &Config, tree: &Shutdown) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
     metrics
         .sessions_limit
         .set(i64::from(config.reloadable.limits.max_sessions));
     let vault = Arc::new(VaultClient::new(&config.fixed.vault, metrics.clone())?);
-    let revoker = Revoker::spawn(vault.clone(), metrics.clone());
+    let revoker = Revoker::spawn(vault.clone(), metrics.clone(), &tree.revoker());
     let prefetch = Arc::new(Prefetcher::new(
         config,
         vault.clone(),
         revoker.clone(),
         metrics.clone(),
     ));
+    let live = Live::build(&config.reloadable, &tree.cluster())?;
+    let dropped = metrics.audit_events_dropped_total.clone();
+    let audit = AuditLog::spawn(config.fixed.audit.path.clone(), dropped, &tree.audit())
+        .map_err(StartError::Audit)?;
     Ok(Arc::new(AppState {
-        live: ArcSwap::from_pointee(Live::build(&config.reloadable)?),
-        audit: AuditLog::spawn(
-            config.fixed.audit.path.clone(),
-            metrics.audit_events_dropped_total.clone(),
-        )
-        .map_err(StartError::Audit)?,
+        live: ArcSwap::from_pointee(live),
+        audit,
         limiter: Limiter::new(config.reloadable.limits),
         revoker,
         prefetch,
@@ -84,103 +86,121 @@ pub fn build_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     }))
 }
 
-/// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once.
-/// SIGHUP reloads `path`.
+/// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once
+/// (status 130). SIGHUP reloads `path`.
 pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
-    let state = build_state(&config)?;
-    let auth_stop = CancellationToken::new();
-    let mut vault_login = tokio::spawn(crate::vault::auth::maintain(
-        state.vault.clone(),
-        config.fixed.vault.auth.clone(),
-        auth_stop.clone(),
-    ));
-    // Give the first login a moment so the first clients do not race it; failures are
-    // retried in the background and /readyz stays 503 until a token works.
-    let first_login = state.vault.tokens.wait_current();
-    let _ = tokio::time::timeout(config.fixed.vault.timeout, first_login).await;
-    let prefetch_stop = CancellationToken::new();
-    let prefetcher = tokio::spawn(state.prefetch.clone().run(prefetch_stop.clone()));
-    let listener = TcpListener::bind(config.fixed.listen.address)
-        .await
-        .map_err(|e| StartError::Bind(config.fixed.listen.address, e))?;
-    let accepting = CancellationToken::new();
-    let sessions = CancellationToken::new();
-    let admin_stop = CancellationToken::new();
-    if let Some(metrics) = &config.fixed.metrics {
-        let admin = TcpListener::bind(metrics.address)
-            .await
-            .map_err(|e| StartError::Bind(metrics.address, e))?;
-        tracing::info!(address = %admin.local_addr().map_err(|e| StartError::Bind(metrics.address, e))?, "metrics listening");
-        let ready = {
-            let state = state.clone();
-            move || state.is_ready()
-        };
-        tokio::spawn(crate::admin::serve(
-            admin,
-            state.metrics.clone(),
-            ready,
-            admin_stop.clone(),
-        ));
-    }
-    let local = listener
-        .local_addr()
-        .map_err(|e| StartError::Bind(config.fixed.listen.address, e))?;
-    let tracker = TaskTracker::new();
-    let accept = tokio::spawn(crate::listener::accept_loop(
-        listener,
-        state.clone(),
-        config.fixed.listen.max_connections,
-        tracker.clone(),
-        accepting.clone(),
-        sessions.clone(),
-    ));
-    state.ready.store(true, Ordering::SeqCst);
-    tracing::info!(address = %local, "leasegate listening");
-
+    let tree = Shutdown::new();
+    let started = start(&config, &tree).await?;
+    let state = &started.state;
     let mut signals = Signals::new();
-    let (config, signal) = reload::until_stopped(&state, config, &path, &mut signals).await;
+    let (config, signal) =
+        reload::until_stopped(state, config, &path, &mut signals, &tree.cluster()).await;
     tracing::info!(signal, grace = ?config.reloadable.listen.shutdown_grace, "shutting down: no new sessions");
-    state.ready.store(false, Ordering::SeqCst);
-    accepting.cancel();
-    let _ = accept.await;
-    tracker.close();
-    prefetch_stop.cancel();
-    let _ = prefetcher.await;
+    let vault_timeout = config.fixed.vault.timeout;
     let drain = async {
-        if tokio::time::timeout(config.reloadable.listen.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::info!(
-                open = tracker.len(),
-                "grace period over: ending open sessions"
-            );
-            sessions.cancel();
-            // A session waiting for Vault lets its creds call finish (then revokes it).
-            let ending =
-                Duration::from_secs(10).max(config.fixed.vault.timeout + Duration::from_secs(2));
-            let _ = tokio::time::timeout(ending, tracker.wait()).await;
+        tree.stop_accepting(state, started.accept, started.prefetch)
+            .await;
+        if !tree.grace(config.reloadable.listen.shutdown_grace).await {
+            tree.end_sessions(shutdown::session_end_budget(vault_timeout))
+                .await;
         }
-        let left = state.revoker.drain(config.fixed.vault.timeout * 4).await;
-        if !left.is_empty() {
-            tracing::error!(
-                leases = left.len(),
-                "leases left unrevoked at exit; they expire at their TTL"
-            );
-        }
-        // The leases are done with: stop renewing and revoke the tokens leasegate logged in
-        // for (an operator's token is left alone).
-        auth_stop.cancel();
-        let _ = (&mut vault_login).await;
-        crate::vault::auth::logout(&state.vault).await;
+        shutdown::drain_leases(state, shutdown::revoke_drain_budget(vault_timeout)).await;
+        let budget = shutdown::token_revoke_budget(vault_timeout);
+        tree.revoke_own_tokens(started.vault_auth, budget).await;
+        tree.stop_background().await;
     };
     tokio::select! {
-        _ = drain => tracing::info!("shutdown complete"),
+        () = drain => tracing::info!("shutdown complete"),
         s = signals.next() => {
             tracing::warn!(signal = s, "second signal: exiting immediately");
             std::process::exit(130);
         }
     }
-    admin_stop.cancel();
     Ok(())
+}
+
+/// What [`start`] leaves running that the drain stops step by step.
+struct Started {
+    state: Arc<AppState>,
+    /// The accept loop.
+    accept: JoinHandle<()>,
+    /// Credential prefetch.
+    prefetch: JoinHandle<()>,
+    /// The Vault token upkeep.
+    vault_auth: JoinHandle<()>,
+}
+
+/// Builds the state, logs in to Vault, starts prefetch, the admin server and the listener,
+/// and turns ready.
+async fn start(config: &Config, tree: &Shutdown) -> Result<Started, StartError> {
+    let state = build_state(config, tree)?;
+    let (vault, auth) = (state.vault.clone(), config.fixed.vault.auth.clone());
+    let vault_auth = tree
+        .vault_auth()
+        .run(|stop| crate::vault::auth::maintain(vault, auth, stop));
+    // Give the first login a moment so the first clients do not race it; failures are
+    // retried in the background and /readyz stays 503 until a token works.
+    let first_login = state.vault.tokens.wait_current();
+    let _ = tokio::time::timeout(config.fixed.vault.timeout, first_login).await;
+    let prefetch = tree.prefetch().run(|stop| state.prefetch.clone().run(stop));
+    let listener = bind(config.fixed.listen.address).await?;
+    if let Some(metrics) = &config.fixed.metrics {
+        start_admin(metrics.address, &state, tree).await?;
+    }
+    let (accept, local) = start_accepting(listener, config, &state, tree)?;
+    state.set_ready(true);
+    tracing::info!(address = %local, "leasegate listening");
+    Ok(Started {
+        state,
+        accept,
+        prefetch,
+        vault_auth,
+    })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `address` until the end of the drain.
+async fn start_admin(
+    address: SocketAddr,
+    state: &Arc<AppState>,
+    tree: &Shutdown,
+) -> Result<(), StartError> {
+    let admin = bind(address).await?;
+    let local = admin
+        .local_addr()
+        .map_err(|e| StartError::Bind(address, e))?;
+    tracing::info!(address = %local, "metrics listening");
+    let tasks = tree.admin();
+    let ready = {
+        let state = state.clone();
+        move || state.is_ready()
+    };
+    let metrics = state.metrics.clone();
+    tasks.spawn(crate::admin::serve(admin, metrics, ready, tasks.clone()));
+    Ok(())
+}
+
+/// Starts the accept loop (every session runs on the session tracker, under a child of the
+/// sessions' token); returns it and the address it listens on.
+fn start_accepting(
+    listener: TcpListener,
+    config: &Config,
+    state: &Arc<AppState>,
+    tree: &Shutdown,
+) -> Result<(JoinHandle<()>, SocketAddr), StartError> {
+    let address = config.fixed.listen.address;
+    let local = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(address, e))?;
+    let (state, max) = (state.clone(), config.fixed.listen.max_connections);
+    let (session_tasks, sessions) = (tree.session_tasks.clone(), tree.sessions.clone());
+    let accept = tree.accepting().run(|accepting| {
+        crate::listener::accept_loop(listener, state, max, session_tasks, accepting, sessions)
+    });
+    Ok((accept, local))
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| StartError::Bind(address, e))
 }

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::escape::printable;
 use crate::identity::Principal;
+use crate::tasks::Tasks;
 
 /// Audit events waiting for the writer at most; further ones are dropped (and counted).
 pub const QUEUE_CAPACITY: usize = 10_000;
@@ -124,8 +125,8 @@ pub struct AuditLog {
 }
 
 struct Shared {
-    /// The bounded queue to the writer thread.
-    tx: mpsc::Sender<AuditEvent>,
+    /// The bounded queue to the writer thread; `None` tells it to stop.
+    tx: mpsc::Sender<Option<AuditEvent>>,
     /// `leasegate_audit_events_dropped_total`.
     dropped: Counter,
     /// When the last "dropped" warning was logged, for rate limiting.
@@ -133,26 +134,37 @@ struct Shared {
 }
 
 impl AuditLog {
-    /// Starts the writer: `None` or `-` writes to stderr, a path appends to that file (created
-    /// with mode 0600). `dropped` counts events a full queue refused.
-    pub fn spawn(path: Option<PathBuf>, dropped: Counter) -> std::io::Result<AuditLog> {
+    /// Starts the writer on `tasks`: `None` or `-` writes to stderr, a path appends to that
+    /// file (created with mode 0600). `dropped` counts events a full queue refused.
+    pub(crate) fn spawn(
+        path: Option<PathBuf>,
+        dropped: Counter,
+        tasks: &Tasks,
+    ) -> std::io::Result<AuditLog> {
         let out: Box<dyn Write + Send> = match path.as_ref().filter(|p| p.as_os_str() != "-") {
             Some(p) => Box::new(open_file(p)?),
             None => Box::new(std::io::stderr()),
         };
-        Ok(AuditLog::with_writer(out, QUEUE_CAPACITY, dropped))
+        Ok(AuditLog::with_writer(out, QUEUE_CAPACITY, dropped, tasks))
     }
 
-    /// Starts a writer task writing to `out` behind a queue of `capacity` events (must run
-    /// inside a Tokio runtime).
-    pub fn with_writer(
+    /// Starts a writer thread writing to `out` behind a queue of `capacity` events (must run
+    /// inside a Tokio runtime). When the token of `tasks` is cancelled, the writer writes
+    /// what is queued and stops.
+    pub(crate) fn with_writer(
         mut out: Box<dyn Write + Send>,
         capacity: usize,
         dropped: Counter,
+        tasks: &Tasks,
     ) -> AuditLog {
-        let (tx, mut rx) = mpsc::channel::<AuditEvent>(capacity.max(1));
-        tokio::task::spawn_blocking(move || {
-            while let Some(event) = rx.blocking_recv() {
+        let (tx, mut rx) = mpsc::channel::<Option<AuditEvent>>(capacity.max(1));
+        let (closer, stop) = (tx.clone(), tasks.stop().clone());
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            let _ = closer.send(None).await;
+        });
+        tasks.spawn_blocking(move || {
+            while let Some(Some(event)) = rx.blocking_recv() {
                 let Ok(mut line) = serde_json::to_vec(&event) else {
                     continue;
                 };
@@ -174,7 +186,7 @@ impl AuditLog {
     /// Queues one line; drops it (counted, warned about at most every 10 s) when the queue
     /// is full.
     pub fn record(&self, event: AuditEvent) {
-        if self.shared.tx.try_send(event).is_ok() {
+        if self.shared.tx.try_send(Some(event)).is_ok() {
             return;
         }
         let shared = &self.shared;
@@ -283,7 +295,8 @@ mod tests {
             written: written.clone(),
         };
         let dropped = Counter::default();
-        let log = AuditLog::with_writer(Box::new(sink), 100, dropped.clone());
+        let tasks = Tasks::detached();
+        let log = AuditLog::with_writer(Box::new(sink), 100, dropped.clone(), &tasks);
         let event = || AuditEvent::new("refused", "127.0.0.1:5000".parse().expect("addr"));
         log.record(event());
         started
@@ -316,6 +329,33 @@ mod tests {
         assert_eq!(log.queued(), 0);
         log.record(event());
         assert_eq!(dropped.get(), 4_900, "nothing dropped while there is room");
+    }
+
+    #[tokio::test]
+    async fn at_the_stop_the_writer_writes_what_is_queued_and_ends() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let sink = Stalled {
+            blocked: None,
+            written: written.clone(),
+        };
+        let tracker = tokio_util::task::TaskTracker::new();
+        let tasks = Tasks::new(tracker.clone(), tokio_util::sync::CancellationToken::new());
+        let log = AuditLog::with_writer(Box::new(sink), 100, Counter::default(), &tasks);
+        for _ in 0..3 {
+            log.record(AuditEvent::new(
+                "refused",
+                "127.0.0.1:5000".parse().expect("addr"),
+            ));
+        }
+        tasks.stop().cancel();
+        tracker.close();
+        // Ends although `log` (a sender) is still alive.
+        tokio::time::timeout(Duration::from_secs(60), tracker.wait())
+            .await
+            .expect("the writer ended");
+        let w = written.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(w.iter().filter(|b| **b == b'\n').count(), 3);
+        drop(log);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::DropGuard;
 
 pub use check::problems;
 pub use resolve::PeerAddr;
@@ -29,6 +29,7 @@ pub use resolve::PeerAddr;
 use crate::config::{ClusterConfig, ListenConfig};
 use crate::identity::{IdentityPattern, Principal};
 use crate::protocol::startup::{CancelKey, peer_cancel_packet};
+use crate::tasks::Tasks;
 use crate::tls::TlsError;
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
@@ -61,18 +62,24 @@ pub struct Forwarded {
 
 impl Cluster {
     /// Checks `[cluster]` against `[listen]` (see [`problems`]), builds the peer connector and
-    /// starts resolving the peers in the background (call inside a Tokio runtime).
-    pub fn new(config: &ClusterConfig, listen: &ListenConfig) -> Result<Cluster, TlsError> {
+    /// starts resolving the peers on `tasks` (call inside a Tokio runtime), until `tasks` are
+    /// stopped or this `Cluster` is dropped.
+    pub(crate) fn new(
+        config: &ClusterConfig,
+        listen: &ListenConfig,
+        tasks: &Tasks,
+    ) -> Result<Cluster, TlsError> {
         let checked = check::check(config, listen)
             .map_err(|problems| TlsError::Invalid(problems.join("; ")))?;
         let peers = Arc::new(ArcSwap::from_pointee(resolve::literal(&checked.peers)));
-        let stop = CancellationToken::new();
-        tokio::spawn(resolve::run(checked.peers, peers.clone(), stop.clone()));
+        let resolver = tasks.child();
+        let published = peers.clone();
+        resolver.run(|stop| resolve::run(checked.peers, published, stop));
         Ok(Cluster {
             identity: checked.identity,
             connector: checked.connector,
             peers,
-            _resolver: stop.drop_guard(),
+            _resolver: resolver.stop().clone().drop_guard(),
         })
     }
 

@@ -24,12 +24,16 @@
 //!          prefetch      credentials issued ahead of demand
 //!          error         session errors → SQLSTATE, message, metric label
 //!          audit         the JSON audit log of session starts, ends and refusals
-//! floor 1  vault         duration, error ← token ← body ← client ← lease (the revoker)
+//! floor 1  vault         error ← token ← body ← client ← lease (the revoker)
 //!                        ← creds; login ← auth (keeping leasegate's token alive)
 //!          tls           client-facing acceptor and verifier; upstream connector
 //!          policy        grants: identity + database + role → allow or why not
 //!          limits        global and per-identity session limits and rate buckets
 //! floor 0  config        schema (serde) → validate → model (typed: static | reloadable)
+//!          lease_clock   when to renew, whether a grant is final, when to warn and end,
+//!                        retry backoff: pure decisions (watcher, prefetch, tokens, revoker)
+//!          tasks         the one tracker background tasks run on, the token each part stops
+//!                        with (app::shutdown builds the tree)
 //!          identity      identity kinds, patterns, globs; Principal from a certificate
 //!          protocol      framing, startup/SSL/cancel packets, options, messages we send
 //!                        and their SQLSTATEs (protocol::sqlstate)
@@ -85,6 +89,7 @@ pub mod config;
 pub mod error;
 pub mod escape;
 pub mod identity;
+pub(crate) mod lease_clock;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
@@ -95,6 +100,7 @@ pub mod protocol;
 pub mod secret_files;
 pub mod session;
 pub mod state;
+pub(crate) mod tasks;
 pub mod tls;
 pub mod upstream;
 pub mod vault;

@@ -2,6 +2,8 @@
 //! that session setup does not wait for Vault and `CREATE ROLE`. Each prefetched lease goes
 //! to exactly one session; waiting leases are renewed, revoked when unused past `max_idle`
 //! (and replaced), dropped when Vault will not extend them further, and revoked at shutdown.
+//! When to renew and whether a renewal was the last is the lease clock's decision
+//! ([`crate::lease_clock`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -12,18 +14,41 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DatabaseConfig};
+use crate::lease_clock::{Jitter, Term, later};
 use crate::metrics::Metrics;
 use crate::metrics::labels::LeaseResult;
-use crate::vault::duration::later;
-use crate::vault::{Lease, LeaseGuard, Revoker, VaultClient};
+use crate::vault::lease::LeaseApi;
+use crate::vault::{Lease, LeaseGuard, Revoker};
 
 /// A lease waiting for its session.
 struct Ready {
     lease: Lease,
+    /// Revokes the lease when it leaves the pool other than to a session.
     guard: LeaseGuard,
+    /// When it was issued: it is revoked once idle for `max_idle`.
     issued: Instant,
-    expires: Instant,
-    next_renew: Instant,
+    /// Its lifetime as last granted, and when to renew it.
+    term: Term,
+}
+
+impl Ready {
+    /// Whether it still has enough time left to be handed out or kept: more than
+    /// [`MIN_REMAINING`] (from the instant [`Ready::next_due`] names, it has not).
+    fn alive(&self, now: Instant) -> bool {
+        self.term.left(now).is_none_or(|left| left > MIN_REMAINING)
+    }
+
+    /// When something is next due for it: a renewal, its idle end, or too little time left.
+    fn next_due(&self, max_idle: Duration) -> Instant {
+        let dying = self
+            .term
+            .expires
+            .map(|e| e.checked_sub(MIN_REMAINING).unwrap_or(e));
+        [self.term.next_renew, dying]
+            .into_iter()
+            .flatten()
+            .fold(later(self.issued, max_idle), Instant::min)
+    }
 }
 
 /// Where a pool's credentials come from and are good for: a lease from another mount, or for
@@ -51,8 +76,11 @@ impl Origin {
 struct Pool {
     /// The configuration its waiting leases were issued for.
     origin: Origin,
+    /// How many leases to keep waiting (`prefetch`; zero while draining).
     target: usize,
+    /// `prefetch_max_idle`: a lease waiting longer is revoked and replaced.
     max_idle: Duration,
+    /// The waiting leases, oldest first.
     ready: VecDeque<Ready>,
 }
 
@@ -62,7 +90,7 @@ pub struct Prefetched {
     pub lease: Lease,
     /// Its guard (revokes on drop).
     pub guard: LeaseGuard,
-    /// Time left before it expires.
+    /// Time left before it expires (zero for a lease without TTL).
     pub remaining: Duration,
 }
 
@@ -70,10 +98,15 @@ type Key = (String, String);
 
 /// Every pool and the task that keeps them filled.
 pub struct Prefetcher {
+    /// Every pool by (database, role).
     pools: Mutex<HashMap<Key, Pool>>,
+    /// Wakes the task: a lease was taken, or the configuration changed.
     wake: Notify,
-    vault: Arc<VaultClient>,
+    /// Where leases are issued and renewed.
+    vault: Arc<dyn LeaseApi>,
+    /// Guards the leases issued.
     revoker: Revoker,
+    /// The pool gauges and renewal counters.
     metrics: Arc<Metrics>,
 }
 
@@ -82,9 +115,9 @@ const MIN_REMAINING: Duration = Duration::from_secs(5);
 
 impl Prefetcher {
     /// A prefetcher with the pools the config asks for (none start filling until `run`).
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
-        vault: Arc<VaultClient>,
+        vault: Arc<dyn LeaseApi>,
         revoker: Revoker,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -144,7 +177,7 @@ impl Prefetcher {
         let now = Instant::now();
         let taken = loop {
             let ready = pool.ready.pop_front()?;
-            if ready.expires.saturating_duration_since(now) >= MIN_REMAINING {
+            if ready.alive(now) {
                 break ready;
             }
             // Too close to expiry: its guard revokes it as it drops here.
@@ -153,7 +186,7 @@ impl Prefetcher {
         drop(pools);
         self.wake.notify_one();
         Some(Prefetched {
-            remaining: taken.expires.saturating_duration_since(now),
+            remaining: taken.term.left(now).unwrap_or_default(),
             lease: taken.lease,
             guard: taken.guard,
         })
@@ -199,32 +232,10 @@ impl Prefetcher {
         next
     }
 
-    /// Drops idle or dying leases, renews the ones that are due.
+    /// Drops idle or dying leases, renews the ones that are due; returns when this pool is
+    /// next due.
     async fn expire_and_renew(&self, key: &Key) -> Instant {
-        let now = Instant::now();
-        let due: Vec<(String, Duration)> = {
-            let mut pools = self.lock();
-            let Some(pool) = pools.get_mut(key) else {
-                return now + Duration::from_secs(30);
-            };
-            let target = pool.target;
-            let max_idle = pool.max_idle;
-            let mut kept = 0;
-            pool.ready.retain(|r| {
-                let keep = kept < target
-                    && now.duration_since(r.issued) < max_idle
-                    && r.expires.saturating_duration_since(now) >= MIN_REMAINING;
-                kept += usize::from(keep);
-                keep
-            });
-            self.set_gauge(&key.0, &key.1, pool.ready.len());
-            pool.ready
-                .iter()
-                .filter(|r| r.next_renew <= now)
-                .map(|r| (r.lease.id.clone(), r.lease.duration))
-                .collect()
-        };
-        for (id, ttl) in due {
+        for (id, ttl) in self.expire(key) {
             let result = self.vault.renew(&id, ttl).await;
             self.metrics.lease_renewal(if result.is_ok() {
                 LeaseResult::Ok
@@ -239,30 +250,51 @@ impl Prefetcher {
             let Some(pos) = pool.ready.iter().position(|r| r.lease.id == id) else {
                 continue;
             };
+            let term = &mut pool.ready[pos].term;
             match result {
-                // Capped below the asked-for TTL: the lease is near max_ttl; replace it.
-                Ok(r)
-                    if r.renewable && r.duration.saturating_add(Duration::from_secs(1)) >= ttl =>
-                {
-                    let entry = &mut pool.ready[pos];
-                    (entry.expires, entry.next_renew) = schedule(now, r.duration);
-                }
-                Ok(_) => {
-                    pool.ready.remove(pos);
+                Ok(r) => {
+                    if term.granted(now, ttl, r.duration, r.renewable, Jitter::random()) {
+                        // Near max_ttl: its guard revokes it here, `refill` replaces it.
+                        pool.ready.remove(pos);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(lease_id = %id, error = %e, "prefetched lease renewal failed");
-                    pool.ready[pos].next_renew = now + Duration::from_secs(5);
+                    term.failed(now, Jitter::random());
                 }
             }
         }
         let pools = self.lock();
-        pools
-            .get(key)
-            .into_iter()
-            .flat_map(|p| p.ready.iter())
-            .map(|r| r.next_renew.min(later(r.issued, p_max_idle(&pools, key))))
-            .fold(Instant::now() + Duration::from_secs(30), Instant::min)
+        let idle = Instant::now() + Duration::from_secs(30);
+        pools.get(key).map_or(idle, |p| {
+            p.ready
+                .iter()
+                .map(|r| r.next_due(p.max_idle))
+                .fold(idle, Instant::min)
+        })
+    }
+
+    /// Drops the leases beyond the target, idle past `max_idle` or too close to expiry (their
+    /// guards revoke them); returns the ones due for renewal, with the increment to ask for.
+    fn expire(&self, key: &Key) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        let mut pools = self.lock();
+        let Some(pool) = pools.get_mut(key) else {
+            return Vec::new();
+        };
+        let (target, max_idle) = (pool.target, pool.max_idle);
+        let mut kept = 0;
+        pool.ready.retain(|r| {
+            let keep = kept < target && now.duration_since(r.issued) < max_idle && r.alive(now);
+            kept += usize::from(keep);
+            keep
+        });
+        self.set_gauge(&key.0, &key.1, pool.ready.len());
+        pool.ready
+            .iter()
+            .filter(|r| r.term.renew_due(now))
+            .map(|r| (r.lease.id.clone(), r.lease.duration))
+            .collect()
     }
 
     /// Issues credentials until the pool holds its target (or `stop`); `Err(retry_at)` after
@@ -289,10 +321,8 @@ impl Prefetcher {
                 }
             };
             let now = Instant::now();
-            let (expires, next_renew) = schedule(now, lease.duration);
             let ready = Ready {
-                expires,
-                next_renew,
+                term: Term::issued(now, lease.duration, lease.renewable, Jitter::random()),
                 issued: now,
                 guard,
                 lease,
@@ -308,33 +338,6 @@ impl Prefetcher {
     }
 }
 
-/// When a lease granted `ttl` at `now` expires, and when to renew it (at two thirds).
-fn schedule(now: Instant, ttl: Duration) -> (Instant, Instant) {
-    (later(now, ttl), later(now, ttl / 3 * 2))
-}
-
-fn p_max_idle(pools: &HashMap<Key, Pool>, key: &Key) -> Duration {
-    pools
-        .get(key)
-        .map(|p| p.max_idle)
-        .unwrap_or(Duration::from_secs(300))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn absurd_lease_durations_do_not_panic() {
-        let now = Instant::now();
-        let huge = crate::vault::duration::from_vault_secs(u64::MAX);
-        for ttl in [huge, Duration::MAX, Duration::ZERO] {
-            let (expires, next_renew) = schedule(now, ttl);
-            assert!(next_renew <= expires);
-            assert!(expires >= now);
-        }
-        let (expires, next_renew) = schedule(now, Duration::from_secs(30));
-        assert_eq!(expires, now + Duration::from_secs(30));
-        assert_eq!(next_renew, now + Duration::from_secs(20));
-    }
-}
+#[path = "prefetch_tests.rs"]
+mod tests;

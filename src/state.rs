@@ -19,6 +19,7 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::prefetch::Prefetcher;
+use crate::tasks::Tasks;
 use crate::tls::{self, TlsError};
 use crate::upstream::Database;
 use crate::vault::{Revoker, VaultClient};
@@ -42,8 +43,8 @@ pub struct Live {
 
 impl Live {
     /// Builds everything reloadable from a validated config (inside a Tokio runtime: a
-    /// `[cluster]` starts resolving its peers, until this `Live` is dropped).
-    pub fn build(config: &ReloadableConfig) -> Result<Live, TlsError> {
+    /// `[cluster]` starts resolving its peers on `cluster`, until this `Live` is dropped).
+    pub(crate) fn build(config: &ReloadableConfig, cluster: &Tasks) -> Result<Live, TlsError> {
         let mut databases = HashMap::new();
         for db in &config.databases {
             databases.insert(db.name.clone(), Arc::new(Database::new(db)?));
@@ -57,7 +58,7 @@ impl Live {
             cluster: config
                 .cluster
                 .as_ref()
-                .map(|c| Cluster::new(c, &config.listen))
+                .map(|c| Cluster::new(c, &config.listen, cluster))
                 .transpose()?,
         })
     }
@@ -91,5 +92,10 @@ impl AppState {
     /// Whether `/readyz` should answer 200.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && self.vault.tokens.healthy()
+    }
+
+    /// Ready once started, not ready from the start of the drain.
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
     }
 }

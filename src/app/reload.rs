@@ -17,11 +17,12 @@ use serde_json::Value;
 use super::signals::Signals;
 use crate::config::{Config, ReloadableConfig, StaticConfig};
 use crate::state::{AppState, Live};
+use crate::tasks::Tasks;
 
 /// Reloads `path` into `state`. Returns the configuration now in force: the new one (with
 /// the static settings kept at their running values), or `running` when the new file does
-/// not load.
-pub fn reload(state: &AppState, running: Config, path: &Path) -> Config {
+/// not load. A new cluster resolves its peers on `cluster`.
+pub(crate) fn reload(state: &AppState, running: Config, path: &Path, cluster: &Tasks) -> Config {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -29,7 +30,7 @@ pub fn reload(state: &AppState, running: Config, path: &Path) -> Config {
             return running;
         }
     };
-    let live = match Live::build(&new.reloadable) {
+    let live = match Live::build(&new.reloadable, cluster) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: keeping the running configuration");
@@ -167,6 +168,7 @@ pub(super) async fn until_stopped(
     mut running: Config,
     path: &Path,
     signals: &mut Signals,
+    cluster: &Tasks,
 ) -> (Config, &'static str) {
     let arm = |every: Option<Duration>| every.map(tokio::time::interval);
     let mut every = running.reloadable.listen.watch_interval;
@@ -183,7 +185,7 @@ pub(super) async fn until_stopped(
         };
         tokio::select! {
             s = signals.next() => match s {
-                "SIGHUP" => running = reload(state, running, path),
+                "SIGHUP" => running = reload(state, running, path, cluster),
                 other => return (running, other),
             },
             () = tick => {
@@ -191,7 +193,7 @@ pub(super) async fn until_stopped(
                     continue;
                 }
                 tracing::info!("configuration or TLS files changed: reloading");
-                running = reload(state, running, path);
+                running = reload(state, running, path, cluster);
             }
         }
         // The running configuration may name other files, or another interval, now.

@@ -178,7 +178,8 @@ async fn peers_are_resolved_in_the_background_until_the_cluster_is_dropped() {
         &key,
         ca,
     );
-    let cluster = Cluster::new(&config, &pki.listen()).expect("cluster");
+    let cluster =
+        Cluster::new(&config, &pki.listen(), &crate::tasks::Tasks::detached()).expect("cluster");
     // IP addresses need no lookup: there from the start, named by their address.
     let first = cluster.peer_addresses();
     assert!(

@@ -23,6 +23,8 @@ use crate::upstream::UpstreamStream;
 pub const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// Bound on forwarding one CancelRequest.
 const CANCEL_WAIT: Duration = Duration::from_secs(2);
+/// Longest [`close`] takes: the first cancel, then the wait for the backend.
+pub(crate) const CLOSE_WITHIN: Duration = CANCEL_WAIT.saturating_add(UPSTREAM_CLOSE_WAIT);
 /// While a busy backend has not closed, the cancel is repeated this often: PostgreSQL ignores
 /// a cancel that arrives while it reads the next command, e.g. between pipelined statements.
 const CANCEL_REPEAT: Duration = Duration::from_secs(1);

@@ -33,6 +33,16 @@ use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
 use relay::{Control, Direction, RelayEnd, Relayed};
 
+/// How long the close phase waits for the client's socket to shut down.
+const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Longest a relaying session takes to end once its stop token is cancelled: the watcher's
+/// FATAL, delivered or cut after [`lifecycle::FORCE_AFTER`], then the client's close and the
+/// upstream's (a busy one cancelled first: [`close::CLOSE_WITHIN`]). A session still waiting
+/// for its creds call takes up to `vault.timeout` instead.
+pub(crate) const END_WITHIN: Duration = lifecycle::FORCE_AFTER
+    .saturating_add(CLIENT_CLOSE_WAIT)
+    .saturating_add(close::CLOSE_WITHIN);
+
 /// Serves one accepted TCP connection to its end, recording metrics, logs and audit lines.
 pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
     let live = state.live.load_full();
@@ -390,7 +400,7 @@ async fn relay_session(
                 }
             };
             let mut client = cr.unsplit(cw);
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+            let _ = tokio::time::timeout(CLIENT_CLOSE_WAIT, client.shutdown()).await;
             (end, ur.unsplit(uw))
         }
     };

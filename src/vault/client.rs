@@ -13,10 +13,10 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use super::body::{self, SecretBody};
-use super::duration::from_vault_secs;
 use super::error::VaultError;
 use super::token::TokenStore;
 use crate::config::{AuthMethod, VaultAuth, VaultConfig};
+use crate::lease_clock::from_vault_secs;
 use crate::metrics::Metrics;
 use crate::metrics::labels::{VaultOp, VaultStatus};
 

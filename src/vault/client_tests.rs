@@ -86,6 +86,6 @@ fn absurd_renewal_durations_parse_clamped() {
     .expect("parses");
     assert_eq!(
         from_vault_secs(renewed.lease_duration),
-        super::super::duration::MAX_VAULT_DURATION
+        crate::lease_clock::MAX_VAULT_DURATION
     );
 }

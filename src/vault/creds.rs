@@ -8,9 +8,9 @@ use serde::Deserialize;
 
 use super::body::{self, lease_id_in};
 use super::client::VaultClient;
-use super::duration::from_vault_secs;
 use super::error::VaultError;
 use super::lease::{Lease, LeaseGuard, Revoker};
+use crate::lease_clock::from_vault_secs;
 use crate::metrics::labels::VaultOp;
 
 #[derive(Deserialize)]
@@ -104,7 +104,7 @@ mod tests {
         let parsed: CredsResponse = body::parse("creds", body.as_bytes()).expect("parses");
         assert_eq!(
             from_vault_secs(parsed.lease_duration),
-            super::super::duration::MAX_VAULT_DURATION
+            crate::lease_clock::MAX_VAULT_DURATION
         );
     }
 }

@@ -1,21 +1,65 @@
 //! A session's lease and the guarantee that it is revoked. A [`LeaseGuard`] exists from the
 //! moment Vault issued the credential; dropping it (on any path, success or failure) hands the
 //! lease id to the [`Revoker`], which revokes off the session's task with bounded retries and
-//! exponential backoff with jitter.
+//! exponential backoff with jitter ([`crate::lease_clock::Backoff`]). The lease calls go
+//! through [`LeaseApi`], so their timing is tested with paused time against a script.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::RngExt;
 use secrecy::SecretString;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 
-use super::client::VaultClient;
+use super::client::{Renewed, VaultClient};
+use super::error::VaultError;
 use super::token::Token;
+use crate::lease_clock::{Backoff, Jitter};
 use crate::metrics::Metrics;
 use crate::metrics::labels::LeaseResult;
+use crate::tasks::Tasks;
+
+/// A Vault call in flight, boxed so that [`LeaseApi`] can be a trait object.
+pub(crate) type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, VaultError>> + Send + 'a>>;
+
+/// The lease calls: issue, renew, revoke. [`VaultClient`] is the implementation; the unit
+/// tests of the revoker, prefetch and the session watcher answer from a script instead.
+pub(crate) trait LeaseApi: Send + Sync {
+    /// `GET <mount>/creds/<role>`: a fresh credential and its guard.
+    fn creds<'a>(
+        &'a self,
+        mount: &'a str,
+        role: &'a str,
+        revoker: &'a Revoker,
+    ) -> Call<'a, (Lease, LeaseGuard)>;
+    /// Renews `lease_id` by `increment`; what Vault granted.
+    fn renew<'a>(&'a self, lease_id: &'a str, increment: Duration) -> Call<'a, Renewed>;
+    /// Revokes `lease_id`.
+    fn revoke<'a>(&'a self, lease_id: &'a str) -> Call<'a, ()>;
+}
+
+impl LeaseApi for VaultClient {
+    fn creds<'a>(
+        &'a self,
+        mount: &'a str,
+        role: &'a str,
+        revoker: &'a Revoker,
+    ) -> Call<'a, (Lease, LeaseGuard)> {
+        Box::pin(VaultClient::creds(self, mount, role, revoker))
+    }
+
+    fn renew<'a>(&'a self, lease_id: &'a str, increment: Duration) -> Call<'a, Renewed> {
+        Box::pin(VaultClient::renew(self, lease_id, increment))
+    }
+
+    fn revoke<'a>(&'a self, lease_id: &'a str) -> Call<'a, ()> {
+        Box::pin(VaultClient::revoke(self, lease_id))
+    }
+}
 
 /// A credential issued by Vault. No `Debug`: it holds the password.
 pub struct Lease {
@@ -72,8 +116,8 @@ impl Drop for LeaseGuard {
 
 /// Most revocation attempts per lease before giving up (the lease then dies at its TTL).
 const MAX_ATTEMPTS: u32 = 8;
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Waits between attempts: from 200 ms, doubling, at most 10 s (about 23 s in all).
+const RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
 /// Most revocations talking to Vault at once.
 const MAX_IN_FLIGHT: usize = 32;
 
@@ -112,32 +156,47 @@ pub struct Revoker {
 }
 
 impl Revoker {
-    /// Starts the revoker task on the current runtime.
-    pub fn spawn(vault: Arc<VaultClient>, metrics: Arc<Metrics>) -> Revoker {
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    /// Starts the revoker on `tasks`: it revokes until their token is cancelled (after the
+    /// drain at shutdown; what is still being retried then dies at its TTL).
+    pub(crate) fn spawn(vault: Arc<dyn LeaseApi>, metrics: Arc<Metrics>, tasks: &Tasks) -> Revoker {
+        let (tx, rx) = mpsc::unbounded_channel::<String>();
         let revoker = Revoker {
             tx,
             pending: Arc::new(AtomicUsize::new(0)),
             ledger: Arc::default(),
             metrics,
         };
-        let worker = revoker.clone();
-        // Bounds the revocations in flight, so a mass disconnect does not flood Vault.
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-        tokio::spawn(async move {
-            while let Some(id) = rx.recv().await {
-                let worker = worker.clone();
-                let vault = vault.clone();
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    worker.revoke_with_retries(&vault, id).await;
-                    drop(permit);
-                });
-            }
-        });
+        tasks.spawn(revoker.clone().dispatch(rx, vault, tasks.clone()));
         revoker
+    }
+
+    /// Takes queued lease ids and revokes each in a task of its own, at most
+    /// [`MAX_IN_FLIGHT`] at once (a mass disconnect does not flood Vault).
+    async fn dispatch(
+        self,
+        mut rx: mpsc::UnboundedReceiver<String>,
+        vault: Arc<dyn LeaseApi>,
+        tasks: Tasks,
+    ) {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+        let stop = tasks.stop();
+        loop {
+            let id = tokio::select! {
+                id = rx.recv() => id,
+                () = stop.cancelled() => None,
+            };
+            let Some(id) = id else { return };
+            let permit = tokio::select! {
+                p = in_flight.clone().acquire_owned() => p,
+                () = stop.cancelled() => return,
+            };
+            let Ok(permit) = permit else { return };
+            let (worker, vault, stop) = (self.clone(), vault.clone(), stop.clone());
+            tasks.spawn(async move {
+                worker.revoke_with_retries(&*vault, id, &stop).await;
+                drop(permit);
+            });
+        }
     }
 
     /// Registers a freshly issued lease and returns its guard.
@@ -190,8 +249,14 @@ impl Revoker {
         }
     }
 
-    async fn revoke_with_retries(&self, vault: &VaultClient, id: String) {
-        let mut backoff = FIRST_BACKOFF;
+    /// Revokes `id`, retrying with [`RETRY`] up to [`MAX_ATTEMPTS`] times (or until `stop`).
+    async fn revoke_with_retries(
+        &self,
+        vault: &dyn LeaseApi,
+        id: String,
+        stop: &CancellationToken,
+    ) {
+        let mut backoff = RETRY;
         for attempt in 1..=MAX_ATTEMPTS {
             match vault.revoke(&id).await {
                 Ok(()) => {
@@ -206,9 +271,12 @@ impl Revoker {
                 }
                 Err(e) => {
                     tracing::warn!(lease_id = %id, attempt, error = %e, "lease revocation failed, retrying");
-                    let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-                    tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let wait = backoff.next_wait(Jitter::random());
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        // Shutting down after the drain: the lease dies at its TTL.
+                        () = stop.cancelled() => return,
+                    }
                 }
             }
         }
@@ -276,80 +344,5 @@ impl Revoker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::vault::testing;
-
-    fn parent() -> Arc<Token> {
-        let secret = SecretString::from("parent".to_owned());
-        Arc::new(Token::new(secret, Duration::ZERO, false, false))
-    }
-
-    #[tokio::test]
-    async fn a_guard_kept_alive_past_the_drain_limit_is_reported_by_id() {
-        let vault = testing::client(&testing::closed_address().await);
-        let revoker = Revoker::spawn(vault, Arc::new(Metrics::new()));
-        let held = revoker.guard_id("database/creds/readonly/held".into(), parent());
-        let done = revoker.guard_id("database/creds/readonly/done".into(), parent());
-        drop(done);
-        assert_eq!(revoker.outstanding(), 2);
-        let left = revoker.drain(Duration::from_millis(300)).await;
-        // Vault is unreachable, so neither revocation can finish.
-        assert_eq!(
-            left,
-            vec![
-                "database/creds/readonly/done".to_owned(),
-                "database/creds/readonly/held".to_owned()
-            ]
-        );
-        // The drain took the held lease over: its guard dropping later queues nothing more.
-        let pending = revoker.pending();
-        drop(held);
-        assert_eq!(revoker.pending(), pending);
-    }
-
-    #[tokio::test]
-    async fn the_drain_waits_for_live_guards_and_revokes_their_leases() {
-        let (address, seen) = testing::answering(204).await;
-        let revoker = Revoker::spawn(testing::client(&address), Arc::new(Metrics::new()));
-        let guard = revoker.guard_id("database/creds/readonly/late".into(), parent());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            drop(guard);
-        });
-        let left = revoker.drain(Duration::from_secs(20)).await;
-        assert!(left.is_empty(), "left {left:?}");
-        assert_eq!(revoker.outstanding(), 0);
-        let seen = seen.lock().expect("seen").clone();
-        assert_eq!(seen.len(), 1, "{seen:?}");
-        assert!(
-            seen[0].starts_with("PUT /v1/sys/leases/revoke "),
-            "{}",
-            seen[0]
-        );
-        assert!(
-            seen[0].contains("database/creds/readonly/late"),
-            "{}",
-            seen[0]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_guard_still_alive_at_the_drain_is_revoked_anyway() {
-        let (address, seen) = testing::answering(204).await;
-        let revoker = Revoker::spawn(testing::client(&address), Arc::new(Metrics::new()));
-        let guard = revoker.guard_id("database/creds/readonly/stuck".into(), parent());
-        let left = revoker.drain(Duration::from_secs(2)).await;
-        assert!(left.is_empty(), "left {left:?}");
-        let seen = seen.lock().expect("seen").clone();
-        assert_eq!(seen.len(), 1, "{seen:?}");
-        assert!(
-            seen[0].contains("database/creds/readonly/stuck"),
-            "{}",
-            seen[0]
-        );
-        drop(guard);
-        assert_eq!(revoker.outstanding(), 0);
-        assert_eq!(revoker.pending(), 0);
-    }
-}
+#[path = "lease_tests.rs"]
+mod tests;

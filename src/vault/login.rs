@@ -13,10 +13,10 @@ use zeroize::Zeroizing;
 
 use super::body::SecretBody;
 use super::client::{Body, VaultClient, load_token};
-use super::duration::from_vault_secs;
 use super::error::VaultError;
 use super::token::Token;
 use crate::config::{AuthMethod, RoleId, VaultAuth};
+use crate::lease_clock::from_vault_secs;
 use crate::metrics::labels::VaultOp;
 
 /// A login or renew-self answer.
@@ -217,7 +217,7 @@ mod tests {
         let login: LoginResponse = body::parse("login", text.as_bytes()).expect("parses");
         assert_eq!(
             renewal_granted(&login.auth),
-            crate::vault::duration::MAX_VAULT_DURATION
+            crate::lease_clock::MAX_VAULT_DURATION
         );
         let token = token_from_login(login.auth, true);
         token.renewed(tokio::time::Instant::now(), Duration::MAX, true);

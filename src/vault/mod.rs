@@ -1,5 +1,5 @@
 //! Vault / OpenBao, in floors (each module imports only from the ones above it in this list):
-//! - `duration` (clamped Vault durations) and `error` ([`VaultError`]): leaves.
+//! - `error` ([`VaultError`]): a leaf (durations are clamped by `crate::lease_clock`).
 //! - `token`: leasegate's own tokens and their store.
 //! - `body`: answer and secret request bodies in zeroizing memory.
 //! - `client`: the HTTP client, its requests, renew and revoke.
@@ -12,12 +12,11 @@ pub mod auth;
 pub(crate) mod body;
 pub mod client;
 mod creds;
-pub mod duration;
 pub mod error;
 pub mod lease;
 pub mod login;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod token;
 
 pub use client::VaultClient;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use tokio::time::Instant;
 
-use super::duration::later;
+use crate::lease_clock::{Jitter, Term};
 
 /// One Vault token and what is known of its lifetime. No `Debug` derive: it holds a secret.
 pub struct Token {
@@ -20,15 +20,8 @@ pub struct Token {
     /// no lease needs it any more; an operator's token (`token`, `token_file`, `VAULT_TOKEN`)
     /// is never revoked.
     pub(super) owned: bool,
-    state: Mutex<TokenState>,
-}
-
-#[derive(Clone, Copy)]
-pub(super) struct TokenState {
-    /// When the token expires; `None` for tokens without TTL (root, non-expiring).
-    pub(super) expires: Option<Instant>,
-    pub(super) renewable: bool,
-    pub(super) next_renew: Option<Instant>,
+    /// Its lifetime as last granted and when to renew it (the lease clock decides).
+    term: Mutex<Term>,
 }
 
 impl std::fmt::Debug for Token {
@@ -43,17 +36,12 @@ impl std::fmt::Debug for Token {
 
 impl Token {
     pub(crate) fn new(secret: SecretString, ttl: Duration, renewable: bool, owned: bool) -> Token {
-        let now = Instant::now();
-        let expires = (!ttl.is_zero()).then(|| later(now, ttl));
+        let term = Term::issued(Instant::now(), ttl, renewable, Jitter::random());
         Token {
             secret,
             ttl,
             owned,
-            state: Mutex::new(TokenState {
-                expires,
-                renewable: renewable && expires.is_some(),
-                next_renew: expires.map(|e| renew_at(now, e)),
-            }),
+            term: Mutex::new(term),
         }
     }
 
@@ -62,28 +50,26 @@ impl Token {
         &self.secret
     }
 
-    pub(super) fn state(&self) -> TokenState {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Its lifetime as known now.
+    pub(super) fn term(&self) -> Term {
+        *self.lock_term()
     }
 
-    pub(super) fn set_state(&self, f: impl FnOnce(&mut TokenState)) {
-        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+    fn lock_term(&self) -> std::sync::MutexGuard<'_, Term> {
+        self.term.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a renewal at `now` that granted `granted`.
+    /// Records a renewal at `now` that granted `granted` (the TTL at login was asked for).
     pub(crate) fn renewed(&self, now: Instant, granted: Duration, renewable: bool) {
-        self.set_state(|s| {
-            let expires = later(now, granted);
-            s.expires = Some(expires);
-            // Capped below what was asked for: the token is near its max TTL.
-            s.renewable = renewable && granted.saturating_add(Duration::from_secs(1)) >= self.ttl;
-            s.next_renew = s.renewable.then(|| renew_at(now, expires));
-        });
+        let asked = self.ttl;
+        self.lock_term()
+            .granted(now, asked, granted, renewable, Jitter::random());
     }
-}
 
-fn renew_at(now: Instant, expires: Instant) -> Instant {
-    later(now, expires.saturating_duration_since(now) * 2 / 3)
+    /// Records a failed renewal at `now` (retried with backoff).
+    pub(super) fn renew_failed(&self, now: Instant) {
+        self.lock_term().failed(now, Jitter::random());
+    }
 }
 
 /// The current token, the replaced ones still parenting leases, and Vault's health as the
