@@ -25,12 +25,12 @@ use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 
 /// Admin connections served at once.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// Limit for a request's headers to arrive, from the connection's start or the previous
 /// response (an idle connection is closed after this long).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Limit for a whole admin connection, requests and responses included.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));

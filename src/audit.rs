@@ -23,14 +23,14 @@ use crate::identity::Principal;
 use crate::tasks::Tasks;
 
 /// Audit events waiting for the writer at most; further ones are dropped (and counted).
-pub const QUEUE_CAPACITY: usize = 10_000;
+pub(crate) const QUEUE_CAPACITY: usize = 10_000;
 
 /// At most one "audit events dropped" warning this often.
 const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// One audit line.
 #[derive(Debug, Serialize, Default, Clone)]
-pub struct AuditEvent {
+pub(crate) struct AuditEvent {
     /// RFC 3339 time with milliseconds.
     pub time: String,
     /// `session_start`, `session_end` or `refused`.
@@ -77,7 +77,7 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// An event of `kind` for a client, stamped now.
-    pub fn new(event: &'static str, peer: SocketAddr) -> AuditEvent {
+    pub(crate) fn new(event: &'static str, peer: SocketAddr) -> AuditEvent {
         AuditEvent {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             event,
@@ -87,7 +87,7 @@ impl AuditEvent {
     }
 
     /// Adds the certificate's identities.
-    pub fn principal(mut self, p: &Principal) -> AuditEvent {
+    pub(crate) fn principal(mut self, p: &Principal) -> AuditEvent {
         self.identities = p.all_identities().iter().map(|i| printable(i)).collect();
         self.cert_serial = Some(p.serial.clone());
         self.cert_sha256 = Some(p.fingerprint.clone());
@@ -95,7 +95,7 @@ impl AuditEvent {
     }
 
     /// The same facts as a new event of another kind, stamped now.
-    pub fn again(&self, event: &'static str) -> AuditEvent {
+    pub(crate) fn again(&self, event: &'static str) -> AuditEvent {
         AuditEvent {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             event,
@@ -104,14 +104,14 @@ impl AuditEvent {
     }
 
     /// Adds the client-visible outcome of a refusal or failure.
-    pub fn error(mut self, err: &crate::error::SessionError) -> AuditEvent {
+    pub(crate) fn error(mut self, err: &crate::error::SessionError) -> AuditEvent {
         self.reason = Some(err.to_string());
         self.sqlstate = Some(err.sqlstate().code().to_owned());
         self
     }
 
     /// Adds the requested database and role.
-    pub fn request(mut self, database: &str, role: &str) -> AuditEvent {
+    pub(crate) fn request(mut self, database: &str, role: &str) -> AuditEvent {
         self.database = Some(printable(database));
         self.role = Some(printable(role));
         self
@@ -120,7 +120,7 @@ impl AuditEvent {
 
 /// Where audit lines go. Cloning shares the queue and the writer.
 #[derive(Clone)]
-pub struct AuditLog {
+pub(crate) struct AuditLog {
     shared: Arc<Shared>,
 }
 
@@ -185,7 +185,7 @@ impl AuditLog {
 
     /// Queues one line; drops it (counted, warned about at most every 10 s) when the queue
     /// is full.
-    pub fn record(&self, event: AuditEvent) {
+    pub(crate) fn record(&self, event: AuditEvent) {
         if self.shared.tx.try_send(Some(event)).is_ok() {
             return;
         }
@@ -205,8 +205,9 @@ impl AuditLog {
         }
     }
 
+    #[cfg(test)]
     /// Events waiting for the writer now.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.shared.tx.max_capacity() - self.shared.tx.capacity()
     }
 }

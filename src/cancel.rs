@@ -5,7 +5,7 @@
 //! compared in constant time, and a session's key is removed when the session ends. What a
 //! cancel may cost is bounded by [`gate`].
 
-pub mod gate;
+pub(crate) mod gate;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use crate::upstream::{Database, UpstreamError};
 
 /// Where a cancel for one session must go.
 #[derive(Clone)]
-pub struct CancelTarget {
+pub(crate) struct CancelTarget {
     /// The database entry the session is connected to.
     pub database: Arc<Database>,
     /// The upstream backend's pid.
@@ -36,12 +36,12 @@ struct Entry {
 
 /// Proxy key → upstream key.
 #[derive(Default)]
-pub struct CancelMap {
+pub(crate) struct CancelMap {
     entries: Mutex<HashMap<i32, Entry>>,
 }
 
 /// Removes the key from the map when the session ends.
-pub struct Registration {
+pub(crate) struct Registration {
     map: Arc<CancelMap>,
     pid: i32,
     /// The key handed to the client: (pid, secret).
@@ -58,7 +58,7 @@ impl Drop for Registration {
 
 impl CancelMap {
     /// Issues a fresh random key for `target`.
-    pub fn register(self: &Arc<Self>, target: CancelTarget) -> Registration {
+    pub(crate) fn register(self: &Arc<Self>, target: CancelTarget) -> Registration {
         let mut rng = rand::rng();
         let secret: i32 = rng.random();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -83,19 +83,21 @@ impl CancelMap {
     }
 
     /// The target for a client's cancel key, if the key is one of ours.
-    pub fn lookup(&self, key: &CancelKey) -> Option<CancelTarget> {
+    pub(crate) fn lookup(&self, key: &CancelKey) -> Option<CancelTarget> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let entry = entries.get(&key.pid)?;
         constant_time_eq(&entry.secret, &key.secret).then(|| entry.target.clone())
     }
 
+    #[cfg(test)]
     /// Number of live keys.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)
     }
 
+    #[cfg(test)]
     /// True when no session holds a key.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -109,7 +111,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Who sent a cancel request, as its packet says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelKind {
+pub(crate) enum CancelKind {
     /// A CancelRequest: a client's (libpq, drivers), plaintext or inside TLS.
     Client,
     /// A PeerCancelRequest: a client's cancel that a leasegate peer forwarded.
@@ -152,7 +154,7 @@ pub(crate) fn route<T>(
 
 /// Sends the cancel to the upstream; failures are logged, never reported to the requester
 /// (PostgreSQL does not answer cancel requests either).
-pub async fn forward(target: CancelTarget) {
+pub(crate) async fn forward(target: CancelTarget) {
     let db = &target.database;
     let attempt = async {
         let mut stream = db.connect().await?;

@@ -27,7 +27,7 @@ use crate::vault::VaultError;
 /// upstream, and leasegate ending a live session (57P01). Where a refusal's `Display` is what
 /// the client is told, the text is in its `#[error]`.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// StartupMessage sent without TLS.
     #[error("plaintext connection refused")]
     Plaintext,
@@ -271,7 +271,7 @@ impl SessionError {
     }
 
     /// Whether the client can still be sent an ErrorResponse (not when TLS itself failed).
-    pub fn reportable(&self) -> bool {
+    pub(crate) fn reportable(&self) -> bool {
         !matches!(self, SessionError::Tls(_))
     }
 }

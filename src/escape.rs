@@ -9,11 +9,11 @@
 //! backslash (so the escaping is unambiguous), and, in quoted forms, the double quote.
 
 /// Characters of a name shown in a client message; longer names are cut with `…`.
-pub const MESSAGE_MAX_CHARS: usize = 64;
+pub(crate) const MESSAGE_MAX_CHARS: usize = 64;
 
 /// Characters of a name shown in a log field; longer names are cut with `…` (the audit log
 /// has the whole value).
-pub const LOG_MAX_CHARS: usize = 256;
+pub(crate) const LOG_MAX_CHARS: usize = 256;
 
 /// Unicode bidirectional formatting characters: they reorder the text around them on screen
 /// (the "Trojan Source" trick), so a name could display as something it is not.
@@ -45,7 +45,7 @@ fn escape_into(out: &mut String, text: &str, quotes: bool, max: Option<usize>) {
 
 /// The whole of `text` with control characters, bidirectional controls and backslashes
 /// escaped, for fields of the JSON audit log (JSON quotes the value itself).
-pub fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     escape_into(&mut out, text, false, None);
     out
@@ -53,13 +53,13 @@ pub fn printable(text: &str) -> String {
 
 /// `text` in double quotes for a client message: escaped, quotes included, cut at
 /// [`MESSAGE_MAX_CHARS`] characters.
-pub fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     quoted_max(text, MESSAGE_MAX_CHARS)
 }
 
 /// `text` in double quotes for a log field: escaped, quotes included, cut at
 /// [`LOG_MAX_CHARS`] characters.
-pub fn logged(text: &str) -> String {
+pub(crate) fn logged(text: &str) -> String {
     quoted_max(text, LOG_MAX_CHARS)
 }
 

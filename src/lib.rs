@@ -80,26 +80,26 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
-pub mod audit;
-pub mod cancel;
+pub(crate) mod audit;
+pub(crate) mod cancel;
 pub mod cluster;
 pub mod config;
-pub mod error;
-pub mod escape;
+pub(crate) mod error;
+pub(crate) mod escape;
 pub mod identity;
 pub(crate) mod lease_clock;
-pub mod limits;
-pub mod listener;
+pub(crate) mod limits;
+pub(crate) mod listener;
 pub mod metrics;
 pub(crate) mod net;
 pub mod policy;
-pub mod prefetch;
+pub(crate) mod prefetch;
 pub mod protocol;
-pub mod secret_files;
-pub mod session;
-pub mod state;
+pub(crate) mod secret_files;
+pub(crate) mod session;
+pub(crate) mod state;
 pub(crate) mod tasks;
 pub mod tls;
 pub mod upstream;

@@ -11,7 +11,7 @@ use crate::metrics::labels::AuthFailureReason;
 
 /// Which limit refused a session.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum LimitHit {
+pub(crate) enum LimitHit {
     /// `limits.max_sessions`.
     Global(u32),
     /// `limits.max_sessions_per_identity`.
@@ -46,12 +46,12 @@ struct Counts {
 
 /// Session counters shared by every session.
 #[derive(Clone)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     counts: Arc<Mutex<Counts>>,
 }
 
 /// Held while a session lives; releases its counts on drop.
-pub struct Permit {
+pub(crate) struct Permit {
     counts: Arc<Mutex<Counts>>,
     identity: String,
 }
@@ -71,7 +71,7 @@ const SWEEP_ABOVE: usize = 10_000;
 
 impl Limiter {
     /// A limiter for `config`.
-    pub fn new(config: SessionLimits) -> Limiter {
+    pub(crate) fn new(config: SessionLimits) -> Limiter {
         Limiter {
             counts: Arc::new(Mutex::new(Counts {
                 config,
@@ -83,13 +83,13 @@ impl Limiter {
 
     /// Puts new limits in force (SIGHUP). Sessions already counted stay counted, so a lowered
     /// limit refuses new sessions until enough of the open ones have ended.
-    pub fn set_limits(&self, config: SessionLimits) {
+    pub(crate) fn set_limits(&self, config: SessionLimits) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.config = config;
     }
 
     /// Takes a session slot for `identity`, or says which limit refused it.
-    pub fn acquire(&self, identity: &str) -> Result<Permit, LimitHit> {
+    pub(crate) fn acquire(&self, identity: &str) -> Result<Permit, LimitHit> {
         self.acquire_at(identity, Instant::now())
     }
 

@@ -13,7 +13,7 @@ use crate::net::tune_socket;
 use crate::state::AppState;
 
 /// Accepts until `accepting` is cancelled.
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     state: Arc<AppState>,
     max_connections: usize,

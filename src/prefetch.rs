@@ -85,7 +85,7 @@ struct Pool {
 }
 
 /// A prefetched credential handed to a session.
-pub struct Prefetched {
+pub(crate) struct Prefetched {
     /// The credential.
     pub lease: Lease,
     /// Its guard (revokes on drop).
@@ -97,7 +97,7 @@ pub struct Prefetched {
 type Key = (String, String);
 
 /// Every pool and the task that keeps them filled.
-pub struct Prefetcher {
+pub(crate) struct Prefetcher {
     /// Every pool by (database, role).
     pools: Mutex<HashMap<Key, Pool>>,
     /// Wakes the task: a lease was taken, or the configuration changed.
@@ -137,7 +137,7 @@ impl Prefetcher {
     }
 
     /// Applies a (re)loaded config: new pools start filling, removed ones drain.
-    pub fn configure(&self, config: &Config) {
+    pub(crate) fn configure(&self, config: &Config) {
         let mut pools = self.lock();
         for pool in pools.values_mut() {
             pool.target = 0;
@@ -168,7 +168,7 @@ impl Prefetcher {
 
     /// Takes a ready credential for (database, role), if one is waiting that was issued for
     /// this very entry (mount, host, port and upstream database as the session sees them).
-    pub fn take(&self, db: &DatabaseConfig, role: &str) -> Option<Prefetched> {
+    pub(crate) fn take(&self, db: &DatabaseConfig, role: &str) -> Option<Prefetched> {
         let database = db.name.as_str();
         let mut pools = self.lock();
         let pool = pools
@@ -197,7 +197,7 @@ impl Prefetcher {
     }
 
     /// Revokes every waiting lease (shutdown).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut pools = self.lock();
         for ((db, role), pool) in pools.iter_mut() {
             pool.target = 0;
@@ -207,7 +207,7 @@ impl Prefetcher {
     }
 
     /// Keeps the pools filled and their leases alive until `stop`; then revokes them all.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         loop {
             let next = self.tick(&stop).await;
             tokio::select! {

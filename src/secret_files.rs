@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// How much a secret file's mode exposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exposure {
+pub(crate) enum Exposure {
     /// Only the owner can read it.
     Private,
     /// Its group can read it.
@@ -18,7 +18,7 @@ pub enum Exposure {
 
 /// What a check found: nothing, a warning, or a problem that refuses the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Finding {
+pub(crate) enum Finding {
     /// Readable by the owner only (or the file is missing, which other checks report).
     Fine,
     /// Accepted, with this warning.
@@ -28,7 +28,7 @@ pub enum Finding {
 }
 
 /// The exposure of `path` and its permission bits, `None` when it cannot be examined.
-pub fn exposure(path: &Path) -> Option<(Exposure, u32)> {
+pub(crate) fn exposure(path: &Path) -> Option<(Exposure, u32)> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
     let exposure = if mode & 0o004 != 0 {
@@ -44,7 +44,7 @@ pub fn exposure(path: &Path) -> Option<(Exposure, u32)> {
 /// Checks the secret file `path` configured as `key` (e.g. `listen.key`). `strict`: every
 /// user reading it is a problem (else only a warning, for files that are not secret on their
 /// own, such as an AppRole role ID).
-pub fn check_secret_file(key: &str, path: &Path, strict: bool) -> Finding {
+pub(crate) fn check_secret_file(key: &str, path: &Path, strict: bool) -> Finding {
     let Some((exposure, mode)) = exposure(path) else {
         return Finding::Fine;
     };

@@ -26,7 +26,7 @@ use crate::vault::{Revoker, VaultClient};
 
 /// What SIGHUP reloads. A session takes one snapshot when it starts and keeps it, so a reload
 /// never changes a session in flight.
-pub struct Live {
+pub(crate) struct Live {
     /// Client-facing TLS.
     pub tls: TlsAcceptor,
     /// The compiled grants.
@@ -65,7 +65,7 @@ impl Live {
 }
 
 /// Everything sessions share.
-pub struct AppState {
+pub(crate) struct AppState {
     /// Reloadable configuration.
     pub live: ArcSwap<Live>,
     /// Audit log writer.
@@ -90,7 +90,7 @@ pub struct AppState {
 
 impl AppState {
     /// Whether `/readyz` should answer 200.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && self.vault.tokens.healthy()
     }
 

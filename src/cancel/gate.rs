@@ -26,7 +26,7 @@ use crate::metrics::labels::CancelResult;
 /// Why a cancel request was dropped before any work; the label of
 /// `leasegate_cancel_requests_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// `cancels_per_second_per_address` or `cancels_per_second`.
     RateLimited,
     /// `max_concurrent_cancels` cancels are in flight.
@@ -53,7 +53,7 @@ const SWEEP_ABOVE: usize = 10_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Rate limits and the in-flight cap for cancel requests (shared, not reloaded).
-pub struct CancelGate<C: Clock = DefaultClock> {
+pub(crate) struct CancelGate<C: Clock = DefaultClock> {
     /// `cancels_per_second_per_address`, keyed by source address (IPv6 by /64).
     per_address: Keyed<C>,
     /// `cancels_per_second`, over every source.
@@ -71,14 +71,14 @@ fn quota(per_second: u32) -> Quota {
 
 impl CancelGate {
     /// A gate for the `[limits]` cancel settings.
-    pub fn new(limits: &CancelLimits) -> CancelGate {
+    pub(crate) fn new(limits: &CancelLimits) -> CancelGate {
         CancelGate::with_clock(limits, DefaultClock::default())
     }
 }
 
 impl<C: Clock + Clone> CancelGate<C> {
     /// A gate on `clock` (tests use a fake one).
-    pub fn with_clock(limits: &CancelLimits, clock: C) -> CancelGate<C> {
+    pub(crate) fn with_clock(limits: &CancelLimits, clock: C) -> CancelGate<C> {
         CancelGate {
             per_address: RateLimiter::dashmap_with_clock(
                 quota(limits.cancels_per_second_per_address),
@@ -92,7 +92,7 @@ impl<C: Clock + Clone> CancelGate<C> {
 
     /// Lets a cancel from `source` in (the permit is its slot until dropped), or says why
     /// not. `rate_limited` is false only for cancels a verified peer forwarded.
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         source: IpAddr,
         rate_limited: bool,

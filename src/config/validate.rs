@@ -261,7 +261,7 @@ pub(super) fn startup_parameter_problem(name: &str) -> Option<&'static str> {
 }
 
 /// True for names that can stand in a Vault URL path segment without escaping.
-pub fn is_safe_path_segment(s: &str) -> bool {
+pub(super) fn is_safe_path_segment(s: &str) -> bool {
     !s.is_empty()
         && s != "."
         && s != ".."

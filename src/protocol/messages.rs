@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
+use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
 
 use super::sqlstate::SqlState;
 
@@ -59,11 +59,6 @@ pub(crate) fn notice_response(
 /// Appends AuthenticationOk.
 pub fn authentication_ok(buf: &mut BytesMut) {
     let _ = Authentication::Ok.encode(buf);
-}
-
-/// Appends a ParameterStatus.
-pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    let _ = ParameterStatus::new(name.to_owned(), value.to_owned()).encode(buf);
 }
 
 /// Appends BackendKeyData with a 4-byte secret (protocol 3.0).

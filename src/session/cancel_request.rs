@@ -14,7 +14,12 @@ use crate::state::{AppState, Live};
 const CANCEL_WORK_LIMIT: Duration = Duration::from_secs(10);
 
 /// Handles one cancel request from `peer` and closes its connection.
-pub async fn handle(state: &AppState, live: &Live, request: CancelRequest, peer: SocketAddr) {
+pub(super) async fn handle(
+    state: &AppState,
+    live: &Live,
+    request: CancelRequest,
+    peer: SocketAddr,
+) {
     let from_peer = live
         .cluster
         .as_ref()

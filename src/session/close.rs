@@ -20,7 +20,7 @@ use crate::upstream::UpstreamStream;
 
 /// How long the close waits for the backend to close its connection (after Terminate, or
 /// after the cancel) before the lease is revoked regardless.
-pub const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// Bound on forwarding one CancelRequest.
 const CANCEL_WAIT: Duration = Duration::from_secs(2);
 /// Longest [`close`] takes: the first cancel, then the wait for the backend.
@@ -33,7 +33,7 @@ const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
 /// How the upstream connection ended; the `leasegate_upstream_closes_total{how}` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Closed {
+pub(crate) enum Closed {
     /// Idle at ReadyForQuery: Terminate, and the server closed.
     Idle,
     /// Busy: cancelled first, then closed, and the server closed in time.
@@ -56,7 +56,7 @@ impl Closed {
     }
 
     /// Short label for logs: the metric's label value.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         self.metric().as_str()
     }
 }
@@ -65,7 +65,7 @@ impl Closed {
 /// busy (`cancel` is the upstream's own key), Terminate when the client → upstream stream is
 /// between two messages (else only the write side is shut), then waits for the server to
 /// close. Logs a timeout at WARN with the database name and counts every close by how.
-pub async fn close(
+pub(crate) async fn close(
     stream: &mut UpstreamStream,
     relayed: &mut Relayed,
     cancel: Option<&CancelTarget>,

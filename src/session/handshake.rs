@@ -18,10 +18,10 @@ use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_in
 use crate::tls::server::ALPN_POSTGRESQL;
 
 /// A client TLS connection.
-pub type ClientStream = TlsStream<TcpStream>;
+pub(crate) type ClientStream = TlsStream<TcpStream>;
 
 /// What the pre-authentication phase produced.
-pub enum Accepted {
+pub(crate) enum Accepted {
     /// A cancel request (plaintext, or inside TLS as PostgreSQL 17 clients and peers send
     /// it), with the sender's certificate identity when it came over TLS with one.
     Cancel(CancelRequest),
@@ -32,7 +32,7 @@ pub enum Accepted {
 /// A cancel request and the connection it came on, which is closed only after the cancel
 /// was forwarded (as PostgreSQL does; libpq 17 waits for the close, over TLS for
 /// close_notify).
-pub struct CancelRequest {
+pub(crate) struct CancelRequest {
     /// A client's CancelRequest or a peer's PeerCancelRequest (inside TLS only).
     pub kind: CancelKind,
     /// The key the client presented.
@@ -44,7 +44,7 @@ pub struct CancelRequest {
 }
 
 /// The connection a cancel request came on.
-pub enum CancelConn {
+pub(crate) enum CancelConn {
     /// libpq ≤ 16: plaintext.
     Plain(TcpStream),
     /// PostgreSQL 17 clients and peers: inside TLS.
@@ -53,7 +53,7 @@ pub enum CancelConn {
 
 impl CancelConn {
     /// Closes the connection (TLS with close_notify), bounded in time.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let close = async {
             match self {
                 CancelConn::Plain(mut s) => s.shutdown().await,
@@ -65,7 +65,7 @@ impl CancelConn {
 }
 
 /// A TLS client with a verified certificate and its startup request.
-pub struct ClientHello {
+pub(crate) struct ClientHello {
     /// The TLS stream, positioned after the StartupMessage.
     pub stream: ClientStream,
     /// Who the certificate says the client is.
@@ -81,7 +81,7 @@ pub struct ClientHello {
 }
 
 /// Writes `err` to the client as a FATAL ErrorResponse, best effort, and closes the write side.
-pub async fn report<S: AsyncWrite + Unpin>(stream: &mut S, err: &SessionError) {
+pub(crate) async fn report<S: AsyncWrite + Unpin>(stream: &mut S, err: &SessionError) {
     if !err.reportable() {
         return;
     }
@@ -100,7 +100,10 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Runs SSL negotiation (or direct TLS), TLS and the startup packet. The caller bounds the
 /// time.
-pub async fn accept(mut tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<Accepted, SessionError> {
+pub(crate) async fn accept(
+    mut tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+) -> Result<Accepted, SessionError> {
     let mut first = [0u8; 1];
     let direct = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE_RECORD);
     if !direct && let Some(key) = negotiate(&mut tcp).await? {

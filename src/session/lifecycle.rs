@@ -21,7 +21,7 @@ use crate::vault::VaultClient;
 use crate::vault::lease::LeaseApi;
 
 /// The lease and limits one session lives under.
-pub struct Lifetime {
+pub(crate) struct Lifetime {
     /// Vault lease id.
     pub lease_id: String,
     /// TTL Vault granted at issue, also the increment asked for on renewal.
@@ -102,7 +102,7 @@ pub(crate) const FORCE_AFTER: Duration = Duration::from_secs(4);
 /// Watches the session until it must end and sends `Control` messages to the relay. Run it in
 /// a `select!` beside the relay: it completes only when the relay failed to end the session
 /// within [`FORCE_AFTER`] of an `End` (the caller then cuts the connection).
-pub async fn watch(
+pub(crate) async fn watch(
     vault: &VaultClient,
     metrics: &Metrics,
     life: Lifetime,

@@ -4,10 +4,10 @@
 //! the backend is gone).
 
 mod cancel_request;
-pub mod close;
-pub mod handshake;
-pub mod lifecycle;
-pub mod relay;
+pub(crate) mod close;
+pub(crate) mod handshake;
+pub(crate) mod lifecycle;
+pub(crate) mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,7 +44,12 @@ pub(crate) const END_WITHIN: Duration = lifecycle::FORCE_AFTER
     .saturating_add(close::CLOSE_WITHIN);
 
 /// Serves one accepted TCP connection to its end, recording metrics, logs and audit lines.
-pub async fn run(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+pub(crate) async fn run(
+    state: Arc<AppState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     let live = state.live.load_full();
     let started = Instant::now();
     let accepted = tokio::select! {
@@ -270,7 +275,8 @@ impl Session<'_> {
         end.bytes_to_upstream = Some(relayed.to_upstream.bytes);
         end.bytes_to_client = Some(relayed.to_client.bytes);
         end.reason = Some(relayed.end.label().to_owned());
-        tracing::info!(peer = %self.peer, end = relayed.end.label(), upstream_close = closed.label(),
+        tracing::info!(peer = %self.peer, end = relayed.end.label(), detail = relayed.end.detail(),
+            upstream_close = closed.label(),
             bytes_to_upstream = relayed.to_upstream.bytes, bytes_to_client = relayed.to_client.bytes,
             duration_ms = started.elapsed().as_millis() as u64, "session ended");
         self.state.audit.record(end);

@@ -12,9 +12,9 @@ use tokio::time::Instant;
 use crate::protocol::framing::{Framer, TypeSet};
 
 /// Buffer for upstream → client: one full TLS record's worth, for large results.
-pub const BUFFER_SIZE: usize = 16 * 1024;
+pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
 /// Buffer for client → upstream: queries are small, COPY streams in any chunk size.
-pub const CLIENT_BUFFER_SIZE: usize = 8 * 1024;
+pub(crate) const CLIENT_BUFFER_SIZE: usize = 8 * 1024;
 
 /// How long an `End` may wait for the upstream to finish the message it is sending before the
 /// session is cut without the closing ErrorResponse.
@@ -32,7 +32,7 @@ const READY: TypeSet = TypeSet::of(b"Z");
 
 /// Messages leasegate injects into the upstream → client stream, between two messages.
 #[derive(Debug)]
-pub enum Control {
+pub(crate) enum Control {
     /// A NoticeResponse (or other message) to deliver; the session continues.
     Notice(BytesMut),
     /// A final ErrorResponse to deliver; the session ends.
@@ -41,7 +41,7 @@ pub enum Control {
 
 /// Why the relay stopped.
 #[derive(Debug)]
-pub enum RelayEnd {
+pub(crate) enum RelayEnd {
     /// The client sent Terminate and closed.
     ClientTerminated,
     /// The client closed without Terminate, or its connection failed.
@@ -58,7 +58,7 @@ pub enum RelayEnd {
 
 impl RelayEnd {
     /// Short label for logs and audit lines.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             RelayEnd::ClientTerminated => "client_terminate",
             RelayEnd::ClientGone(_) => "client_gone",
@@ -66,11 +66,21 @@ impl RelayEnd {
             RelayEnd::Ended { .. } => "ended_by_leasegate",
         }
     }
+
+    /// What the label leaves out, for the log: the socket error that ended the session, or
+    /// that leasegate's closing ErrorResponse could not be delivered.
+    pub(crate) fn detail(&self) -> Option<String> {
+        match self {
+            RelayEnd::ClientGone(Some(e)) | RelayEnd::UpstreamGone(Some(e)) => Some(e.to_string()),
+            RelayEnd::Ended { delivered: false } => Some("closing message not delivered".into()),
+            _ => None,
+        }
+    }
 }
 
 /// What one direction has done so far.
 #[derive(Debug, Default)]
-pub struct Direction {
+pub(crate) struct Direction {
     /// Bytes written to the far side.
     pub bytes: u64,
     /// Boundary tracking (and request or ReadyForQuery counting) over the bytes taken from
@@ -89,7 +99,9 @@ pub struct Direction {
 
 impl Direction {
     /// Client → upstream, counting the client's requests.
-    pub fn to_upstream(counter: Option<prometheus_client::metrics::counter::Counter>) -> Self {
+    pub(crate) fn to_upstream(
+        counter: Option<prometheus_client::metrics::counter::Counter>,
+    ) -> Self {
         Direction {
             framer: Framer::counting(REQUESTS, UNSYNCED),
             counter,
@@ -98,7 +110,7 @@ impl Direction {
     }
 
     /// Upstream → client, counting ReadyForQuery; `unsent` is relayed before anything else.
-    pub fn to_client(
+    pub(crate) fn to_client(
         counter: Option<prometheus_client::metrics::counter::Counter>,
         unsent: BytesMut,
     ) -> Self {
@@ -139,7 +151,7 @@ impl Direction {
 
     /// Feeds what is left of `unsent` to the tracking only, at the close: the server sent it,
     /// the client will never see it.
-    pub fn count_unsent(&mut self) {
+    pub(crate) fn count_unsent(&mut self) {
         let rest = std::mem::take(&mut self.unsent);
         self.framer.feed(&rest);
     }
@@ -147,7 +159,7 @@ impl Direction {
 
 /// Result of a relay.
 #[derive(Debug)]
-pub struct Relayed {
+pub(crate) struct Relayed {
     /// Why it stopped.
     pub end: RelayEnd,
     /// Client → upstream.
@@ -162,7 +174,7 @@ impl Relayed {
     /// and no extended-protocol message awaits its Sync. Anything else (a statement running,
     /// COPY in either direction, a pipeline in flight, a request cut in half) is busy. A
     /// client's protocol error can only make the count look busier than it is, never idle.
-    pub fn upstream_idle(&self) -> bool {
+    pub(crate) fn upstream_idle(&self) -> bool {
         let (up, down) = (&self.to_upstream, &self.to_client);
         up.framer.at_boundary()
             && !up.torn
@@ -173,7 +185,7 @@ impl Relayed {
 
     /// True when Terminate can go upstream: the client → upstream stream is between two
     /// messages (and the client did not send Terminate itself).
-    pub fn can_terminate(&self) -> bool {
+    pub(crate) fn can_terminate(&self) -> bool {
         let up = &self.to_upstream;
         up.framer.at_boundary() && !up.torn && up.framer.last_type() != b'X'
     }
@@ -303,7 +315,7 @@ where
 /// Relays until either side closes or a `Control::End` is delivered. The directions are
 /// borrowed so that their counts survive when the caller cuts the relay short; `to_client`'s
 /// `unsent` bytes go to the client first.
-pub async fn relay<C, U>(
+pub(crate) async fn relay<C, U>(
     client_r: &mut ReadHalf<C>,
     client_w: &mut WriteHalf<C>,
     upstream_r: &mut ReadHalf<U>,

@@ -15,16 +15,6 @@ pub enum UpstreamStream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl UpstreamStream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            UpstreamStream::Plain(s) => s,
-            UpstreamStream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
 impl AsyncRead for UpstreamStream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -82,7 +82,7 @@ fn describe(what: &str, e: &serde_json::Error) -> String {
 
 /// A serialised request body holding a secret. No `Debug`, no `Clone`: it is sent once and
 /// wiped when the HTTP client drops the last reference to it.
-pub struct SecretBody(SecretBytes);
+pub(crate) struct SecretBody(SecretBytes);
 
 impl SecretBody {
     /// Serialises `value` as JSON straight into zeroizing memory. `secret_len` is the length
