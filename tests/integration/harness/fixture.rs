@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use super::bao::{Mount, Target, all_leases, fresh_mount};
 use super::client::{Transport, current_user, pg_connect, raw_startup, tls_config};
 use super::env;
+use super::metrics::value_or_zero;
 use super::pg::{Pg, dynamic_roles, dynamic_roles_on};
 use super::pki::{ClientCert, Identity, Pki};
 use super::poll_until;
@@ -110,8 +111,6 @@ impl Fixture {
         wait_all_revoked(&self.mount, timeout).await;
     }
 
-    /// The good client logs in through the raw protocol and with tokio-postgres, and the
-    /// session user is a dynamic role of this mount. Cleans up after itself.
     /// Polls until the leases of `role` and the mount's dynamic roles are gone and exactly one
     /// revocation succeeded: the lease issued for a failed login was revoked.
     pub async fn wait_failed_login_revoked(&self, role: &str) {
@@ -140,7 +139,11 @@ impl Fixture {
         .await;
     }
 
+    /// The good client logs in through the raw protocol and with tokio-postgres, and the
+    /// session user is a dynamic role of this mount. Cleans up after itself.
     pub async fn assert_good_client_works(&self) {
+        let active = |m: &str| value_or_zero(m, "leasegate_sessions_active", &[]);
+        let before = active(&self.proxy.metrics().await);
         let raw = raw_startup(
             self.proxy.port,
             Transport::Tls(tls_config(&self.pki, Some(&self.good))),
@@ -152,6 +155,20 @@ impl Fixture {
             matches!(raw, super::client::Raw::Ready),
             "good client should log in, got {raw:?}"
         );
+        // The raw session is closed; wait until leasegate has ended it, so that it no longer
+        // counts against a per-identity session limit of the next one.
+        let proxy = &self.proxy;
+        poll_until(
+            Duration::from_secs(10),
+            "the raw session of the good client ended",
+            || async move {
+                match active(&proxy.metrics().await) {
+                    n if n <= before => Ok(()),
+                    n => Err(format!("leasegate_sessions_active {n}, before {before}")),
+                }
+            },
+        )
+        .await;
         let session = pg_connect(
             self.proxy.port,
             &self.pki,
