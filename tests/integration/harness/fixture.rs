@@ -95,8 +95,37 @@ impl Fixture {
         wire
     }
 
-    /// Asserts that right now no lease of this mount and no role with its prefix exists.
+    /// Asserts that leasegate issued nothing since it started: no creds request reached
+    /// Vault, no lease was issued (not even one revoked again since), and no lease of this
+    /// mount and no role with its prefix exists. For a test that had credentials issued
+    /// before the refusal it checks, see [`Fixture::assert_nothing_issued_since`].
     pub async fn assert_nothing_issued(&self) {
+        self.assert_nothing_issued_since(Issued::AT_START).await;
+    }
+
+    /// Asserts that leasegate issued nothing since `before` (read with [`Fixture::issued`]
+    /// right before the attempt that must not issue anything), and that nothing is
+    /// outstanding now.
+    pub async fn assert_nothing_issued_since(&self, before: Issued) {
+        let now = self.issued().await;
+        assert_eq!(
+            now, before,
+            "nothing issued expected: leasegate's counters moved (a credential issued and \
+             revoked again counts too)"
+        );
+        self.assert_nothing_outstanding().await;
+    }
+
+    /// leasegate's issue counters now, as a baseline for
+    /// [`Fixture::assert_nothing_issued_since`].
+    pub async fn issued(&self) -> Issued {
+        Issued::read(&self.proxy).await
+    }
+
+    /// Asserts that right now no lease of this mount and no role with its prefix exists
+    /// (whatever was issued before has been revoked). Reads only OpenBao and PostgreSQL, so
+    /// it also works after leasegate exited.
+    pub async fn assert_nothing_outstanding(&self) {
         let roles = dynamic_roles(&self.mount.prefix).await;
         assert!(
             roles.is_empty(),
@@ -188,6 +217,34 @@ impl Fixture {
         // run while the Proxy's Drop blocks, and leasegate would wait out its drain for it.
         drop(session.client);
         let _ = session.driver.await;
+    }
+}
+
+/// What a leasegate has had issued so far, from two counters that only grow: comparing two
+/// readings shows whether anything was issued in between, even a credential revoked again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Issued {
+    /// `leasegate_leases_issued_total`: leases leasegate took charge of.
+    pub leases: f64,
+    /// `leasegate_vault_requests_total{op="creds"}` over every status: Vault was asked for a
+    /// credential, whether or not it answered with one.
+    pub creds_requests: f64,
+}
+
+impl Issued {
+    /// A leasegate process starts with both counters at zero.
+    pub const AT_START: Issued = Issued {
+        leases: 0.0,
+        creds_requests: 0.0,
+    };
+
+    /// Both counters from `proxy`'s /metrics now.
+    pub async fn read(proxy: &Proxy) -> Issued {
+        let m = proxy.metrics().await;
+        Issued {
+            leases: value_or_zero(&m, "leasegate_leases_issued_total", &[]),
+            creds_requests: value_or_zero(&m, "leasegate_vault_requests_total", &[("op", "creds")]),
+        }
     }
 }
 
