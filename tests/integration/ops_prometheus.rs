@@ -96,25 +96,32 @@ impl Prometheus {
             log,
             _dir: dir,
         };
+        prom.wait_ready().await;
+        prom
+    }
+
+    /// Polls `/-/ready` for up to 30 s; panics with the log if Prometheus exits or is not
+    /// ready by then.
+    async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(status)) = prom.child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", tail(&prom.log, 4000));
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("prometheus exited ({status}):\n{}", tail(&self.log, 4000));
             }
-            let ready = prom
+            let ready = self
                 .http
-                .get(format!("http://127.0.0.1:{port}/-/ready"))
+                .get(format!("http://127.0.0.1:{}/-/ready", self.port))
                 .send()
                 .await
                 .map(|r| r.status().is_success())
                 .unwrap_or(false);
             if ready {
-                return prom;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "prometheus not ready after 30 s:\n{}",
-                tail(&prom.log, 4000)
+                tail(&self.log, 4000)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -181,30 +188,20 @@ fn sample_value(result: &[Value]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prometheus_scrapes_leasegate_and_answers_the_alerts_and_dashboard() {
-    let f = Fixture::start("ops-prometheus").await;
-    let prom = Prometheus::start(&format!("127.0.0.1:{}", f.proxy.metrics_port)).await;
-    for _ in 0..3 {
-        one_session(&f).await;
-    }
-    let p = &prom;
-    poll_until(
-        Duration::from_secs(30),
-        "Prometheus to see 3 ok sessions",
-        || async move {
-            let r = p.query("leasegate_sessions_total{outcome=\"ok\"}").await;
-            match sample_value(&r) {
-                Some(3.0) => Ok(()),
-                other => Err(format!("value {other:?} (result {r:?})")),
-            }
-        },
-    )
-    .await;
-    let up = prom.query("up{job=\"leasegate\"}").await;
-    assert_eq!(sample_value(&up), Some(1.0), "{up:?}");
+/// Metrics the dashboard shows that 3 sessions produce: its queries over them return data.
+const MUST_HAVE_DATA: [&str; 8] = [
+    "leasegate_sessions_active",
+    "leasegate_sessions_total",
+    "leasegate_session_setup_duration_seconds_bucket",
+    "leasegate_vault_request_duration_seconds_bucket",
+    "leasegate_vault_requests_total",
+    "leasegate_leases_active",
+    "leasegate_relayed_bytes_total",
+    "leasegate_build_info",
+];
 
-    // alerts.yml loads into a real Prometheus and every rule evaluates without error.
+/// alerts.yml is loaded, every rule evaluated with health ok, and none fires.
+async fn assert_alerts_evaluate_and_none_fires(prom: &Prometheus) {
     let alerts = std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).expect("alerts.yml");
     let want = alerts.matches("- alert:").count();
     assert!(want > 0, "alerts.yml has no alert");
@@ -212,7 +209,7 @@ async fn prometheus_scrapes_leasegate_and_answers_the_alerts_and_dashboard() {
         Duration::from_secs(20),
         "every alert rule evaluated with health ok",
         || async move {
-            let v = p.api("rules", None).await;
+            let v = prom.api("rules", None).await;
             let rules: Vec<Value> = v["data"]["groups"]
                 .as_array()
                 .into_iter()
@@ -252,35 +249,11 @@ async fn prometheus_scrapes_leasegate_and_answers_the_alerts_and_dashboard() {
         firing.is_empty(),
         "a healthy leasegate fires alerts: {firing:?}"
     );
+}
 
-    // Every query of the dashboard is valid PromQL; those over metrics this traffic produced
-    // return data (once every series has the two samples rate() needs).
-    let must_have_data = [
-        "leasegate_sessions_active",
-        "leasegate_sessions_total",
-        "leasegate_session_setup_duration_seconds_bucket",
-        "leasegate_vault_request_duration_seconds_bucket",
-        "leasegate_vault_requests_total",
-        "leasegate_leases_active",
-        "leasegate_relayed_bytes_total",
-        "leasegate_build_info",
-    ];
-    let names = &must_have_data;
-    poll_until(
-        Duration::from_secs(20),
-        "two samples of every series the dashboard needs",
-        || async move {
-            for name in names {
-                let r = p.query(&format!("min(count_over_time({name}[1m]))")).await;
-                match sample_value(&r) {
-                    Some(n) if n >= 2.0 => {}
-                    other => return Err(format!("{name}: fewest samples {other:?}")),
-                }
-            }
-            Ok(())
-        },
-    )
-    .await;
+/// The dashboard's queries (check-deploy.py dashboard-exprs), with Grafana's variables
+/// replaced.
+fn dashboard_exprs() -> Vec<String> {
     let out = check_deploy(&["dashboard-exprs"]);
     assert!(
         out.status.success(),
@@ -292,6 +265,30 @@ async fn prometheus_scrapes_leasegate_and_answers_the_alerts_and_dashboard() {
         .map(|l| serde_json::from_str(l).expect("one JSON string per line"))
         .collect();
     assert!(exprs.len() >= 20, "dashboard queries: {exprs:?}");
+    exprs
+}
+
+/// Every query of the dashboard is valid PromQL; those over [`MUST_HAVE_DATA`] return data
+/// (once every series has the two samples rate() needs).
+async fn assert_dashboard_queries_answer(prom: &Prometheus) {
+    poll_until(
+        Duration::from_secs(20),
+        "two samples of every series the dashboard needs",
+        || async move {
+            for name in MUST_HAVE_DATA {
+                let r = prom
+                    .query(&format!("min(count_over_time({name}[1m]))"))
+                    .await;
+                match sample_value(&r) {
+                    Some(n) if n >= 2.0 => {}
+                    other => return Err(format!("{name}: fewest samples {other:?}")),
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+    let exprs = dashboard_exprs();
     let mut empty = Vec::new();
     for expr in &exprs {
         if expr.starts_with("label_values(") {
@@ -304,7 +301,7 @@ async fn prometheus_scrapes_leasegate_and_answers_the_alerts_and_dashboard() {
         if result.is_empty() {
             empty.push(expr.clone());
             assert!(
-                !must_have_data.iter().any(|m| expr.contains(m))
+                !MUST_HAVE_DATA.iter().any(|m| expr.contains(m))
                     || expr.contains("status!=\"2xx\"")
                     || expr.contains("result=\"error\""),
                 "dashboard query returned nothing after 3 sessions: {expr}"
@@ -316,5 +313,31 @@ async fn prometheus_scrapes_leasegate_and_answers_the_alerts_and_dashboard() {
         exprs.len(),
         empty.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_leasegate_and_answers_the_alerts_and_dashboard() {
+    let f = Fixture::start("ops-prometheus").await;
+    let prom = Prometheus::start(&format!("127.0.0.1:{}", f.proxy.metrics_port)).await;
+    for _ in 0..3 {
+        one_session(&f).await;
+    }
+    let p = &prom;
+    poll_until(
+        Duration::from_secs(30),
+        "Prometheus to see 3 ok sessions",
+        || async move {
+            let r = p.query("leasegate_sessions_total{outcome=\"ok\"}").await;
+            match sample_value(&r) {
+                Some(3.0) => Ok(()),
+                other => Err(format!("value {other:?} (result {r:?})")),
+            }
+        },
+    )
+    .await;
+    let up = prom.query("up{job=\"leasegate\"}").await;
+    assert_eq!(sample_value(&up), Some(1.0), "{up:?}");
+    assert_alerts_evaluate_and_none_fires(&prom).await;
+    assert_dashboard_queries_answer(&prom).await;
     f.wait_all_revoked(Duration::from_secs(10)).await;
 }

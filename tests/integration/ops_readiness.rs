@@ -18,10 +18,10 @@ use crate::harness::pki::{Identity, Pki};
 use crate::harness::proxy::{BIN, Proxy, ProxyConfig, check_config, write_secret};
 use crate::harness::{closed_port, dynamic_roles, env, free_port, poll_until, root};
 
-#[test]
-fn check_config_reports_every_problem_at_once() {
-    let pki = Pki::new();
-    let expired = server_cert(&pki, "expired-server", 0xe1, true);
+/// A config with four problems: a missing client CA file, an expired server certificate, a
+/// grant naming an unknown database and one naming an unknown role.
+fn config_with_four_problems(pki: &Pki) -> String {
+    let expired = server_cert(pki, "expired-server", 0xe1, true);
     let mut cfg = ProxyConfig {
         pki: pki.clone(),
         vault_address: "http://127.0.0.1:8200".into(),
@@ -62,7 +62,13 @@ fn check_config_reports_every_problem_at_once() {
         toml.contains("expired-server.pem") && toml.contains("missing-ca.pem"),
         "{toml}"
     );
+    toml
+}
 
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let pki = Pki::new();
+    let toml = config_with_four_problems(&pki);
     let out = check_config(&toml);
     let said = output_text(&out);
     assert!(

@@ -3,6 +3,7 @@
 //! AppRole login is created (a second run keeps the secret_id, the files are 0600), and
 //! leasegate logs in with those files and serves a session.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -41,25 +42,13 @@ fn run_script(script: &str, envs: &[(&str, String)]) -> String {
     said
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openbao_scripts_set_up_an_approle_login_that_leasegate_uses() {
-    let env = env();
-    let n = next_id();
-    let mount = Mount {
-        name: format!("t{n}-ops-approle"),
-        prefix: format!("lgt{n}_"),
-    };
-    let approle_mount = format!("approle-t{n}");
-    let secrets = root().tempdir("ops-approle-");
-    let role_id_file = secrets.path().join("role-id");
-    let secret_id_file = secrets.path().join("secret-id");
-    let vault = vec![
-        ("VAULT_ADDR", env.bao.addr.clone()),
-        ("VAULT_TOKEN", ROOT_TOKEN.to_string()),
-        ("MOUNT", mount.name.clone()),
-    ];
+/// `VAULT_ADDR`, `VAULT_TOKEN` (root) and `MOUNT`: what both scripts read.
+type Vars = Vec<(&'static str, String)>;
 
-    // The database secrets engine, as an operator sets it up.
+/// deploy/openbao-setup.sh: the database secrets engine on `mount`, as an operator sets it
+/// up against the shared PostgreSQL; the script verifies the readonly role itself.
+fn run_openbao_setup(vault: &Vars, mount: &Mount) {
+    let env = env();
     let mut setup = vault.clone();
     setup.extend([
         ("PGHOST", "127.0.0.1".to_string()),
@@ -71,30 +60,53 @@ async fn openbao_scripts_set_up_an_approle_login_that_leasegate_uses() {
     ]);
     let said = run_script("deploy/openbao-setup.sh", &setup);
     assert!(said.contains("verified readonly"), "{said}");
+}
 
-    // AppRole, twice: the second run keeps the secret_id.
+/// deploy/openbao-approle.sh, twice: the second run keeps the secret_id; both files are
+/// 0600.
+fn run_openbao_approle_twice(vault: &Vars, approle_mount: &str, role_id: &Path, secret_id: &Path) {
     let mut approle = vault.clone();
     approle.extend([
-        ("APPROLE_MOUNT", approle_mount.clone()),
-        ("ROLE_ID_FILE", role_id_file.display().to_string()),
-        ("SECRET_ID_FILE", secret_id_file.display().to_string()),
+        ("APPROLE_MOUNT", approle_mount.to_string()),
+        ("ROLE_ID_FILE", role_id.display().to_string()),
+        ("SECRET_ID_FILE", secret_id.display().to_string()),
         ("TOKEN_PERIOD", "1h".to_string()),
     ]);
     let said = run_script("deploy/openbao-approle.sh", &approle);
     assert!(said.contains("periodic token"), "{said}");
-    let secret_id = std::fs::read_to_string(&secret_id_file).expect("secret_id file");
+    let first = std::fs::read_to_string(secret_id).expect("secret_id file");
     let said = run_script("deploy/openbao-approle.sh", &approle);
     assert!(said.contains("still valid, keeping it"), "{said}");
     assert_eq!(
-        std::fs::read_to_string(&secret_id_file).expect("secret_id file"),
-        secret_id,
+        std::fs::read_to_string(secret_id).expect("secret_id file"),
+        first,
         "a second run keeps the secret_id"
     );
-    for file in [&role_id_file, &secret_id_file] {
+    for file in [role_id, secret_id] {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(file).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} mode {mode:o}", file.display());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_scripts_set_up_an_approle_login_that_leasegate_uses() {
+    let n = next_id();
+    let mount = Mount {
+        name: format!("t{n}-ops-approle"),
+        prefix: format!("lgt{n}_"),
+    };
+    let approle_mount = format!("approle-t{n}");
+    let secrets = root().tempdir("ops-approle-");
+    let role_id_file = secrets.path().join("role-id");
+    let secret_id_file = secrets.path().join("secret-id");
+    let vault: Vars = vec![
+        ("VAULT_ADDR", env().bao.addr.clone()),
+        ("VAULT_TOKEN", ROOT_TOKEN.to_string()),
+        ("MOUNT", mount.name.clone()),
+    ];
+    run_openbao_setup(&vault, &mount);
+    run_openbao_approle_twice(&vault, &approle_mount, &role_id_file, &secret_id_file);
     let bao = Target::shared();
     let role = bao
         .read(&format!("auth/{approle_mount}/role/leasegate"))
