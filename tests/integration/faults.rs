@@ -1,65 +1,153 @@
-//! Failures behind leasegate: Vault unreachable, hanging or answering 503, the upstream
-//! database unreachable or refusing the login. The client must get FATAL 08006 quickly
-//! (or the upstream's own error), without Vault-internal text, and a lease that was already
-//! issued must be revoked.
+//! Failures behind leasegate: Vault unreachable from the start (leasegate never gets a token,
+//! so it asks for no credential), a Vault that accepted leasegate's token but hangs or answers
+//! 503 to the creds call, the upstream database unreachable or refusing the login. The client
+//! must get FATAL 08006 quickly (or the upstream's own error), without Vault-internal text,
+//! and a lease that was already issued must be revoked.
+//!
+//! For a Vault that is down, leasegate is pointed away from the real OpenBao, so "nothing
+//! issued" is asserted where it can fail: on what the stand-in saw (the fake Vault's
+//! requests: one creds request, no lease call; a closed port held closed for the whole test)
+//! and on leasegate's own counters (each Vault call counted with its outcome, no lease).
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 
 use crate::harness::bao;
 use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
 use crate::harness::closed_port;
-use crate::harness::fixture::Fixture;
+use crate::harness::fake_vault::{FakeVault, Reply, Request, lookup_self_ok};
+use crate::harness::fixture::{Fixture, Issued};
 use crate::harness::metrics::value_or_zero;
 use crate::harness::poll_until;
 
 /// Text the fake Vault puts in its error body; it must never reach a client.
 const VAULT_INTERNAL: &str = "SECRET-INTERNAL-DETAIL backend 10.9.8.7 exploded";
+/// Where leasegate checks its static token (answered by the fakes, so that it holds one).
+const LOOKUP_SELF: &str = "/v1/auth/token/lookup-self";
 
-#[derive(Clone, Copy)]
-enum FakeVault {
-    /// Accepts connections, reads the requests, never answers.
-    Hang,
-    /// Answers every request with 503 and an error body.
-    Unavailable,
+/// A fake Vault that accepts leasegate's token (`lookup-self`), then reads every other
+/// request and never answers it.
+async fn hanging_vault() -> FakeVault {
+    FakeVault::start(|req: Request| async move {
+        if req.path == LOOKUP_SELF {
+            return lookup_self_ok();
+        }
+        Reply::After(
+            Duration::from_secs(3600),
+            Box::new(Reply::Json(500, "{}".into())),
+        )
+    })
+    .await
 }
 
-/// A tiny local HTTP server standing in for a broken Vault. Runs until the test's runtime
-/// ends.
-async fn fake_vault(mode: FakeVault) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind fake vault");
-    let port = listener.local_addr().expect("fake vault addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut seen = Vec::new();
-                loop {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                    let complete = seen.windows(4).any(|w| w == b"\r\n\r\n");
-                    if let (FakeVault::Unavailable, true) = (mode, complete) {
-                        let body = format!("{{\"errors\":[\"{VAULT_INTERNAL}\"]}}");
-                        let resp = format!(
-                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-                             content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = sock.write_all(resp.as_bytes()).await;
-                        let _ = sock.shutdown().await;
-                        return;
-                    }
-                }
-            });
+/// A fake Vault that accepts leasegate's token (`lookup-self`), then answers every other
+/// request with 503 and an error body naming internals.
+async fn unavailable_vault() -> FakeVault {
+    FakeVault::start(|req: Request| async move {
+        if req.path == LOOKUP_SELF {
+            return lookup_self_ok();
         }
-    });
-    port
+        Reply::Json(503, format!("{{\"errors\":[\"{VAULT_INTERNAL}\"]}}"))
+    })
+    .await
+}
+
+/// Polls until /readyz answers 200: leasegate holds a usable token from the fake, so that a
+/// session's failure is the creds call's and not "no usable Vault token".
+async fn wait_ready(f: &Fixture) {
+    let proxy = &f.proxy;
+    poll_until(
+        Duration::from_secs(10),
+        "/readyz 200 (a token from the fake Vault)",
+        || async move {
+            match proxy.get("/readyz").await {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+/// A loopback port held bound but not listening for as long as the guard lives: every
+/// connection to it is refused, and nothing else can start listening there meanwhile.
+struct HeldClosed {
+    port: u16,
+    _socket: TcpSocket,
+}
+
+impl HeldClosed {
+    fn new() -> HeldClosed {
+        let socket = TcpSocket::new_v4().expect("TCP socket");
+        let addr = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+        socket.bind(addr).expect("bind the closed port");
+        let port = socket.local_addr().expect("bound address").port();
+        HeldClosed {
+            port,
+            _socket: socket,
+        }
+    }
+
+    /// Panics unless a connection to the port is refused right now.
+    async fn assert_refuses(&self) {
+        let e = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect_err("the held port accepted a connection");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    }
+}
+
+/// `leasegate_vault_requests_total{op="creds",status}`.
+async fn creds_with_status(f: &Fixture, status: &str) -> f64 {
+    let m = f.proxy.metrics().await;
+    value_or_zero(
+        &m,
+        "leasegate_vault_requests_total",
+        &[("op", "creds"), ("status", status)],
+    )
+}
+
+/// leasegate asked Vault for one credential, counted it with `status`, and issued no lease
+/// and holds none.
+async fn assert_one_creds_attempt_nothing_issued(f: &Fixture, status: &str) {
+    assert_eq!(
+        f.issued().await,
+        Issued {
+            leases: 0.0,
+            creds_requests: 1.0
+        },
+        "one creds request, no lease issued"
+    );
+    assert_eq!(
+        creds_with_status(f, status).await,
+        1.0,
+        "the creds request counted as status=\"{status}\""
+    );
+    let m = f.proxy.metrics().await;
+    assert_eq!(value_or_zero(&m, "leasegate_leases_active", &[]), 0.0);
+}
+
+/// The fake received exactly one creds request for the good client's role and no lease
+/// revocation.
+#[track_caller]
+fn assert_fake_saw_one_creds_request(fake: &FakeVault, f: &Fixture) {
+    let requests: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    let creds = format!("GET /v1/{}/creds/readonly", f.mount.name);
+    assert_eq!(
+        requests.iter().filter(|r| **r == creds).count(),
+        1,
+        "exactly one {creds:?}; the fake saw {requests:?}"
+    );
+    assert!(
+        !requests.iter().any(|r| r.contains("/v1/sys/leases/")),
+        "no lease renewed or revoked; the fake saw {requests:?}"
+    );
 }
 
 /// Starts a session and asserts FATAL 08006 within `within`; returns the message.
@@ -103,7 +191,8 @@ fn assert_no_vault_internals(message: &str, vault_port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_unreachable_gives_08006() {
-    let port = closed_port();
+    let closed = HeldClosed::new();
+    let port = closed.port;
     let f = Fixture::start_with("vault-closed", |mut cfg| {
         cfg.vault_address = format!("http://127.0.0.1:{port}");
         cfg.vault_timeout = Some("1s".into());
@@ -112,35 +201,58 @@ async fn vault_unreachable_gives_08006() {
     .await;
     let message = expect_08006(&f, Duration::from_secs(5)).await;
     assert_no_vault_internals(&message, port);
-    f.assert_nothing_issued().await;
+    // The port refused every connection for the whole test: leasegate never got a token, so
+    // it asked for no credential, and each Vault call it tried failed to connect.
+    closed.assert_refuses().await;
+    assert_eq!(
+        f.issued().await,
+        Issued::AT_START,
+        "no creds request, no lease"
+    );
+    let m = f.proxy.metrics().await;
+    let calls = value_or_zero(&m, "leasegate_vault_requests_total", &[]);
+    let unreachable = value_or_zero(
+        &m,
+        "leasegate_vault_requests_total",
+        &[("status", "unreachable")],
+    );
+    assert!(
+        calls >= 1.0 && unreachable == calls,
+        "every Vault call unreachable: {calls} calls, {unreachable} unreachable"
+    );
+    assert_eq!(value_or_zero(&m, "leasegate_leases_active", &[]), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_that_never_answers_gives_08006_after_timeout() {
-    let port = fake_vault(FakeVault::Hang).await;
+    let fake = hanging_vault().await;
     let f = Fixture::start_with("vault-hang", |mut cfg| {
-        cfg.vault_address = format!("http://127.0.0.1:{port}");
+        cfg.vault_address = fake.addr();
         cfg.vault_timeout = Some("1s".into());
         cfg
     })
     .await;
+    wait_ready(&f).await;
     let message = expect_08006(&f, Duration::from_secs(6)).await;
-    assert_no_vault_internals(&message, port);
-    f.assert_nothing_issued().await;
+    assert_no_vault_internals(&message, fake.port);
+    assert_fake_saw_one_creds_request(&fake, &f);
+    assert_one_creds_attempt_nothing_issued(&f, "timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_answering_503_gives_08006_without_vault_text() {
-    let port = fake_vault(FakeVault::Unavailable).await;
+    let fake = unavailable_vault().await;
     let f = Fixture::start_with("vault-503", |mut cfg| {
-        cfg.vault_address = format!("http://127.0.0.1:{port}");
+        cfg.vault_address = fake.addr();
         cfg.vault_timeout = Some("1s".into());
         cfg
     })
     .await;
+    wait_ready(&f).await;
     let message = expect_08006(&f, Duration::from_secs(6)).await;
-    assert_no_vault_internals(&message, port);
-    f.assert_nothing_issued().await;
+    assert_no_vault_internals(&message, fake.port);
+    assert_fake_saw_one_creds_request(&fake, &f);
+    assert_one_creds_attempt_nothing_issued(&f, "5xx").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,13 @@
 //! The harness on its own, without leasegate: PostgreSQL and OpenBao start, a fresh mount
-//! issues dynamic credentials that work, and revoking them drops the role.
+//! issues dynamic credentials that work, and revoking them drops the role. And its "nothing
+//! issued" check can fail: a credential issued and revoked again does not pass it.
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
+use crate::harness::fixture::{Fixture, Issued};
 use crate::harness::{bao, dynamic_roles, env, fresh_mount, leases, poll_until};
 
 #[tokio::test]
@@ -65,4 +70,37 @@ async fn harness_issues_and_revokes_dynamic_credentials() {
     })
     .await;
     assert!(leases(&mount, "readonly").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_issued_fails_for_a_credential_issued_and_revoked_again() {
+    let f = Fixture::start("selftest-issued").await;
+    f.assert_nothing_issued().await;
+    let before = f.issued().await;
+    f.assert_good_client_works().await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    // Nothing is outstanding any more, but two credentials were issued meanwhile.
+    f.assert_nothing_outstanding().await;
+    assert_eq!(
+        f.issued().await,
+        Issued {
+            leases: 2.0,
+            creds_requests: 2.0
+        }
+    );
+    for (what, check) in [
+        ("since the start", f.assert_nothing_issued().boxed()),
+        (
+            "since the baseline",
+            f.assert_nothing_issued_since(before).boxed(),
+        ),
+    ] {
+        let outcome = AssertUnwindSafe(check).catch_unwind().await;
+        let panic = outcome.expect_err(what);
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        assert!(message.contains("counters moved"), "{what}: {message}");
+    }
 }

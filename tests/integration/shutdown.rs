@@ -97,7 +97,7 @@ async fn sigterm_ends_open_sessions_after_the_grace_and_revokes_every_lease() {
     }
     eprintln!("sigterm: exit 0 after {exited:?}");
     // Revoked before exiting, not eventually.
-    f.assert_nothing_issued().await;
+    f.assert_nothing_outstanding().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +142,7 @@ async fn draining_is_not_ready_and_ends_when_the_last_session_does() {
         term.elapsed() < Duration::from_secs(15),
         "exit did not wait for the grace"
     );
-    f.assert_nothing_issued().await;
+    f.assert_nothing_outstanding().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

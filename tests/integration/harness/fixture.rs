@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use super::bao::{Mount, Target, all_leases, fresh_mount};
 use super::client::{Transport, current_user, pg_connect, raw_startup, tls_config};
 use super::env;
+use super::metrics::value_or_zero;
 use super::pg::{Pg, dynamic_roles, dynamic_roles_on};
 use super::pki::{ClientCert, Identity, Pki};
 use super::poll_until;
@@ -94,8 +95,37 @@ impl Fixture {
         wire
     }
 
-    /// Asserts that right now no lease of this mount and no role with its prefix exists.
+    /// Asserts that leasegate issued nothing since it started: no creds request reached
+    /// Vault, no lease was issued (not even one revoked again since), and no lease of this
+    /// mount and no role with its prefix exists. For a test that had credentials issued
+    /// before the refusal it checks, see [`Fixture::assert_nothing_issued_since`].
     pub async fn assert_nothing_issued(&self) {
+        self.assert_nothing_issued_since(Issued::AT_START).await;
+    }
+
+    /// Asserts that leasegate issued nothing since `before` (read with [`Fixture::issued`]
+    /// right before the attempt that must not issue anything), and that nothing is
+    /// outstanding now.
+    pub async fn assert_nothing_issued_since(&self, before: Issued) {
+        let now = self.issued().await;
+        assert_eq!(
+            now, before,
+            "nothing issued expected: leasegate's counters moved (a credential issued and \
+             revoked again counts too)"
+        );
+        self.assert_nothing_outstanding().await;
+    }
+
+    /// leasegate's issue counters now, as a baseline for
+    /// [`Fixture::assert_nothing_issued_since`].
+    pub async fn issued(&self) -> Issued {
+        Issued::read(&self.proxy).await
+    }
+
+    /// Asserts that right now no lease of this mount and no role with its prefix exists
+    /// (whatever was issued before has been revoked). Reads only OpenBao and PostgreSQL, so
+    /// it also works after leasegate exited.
+    pub async fn assert_nothing_outstanding(&self) {
         let roles = dynamic_roles(&self.mount.prefix).await;
         assert!(
             roles.is_empty(),
@@ -110,8 +140,6 @@ impl Fixture {
         wait_all_revoked(&self.mount, timeout).await;
     }
 
-    /// The good client logs in through the raw protocol and with tokio-postgres, and the
-    /// session user is a dynamic role of this mount. Cleans up after itself.
     /// Polls until the leases of `role` and the mount's dynamic roles are gone and exactly one
     /// revocation succeeded: the lease issued for a failed login was revoked.
     pub async fn wait_failed_login_revoked(&self, role: &str) {
@@ -140,7 +168,11 @@ impl Fixture {
         .await;
     }
 
+    /// The good client logs in through the raw protocol and with tokio-postgres, and the
+    /// session user is a dynamic role of this mount. Cleans up after itself.
     pub async fn assert_good_client_works(&self) {
+        let active = |m: &str| value_or_zero(m, "leasegate_sessions_active", &[]);
+        let before = active(&self.proxy.metrics().await);
         let raw = raw_startup(
             self.proxy.port,
             Transport::Tls(tls_config(&self.pki, Some(&self.good))),
@@ -152,6 +184,20 @@ impl Fixture {
             matches!(raw, super::client::Raw::Ready),
             "good client should log in, got {raw:?}"
         );
+        // The raw session is closed; wait until leasegate has ended it, so that it no longer
+        // counts against a per-identity session limit of the next one.
+        let proxy = &self.proxy;
+        poll_until(
+            Duration::from_secs(10),
+            "the raw session of the good client ended",
+            || async move {
+                match active(&proxy.metrics().await) {
+                    n if n <= before => Ok(()),
+                    n => Err(format!("leasegate_sessions_active {n}, before {before}")),
+                }
+            },
+        )
+        .await;
         let session = pg_connect(
             self.proxy.port,
             &self.pki,
@@ -171,6 +217,34 @@ impl Fixture {
         // run while the Proxy's Drop blocks, and leasegate would wait out its drain for it.
         drop(session.client);
         let _ = session.driver.await;
+    }
+}
+
+/// What a leasegate has had issued so far, from two counters that only grow: comparing two
+/// readings shows whether anything was issued in between, even a credential revoked again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Issued {
+    /// `leasegate_leases_issued_total`: leases leasegate took charge of.
+    pub leases: f64,
+    /// `leasegate_vault_requests_total{op="creds"}` over every status: Vault was asked for a
+    /// credential, whether or not it answered with one.
+    pub creds_requests: f64,
+}
+
+impl Issued {
+    /// A leasegate process starts with both counters at zero.
+    pub const AT_START: Issued = Issued {
+        leases: 0.0,
+        creds_requests: 0.0,
+    };
+
+    /// Both counters from `proxy`'s /metrics now.
+    pub async fn read(proxy: &Proxy) -> Issued {
+        let m = proxy.metrics().await;
+        Issued {
+            leases: value_or_zero(&m, "leasegate_leases_issued_total", &[]),
+            creds_requests: value_or_zero(&m, "leasegate_vault_requests_total", &[("op", "creds")]),
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod compat;
 pub mod fake_vault;
 pub mod fixture;
 pub mod metrics;
+pub mod ops;
 pub mod pg;
 pub mod pki;
 pub mod proxy;
