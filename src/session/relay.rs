@@ -199,6 +199,15 @@ enum PumpEnd {
     Write(std::io::Error),
 }
 
+/// Writes `bytes` and flushes them: a TLS stream may accept bytes into its buffer while the
+/// socket would block (`poll_write` returns `Ok`), and nothing sends them until the next
+/// write or a flush. Without it a large result's tail could wait in leasegate for good once
+/// the upstream goes quiet. (For a plain socket the flush costs nothing.)
+async fn write_out<W: AsyncWrite>(writer: &mut WriteHalf<W>, bytes: &[u8]) -> std::io::Result<()> {
+    writer.write_all(bytes).await?;
+    writer.flush().await
+}
+
 async fn pump<R, W>(
     reader: &mut ReadHalf<R>,
     writer: &mut WriteHalf<W>,
@@ -216,7 +225,7 @@ where
             Err(e) => return PumpEnd::Read(Some(e)),
         };
         dir.took(&buf[..n]);
-        if let Err(e) = writer.write_all(&buf[..n]).await {
+        if let Err(e) = write_out(writer, &buf[..n]).await {
             return PumpEnd::Write(e);
         }
         dir.sent(n);
@@ -236,7 +245,7 @@ async fn at_boundary<W: AsyncWrite>(
     end: Option<&BytesMut>,
 ) -> Result<Option<bool>, std::io::Error> {
     for msg in notices.drain(..) {
-        writer.write_all(&msg).await?;
+        write_out(writer, &msg).await?;
     }
     Ok(match end {
         Some(msg) => Some(writer.write_all(msg).await.is_ok() && writer.flush().await.is_ok()),
@@ -305,7 +314,7 @@ where
             dir.unsent = rest;
         }
         dir.took(&chunk[..cut]);
-        if let Err(e) = writer.write_all(&chunk[..cut]).await {
+        if let Err(e) = write_out(writer, &chunk[..cut]).await {
             return DownEnd::Pump(PumpEnd::Write(e));
         }
         dir.sent(cut);

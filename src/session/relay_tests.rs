@@ -293,3 +293,50 @@ async fn a_client_that_cannot_take_results_is_gone_not_the_upstream() {
     let end = task.await.expect("join");
     assert_eq!(end.label(), "client_gone", "{end:?}");
 }
+
+/// A client connection that holds written bytes until it is flushed, as a TLS stream does
+/// when its socket would block: the relay must flush what it wrote in both directions.
+#[tokio::test]
+async fn written_bytes_are_flushed_both_ways() {
+    let (client_app, client_proxy) = duplex(64 * 1024);
+    let (upstream_proxy, upstream_db) = duplex(64 * 1024);
+    let (_tx, mut control) = mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        let (mut cr, mut cw) = split(tokio::io::BufWriter::with_capacity(32 * 1024, client_proxy));
+        let (mut ur, mut uw) = split(tokio::io::BufWriter::with_capacity(
+            32 * 1024,
+            upstream_proxy,
+        ));
+        let (mut up, mut down) = (
+            Direction::to_upstream(None),
+            Direction::to_client(None, BytesMut::new()),
+        );
+        relay(
+            &mut cr,
+            &mut cw,
+            &mut ur,
+            &mut uw,
+            &mut control,
+            &mut up,
+            &mut down,
+        )
+        .await
+    });
+    let (mut app_r, mut app_w) = split(client_app);
+    let (mut db_r, mut db_w) = split(upstream_db);
+    app_w.write_all(b"Q\0\0\0\x09abcd\0").await.expect("write");
+    let mut got = [0u8; 10];
+    tokio::time::timeout(std::time::Duration::from_secs(5), db_r.read_exact(&mut got))
+        .await
+        .expect("the query reaches the upstream without another write behind it")
+        .expect("read");
+    db_w.write_all(b"Z\0\0\0\x05I").await.expect("write");
+    let mut z = [0u8; 6];
+    tokio::time::timeout(std::time::Duration::from_secs(5), app_r.read_exact(&mut z))
+        .await
+        .expect("the answer reaches the client without another write behind it")
+        .expect("read");
+    assert_eq!(&z, b"Z\0\0\0\x05I");
+    drop((app_w, app_r));
+    let _ = task.await;
+}
