@@ -4,7 +4,7 @@
 //! `shutdown_grace`, end the rest, revoke every outstanding lease, revoke leasegate's own
 //! tokens, stop the background tasks, exit.
 
-pub mod reload;
+pub(crate) mod reload;
 mod shutdown;
 mod signals;
 

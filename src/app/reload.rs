@@ -87,7 +87,7 @@ fn apply(state: &AppState, config: &Config, live: Live) {
 
 /// Every static key whose value differs, spelled as in the file (`listen.address`,
 /// `vault.auth.role_id`), in alphabetical order.
-pub fn restart_only_changes(old: &StaticConfig, new: &StaticConfig) -> Vec<String> {
+pub(crate) fn restart_only_changes(old: &StaticConfig, new: &StaticConfig) -> Vec<String> {
     let (old, new) = (leaves(old), leaves(new));
     let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     keys.into_iter()
@@ -128,7 +128,7 @@ fn flatten(key: String, value: Value, out: &mut BTreeMap<String, Value>) {
 
 /// The files whose content a reload applies: the configuration file, the listen TLS files
 /// and CRLs, the cluster peer certificate, key and CA, and the upstream CAs.
-pub fn watched_files(config: &Config, path: &Path) -> Vec<PathBuf> {
+pub(crate) fn watched_files(config: &Config, path: &Path) -> Vec<PathBuf> {
     let listen = &config.reloadable.listen;
     let mut files = vec![
         path.to_owned(),

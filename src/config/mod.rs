@@ -10,7 +10,7 @@
 
 mod build;
 pub mod model;
-pub mod schema;
+pub(crate) mod schema;
 mod validate;
 
 use std::path::{Path, PathBuf};

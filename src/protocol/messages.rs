@@ -10,7 +10,7 @@ use super::sqlstate::SqlState;
 
 /// Severity of an error or notice leasegate reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Severity {
+pub(crate) enum Severity {
     /// Ends the session.
     Fatal,
     /// Informational, the session continues.
@@ -57,17 +57,17 @@ pub(crate) fn notice_response(
 }
 
 /// Appends AuthenticationOk.
-pub fn authentication_ok(buf: &mut BytesMut) {
+pub(crate) fn authentication_ok(buf: &mut BytesMut) {
     let _ = Authentication::Ok.encode(buf);
 }
 
 /// Appends BackendKeyData with a 4-byte secret (protocol 3.0).
-pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
+pub(crate) fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
     let _ = BackendKeyData::new(pid, SecretKey::I32(secret)).encode(buf);
 }
 
 /// Appends ReadyForQuery with the transaction status byte the upstream reported.
-pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+pub(crate) fn ready_for_query(buf: &mut BytesMut, status: u8) {
     let status = TransactionStatus::try_from(status).unwrap_or(TransactionStatus::Idle);
     let _ = ReadyForQuery::new(status).encode(buf);
 }

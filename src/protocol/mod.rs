@@ -4,7 +4,7 @@
 //! Everything after login is relayed as bytes; `framing` only tracks message boundaries.
 
 pub mod framing;
-pub mod messages;
+pub(crate) mod messages;
 pub mod options;
 pub(crate) mod sqlstate;
 pub mod startup;

@@ -17,7 +17,7 @@ use crate::tls::upstream::{connector, server_name};
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// What a session or a cancel connects to.
-pub struct Database {
+pub(crate) struct Database {
     /// The configured entry.
     pub config: DatabaseConfig,
     /// TLS towards the upstream, `None` for `tls = "disable"`.
@@ -26,7 +26,7 @@ pub struct Database {
 
 impl Database {
     /// The entry with its TLS connector (its CA bundle is read here).
-    pub fn new(config: &DatabaseConfig) -> Result<Database, TlsError> {
+    pub(crate) fn new(config: &DatabaseConfig) -> Result<Database, TlsError> {
         Ok(Database {
             tls: connector(config)?,
             config: config.clone(),
@@ -34,7 +34,7 @@ impl Database {
     }
 
     /// Connects to the entry's upstream. The caller bounds the time.
-    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
+    pub(crate) async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
         let db = &self.config;
         let tcp = TcpStream::connect((db.host.as_str(), db.port))
             .await

@@ -7,7 +7,7 @@ use crate::protocol::sqlstate::SqlState;
 
 /// Failures reaching or logging in to the upstream database.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// TCP connect failed.
     #[error("could not connect to upstream for database \"{database}\": {error}")]
     Connect {
@@ -69,7 +69,7 @@ impl UpstreamError {
     }
 
     /// Client-visible message.
-    pub fn client_message(&self) -> String {
+    pub(crate) fn client_message(&self) -> String {
         match self {
             UpstreamError::Connect { database, .. } => {
                 format!("could not connect to upstream for database \"{database}\"")
@@ -94,7 +94,7 @@ impl UpstreamError {
     }
 
     /// The upstream's own ErrorResponse, to forward as-is.
-    pub fn raw_error(&self) -> Option<&Bytes> {
+    pub(crate) fn raw_error(&self) -> Option<&Bytes> {
         match self {
             UpstreamError::Rejected { raw, .. } => Some(raw),
             _ => None,

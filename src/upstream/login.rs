@@ -28,7 +28,7 @@ const MAX_LOGIN_MESSAGE: usize = 1 << 20;
 const RESERVED: &[&str] = &["user", "database", "replication", "options"];
 
 /// A logged-in upstream connection and what the client must be told about it.
-pub struct LoggedIn {
+pub(crate) struct LoggedIn {
     /// The connection, positioned after the first ReadyForQuery.
     pub stream: UpstreamStream,
     /// ParameterStatus and NoticeResponse messages as received, in order.
@@ -44,7 +44,7 @@ pub struct LoggedIn {
 
 /// The startup parameters sent upstream: leasegate's user and database, then the client's
 /// allowed settings (see [`super::params::check`]), never a reserved or `_pq_.` one.
-pub fn upstream_params<'a>(
+pub(crate) fn upstream_params<'a>(
     settings: &'a [(String, String)],
     user: &'a str,
     database: &'a str,
@@ -60,7 +60,7 @@ pub fn upstream_params<'a>(
 }
 
 /// Runs the login on a connected stream. The caller bounds the time.
-pub async fn login(
+pub(crate) async fn login(
     mut stream: UpstreamStream,
     db: &DatabaseConfig,
     username: &str,

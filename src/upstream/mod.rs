@@ -3,13 +3,13 @@
 //! (`params`), logging in with the issued credential (`login`), the stream (`stream`) and the
 //! errors (`error`).
 
-pub mod database;
-pub mod error;
-pub mod login;
+pub(crate) mod database;
+pub(crate) mod error;
+pub(crate) mod login;
 pub mod params;
-pub mod stream;
+pub(crate) mod stream;
 
-pub use database::Database;
-pub use error::UpstreamError;
-pub use login::{LoggedIn, login};
-pub use stream::UpstreamStream;
+pub(crate) use database::Database;
+pub(crate) use error::UpstreamError;
+pub(crate) use login::{LoggedIn, login};
+pub(crate) use stream::UpstreamStream;

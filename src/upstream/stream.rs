@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 /// A connection to the upstream, plain or TLS.
-pub enum UpstreamStream {
+pub(crate) enum UpstreamStream {
     /// `tls = "disable"`.
     Plain(TcpStream),
     /// Any TLS mode.

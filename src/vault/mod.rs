@@ -12,13 +12,13 @@ pub mod auth;
 pub(crate) mod body;
 pub mod client;
 mod creds;
-pub mod error;
-pub mod lease;
-pub mod login;
+pub(crate) mod error;
+pub(crate) mod lease;
+pub(crate) mod login;
 #[cfg(test)]
 pub(crate) mod testing;
-pub mod token;
+pub(crate) mod token;
 
 pub use client::VaultClient;
 pub use error::VaultError;
-pub use lease::{Lease, LeaseGuard, Revoker};
+pub(crate) use lease::{Lease, LeaseGuard, Revoker};
