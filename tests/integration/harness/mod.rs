@@ -3,11 +3,13 @@
 //! One PostgreSQL 15 cluster and one OpenBao dev server are started lazily, once per test
 //! binary, and shared by every test. Each test then gets its own Vault mount (fresh role
 //! prefix), its own PKI and its own `leasegate` process, so tests never see each other's
-//! roles, leases or metrics.
+//! roles, leases or metrics. Starting them is the dev environment's job (the
+//! `leasegate-devenv` crate, which `cargo xtask devenv`, the demo and the benchmarks use
+//! too); this harness adds what tests need on top.
 //!
 //! Statics are never dropped in a test binary, so cleanup is done by a detached watchdog
 //! shell process that waits for the test process to exit, then stops every process listed
-//! in the registry file and removes the scratch directory.
+//! in the registry file (`devenv::process::Registry`) and removes the scratch directory.
 
 pub mod bao;
 pub mod client;
@@ -21,10 +23,7 @@ pub mod proxy;
 pub mod security;
 pub mod wire;
 
-use std::fs::OpenOptions;
 use std::future::Future;
-use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -34,6 +33,7 @@ use std::time::{Duration, Instant};
 use std::os::unix::process::CommandExt;
 
 pub use bao::{fresh_mount, leases};
+pub use devenv::process::{set_mode, tail};
 pub use pg::dynamic_roles;
 
 /// The scratch directory of this test binary and the registry of processes to stop.
@@ -41,7 +41,7 @@ pub struct Root {
     /// Everything the harness writes lives below this directory (removed by the watchdog).
     pub path: PathBuf,
     /// Lines `SIGNAL PID NAME`: processes the watchdog stops when the test binary is gone.
-    registry: PathBuf,
+    registry: devenv::process::Registry,
 }
 
 /// The shared external services.
@@ -61,15 +61,23 @@ pub fn root() -> &'static Root {
     }
 }
 
-/// PostgreSQL and OpenBao, started on first use.
+/// PostgreSQL and OpenBao, started on first use (in parallel, by the dev environment).
 pub fn env() -> &'static Env {
     let started = ENV.get_or_init(|| {
         let root = root();
-        // Fail fast (before initdb) when OpenBao is not installed.
-        let bao_bin = bao::binary()?;
-        let pg = pg::Pg::start(root)?;
-        let bao = bao::Bao::start(root, &bao_bin)?;
-        Ok(Env { pg, bao })
+        let opts = devenv::stack::Options {
+            pg_settings: pg::test_settings(),
+            ..Default::default()
+        };
+        let stack =
+            devenv::stack::start(&root.path, &opts, &root.registry).map_err(|e| e.to_string())?;
+        Ok(Env {
+            pg: pg::Pg::of(&stack.pg),
+            bao: bao::Bao {
+                addr: stack.bao.addr.clone(),
+                log: stack.bao.log.clone(),
+            },
+        })
     });
     match started {
         Ok(env) => env,
@@ -85,10 +93,10 @@ impl Root {
             .map_err(|e| format!("tempdir: {e}"))?;
         let path = dir.keep();
         // PostgreSQL runs as another OS user and must traverse this directory.
-        set_mode(&path, 0o755)?;
-        let registry = path.join("processes");
-        std::fs::write(&registry, "").map_err(|e| format!("write registry: {e}"))?;
-        spawn_watchdog(&path, &registry)?;
+        set_mode(&path, 0o755).map_err(|e| e.to_string())?;
+        let registry = devenv::process::Registry::create(&path.join(devenv::state::REGISTRY))
+            .map_err(|e| e.to_string())?;
+        spawn_watchdog(&path, registry.path())?;
         Ok(Root { path, registry })
     }
 
@@ -96,12 +104,10 @@ impl Root {
     /// and SIGKILL if it is still alive 10 s later. `name` must occur in its command line
     /// (guards against PID reuse).
     pub fn register(&self, signal: &str, pid: u32, name: &str) {
-        let line = format!("{signal} {pid} {name}\n");
-        let written = OpenOptions::new()
-            .append(true)
-            .open(&self.registry)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
-        if let Err(e) = written {
+        let registered = signal
+            .parse()
+            .and_then(|signal| self.registry.register(signal, pid, name));
+        if let Err(e) = registered {
             panic!("test harness: cannot register pid {pid}: {e}");
         }
     }
@@ -151,28 +157,10 @@ fn spawn_watchdog(root: &Path, registry: &Path) -> Result<(), String> {
         .map_err(|e| format!("spawn watchdog: {e}"))
 }
 
-pub fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))
-}
-
 /// A loopback TCP port that was free a moment ago and has not been handed out before by
 /// this process.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    for _ in 0..100 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral loopback port");
-        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if !seen.contains(&port) {
-            seen.push(port);
-            return port;
-        }
-    }
-    panic!("no free loopback port found");
+    devenv::ports::free_port().unwrap_or_else(|e| panic!("test harness: {e}"))
 }
 
 /// A loopback port nothing listens on (for "service down" tests).
@@ -204,14 +192,4 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Last `max` bytes of a text file, for failure messages.
-pub fn tail(path: &Path, max: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(max);
-    let start = (start..text.len())
-        .find(|i| text.is_char_boundary(*i))
-        .unwrap_or(text.len());
-    text[start..].to_string()
 }
