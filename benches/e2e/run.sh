@@ -69,6 +69,7 @@ CHURN_CLIENTS="${CHURN_CLIENTS:-8}"
 CHURN_FRESH_SECONDS="${CHURN_FRESH_SECONDS:-10}"
 PG_SYNC_COMMIT="${PG_SYNC_COMMIT:-off}"
 PERF="${PERF:-0}"
+EXTRA_GRANTS="${EXTRA_GRANTS:-0}"
 KEEP="${KEEP:-0}"
 MAX_SECONDS="${MAX_SECONDS:-1500}"
 IDLE_MAX="${IDLE_STAGES##*,}"
@@ -300,7 +301,7 @@ roles = ["readonly", "readwrite"]
 
 EOF
 # EXTRA_GRANTS=N: N grants that do not match, ahead of the one that does (policy cost at scale).
-for ((g = 0; g < ${EXTRA_GRANTS:-0}; g++)); do
+for ((g = 0; g < EXTRA_GRANTS; g++)); do
     printf '\n[[grants]]\nidentity = "uri:spiffe://example.org/ns/team%d/sa/*"\ndatabases = ["%s"]\nroles = ["readonly"]\n' "$g" "$DB"
 done >>"$LG_CONFIG"
 cat >>"$LG_CONFIG" <<EOF

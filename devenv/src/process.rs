@@ -125,6 +125,27 @@ impl Registry {
             .collect()
     }
 
+    /// Starts a watchdog (a detached `sh`, in its own process group so that a Ctrl-C aimed at
+    /// its creator does not reach it) that waits for process `pid` to exit, then stops every
+    /// registered process as [`Registry::stop_all`] does (10 s grace) and removes `dir`. For
+    /// owners that cannot clean up themselves, like a test binary whose statics never drop.
+    pub fn watch(&self, pid: u32, dir: &Path) -> Result<()> {
+        Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG)
+            .arg("leasegate-devenv-watchdog")
+            .arg(pid.to_string())
+            .arg(&self.path)
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map(drop)
+            .context(|| "spawn the cleanup watchdog".into())
+    }
+
     /// Stops every registered process that still runs, newest first: its signal, then SIGKILL
     /// after `grace`. Returns one line per process it had to stop.
     pub fn stop_all(&self, grace: Duration) -> Result<Vec<String>> {
@@ -137,6 +158,24 @@ impl Registry {
         Ok(report)
     }
 }
+
+/// [`Registry::watch`]'s script: `$1` the PID to outlive, `$2` the registry, `$3` the
+/// directory to remove. The same steps as [`Registry::stop_all`], in sh because the process
+/// that registered everything is gone by then.
+const WATCHDOG: &str = r#"
+alive() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -q -- "$2"; }
+while [ -e "/proc/$1" ] && ! grep -q '^State:.*[ZX]' "/proc/$1/status" 2>/dev/null; do sleep 0.2; done
+while read -r sig pid name; do alive "$pid" "$name" && kill "-$sig" "$pid" 2>/dev/null; done < "$2"
+i=0
+while [ $i -lt 50 ]; do
+  left=0
+  while read -r sig pid name; do alive "$pid" "$name" && left=1; done < "$2"
+  [ $left -eq 0 ] && break
+  sleep 0.2; i=$((i+1))
+done
+while read -r sig pid name; do alive "$pid" "$name" && kill -9 "$pid" 2>/dev/null; done < "$2"
+rm -rf "$3"
+"#;
 
 /// Stops one process (if it still is the one registered); says what it did.
 fn stop(entry: &Entry, grace: Duration) -> Option<String> {
@@ -160,11 +199,21 @@ fn stop(entry: &Entry, grace: Duration) -> Option<String> {
     ))
 }
 
-/// The process `pid` runs and `name` occurs in its command line (a zombie has none).
+/// The process `pid` runs and `name` occurs in its command line. A zombie has no command
+/// line; neither has a process for a moment while it execs (just after it was spawned), which
+/// counts as alive.
 pub fn alive(pid: u32, name: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
+    if cmdline.is_empty() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let state = status
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .and_then(|s| s.split_whitespace().next());
+        return state.is_some_and(|s| s != "Z" && s != "X");
+    }
     String::from_utf8_lossy(&cmdline)
         .replace('\0', " ")
         .contains(name)
@@ -337,10 +386,40 @@ mod tests {
         let report = registry.stop_all(Duration::from_secs(10)).unwrap();
         assert!(
             !reaper.join().unwrap().success(),
-            "sleep was stopped by SIGTERM"
+            "sleep was stopped by SIGTERM: {report:?}"
         );
         assert_eq!(report.len(), 1, "{report:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn watchdog_cleans_up_after_its_owner_exits() {
+        let dir = std::env::temp_dir().join(format!("devenv-watch-{}", std::process::id()));
+        make_dir(&dir, 0o700).unwrap();
+        let registry = Registry::create(&dir.join("processes")).unwrap();
+        let mut owner = Command::new("sleep").arg("0.3").spawn().unwrap();
+        let server = Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let server_pid = server.id();
+        registry
+            .register(Signal::Term, server_pid, "sleep")
+            .unwrap();
+        registry.watch(owner.id(), &dir).unwrap();
+        owner.wait().unwrap();
+        // The server is our child: reap it so that it does not linger as a zombie.
+        let reaper = std::thread::spawn(move || {
+            let mut server = server;
+            server.wait().unwrap()
+        });
+        assert!(!reaper.join().unwrap().success(), "stopped by SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dir.exists() {
+            assert!(Instant::now() < deadline, "{} still exists", dir.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]

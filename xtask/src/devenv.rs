@@ -206,8 +206,7 @@ pub fn down(dir: Option<PathBuf>, keep_dir: bool) -> Result<()> {
         eprintln!("devenv: {line}");
     }
     if keep_dir {
-        std::fs::remove_file(&registry_path)
-            .context(|| format!("remove {}", registry_path.display()))?;
+        // The registry stays: a later `down` finds nothing running and removes the directory.
         eprintln!("devenv: stopped; kept {}", dir.display());
     } else {
         std::fs::remove_dir_all(&dir).context(|| format!("remove {}", dir.display()))?;

@@ -24,13 +24,10 @@ pub mod security;
 pub mod wire;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-use std::os::unix::process::CommandExt;
 
 pub use bao::{fresh_mount, leases};
 pub use devenv::process::{set_mode, tail};
@@ -96,7 +93,10 @@ impl Root {
         set_mode(&path, 0o755).map_err(|e| e.to_string())?;
         let registry = devenv::process::Registry::create(&path.join(devenv::state::REGISTRY))
             .map_err(|e| e.to_string())?;
-        spawn_watchdog(&path, registry.path())?;
+        // Statics are never dropped: the watchdog cleans up once this process has exited.
+        registry
+            .watch(std::process::id(), &path)
+            .map_err(|e| e.to_string())?;
         Ok(Root { path, registry })
     }
 
@@ -122,39 +122,6 @@ impl Root {
             Err(e) => panic!("test harness: tempdir: {e}"),
         }
     }
-}
-
-const WATCHDOG: &str = r#"
-alive() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -q -- "$2"; }
-while [ -e "/proc/$1" ] && ! grep -q '^State:.*[ZX]' "/proc/$1/status" 2>/dev/null; do sleep 0.2; done
-while read -r sig pid name; do alive "$pid" "$name" && kill "-$sig" "$pid" 2>/dev/null; done < "$2"
-i=0
-while [ $i -lt 50 ]; do
-  left=0
-  while read -r sig pid name; do alive "$pid" "$name" && left=1; done < "$2"
-  [ $left -eq 0 ] && break
-  sleep 0.2; i=$((i+1))
-done
-while read -r sig pid name; do alive "$pid" "$name" && kill -9 "$pid" 2>/dev/null; done < "$2"
-rm -rf "$3"
-"#;
-
-fn spawn_watchdog(root: &Path, registry: &Path) -> Result<(), String> {
-    Command::new("sh")
-        .arg("-c")
-        .arg(WATCHDOG)
-        .arg("leasegate-test-watchdog")
-        .arg(std::process::id().to_string())
-        .arg(registry)
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Own process group: a Ctrl-C aimed at `cargo test` must not kill the cleaner.
-        .process_group(0)
-        .spawn()
-        .map(drop)
-        .map_err(|e| format!("spawn watchdog: {e}"))
 }
 
 /// A loopback TCP port that was free a moment ago and has not been handed out before by
