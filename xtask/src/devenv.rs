@@ -45,9 +45,10 @@ pub fn up(req: Up) -> Result<()> {
     let started = Instant::now();
     let dir = create_dir(req.dir.as_deref())?;
     let registry = Registry::create(&dir.join(state::REGISTRY))?;
-    match start(&dir, &registry, &req) {
+    let started_vars =
+        start(&dir, &registry, &req).and_then(|vars| state::write(&dir, &vars).map(|()| vars));
+    match started_vars {
         Ok(vars) => {
-            state::write(&dir, &vars)?;
             let certs = if req.certs || req.pg_tls {
                 ", certificates"
             } else {
