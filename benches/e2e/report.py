@@ -2,8 +2,10 @@
 """Turns the raw output of benches/e2e/run.sh (one directory) into a JSON document with every
 raw number and a Markdown report with every figure against its target.
 
-  python3 benches/e2e/report.py --dir OUT --json results/TS.json --md RESULTS.md
+  python3 benches/e2e/report.py --dir OUT [--log FILE]... --json results/TS.json --md RESULTS.md
   python3 benches/e2e/report.py --from-json results/TS.json --md RESULTS.md   (re-render)
+
+--log: a server log to summarise (line count, WARN/ERROR/FATAL/PANIC lines and samples).
 """
 
 import argparse
@@ -43,7 +45,20 @@ def parse_pgbench(text):
     }
 
 
-def collect(d):
+def summarise_logs(paths):
+    """{file name: {lines, warn_error_lines, samples}} of the logs that exist."""
+    out = {}
+    for path in paths:
+        try:
+            lines = open(path, errors="replace").read().splitlines()
+        except OSError:
+            continue
+        bad = [l for l in lines if re.search(r"\b(WARN|ERROR|FATAL|PANIC|panicked)\b", l)]
+        out[os.path.basename(path)] = {"lines": len(lines), "warn_error_lines": len(bad), "samples": bad[:8]}
+    return out
+
+
+def collect(d, logs=()):
     doc = {"meta": load(os.path.join(d, "meta.json"), {})}
     runs = []
     for path in sorted(glob.glob(os.path.join(d, "pgbench", "r*-*-*.txt"))):
@@ -113,7 +128,7 @@ def collect(d):
     doc["perf"] = {}
     for path in sorted(glob.glob(os.path.join(d, "perf-*.txt"))):
         doc["perf"][os.path.basename(path)[5:-4]] = open(path, errors="replace").read()
-    doc["logs"] = load(os.path.join(d, "log-summary.json"), {})
+    doc["logs"] = summarise_logs(logs) if logs else load(os.path.join(d, "log-summary.json"), {})
     analyse(doc)
     return doc
 
@@ -433,12 +448,13 @@ def main():
     ap.add_argument("--from-json")
     ap.add_argument("--json")
     ap.add_argument("--md")
+    ap.add_argument("--log", action="append", default=[])
     a = ap.parse_args()
     if a.from_json:
         doc = load(a.from_json)
         analyse(doc)
     else:
-        doc = collect(a.dir)
+        doc = collect(a.dir, a.log)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(doc, fh, indent=2, sort_keys=True)

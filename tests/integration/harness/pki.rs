@@ -3,31 +3,24 @@
 //! one and one signed by a CA leasegate does not trust; for security tests also customised
 //! certificates ([`Pki::client_with`]), CA certificates used as client certificates,
 //! certificates issued through an intermediate CA, and CRLs. Everything is written as PEM into
-//! a per-test directory (key files mode 0600, as libpq insists).
+//! a per-test directory (key files mode 0600, as libpq insists). The CA, server and client
+//! certificate basics are the dev environment's (`devenv::pki`); the variants are here.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use devenv::pki::{Ca, client_params, server_params, set_validity};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber, date_time_ymd,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber, date_time_ymd,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::{root, set_mode};
+use super::root;
 
-/// The identity a client certificate carries.
-#[derive(Clone, Debug)]
-pub enum Identity {
-    /// URI SAN, e.g. `spiffe://leasegate.test/app/billing` (grant `uri:...`).
-    Uri(String),
-    /// DNS SAN (grant `dns:...`).
-    Dns(String),
-    /// Subject CN only, no SAN (grant `cn:...`).
-    Cn(String),
-}
+/// The identity a client certificate carries (URI SAN, DNS SAN or subject CN only).
+pub use devenv::pki::Identity;
 
 /// A client certificate and key, as files (for psql) and DER (for rustls).
 #[derive(Clone)]
@@ -45,11 +38,6 @@ impl ClientCert {
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
-}
-
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
 }
 
 struct Inner {
@@ -72,25 +60,14 @@ impl Pki {
         let dir = root().tempdir("pki-");
         let ca = new_ca("leasegate test CA");
         let rogue = new_ca("untrusted test CA");
-        let ca_cert = ca.params.self_signed(&ca.key).expect("self-sign CA");
+        let ca_cert = ca.self_signed().expect("self-sign CA");
         let ca_pem = write(dir.path(), "ca.pem", &ca_cert.pem());
 
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, false);
-        let key = KeyPair::generate().expect("server key");
-        let issuer = Issuer::from_params(&ca.params, &ca.key);
-        let cert = params.signed_by(&key, &issuer).expect("sign server cert");
+        let localhost = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        let params = server_params("localhost", &["localhost"], &localhost).expect("params");
+        let (cert, key) = devenv::pki::sign(&params, &ca.issuer()).expect("sign server cert");
         let server_cert = write(dir.path(), "server.pem", &cert.pem());
-        let server_key = write(dir.path(), "server-key.pem", &key.serialize_pem());
-        set_mode(&server_key, 0o600).expect("chmod server key");
+        let server_key = write_key(dir.path(), "server-key.pem", &key);
         Pki(Arc::new(Inner {
             dir,
             ca,
@@ -126,22 +103,11 @@ impl Pki {
         dns: &[&str],
         ips: &[IpAddr],
     ) -> (PathBuf, PathBuf) {
-        let mut params =
-            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params
-            .subject_alt_names
-            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        params.distinguished_name.push(DnType::CommonName, file);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, false);
-        let key = KeyPair::generate().expect("server key");
-        let issuer = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
-        let cert = params.signed_by(&key, &issuer).expect("sign server cert");
+        let params = server_params(file, dns, ips).expect("params");
+        let (cert, key) =
+            devenv::pki::sign(&params, &self.0.ca.issuer()).expect("sign server cert");
         let cert_path = write(self.dir(), &format!("{file}.pem"), &cert.pem());
-        let key_path = write(self.dir(), &format!("{file}-key.pem"), &key.serialize_pem());
-        set_mode(&key_path, 0o600).expect("chmod server key");
+        let key_path = write_key(self.dir(), &format!("{file}-key.pem"), &key);
         (cert_path, key_path)
     }
 
@@ -185,8 +151,7 @@ impl Pki {
         id: Identity,
         customize: impl FnOnce(&mut CertificateParams),
     ) -> ClientCert {
-        let issuer = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
-        self.issue_by(name, id, &issuer, Vec::new(), customize)
+        self.issue_by(name, id, &self.0.ca.issuer(), Vec::new(), customize)
     }
 
     /// A CA certificate (basicConstraints cA=true, keyCertSign) with the identity and the
@@ -207,13 +172,12 @@ impl Pki {
     /// leasegate's `client_ca` holds only the root.
     pub fn intermediate_client(&self, name: &str, id: Identity) -> ClientCert {
         let intermediate = new_ca(&format!("{name} intermediate CA"));
-        let root = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
         let inter_cert = intermediate
             .params
-            .signed_by(&intermediate.key, &root)
+            .signed_by(&intermediate.key, &self.0.ca.issuer())
             .expect("sign intermediate CA");
-        let issuer = Issuer::from_params(&intermediate.params, &intermediate.key);
-        self.issue_by(name, id, &issuer, vec![inter_cert.der().clone()], |_| {})
+        let chain = vec![inter_cert.der().clone()];
+        self.issue_by(name, id, &intermediate.issuer(), chain, |_| {})
     }
 
     /// A CRL (PEM, written into the PKI directory) of the trusted CA revoking `revoked`.
@@ -240,14 +204,12 @@ impl Pki {
             revoked_certs,
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        let issuer = Issuer::from_params(&self.0.ca.params, &self.0.ca.key);
-        let crl = params.signed_by(&issuer).expect("sign CRL");
+        let crl = params.signed_by(&self.0.ca.issuer()).expect("sign CRL");
         write(self.dir(), file, &crl.pem().expect("CRL to PEM"))
     }
 
     fn issue(&self, name: &str, id: Identity, ca: &Ca, expired: bool) -> ClientCert {
-        let issuer = Issuer::from_params(&ca.params, &ca.key);
-        self.issue_by(name, id, &issuer, Vec::new(), |params| {
+        self.issue_by(name, id, &ca.issuer(), Vec::new(), |params| {
             set_validity(params, expired)
         })
     }
@@ -260,35 +222,15 @@ impl Pki {
         chain: Vec<CertificateDer<'static>>,
         customize: impl FnOnce(&mut CertificateParams),
     ) -> ClientCert {
-        let mut params = CertificateParams::default();
-        match &id {
-            Identity::Uri(uri) => {
-                let san = uri.clone().try_into().expect("URI SAN is IA5");
-                params.subject_alt_names.push(SanType::URI(san));
-                params.distinguished_name.push(DnType::CommonName, name);
-            }
-            Identity::Dns(dns) => {
-                let san = dns.clone().try_into().expect("DNS SAN is IA5");
-                params.subject_alt_names.push(SanType::DnsName(san));
-                params.distinguished_name.push(DnType::CommonName, name);
-            }
-            Identity::Cn(cn) => params
-                .distinguished_name
-                .push(DnType::CommonName, cn.as_str()),
-        }
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, false);
+        let mut params = client_params(name, &id).expect("client certificate parameters");
         customize(&mut params);
-        let key = KeyPair::generate().expect("client key");
-        let cert = params.signed_by(&key, issuer).expect("sign client cert");
+        let (cert, key) = devenv::pki::sign(&params, issuer).expect("sign client cert");
         let mut pem = cert.pem();
         for der in &chain {
             pem.push_str(&pem_certificate(der));
         }
         let cert_path = write(self.dir(), &format!("{name}.pem"), &pem);
-        let key_path = write(self.dir(), &format!("{name}-key.pem"), &key.serialize_pem());
-        set_mode(&key_path, 0o600).expect("chmod client key");
+        let key_path = write_key(self.dir(), &format!("{name}-key.pem"), &key);
         ClientCert {
             cert: cert_path,
             key: key_path,
@@ -328,33 +270,13 @@ pub fn pem_certificate(der: &CertificateDer<'_>) -> String {
 }
 
 fn new_ca(cn: &str) -> Ca {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    set_validity(&mut params, false);
-    Ca {
-        params,
-        key: KeyPair::generate().expect("CA key"),
-    }
-}
-
-fn set_validity(params: &mut CertificateParams, expired: bool) {
-    if expired {
-        params.not_before = date_time_ymd(2020, 1, 1);
-        params.not_after = date_time_ymd(2021, 1, 1);
-    } else {
-        params.not_before = date_time_ymd(2024, 1, 1);
-        params.not_after = date_time_ymd(2099, 1, 1);
-    }
+    Ca::new(cn).expect("CA")
 }
 
 fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, pem).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    path
+    devenv::pki::write_pem(dir, name, pem).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn write_key(dir: &Path, name: &str, key: &KeyPair) -> PathBuf {
+    devenv::pki::write_key(dir, name, key).unwrap_or_else(|e| panic!("{e}"))
 }
