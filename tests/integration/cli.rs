@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::harness::bao::fresh_mount;
 use crate::harness::pki::Pki;
-use crate::harness::proxy::{BIN, Database, Grant, Proxy, ProxyConfig, check_config, write_secret};
+use crate::harness::proxy::{
+    BIN, Database, Grant, Proxy, ProxyConfig, check_config, refused_start, write_secret,
+};
 use crate::harness::root;
 
 /// A complete, valid config text (certificates and token file exist).
@@ -157,26 +159,7 @@ fn server_refuses_to_start_with_a_bad_config() {
     let path = dir.path().join("leasegate.toml");
     let toml = good_toml(&pki).replacen("[listen]\n", "[listen]\nbogus_option = true\n", 1);
     std::fs::write(&path, toml).expect("write config");
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn leasegate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait leasegate") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("leasegate kept running with an invalid config");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = refused_start(&path, "an invalid config").status;
     assert!(
         !status.success(),
         "leasegate exits non-zero for an invalid config"

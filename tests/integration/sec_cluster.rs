@@ -8,7 +8,6 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::cli::good_toml;
@@ -17,8 +16,8 @@ use crate::harness::fixture::GOOD_URI;
 use crate::harness::free_port;
 use crate::harness::pki::{ClientCert, Identity, Pki};
 use crate::harness::proxy::{
-    BIN, ProcessOptions, Proxy, ProxyConfig, StartOptions, check_config, cluster_section,
-    cluster_section_hosts, merge_toml, set,
+    ProcessOptions, Proxy, ProxyConfig, StartOptions, check_config, cluster_section,
+    cluster_section_hosts, merge_toml, refused_start, set,
 };
 use crate::harness::root;
 use crate::harness::security::{FakePeer, counter, fixture_edited, wait_counter};
@@ -99,23 +98,7 @@ fn leasegate_refuses_to_start_with_a_cluster_certificate_that_is_not_a_peer() {
     let dir = root().tempdir("cluster-start-");
     let path = dir.path().join("leasegate.toml");
     std::fs::write(&path, with_cluster(&pki, &other, Some(pki.ca_pem()))).expect("write config");
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn leasegate");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait leasegate").is_none() {
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("leasegate kept running with a cluster certificate its peers would refuse");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("leasegate output");
+    let out = refused_start(&path, "a cluster certificate its peers would refuse");
     assert!(!out.status.success(), "non-zero exit");
     let text = said(&out);
     assert!(

@@ -6,10 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::harness::pki::{Identity, Pki};
-use crate::harness::proxy::{BIN, ProxyConfig, set, table, write_secret};
+use crate::harness::proxy::{BIN, ProxyConfig, refused_start, set, table, write_secret};
 use crate::harness::{root, set_mode};
 
 fn text(out: &Output) -> String {
@@ -185,28 +184,8 @@ fn the_server_refuses_to_start_with_a_world_readable_token_file() {
     );
     let token_file = dir.path().join("vault-token");
     set_mode(&token_file, 0o644).expect("chmod 644");
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn leasegate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait leasegate") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("leasegate kept running with a world-readable token file");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().expect("stderr");
+    let out = refused_start(&config, "a world-readable token file");
+    let status = out.status;
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!status.success(), "exit status {status}: {said}");
     assert!(

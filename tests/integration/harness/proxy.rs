@@ -552,3 +552,27 @@ pub fn check_config(toml: &str) -> Output {
         .output()
         .expect("run leasegate check-config")
 }
+
+/// Runs `leasegate --config <config>` expecting it to refuse to start: waits (10 s at most)
+/// for it to exit and returns what it printed. Panics, naming `what`, if it keeps running.
+pub fn refused_start(config: &Path, what: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn leasegate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait leasegate").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("leasegate kept running with {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("leasegate output")
+}
