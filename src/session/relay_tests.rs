@@ -16,11 +16,22 @@ type Outcome = JoinHandle<Relayed>;
 fn relay_with(leftover: &[u8]) -> (DuplexStream, DuplexStream, mpsc::Sender<Control>, Outcome) {
     let (client_app, client_proxy) = duplex(1024);
     let (upstream_proxy, upstream_db) = duplex(1024);
+    let (tx, task) = spawn_relay(client_proxy, upstream_proxy, leftover);
+    (client_app, upstream_db, tx, task)
+}
+
+/// The relay between leasegate's ends of a client and an upstream connection, on its own
+/// task: the control sender and the task.
+fn spawn_relay<C, U>(client: C, upstream: U, leftover: &[u8]) -> (mpsc::Sender<Control>, Outcome)
+where
+    C: AsyncRead + AsyncWrite + Send + 'static,
+    U: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (tx, mut control) = mpsc::channel(4);
     let leftover = BytesMut::from(leftover);
     let task = tokio::spawn(async move {
-        let (mut cr, mut cw) = split(client_proxy);
-        let (mut ur, mut uw) = split(upstream_proxy);
+        let (mut cr, mut cw) = split(client);
+        let (mut ur, mut uw) = split(upstream);
         let mut up = Direction::to_upstream(None);
         let mut down = Direction::to_client(None, leftover);
         let end = relay(
@@ -39,7 +50,7 @@ fn relay_with(leftover: &[u8]) -> (DuplexStream, DuplexStream, mpsc::Sender<Cont
             to_client: down,
         }
     });
-    (client_app, upstream_db, tx, task)
+    (tx, task)
 }
 
 fn relay_between() -> (DuplexStream, DuplexStream, mpsc::Sender<Control>, Outcome) {
@@ -271,26 +282,11 @@ async fn a_client_that_cannot_take_results_is_gone_not_the_upstream() {
     let (client_out, gone) = duplex(64);
     drop(gone);
     let (upstream_proxy, upstream_db) = duplex(1024);
-    let (_tx, mut control) = mpsc::channel(4);
-    let task = tokio::spawn(async move {
-        let (mut cr, mut cw) = split(tokio::io::join(client_in, client_out));
-        let (mut ur, mut uw) = split(upstream_proxy);
-        let mut up = Direction::to_upstream(None);
-        let mut down = Direction::to_client(None, BytesMut::new());
-        let end = relay(
-            &mut cr,
-            &mut cw,
-            &mut ur,
-            &mut uw,
-            &mut control,
-            &mut up,
-            &mut down,
-        );
-        end.await
-    });
+    let client = tokio::io::join(client_in, client_out);
+    let (_tx, task) = spawn_relay(client, upstream_proxy, b"");
     let (_db_r, mut db_w) = split(upstream_db);
     db_w.write_all(b"D\0\0\0\x06\0\0").await.expect("write");
-    let end = task.await.expect("join");
+    let end = task.await.expect("join").end;
     assert_eq!(end.label(), "client_gone", "{end:?}");
 }
 
@@ -300,28 +296,8 @@ async fn a_client_that_cannot_take_results_is_gone_not_the_upstream() {
 async fn written_bytes_are_flushed_both_ways() {
     let (client_app, client_proxy) = duplex(64 * 1024);
     let (upstream_proxy, upstream_db) = duplex(64 * 1024);
-    let (_tx, mut control) = mpsc::channel(4);
-    let task = tokio::spawn(async move {
-        let (mut cr, mut cw) = split(tokio::io::BufWriter::with_capacity(32 * 1024, client_proxy));
-        let (mut ur, mut uw) = split(tokio::io::BufWriter::with_capacity(
-            32 * 1024,
-            upstream_proxy,
-        ));
-        let (mut up, mut down) = (
-            Direction::to_upstream(None),
-            Direction::to_client(None, BytesMut::new()),
-        );
-        relay(
-            &mut cr,
-            &mut cw,
-            &mut ur,
-            &mut uw,
-            &mut control,
-            &mut up,
-            &mut down,
-        )
-        .await
-    });
+    let holding = |s: DuplexStream| tokio::io::BufWriter::with_capacity(32 * 1024, s);
+    let (_tx, task) = spawn_relay(holding(client_proxy), holding(upstream_proxy), b"");
     let (mut app_r, mut app_w) = split(client_app);
     let (mut db_r, mut db_w) = split(upstream_db);
     app_w.write_all(b"Q\0\0\0\x09abcd\0").await.expect("write");
