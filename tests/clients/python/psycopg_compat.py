@@ -10,12 +10,13 @@ check passed. Install: pip install -r tests/clients/python/requirements.txt
 """
 
 import json
-import os
 import random
 import sys
 import threading
 import time
 import traceback
+
+import lgconn
 
 try:
     import psycopg
@@ -35,29 +36,10 @@ RESULT = {
 }
 
 
-def env(name):
-    value = os.environ.get(name)
-    if not value:
-        raise SystemExit(f"environment variable {name} is not set")
-    return value
-
-
 def conninfo(**override):
-    params = {
-        "host": env("LG_HOST"),
-        "hostaddr": env("LG_HOSTADDR"),
-        "port": env("LG_PORT"),
-        "dbname": env("LG_DBNAME"),
-        "user": env("LG_USER"),
-        "sslmode": "verify-full",
-        "sslrootcert": env("LG_SSLROOTCERT"),
-        "sslcert": env("LG_SSLCERT"),
-        "sslkey": env("LG_SSLKEY"),
-        "connect_timeout": "15",
-        "application_name": "psycopg-compat",
-    }
-    params.update(override)
-    return psycopg.conninfo.make_conninfo(**params)
+    return psycopg.conninfo.make_conninfo(
+        **lgconn.params(**{"application_name": "psycopg-compat", **override})
+    )
 
 
 def connect(**override):
@@ -97,7 +79,7 @@ def _():
         pg = conn.pgconn
         expect(pg.ssl_in_use, "TLS in use")
         user = conn.execute("select current_user::text").fetchone()[0]
-        expect(user != env("LG_USER"), f"session user {user} is a dynamic role, not the Vault role")
+        expect(user != lgconn.env("LG_USER"), f"session user {user} is a dynamic role, not the Vault role")
         version = conn.execute("select current_setting('server_version_num')::int").fetchone()[0]
         details = {
             "session_user": user,

@@ -9,9 +9,10 @@ every check passed.
 """
 
 import json
-import os
 import sys
 import traceback
+
+import lgconn
 
 try:
     import psycopg
@@ -22,28 +23,8 @@ except ImportError as exc:  # pragma: no cover - reported to the Rust test
 RESULT = {"client": "psycopg", "psycopg": psycopg.__version__, "checks": {}}
 
 
-def env(name):
-    value = os.environ.get(name)
-    if not value:
-        raise SystemExit(f"environment variable {name} is not set")
-    return value
-
-
 def connect(**params):
-    base = {
-        "host": env("LG_HOST"),
-        "hostaddr": env("LG_HOSTADDR"),
-        "port": env("LG_PORT"),
-        "dbname": env("LG_DBNAME"),
-        "user": env("LG_USER"),
-        "sslmode": "verify-full",
-        "sslrootcert": env("LG_SSLROOTCERT"),
-        "sslcert": env("LG_SSLCERT"),
-        "sslkey": env("LG_SSLKEY"),
-        "connect_timeout": "15",
-    }
-    base.update(params)
-    return psycopg.connect(psycopg.conninfo.make_conninfo(**base), autocommit=True)
+    return psycopg.connect(psycopg.conninfo.make_conninfo(**lgconn.params(**params)), autocommit=True)
 
 
 def settings(conn, *names):
