@@ -2,13 +2,13 @@
 //! non-zero with a message naming the problem for a bad one (needs neither PostgreSQL nor
 //! Vault); the server refuses a bad config and stops on SIGTERM.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 use crate::harness::bao::fresh_mount;
 use crate::harness::pki::Pki;
 use crate::harness::proxy::{
-    BIN, Database, Grant, Proxy, ProxyConfig, check_config, refused_start, write_secret,
+    Database, Grant, Proxy, ProxyConfig, check_config, refused_start, run_to_exit, write_secret,
 };
 use crate::harness::root;
 
@@ -178,30 +178,6 @@ async fn sigterm_stops_an_idle_server() {
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
 
-/// Runs `leasegate` with `args` to its exit (killed after 10 s) and returns what it printed.
-fn run_to_exit(args: &[&std::ffi::OsStr]) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn leasegate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait leasegate").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("leasegate {args:?} kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("collect leasegate output");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn a_missing_config_file_is_reported_with_its_os_error_once() {
     let dir = root().tempdir("nope-");
@@ -218,7 +194,11 @@ fn a_missing_config_file_is_reported_with_its_os_error_once() {
             path.as_os_str(),
         ],
     ] {
-        let (status, stderr) = run_to_exit(&args);
+        let out = run_to_exit(&args, "a missing config file");
+        let (status, stderr) = (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
         assert!(!status.success(), "{args:?} exits non-zero: {stderr}");
         assert!(
             stderr.contains(&format!("cannot read {}", path.display())),

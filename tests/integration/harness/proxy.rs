@@ -556,12 +556,17 @@ pub fn check_config(toml: &str) -> Output {
 /// Runs `leasegate --config <config>` expecting it to refuse to start: waits (10 s at most)
 /// for it to exit and returns what it printed. Panics, naming `what`, if it keeps running.
 pub fn refused_start(config: &Path, what: &str) -> Output {
+    run_to_exit(&["--config".as_ref(), config.as_os_str()], what)
+}
+
+/// Runs `leasegate` with `args` to its exit (10 s at most) and returns what it printed;
+/// panics, naming `what`, if it keeps running.
+pub fn run_to_exit(args: &[&std::ffi::OsStr], what: &str) -> Output {
     let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+        .args(args)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn leasegate");
@@ -570,7 +575,7 @@ pub fn refused_start(config: &Path, what: &str) -> Output {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("leasegate kept running with {what}");
+            panic!("leasegate {args:?} kept running with {what}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
