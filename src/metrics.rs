@@ -95,6 +95,17 @@ metrics! {
     /// Revocations queued or in flight.
     revocations_pending: Gauge = Gauge::default()
         => "leasegate_revocations_pending", "Lease revocations queued or being retried";
+    /// Revocation calls at Vault right now (what the pacing window lets through).
+    revocations_in_flight: Gauge = Gauge::default()
+        => "leasegate_revocations_in_flight", "Lease revocation calls in flight at Vault";
+    /// The pacing window: how many revocations may run at once now (creds calls first).
+    revocation_window: Gauge = Gauge::default()
+        => "leasegate_revocation_window",
+           "Lease revocations allowed in flight at once now (shrinks while creds calls are slow)";
+    /// Times the pacing window was halved because issuance suffered or a revocation failed.
+    revocation_window_cuts_total: Counter = Counter::default()
+        => "leasegate_revocation_window_cuts",
+           "Times the revocation window was halved (a creds call slow or waiting, a revocation failed)";
     /// Vault request latency by op.
     vault_request_duration: HistogramFamily<VaultOp> = Family::new_with_constructor(latency_histogram)
         => "leasegate_vault_request_duration_seconds", "Vault HTTP request latency, by operation";

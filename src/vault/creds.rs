@@ -41,6 +41,8 @@ impl VaultClient {
         revoker: &Revoker,
     ) -> Result<(Lease, LeaseGuard), VaultError> {
         let token = self.tokens.current().ok_or(VaultError::NoToken)?;
+        // Revocations make room while this call is in flight, and learn how long it took.
+        let _issuing = revoker.issuing();
         let deadline = tokio::time::Instant::now() + self.timeout;
         let resp = self
             .request_as(

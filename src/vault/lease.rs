@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{Renewed, VaultClient};
 use super::error::VaultError;
+use super::pacing::{Issuing, Pacer, RevokeSlot};
 use super::token::Token;
 use crate::lease_clock::{Backoff, Jitter};
 use crate::metrics::Metrics;
@@ -40,6 +41,8 @@ pub(crate) trait LeaseApi: Send + Sync {
     fn renew<'a>(&'a self, lease_id: &'a str, increment: Duration) -> Call<'a, Renewed>;
     /// Revokes `lease_id`.
     fn revoke<'a>(&'a self, lease_id: &'a str) -> Call<'a, ()>;
+    /// The longest any of these calls takes (`vault.timeout`): the revoker paces itself by it.
+    fn timeout(&self) -> Duration;
 }
 
 impl LeaseApi for VaultClient {
@@ -58,6 +61,10 @@ impl LeaseApi for VaultClient {
 
     fn revoke<'a>(&'a self, lease_id: &'a str) -> Call<'a, ()> {
         Box::pin(VaultClient::revoke(self, lease_id))
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 }
 
@@ -118,8 +125,6 @@ impl Drop for LeaseGuard {
 const MAX_ATTEMPTS: u32 = 8;
 /// Waits between attempts: from 200 ms, doubling, at most 10 s (about 23 s in all).
 const RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-/// Most revocations talking to Vault at once.
-const MAX_IN_FLIGHT: usize = 32;
 
 /// Where a lease the revoker knows of stands.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -153,6 +158,8 @@ pub struct Revoker {
     pending: Arc<AtomicUsize>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
+    /// How many revocations may run at once: creds calls keep priority.
+    pacer: Arc<Pacer>,
 }
 
 impl Revoker {
@@ -164,21 +171,21 @@ impl Revoker {
             tx,
             pending: Arc::new(AtomicUsize::new(0)),
             ledger: Arc::default(),
+            pacer: Arc::new(Pacer::new(vault.timeout(), metrics.clone())),
             metrics,
         };
         tasks.spawn(revoker.clone().dispatch(rx, vault, tasks.clone()));
         revoker
     }
 
-    /// Takes queued lease ids and revokes each in a task of its own, at most
-    /// [`MAX_IN_FLIGHT`] at once (a mass disconnect does not flood Vault).
+    /// Takes queued lease ids and revokes each in a task of its own, as many at once as the
+    /// pacer allows (a mass disconnect neither floods Vault nor delays new sessions' creds).
     async fn dispatch(
         self,
         mut rx: mpsc::UnboundedReceiver<String>,
         vault: Arc<dyn LeaseApi>,
         tasks: Tasks,
     ) {
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         let stop = tasks.stop();
         loop {
             let id = tokio::select! {
@@ -186,17 +193,19 @@ impl Revoker {
                 () = stop.cancelled() => None,
             };
             let Some(id) = id else { return };
-            let permit = tokio::select! {
-                p = in_flight.clone().acquire_owned() => p,
-                () = stop.cancelled() => return,
+            let Some(slot) = self.pacer.slot(stop).await else {
+                return;
             };
-            let Ok(permit) = permit else { return };
             let (worker, vault, stop) = (self.clone(), vault.clone(), stop.clone());
             tasks.spawn(async move {
-                worker.revoke_with_retries(&*vault, id, &stop).await;
-                drop(permit);
+                worker.revoke_with_retries(&*vault, id, slot, &stop).await;
             });
         }
+    }
+
+    /// A creds call starts: revocations make room for it until the guard drops.
+    pub(crate) fn issuing(&self) -> Issuing {
+        self.pacer.issuing()
     }
 
     /// Registers a freshly issued lease and returns its guard.
@@ -250,26 +259,39 @@ impl Revoker {
     }
 
     /// Revokes `id`, retrying with [`RETRY`] up to [`MAX_ATTEMPTS`] times (or until `stop`).
+    /// Each attempt holds a slot of the pacer; a retry waits for one again after its backoff.
     async fn revoke_with_retries(
         &self,
         vault: &dyn LeaseApi,
         id: String,
+        first: RevokeSlot,
         stop: &CancellationToken,
     ) {
         let mut backoff = RETRY;
+        let mut slot = Some(first);
         for attempt in 1..=MAX_ATTEMPTS {
+            let held = match slot.take() {
+                Some(s) => s,
+                None => match self.pacer.slot(stop).await {
+                    Some(s) => s,
+                    None => return,
+                },
+            };
             match vault.revoke(&id).await {
                 Ok(()) => {
+                    held.succeeded();
                     tracing::debug!(lease_id = %id, attempt, "lease revoked");
                     self.metrics.revocation(LeaseResult::Ok);
                     self.finished(&id);
                     return;
                 }
                 Err(e) if attempt == MAX_ATTEMPTS => {
+                    drop(held);
                     tracing::error!(lease_id = %id, attempts = attempt, error = %e,
                         "lease revocation failed; the credential stays valid until its TTL ends");
                 }
                 Err(e) => {
+                    drop(held);
                     tracing::warn!(lease_id = %id, attempt, error = %e, "lease revocation failed, retrying");
                     let wait = backoff.next_wait(Jitter::random());
                     tokio::select! {

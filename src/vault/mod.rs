@@ -3,6 +3,7 @@
 //! - `token`: leasegate's own tokens and their store.
 //! - `body`: answer and secret request bodies in zeroizing memory.
 //! - `client`: the HTTP client, its requests, renew and revoke.
+//! - `pacing`: how many revocations may run at once (creds calls keep priority).
 //! - `lease`: the lease a session holds, its guard and the revoker that guarantees the
 //!   revocation (it calls the client).
 //! - `creds`: the creds call, which guards the lease it issues with the revoker.
@@ -15,6 +16,7 @@ mod creds;
 pub(crate) mod error;
 pub(crate) mod lease;
 pub(crate) mod login;
+pub(crate) mod pacing;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod token;

@@ -223,4 +223,8 @@ impl LeaseApi for ScriptedVault {
         let answer = (self.revoke)(before);
         Box::pin(async move { answer })
     }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(5)
+    }
 }

@@ -7,6 +7,7 @@
 
 mod harness;
 
+mod burst;
 mod cancel;
 mod cli;
 mod compat_cluster;

@@ -12,7 +12,7 @@ pub use devenv::pg::bin as pg_bin;
 
 /// Settings of every test cluster: room for many sessions, no durability.
 pub fn test_settings() -> Vec<String> {
-    let mut settings = vec!["max_connections=300".to_string()];
+    let mut settings = vec!["max_connections=500".to_string()];
     settings.extend(devenv::pg::THROWAWAY_SETTINGS.iter().map(|s| s.to_string()));
     settings
 }
