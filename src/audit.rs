@@ -73,6 +73,9 @@ pub(crate) struct AuditEvent {
     /// SQLSTATE the client was sent (refusals and failures).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sqlstate: Option<String>,
+    /// `true` when the session got a warm upstream session (logged in ahead of demand).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm: Option<bool>,
 }
 
 impl AuditEvent {

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use labels::{
     AuthFailureReason, CancelResult, DatabaseLabel, FixedLabel, LeaseResult, PeerForwardResult,
     RelayDirection, RoleLabel, SessionOutcome, SetupPhase, TlsFailureReason, UpstreamClose,
-    UpstreamErrorKind, VaultAuthResult, VaultOp, VaultStatus, VersionLabel,
+    UpstreamErrorKind, VaultAuthResult, VaultOp, VaultStatus, VersionLabel, WarmResult,
 };
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -150,6 +150,15 @@ metrics! {
     prefetch_ready: Family<(DatabaseLabel, RoleLabel), Gauge> = Family::default()
         => "leasegate_prefetch_ready",
            "Prefetched credentials waiting for a session, by database and role";
+    /// Warm sessions waiting, by database and role.
+    warm_ready: Family<(DatabaseLabel, RoleLabel), Gauge> = Family::default()
+        => "leasegate_warm_ready",
+           "Warm upstream sessions logged in and waiting for a client, by database and role";
+    /// Warm session hits, misses and sessions found closed by the server.
+    warm_sessions_total: Family<WarmResult, Counter> = Family::default()
+        => "leasegate_warm_sessions",
+           "Clients of roles with warm sessions, by result (hit, miss: cold path), and warm \
+            sessions found closed by the server (gone)";
     /// Audit events dropped because the writer fell behind (the queue was full).
     audit_events_dropped_total: Counter = Counter::default()
         => "leasegate_audit_events_dropped",
@@ -194,6 +203,21 @@ impl Metrics {
         zero(&self.cancel_peer_forwards_total);
         zero(&self.relayed_bytes_total);
         zero(&self.upstream_closes_total);
+        zero(&self.warm_sessions_total);
+    }
+
+    /// Sets the warm sessions waiting for `database` and `role`.
+    pub(crate) fn set_warm_ready(&self, database: &str, role: &str, n: usize) {
+        let labels = (
+            DatabaseLabel(database.to_owned()),
+            RoleLabel(role.to_owned()),
+        );
+        self.warm_ready.get_or_create(&labels).set(n as i64);
+    }
+
+    /// Counts a warm session hit, miss or one found gone.
+    pub(crate) fn warm_session(&self, result: WarmResult) {
+        self.warm_sessions_total.get_or_create(&result).inc();
     }
 
     /// Counts a finished connection.

@@ -4,6 +4,11 @@
 //! (and replaced), dropped when Vault will not extend them further, and revoked at shutdown.
 //! When to renew and whether a renewal was the last is the lease clock's decision
 //! ([`crate::lease_clock`]).
+//!
+//! The same task keeps the warm sessions ([`warm`]): upstream sessions logged in ahead of
+//! demand, each with a lease of its own.
+
+pub(crate) mod warm;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -108,6 +113,8 @@ pub(crate) struct Prefetcher {
     revoker: Revoker,
     /// The pool gauges and renewal counters.
     metrics: Arc<Metrics>,
+    /// The warm sessions, kept by the same task.
+    warm: Arc<warm::WarmPool>,
 }
 
 /// Least time a waiting lease must have left to be handed out or kept.
@@ -124,6 +131,12 @@ impl Prefetcher {
         let p = Prefetcher {
             pools: Mutex::default(),
             wake: Notify::new(),
+            warm: Arc::new(warm::WarmPool::new(
+                config,
+                vault.clone(),
+                revoker.clone(),
+                metrics.clone(),
+            )),
             vault,
             revoker,
             metrics,
@@ -136,8 +149,14 @@ impl Prefetcher {
         self.pools.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The warm sessions.
+    pub(crate) fn warm(&self) -> &warm::WarmPool {
+        &self.warm
+    }
+
     /// Applies a (re)loaded config: new pools start filling, removed ones drain.
     pub(crate) fn configure(&self, config: &Config) {
+        self.warm.configure(config);
         let mut pools = self.lock();
         for pool in pools.values_mut() {
             pool.target = 0;
@@ -206,17 +225,22 @@ impl Prefetcher {
         }
     }
 
-    /// Keeps the pools filled and their leases alive until `stop`; then revokes them all.
+    /// Keeps the pools (and the warm sessions) filled and their leases alive until `stop`;
+    /// then revokes them all.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            let next = self.tick(&stop).await;
-            tokio::select! {
-                _ = tokio::time::sleep_until(next) => {}
-                _ = self.wake.notified() => {}
-                _ = stop.cancelled() => break,
+        let warm = self.warm.clone().run(stop.clone());
+        let prefetch = async {
+            loop {
+                let next = self.tick(&stop).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = self.wake.notified() => {}
+                    _ = stop.cancelled() => break,
+                }
             }
-        }
-        self.clear();
+            self.clear();
+        };
+        tokio::join!(prefetch, warm);
     }
 
     /// One pass over every pool; returns when the next pass is due.

@@ -164,6 +164,8 @@ impl TryFrom<schema::Database> for DatabaseConfig {
             max_session_duration: d.max_session_duration,
             expiry_warning: d.expiry_warning,
             allow_startup_parameters: d.allow_startup_parameters,
+            warm: d.warm,
+            warm_max_idle: d.warm_max_idle,
         })
     }
 }

@@ -283,7 +283,7 @@ impl VaultAuth {
 }
 
 /// One `[[databases]]` entry (see [`schema::Database`] for each key).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "schema::Database")]
 pub struct DatabaseConfig {
     /// The name clients ask for.
@@ -316,6 +316,10 @@ pub struct DatabaseConfig {
     pub expiry_warning: Duration,
     /// Startup settings allowed besides the built-in list.
     pub allow_startup_parameters: Vec<String>,
+    /// Upstream sessions kept logged in ahead of demand, per role.
+    pub warm: BTreeMap<String, usize>,
+    /// A warm session unused this long is closed and its lease revoked.
+    pub warm_max_idle: Duration,
 }
 
 impl DatabaseConfig {

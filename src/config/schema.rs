@@ -287,6 +287,13 @@ pub struct Database {
     /// (`crate::upstream::params::DEFAULT_ALLOWED`), e.g. `["work_mem", "myapp.tenant"]`.
     #[serde(default)]
     pub allow_startup_parameters: Vec<String>,
+    /// Upstream sessions to keep logged in ahead of demand, per role (`{ readonly = 4 }`),
+    /// for each startup-parameter set clients used recently.
+    #[serde(default)]
+    pub warm: BTreeMap<String, usize>,
+    /// A warm session unused this long is closed and its lease revoked.
+    #[serde(default = "default_prefetch_max_idle", with = "humantime_serde")]
+    pub warm_max_idle: Duration,
 }
 
 /// `databases.tls`, with libpq's `sslmode` meanings.

@@ -11,6 +11,9 @@ use super::schema::{Database, File, Limits, TlsMode, VaultAuth};
 use crate::protocol::options;
 use crate::secret_files::{Finding, check_secret_file};
 
+/// Most warm sessions per role and startup-parameter set: each is an upstream backend.
+const MAX_WARM: usize = 64;
+
 /// Every problem found, as lines; `source` is the file `file` was read from.
 pub(super) fn problems(file: &File, source: Option<&Path>) -> Vec<String> {
     let mut problems = Vec::new();
@@ -201,6 +204,18 @@ fn database(db: &Database, problems: &mut Vec<String>) {
     for role in db.prefetch.keys().filter(|r| !db.roles.contains(r)) {
         problems.push(format!(
             "database {:?}: prefetch names role {role:?}, which is not in its roles",
+            db.name
+        ));
+    }
+    for role in db.warm.keys().filter(|r| !db.roles.contains(r)) {
+        problems.push(format!(
+            "database {:?}: warm names role {role:?}, which is not in its roles",
+            db.name
+        ));
+    }
+    for (role, &n) in db.warm.iter().filter(|(_, n)| **n > MAX_WARM) {
+        problems.push(format!(
+            "database {:?}: warm = {{ {role} = {n} }} is more than {MAX_WARM} sessions per role",
             db.name
         ));
     }

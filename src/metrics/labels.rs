@@ -345,6 +345,19 @@ label_set! {
     }
 }
 
+label_set! {
+    /// `leasegate_warm_sessions_total{result}`: what became of a client that could use a warm
+    /// session, or of a warm session the server closed.
+    WarmResult = "result" {
+        /// A warm session was handed to the client.
+        Hit => "hit",
+        /// None was ready for its database, role and startup parameters: the cold path.
+        Miss => "miss",
+        /// A warm session the server had closed, found and discarded (never handed out).
+        Gone => "gone",
+    }
+}
+
 open_label! {
     /// `database`: a `[[databases]]` name from the configuration.
     DatabaseLabel = "database"

@@ -8,6 +8,7 @@ pub(crate) mod close;
 pub(crate) mod handshake;
 pub(crate) mod lifecycle;
 pub(crate) mod relay;
+mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -204,6 +205,9 @@ impl Session<'_> {
                 return self.fail(&mut hello.stream, e).await;
             }
         };
+        if let Some(w) = self.warm(&database, &hello.role, &settings) {
+            return self.serve_warm(hello, w, &database, permit).await;
+        }
         let vault_started = Instant::now();
         let (lease, guard, remaining) = match self.credential(&database, &hello.role).await {
             Ok(c) => c,

@@ -49,3 +49,4 @@ mod session;
 mod shutdown;
 mod upstream_errors;
 mod vault_auth;
+mod warm;
