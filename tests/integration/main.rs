@@ -50,3 +50,4 @@ mod shutdown;
 mod upstream_errors;
 mod vault_auth;
 mod warm;
+mod warm_params;
