@@ -9,6 +9,10 @@ Subcommands (each writes one JSON document to --out):
   idle    hold many idle TLS sessions through leasegate (raw asyncio client speaking the
           startup protocol) and read leasegate's RSS at each stage
   churn   N concurrent clients connecting / select 1 / disconnecting for a fixed time
+  drain   a burst of closes must not starve new sessions: hold N idle sessions, close them
+          all at once, and while leasegate revokes their leases open new sessions one after
+          another, timed each; reports the setup times during the drain, how long the drain
+          took (leasegate_revocations_pending back to 0) and the revocation window it used
   metrics print leasegate's /metrics as JSON {series: value}
   leftovers  poll until no dynamic role (prefix) is in pg_roles and no lease of the mount's
           roles is listed, at most --timeout seconds
@@ -467,6 +471,78 @@ def cmd_churn(a):
     write_out(a.out, asyncio.run(churn_main(a)))
 
 
+# ----------------------------------------------------------------------------------------------
+# drain: new sessions while the revocations of a burst of closes drain
+
+def revoker_state(url):
+    m = scrape(url)
+    return {k: m.get(f"leasegate_{k}", 0.0) for k in
+            ("revocations_pending", "revocations_in_flight", "revocation_window",
+             "revocation_window_cuts_total", "leases_active")}
+
+
+async def drain_main(a):
+    ctx = client_ctx(a)
+    sem = asyncio.Semaphore(a.concurrency)
+    sessions, errors = [], []
+
+    async def one():
+        async with sem:
+            try:
+                sessions.append(await open_session(a.host, a.port, ctx, a.user, a.database, a.open_timeout))
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"open: {type(e).__name__}: {e}"[:300])
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(a.sessions)))
+    result = {"sessions": len(sessions), "open_seconds": round(time.monotonic() - t0, 3)}
+    await poll(lambda: revoker_state(a.metrics_url)["revocations_pending"] == 0, 60, 0.5)
+    before = revoker_state(a.metrics_url)
+    # Close them all at once.
+    closed = time.monotonic()
+    await asyncio.gather(*(s.close() for s in sessions))
+    sessions.clear()
+    setups, probes = [], []
+    drained_at, window_max = None, 0.0
+    deadline = closed + a.max_seconds
+    while time.monotonic() < deadline:
+        st = revoker_state(a.metrics_url)
+        window_max = max(window_max, st["revocation_window"])
+        if st["revocations_pending"] == 0 and time.monotonic() - closed > 0.5:
+            drained_at = time.monotonic()
+            break
+        t1 = time.perf_counter()
+        try:
+            s = await open_session(a.host, a.port, ctx, a.user, a.database, a.open_timeout)
+            try:
+                await s.query("select 1", a.open_timeout)
+            finally:
+                await s.close()
+            ms = (time.perf_counter() - t1) * 1000.0
+            setups.append(ms)
+            probes.append({"t_s": round(time.monotonic() - closed, 3), "setup_ms": round(ms, 2), **st})
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"during drain: {type(e).__name__}: {e}"[:300])
+        await asyncio.sleep(a.gap)
+    after = revoker_state(a.metrics_url)
+    result.update({
+        "drain_seconds": round(drained_at - closed, 3) if drained_at else None,
+        "drained": drained_at is not None,
+        "setup_during_drain_ms": summary(setups),
+        "revocation_window_max": window_max,
+        "revocation_window_cuts": after["revocation_window_cuts_total"] - before["revocation_window_cuts_total"],
+        "probes": probes[:: max(1, len(probes) // 50)],
+        "errors": len(errors), "error_samples": errors[:10],
+    })
+    return result
+
+
+def cmd_drain(a):
+    if not a.metrics_url:
+        sys.exit("drain: --metrics-url is required (the revoker's gauges tell when the drain is over)")
+    write_out(a.out, asyncio.run(drain_main(a)))
+
+
 def _ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -675,6 +751,15 @@ def main():
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--open-timeout", type=float, default=15)
     p.set_defaults(fn=cmd_churn)
+
+    p = sub.add_parser("drain")
+    add_client_args(p)
+    p.add_argument("--sessions", type=int, default=2000, help="idle sessions closed at once")
+    p.add_argument("--concurrency", type=int, default=50, help="opened at most at once")
+    p.add_argument("--gap", type=float, default=0.1, help="seconds between new sessions during the drain")
+    p.add_argument("--open-timeout", type=float, default=30)
+    p.add_argument("--max-seconds", type=float, default=300)
+    p.set_defaults(fn=cmd_drain)
 
     p = sub.add_parser("cpu")
     p.add_argument("--proc", action="append", default=[], help="NAME=PID")
