@@ -207,3 +207,67 @@ async fn a_burst_of_four_times_the_warm_count_is_served_without_error() {
     assert_eq!(errors, 0.0, "no session failed");
     shut_down_and_check_revoked(&mut f).await;
 }
+
+/// Polls until the mount's dynamic roles are exactly one, other than every one in `not`;
+/// returns it.
+async fn wait_one_role_besides(f: &Fixture, not: &[String]) -> String {
+    let prefix = f.mount.prefix.clone();
+    poll_until(Duration::from_secs(30), "one new warm session role", || {
+        let prefix = prefix.clone();
+        async move {
+            let roles = dynamic_roles(&prefix).await;
+            match roles.as_slice() {
+                [one] if !not.contains(one) => Ok(()),
+                _ => Err(format!("roles {roles:?}, not {not:?}")),
+            }
+        }
+    })
+    .await;
+    dynamic_roles(&f.mount.prefix).await.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_entry_replaces_the_warm_sessions() {
+    use crate::harness::ops::{edit_config, reload};
+    let mut f = start_warm("warm-reload", 1).await;
+    wait_warm_ready(&f.proxy, 1.0).await;
+    let first = wait_one_role_besides(&f, &[]).await;
+    // The same entry again: the waiting session stays.
+    reload(&f.proxy, "configuration reloaded").await;
+    // A changed entry: the waiting session is closed and revoked, a new one logs in.
+    edit_config(&f.proxy, |t| set(t, "databases.0.connect_timeout", "29s"));
+    reload(&f.proxy, "configuration reloaded").await;
+    let second = wait_one_role_besides(&f, std::slice::from_ref(&first)).await;
+    wait_warm_ready(&f.proxy, 1.0).await;
+    let user = one_session(&f).await;
+    assert_eq!(
+        user, second,
+        "the client got the session logged in for the new entry"
+    );
+    shut_down_and_check_revoked(&mut f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_sessions_nobody_uses_are_revoked_after_warm_max_idle() {
+    let f = Fixture::start_edited(
+        "warm-idle",
+        |cfg| cfg,
+        |t| {
+            let mut warm = toml::Table::new();
+            warm.insert("readonly".into(), 2i64.into());
+            set(t, "databases.0.warm", warm);
+            set(t, "databases.0.warm_max_idle", "3s");
+        },
+    )
+    .await;
+    wait_warm_ready(&f.proxy, 2.0).await;
+    // Nobody asks for the set: after warm_max_idle the sessions are closed and revoked, and
+    // none replaces them.
+    f.wait_all_revoked(Duration::from_secs(30)).await;
+    assert_eq!(warm_ready(&f.proxy).await, 0.0);
+    // The next client takes the cold path and makes the set wanted again.
+    let user = one_session(&f).await;
+    assert!(user.starts_with(&f.mount.prefix));
+    assert_eq!(warm_count(&f.proxy, "miss").await, 1.0);
+    wait_warm_ready(&f.proxy, 2.0).await;
+}
