@@ -322,6 +322,7 @@ impl Revoker {
     /// outstanding at the end is logged at ERROR, one line each, and returned.
     pub async fn drain(&self, limit: Duration) -> Vec<String> {
         let start = Instant::now();
+        self.pacer.issuance_over();
         self.wait_empty(start + limit / 2).await;
         let taken: Vec<String> = {
             let mut leases = self.ledger.lock();

@@ -116,6 +116,12 @@ impl Pacing {
         }
     }
 
+    /// No credential will be asked for any more (the drain at shutdown): the window grows
+    /// fast from here.
+    pub(crate) fn issuance_over(&mut self) {
+        self.last_issue = None;
+    }
+
     /// Whether a creds call in flight has been waiting past the slow mark.
     fn issuance_waiting(&self, now: Instant) -> bool {
         let mark = self.slow_mark();
@@ -239,6 +245,12 @@ impl Pacer {
                 () = stop.cancelled() => return None,
             }
         }
+    }
+
+    /// Sessions no longer start (shutdown): revocations need not leave room for creds calls.
+    pub(crate) fn issuance_over(&self) {
+        self.lock().issuance_over();
+        self.changed.notify_waiters();
     }
 
     /// A creds call starts: it counts in the window until the returned guard drops.

@@ -67,6 +67,13 @@ fn while_sessions_are_set_up_the_window_grows_by_one_per_windowful() {
         p.revoke_finished(true, start + ms(20));
     }
     assert_eq!(p.window(), 4);
+    // At the drain nobody will ask for credentials again: growth is fast at once.
+    let mut draining = Pacing::new(TIMEOUT);
+    fast_creds(&mut draining, start);
+    draining.issuance_over();
+    assert!(draining.try_start_revoke(start));
+    draining.revoke_finished(true, start + ms(20));
+    assert_eq!(draining.window(), 3);
     // Ten seconds without a creds call: growth is fast again.
     let later = start + QUIET + ms(20);
     assert!(p.try_start_revoke(later));

@@ -66,6 +66,9 @@ impl WarmSession {
             Ok(r) => r?,
             Err(_) => return Err(UpstreamError::Timeout(config.name.clone()).into()),
         };
+        // Logged in: the password is not needed any more (zeroized as it drops here).
+        let mut lease = lease;
+        lease.password = secrecy::SecretString::from(String::new());
         let now = Instant::now();
         Ok(WarmSession {
             term: Term::issued(now, lease.duration, lease.renewable, Jitter::random()),

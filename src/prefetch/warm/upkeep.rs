@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,9 @@ use super::{CHECK_EVERY, Key, MIN_REMAINING, Settings, WarmPool, retire_all};
 use crate::lease_clock::Jitter;
 use crate::metrics::labels::{LeaseResult, WarmResult};
 use crate::upstream::Database;
+
+/// Most warm sessions logging in at once per (database, role).
+const OPEN_AT_ONCE: usize = 4;
 
 impl WarmPool {
     /// Keeps the pools filled, checked and renewed until `stop`; then closes them all.
@@ -139,48 +143,75 @@ impl WarmPool {
         })
     }
 
-    /// Logs sessions in until every wanted set holds the target (or `stop`); `Err` after a
-    /// failure (retried by a later pass). A login in flight at `stop` finishes: its session
-    /// is pooled and closed with the rest.
+    /// Logs sessions in until every wanted set holds the target (or `stop`), up to
+    /// [`OPEN_AT_ONCE`] at a time; `Err` after a failed creds call (retried by a later pass).
+    /// Logins in flight at `stop` finish: their sessions are pooled and closed with the rest.
     async fn refill(&self, key: &Key, stop: &CancellationToken) -> Result<(), ()> {
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            let wanted = {
-                let pools = self.lock();
-                pools.get(key).and_then(|p| {
-                    let set = p.sets.iter().find(|s| s.ready.len() < p.target)?;
-                    Some((p.database.clone(), set.settings.clone()))
-                })
-            };
-            let Some((database, settings)) = wanted else {
+            let wanted = self.missing(key);
+            if wanted.is_empty() {
                 return Ok(());
-            };
-            let opened =
-                WarmSession::open(&*self.vault, &self.revoker, &database, &key.1, &settings).await;
-            let w = match opened {
-                Ok(w) => w,
-                Err(e @ OpenError::Upstream(_)) => {
-                    // The cold path would fail alike: stop keeping this set until a client
-                    // asks for it again (a server that is down is not hammered meanwhile).
-                    tracing::warn!(database = %key.0, role = %key.1, error = %e,
-                        "warm session login failed: not keeping this parameter set for now");
-                    if let Some(p) = self.lock().get_mut(key) {
-                        p.sets.retain(|s| s.settings != settings);
-                    }
+            }
+            let mut opening = JoinSet::new();
+            for (database, settings) in wanted {
+                let (vault, revoker, role) =
+                    (self.vault.clone(), self.revoker.clone(), key.1.clone());
+                opening.spawn(async move {
+                    let opened =
+                        WarmSession::open(&*vault, &revoker, &database, &role, &settings).await;
+                    (database, settings, opened)
+                });
+            }
+            let mut failed = false;
+            while let Some(joined) = opening.join_next().await {
+                let Ok((database, settings, opened)) = joined else {
                     continue;
+                };
+                match opened {
+                    Ok(w) => {
+                        if let Some(stray) = self.pool_opened(key, &database, &settings, w) {
+                            stray.retire().await;
+                        }
+                    }
+                    Err(e @ OpenError::Upstream(_)) => {
+                        // The cold path would fail alike: stop keeping this set until a client
+                        // asks for it again (a server that is down is not hammered meanwhile).
+                        tracing::warn!(database = %key.0, role = %key.1, error = %e,
+                            "warm session login failed: not keeping this parameter set for now");
+                        if let Some(p) = self.lock().get_mut(key) {
+                            p.sets.retain(|s| s.settings != settings);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(database = %key.0, role = %key.1, error = %e,
+                            "warm session creds call failed");
+                        failed = true;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(database = %key.0, role = %key.1, error = %e,
-                        "warm session creds call failed");
-                    return Err(());
-                }
-            };
-            if let Some(stray) = self.pool_opened(key, &database, &settings, w) {
-                stray.retire().await;
+            }
+            if failed {
+                return Err(());
             }
         }
+    }
+
+    /// The sessions missing from the wanted sets, at most [`OPEN_AT_ONCE`].
+    fn missing(&self, key: &Key) -> Vec<(Arc<Database>, Settings)> {
+        let pools = self.lock();
+        let Some(p) = pools.get(key) else {
+            return Vec::new();
+        };
+        p.sets
+            .iter()
+            .flat_map(|s| {
+                let n = p.target.saturating_sub(s.ready.len());
+                std::iter::repeat_n((p.database.clone(), s.settings.clone()), n)
+            })
+            .take(OPEN_AT_ONCE)
+            .collect()
     }
 
     /// Pools a freshly opened session; returns it when a reload changed the entry meanwhile
