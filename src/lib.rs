@@ -21,10 +21,12 @@
 //!                        the startup parameters allowed through
 //!          cancel        proxy key ↔ upstream key, forwarding upstream, the cancel gate
 //!          cluster       cancels with unknown keys forwarded to peer instances, once
-//!          prefetch      credentials issued ahead of demand
+//!          prefetch      credentials issued ahead of demand; warm upstream sessions
+//!                        (prefetch::warm), each logged in with a lease of its own
 //!          error         session errors → SQLSTATE, message, metric label
 //!          audit         the JSON audit log of session starts, ends and refusals
-//! floor 1  vault         error ← token ← body ← client ← lease (the revoker)
+//! floor 1  vault         error ← token ← body ← client ← lease (the revoker, its window in
+//!                        pacing)
 //!                        ← creds; login ← auth (keeping leasegate's token alive)
 //!          tls           client-facing acceptor and verifier; upstream connector
 //!          policy        grants: identity + database + role → allow or why not
@@ -60,6 +62,9 @@
 //!    ([`upstream::params::check`]: 42501 for one not allowed), then
 //!    [`limits::Limiter::acquire`] counts the session under the identity the grant matched
 //!    (53300 over a limit).
+//!    A warm session waiting for this entry, role and startup-parameter set
+//!    ([`prefetch::warm::WarmPool::take`]) skips steps 5 and 6: `Session::serve_warm` relays
+//!    over it (step 7) with its own lease.
 //! 5. `Session::credential` takes a prefetched credential ([`prefetch::Prefetcher::take`]) or
 //!    reads `creds/<role>` ([`vault::VaultClient::creds`]); the [`vault::LeaseGuard`] exists
 //!    from the moment Vault answered, so every later failure still revokes the lease.
