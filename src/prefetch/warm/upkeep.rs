@@ -143,63 +143,88 @@ impl WarmPool {
         })
     }
 
-    /// Logs sessions in until every wanted set holds the target (or `stop`), up to
-    /// [`OPEN_AT_ONCE`] at a time; `Err` after a failed creds call (retried by a later pass).
-    /// Logins in flight at `stop` finish: their sessions are pooled and closed with the rest.
+    /// Logs sessions in until every wanted set holds the target, keeping up to
+    /// [`OPEN_AT_ONCE`] logins in flight and topping up as clients take sessions meanwhile
+    /// (for at most [`CHECK_EVERY`], so the other pools get their pass); `Err` after a failed
+    /// creds call (retried by a later pass). Logins in flight at `stop` finish: their sessions
+    /// are pooled and closed with the rest.
     async fn refill(&self, key: &Key, stop: &CancellationToken) -> Result<(), ()> {
+        let until = Instant::now() + CHECK_EVERY;
+        let mut opening = JoinSet::new();
+        let mut in_flight: Vec<Settings> = Vec::new();
+        let mut failed = false;
         loop {
-            if stop.is_cancelled() {
-                return Ok(());
-            }
-            let wanted = self.missing(key);
-            if wanted.is_empty() {
-                return Ok(());
-            }
-            let mut opening = JoinSet::new();
-            for (database, settings) in wanted {
-                let (vault, revoker, role) =
-                    (self.vault.clone(), self.revoker.clone(), key.1.clone());
-                opening.spawn(async move {
-                    let opened =
-                        WarmSession::open(&*vault, &revoker, &database, &role, &settings).await;
-                    (database, settings, opened)
-                });
-            }
-            let mut failed = false;
-            while let Some(joined) = opening.join_next().await {
-                let Ok((database, settings, opened)) = joined else {
-                    continue;
-                };
-                match opened {
-                    Ok(w) => {
-                        if let Some(stray) = self.pool_opened(key, &database, &settings, w) {
-                            stray.retire().await;
-                        }
-                    }
-                    Err(e @ OpenError::Upstream(_)) => {
-                        // The cold path would fail alike: stop keeping this set until a client
-                        // asks for it again (a server that is down is not hammered meanwhile).
-                        tracing::warn!(database = %key.0, role = %key.1, error = %e,
-                            "warm session login failed: not keeping this parameter set for now");
-                        if let Some(p) = self.lock().get_mut(key) {
-                            p.sets.retain(|s| s.settings != settings);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(database = %key.0, role = %key.1, error = %e,
-                            "warm session creds call failed");
-                        failed = true;
-                    }
+            if !failed && !stop.is_cancelled() && Instant::now() < until {
+                let room = OPEN_AT_ONCE.saturating_sub(in_flight.len());
+                for (database, settings) in self.missing(key, &in_flight, room) {
+                    in_flight.push(settings.clone());
+                    let (vault, revoker, role) =
+                        (self.vault.clone(), self.revoker.clone(), key.1.clone());
+                    opening.spawn(async move {
+                        let opened =
+                            WarmSession::open(&*vault, &revoker, &database, &role, &settings).await;
+                        (database, settings, opened)
+                    });
                 }
             }
-            if failed {
-                return Err(());
+            let joined = tokio::select! {
+                joined = opening.join_next() => match joined {
+                    None => return if failed { Err(()) } else { Ok(()) },
+                    Some(joined) => joined,
+                },
+                // A client took a session: top up while the others log in.
+                () = self.wake.notified() => continue,
+            };
+            let Ok((database, settings, opened)) = joined else {
+                continue;
+            };
+            if let Some(at) = in_flight.iter().position(|s| *s == settings) {
+                in_flight.swap_remove(at);
+            }
+            failed |= !self.opened(key, &database, &settings, opened).await;
+        }
+    }
+
+    /// Pools what one login produced; `false` after a failed creds call.
+    async fn opened(
+        &self,
+        key: &Key,
+        database: &Database,
+        settings: &Settings,
+        opened: Result<WarmSession, OpenError>,
+    ) -> bool {
+        match opened {
+            Ok(w) => {
+                if let Some(stray) = self.pool_opened(key, database, settings, w) {
+                    stray.retire().await;
+                }
+                true
+            }
+            Err(e @ OpenError::Upstream(_)) => {
+                // The cold path would fail alike: stop keeping this set until a client asks
+                // for it again (a server that is down is not hammered meanwhile).
+                tracing::warn!(database = %key.0, role = %key.1, error = %e,
+                    "warm session login failed: not keeping this parameter set for now");
+                if let Some(p) = self.lock().get_mut(key) {
+                    p.sets.retain(|s| s.settings != *settings);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(database = %key.0, role = %key.1, error = %e,
+                    "warm session creds call failed");
+                false
             }
         }
     }
 
-    /// The sessions missing from the wanted sets, at most [`OPEN_AT_ONCE`].
-    fn missing(&self, key: &Key) -> Vec<(Arc<Database>, Settings)> {
+    /// Up to `room` sessions missing from the wanted sets, counting those `in_flight`.
+    fn missing(
+        &self,
+        key: &Key,
+        in_flight: &[Settings],
+        room: usize,
+    ) -> Vec<(Arc<Database>, Settings)> {
         let pools = self.lock();
         let Some(p) = pools.get(key) else {
             return Vec::new();
@@ -207,10 +232,11 @@ impl WarmPool {
         p.sets
             .iter()
             .flat_map(|s| {
-                let n = p.target.saturating_sub(s.ready.len());
+                let coming = in_flight.iter().filter(|f| **f == s.settings).count();
+                let n = p.target.saturating_sub(s.ready.len() + coming);
                 std::iter::repeat_n((p.database.clone(), s.settings.clone()), n)
             })
-            .take(OPEN_AT_ONCE)
+            .take(room)
             .collect()
     }
 
