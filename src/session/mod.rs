@@ -23,15 +23,17 @@ use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
 use crate::escape::logged;
-use crate::metrics::labels::{RelayDirection, SessionOutcome, SetupPhase};
+use crate::metrics::labels::{SessionOutcome, SetupPhase};
+use crate::net::Transport;
 use crate::policy::Denial;
 use crate::protocol::messages;
+use crate::registry::{NewSession, Registered, Tracked};
 use crate::state::{AppState, Live};
 use crate::upstream::{self, Database, LoggedIn, UpstreamError};
 use crate::vault::{Lease, LeaseGuard};
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
-use relay::{Control, Direction, RelayEnd, Relayed};
+use relay::{Control, RelayEnd, Relayed};
 
 /// How long the close phase waits for the client's socket to shut down.
 const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -77,6 +79,7 @@ pub(crate) async fn run(
                 stop: &stop,
                 audit,
                 started,
+                transport: Transport::Tls,
             };
             session.serve(*hello).await
         }
@@ -113,6 +116,8 @@ struct Session<'a> {
     audit: AuditEvent,
     /// When the connection was accepted, for the setup-time metric.
     started: Instant,
+    /// How the client connected, for `sessions list`.
+    transport: Transport,
 }
 
 impl Session<'_> {
@@ -153,12 +158,41 @@ impl Session<'_> {
         }
     }
 
+    /// Lists the session (in setup) until the guard drops; `sessions end` stops it with
+    /// `stop`.
+    fn register(&self, hello: &ClientHello) -> Registered {
+        let facts = NewSession {
+            transport: self.transport,
+            client_addr: self.peer.to_string(),
+            principal: hello.principal.clone(),
+            database: hello.database.clone(),
+            role: hello.role.clone(),
+        };
+        self.state.sessions.register(facts, self.stop.clone())
+    }
+
     /// A credential for the session: a prefetched one when waiting, else a fresh one from
     /// Vault. The guard exists from the moment Vault issued it, so every later path revokes.
+    /// `sessions list` shows it from here on.
     async fn credential(
         &self,
         database: &Database,
         role: &str,
+        tracked: &Tracked,
+    ) -> Result<(Lease, LeaseGuard, Duration), SessionError> {
+        let issued = self.issue(database, role, tracked).await;
+        if let Ok((lease, _, remaining)) = &issued {
+            let left = (!remaining.is_zero()).then_some(*remaining);
+            tracked.credential(&lease.username, &lease.id, left);
+        }
+        issued
+    }
+
+    async fn issue(
+        &self,
+        database: &Database,
+        role: &str,
+        tracked: &Tracked,
     ) -> Result<(Lease, LeaseGuard, Duration), SessionError> {
         if let Some(p) = self.state.prefetch.take(&database.config, role) {
             return Ok((p.lease, p.guard, p.remaining));
@@ -178,7 +212,7 @@ impl Session<'_> {
         })?;
         if self.stop.is_cancelled() {
             guard.revoke();
-            return Err(SessionError::Shutdown);
+            return Err(tracked.stopped());
         }
         let remaining = lease.duration;
         Ok((lease, guard, remaining))
@@ -204,8 +238,10 @@ impl Session<'_> {
                 return self.fail(&mut hello.stream, e).await;
             }
         };
+        let tracked = self.register(&hello);
         let vault_started = Instant::now();
-        let (lease, guard, remaining) = match self.credential(&database, &hello.role).await {
+        let credential = self.credential(&database, &hello.role, &tracked).await;
+        let (lease, guard, remaining) = match credential {
             Ok(c) => c,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
@@ -217,10 +253,10 @@ impl Session<'_> {
         tracing::debug!(peer = %self.peer, identity = %logged(&hello.principal.display_name()),
             database = %logged(&hello.database), role = %logged(&hello.role), username = %lease.username,
             lease_id = %guard.id(), "credential issued");
-        let life = lifetime(&lease, remaining, &database, &hello.role);
+        let life = lifetime(&lease, remaining, &database, &hello.role, &tracked);
         let logged_in = tokio::select! {
             r = Box::pin(login_upstream(&database, &lease, &settings)) => r,
-            _ = self.stop.cancelled() => Err(SessionError::Shutdown),
+            _ = self.stop.cancelled() => Err(tracked.stopped()),
         };
         drop((lease, settings));
         if let Err(SessionError::Upstream(e)) = &logged_in {
@@ -246,6 +282,7 @@ impl Session<'_> {
         self.relay(hello, logged_in, &database, life).await;
         drop(guard); // the upstream is closed: revoke now
         drop(permit);
+        drop(tracked); // deregistered once the lease is on its way out
         Ok(())
     }
 
@@ -294,7 +331,13 @@ fn startup_settings(
 }
 
 /// What the session's watcher needs of its lease and database entry.
-fn lifetime(lease: &Lease, remaining: Duration, database: &Database, role: &str) -> Lifetime {
+fn lifetime(
+    lease: &Lease,
+    remaining: Duration,
+    database: &Database,
+    role: &str,
+    tracked: &Registered,
+) -> Lifetime {
     Lifetime {
         lease_id: lease.id.clone(),
         ttl: lease.duration,
@@ -303,6 +346,7 @@ fn lifetime(lease: &Lease, remaining: Duration, database: &Database, role: &str)
         max_session: database.config.max_session_duration,
         warning: database.config.expiry_warning,
         role: role.to_owned(),
+        tracked: Some(tracked.handle()),
     }
 }
 
@@ -371,12 +415,13 @@ async fn relay_session(
 ) -> (Relayed, close::Closed) {
     let out = startup_reply(&hello, &logged_in, key);
     let upstream_key = cancel_target(database, logged_in.cancel_key);
-    let mut to_upstream =
-        Direction::to_upstream(Some(state.metrics.relayed(RelayDirection::ToUpstream)));
-    // What the upstream sent after its first ReadyForQuery goes through the relay's tracking.
-    let mut to_client = Direction::to_client(
-        Some(state.metrics.relayed(RelayDirection::ToClient)),
+    let tracked = life.tracked.clone();
+    let status = logged_in.ready_status;
+    let (mut to_upstream, mut to_client) = relay::directions(
+        &state.metrics,
         logged_in.leftover,
+        status,
+        tracked.as_deref(),
     );
     // Only the two streams live on through the relay: every setup buffer is freed here, so an
     // idle session costs little more than its sockets, TLS state and relay buffers.
@@ -392,6 +437,9 @@ async fn relay_session(
     let (end, mut upstream) = match written {
         Err(e) => (RelayEnd::ClientGone(Some(e)), upstream),
         Ok(()) => {
+            if let Some(t) = &tracked {
+                t.relaying();
+            }
             let (mut cr, mut cw) = split(client);
             let (mut ur, mut uw) = split(upstream);
             let (tx, mut control) = mpsc::channel::<Control>(4);
@@ -410,6 +458,9 @@ async fn relay_session(
             (end, ur.unsplit(uw))
         }
     };
+    if let (Some(t), Some(how)) = (&tracked, end.end_reason()) {
+        t.ended(how);
+    }
     let mut relayed = Relayed {
         end,
         to_upstream,

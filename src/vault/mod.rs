@@ -5,6 +5,7 @@
 //! - `client`: the HTTP client, its requests, renew and revoke.
 //! - `lease`: the lease a session holds, its guard and the revoker that guarantees the
 //!   revocation (it calls the client).
+//! - `leases`: listing and looking up leases, for `leases check`.
 //! - `creds`: the creds call, which guards the lease it issues with the revoker.
 //! - `login` (how leasegate gets a token) and `auth` (keeping it alive, revoking it).
 
@@ -14,6 +15,7 @@ pub mod client;
 mod creds;
 pub(crate) mod error;
 pub(crate) mod lease;
+pub(crate) mod leases;
 pub(crate) mod login;
 #[cfg(test)]
 pub(crate) mod testing;
