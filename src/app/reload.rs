@@ -278,12 +278,14 @@ address = "127.0.0.1:9187"
                 "[listen]\n",
                 "[listen]\nmax_connections = 5\nlogin_timeout = \"3s\"\n",
             )
-            + "[audit]\npath = \"/var/log/a.log\"\n[runtime]\nworker_threads = 1\n\
+            + "[admin]\nsocket = \"/run/lg/admin.sock\"\n\
+               [audit]\npath = \"/var/log/a.log\"\n[runtime]\nworker_threads = 1\n\
                [limits]\ncancels_per_second = 1\ncancels_per_second_per_address = 1\n\
                max_concurrent_cancels = 1\nmax_sessions = 3\n";
         assert_eq!(
             changes(BASE, &changed),
             [
+                "admin.socket",
                 "audit.path",
                 "limits.cancels_per_second",
                 "limits.cancels_per_second_per_address",
