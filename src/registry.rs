@@ -156,6 +156,14 @@ impl Tracked {
         true
     }
 
+    /// What an operator (or a reload) ended the session with, if one did.
+    pub(crate) fn cause(&self) -> Option<crate::error::SessionError> {
+        let cause = self.cause.get();
+        cause
+            .filter(|c| !matches!(c, EndReason::MaxLifetime))
+            .map(EndReason::error)
+    }
+
     /// Why the session was stopped: what its client is told (57P01).
     pub(crate) fn stopped(&self) -> crate::error::SessionError {
         self.cause

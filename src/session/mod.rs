@@ -299,6 +299,7 @@ impl Session<'_> {
         let started = Instant::now();
         self.state.metrics.sessions_active.inc();
         let key = registration.as_ref().map(|r| r.key);
+        let tracked = life.tracked.clone();
         let (relayed, closed) =
             relay_session(self.state, hello, logged_in, key, database, life, self.stop).await;
         self.state.metrics.sessions_active.dec();
@@ -311,7 +312,7 @@ impl Session<'_> {
         end.duration_ms = Some(started.elapsed().as_millis() as u64);
         end.bytes_to_upstream = Some(relayed.to_upstream.bytes);
         end.bytes_to_client = Some(relayed.to_client.bytes);
-        end.reason = Some(relayed.end.label().to_owned());
+        end.reason = Some(relayed.end.audit_reason(tracked.as_deref()));
         tracing::info!(peer = %self.peer, end = relayed.end.label(), detail = relayed.end.detail(),
             upstream_close = closed.label(),
             bytes_to_upstream = relayed.to_upstream.bytes, bytes_to_client = relayed.to_client.bytes,

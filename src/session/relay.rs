@@ -81,6 +81,17 @@ impl RelayEnd {
         }
     }
 
+    /// The audit line's `reason`: the label, and for a session leasegate ended for an
+    /// operator or a reload, what the client was told.
+    pub(crate) fn audit_reason(&self, tracked: Option<&Tracked>) -> String {
+        match tracked.and_then(Tracked::cause) {
+            Some(why) if matches!(self, RelayEnd::Ended { .. }) => {
+                format!("{}: {}", self.label(), why.client_message())
+            }
+            _ => self.label().to_owned(),
+        }
+    }
+
     /// What the label leaves out, for the log: the socket error that ended the session, or
     /// that leasegate's closing ErrorResponse could not be delivered.
     pub(crate) fn detail(&self) -> Option<String> {

@@ -334,6 +334,12 @@ async fn sessions_end_by_identity_ends_only_the_matching_session_and_revokes_at_
         audited,
         "the request is audited with the caller's uid:\n{log}"
     );
+    let end_line = "\"reason\":\"ended_by_leasegate: terminated by the operator: key leaked\"";
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"event\":\"session_end\"") && l.contains(end_line)),
+        "the session's end line names the operator's reason:\n{log}"
+    );
     good.terminate().await;
     i.f.wait_all_revoked(Duration::from_secs(10)).await;
     assert_eq!(
@@ -678,4 +684,88 @@ async fn a_missing_socket_directory_is_a_startup_error() {
     assert!(!out.status.success(), "{}", output_text(&out));
     let want = format!("directory {} does not exist", missing.display());
     assert!(output_text(&out).contains(&want), "{}", output_text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_credentials_are_listed_as_such() {
+    let i = Incident::start("ops-incident-prefetch", |t| {
+        let mut pools = toml::Table::new();
+        pools.insert("readonly".into(), 1.into());
+        set(t, "databases.0.prefetch", pools);
+    })
+    .await;
+    let (i, mount) = (&i, &i.f.mount);
+    poll_until(
+        Duration::from_secs(10),
+        "a prefetched credential listed",
+        || async move {
+            let rows = i.list().await;
+            let held = leases(mount, "readonly").await;
+            let listed = rows.iter().any(|r| {
+                r["kind"] == "prefetched"
+                    && r["id"].is_null()
+                    && r["role"] == "readonly"
+                    && r["state"] == "waiting"
+                    && r["lease_id"]
+                        .as_str()
+                        .is_some_and(|l| held.iter().any(|h| l.ends_with(h.as_str())))
+            });
+            if listed {
+                Ok(())
+            } else {
+                Err(format!("{rows:?}, leases {held:?}"))
+            }
+        },
+    )
+    .await;
+    let out = i.console(&["sessions", "list"]).await;
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("| prefetched |") && l.contains("| waiting")),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_socket_is_kept_a_stale_one_replaced_and_the_file_removed_at_shutdown() {
+    let mut i = Incident::start("ops-incident-socket", |_| {}).await;
+    let socket = i.socket();
+    // A second instance (other ports) on the same socket: refused, the first keeps it.
+    let mut second = crate::harness::ops::read_config(&i.f.proxy);
+    let port = || format!("127.0.0.1:{}", crate::harness::free_port());
+    set(&mut second, "listen.address", port());
+    set(&mut second, "metrics.address", port());
+    let path = i.f.proxy.dir().join("second.toml");
+    std::fs::write(&path, toml::to_string(&second).expect("toml")).expect("write second.toml");
+    let out = crate::harness::proxy::refused_start(&path, "a second instance on a live socket");
+    assert!(
+        output_text(&out).contains("another process is listening on it"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(i.list().await.len(), 0, "the first instance still answers");
+
+    // SIGKILL leaves the file behind; the next start replaces it.
+    i.f.proxy.kill();
+    assert!(socket.exists(), "a stale socket stays after SIGKILL");
+    let cfg = crate::harness::proxy::ProxyConfig::new(&i.f.pki, &i.f.mount).grant(
+        &format!("uri:{GOOD_URI}"),
+        &["myapp"],
+        &["readonly"],
+    );
+    let socket_text = socket.display().to_string();
+    let mut next = crate::harness::proxy::Proxy::start_edited(cfg, |t| {
+        set(t, "admin.socket", socket_text);
+    })
+    .await;
+    let out = run(&config_path(&next), &["sessions", "list"], None).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(next.log_text().contains("replacing a stale admin socket"));
+    assert!(
+        next.terminate(Duration::from_secs(20)).is_some(),
+        "leasegate exits on SIGTERM"
+    );
+    assert!(!socket.exists(), "the socket file is removed at shutdown");
 }
