@@ -75,13 +75,24 @@ impl Drop for AdminSocket {
     }
 }
 
+/// The directory of the socket `path`.
+fn directory(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// What `check-config` reports about `[admin] socket` (its directory must exist).
+pub fn problem(path: &Path) -> Option<String> {
+    let dir = directory(path);
+    let missing = AdminSocketError::NoDirectory(path.to_owned(), dir.to_owned());
+    (!dir.is_dir()).then(|| missing.to_string())
+}
+
 /// Binds `path`: 0600 from the start, a stale file replaced.
 pub(crate) fn bind(path: &Path) -> Result<AdminSocket, AdminSocketError> {
     let io = |e| AdminSocketError::Io(path.to_owned(), e);
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = directory(path);
     if !dir.is_dir() {
         return Err(AdminSocketError::NoDirectory(
             path.to_owned(),

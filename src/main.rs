@@ -205,6 +205,8 @@ fn check_typed(config: &Config, online: bool, problems: &mut Vec<String>) -> any
         }
     }
     check_cluster(config, problems);
+    let admin = config.fixed.admin.as_ref();
+    problems.extend(admin.and_then(|a| leasegate::admin_socket::problem(&a.socket)));
     if online {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

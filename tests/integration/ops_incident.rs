@@ -684,6 +684,20 @@ async fn a_missing_socket_directory_is_a_startup_error() {
     assert!(!out.status.success(), "{}", output_text(&out));
     let want = format!("directory {} does not exist", missing.display());
     assert!(output_text(&out).contains(&want), "{}", output_text(&out));
+    let checked = crate::harness::proxy::run_to_exit(
+        &[
+            "check-config".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+        ],
+        "check-config",
+    );
+    assert_eq!(checked.status.code(), Some(1), "{}", output_text(&checked));
+    assert!(
+        output_text(&checked).contains(&want),
+        "{}",
+        output_text(&checked)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
