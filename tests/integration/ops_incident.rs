@@ -783,3 +783,71 @@ async fn a_live_socket_is_kept_a_stale_one_replaced_and_the_file_removed_at_shut
     );
     assert!(!socket.exists(), "the socket file is removed at shutdown");
 }
+
+/// `pg_stat_activity.state` of backend `pid`, if it exists.
+async fn backend_state(pid: i32) -> Option<String> {
+    let su = crate::harness::env().pg.superuser().await;
+    let row = su
+        .query_opt(
+            "select coalesce(state, '') from pg_stat_activity where pid = $1",
+            &[&pid],
+        )
+        .await
+        .expect("query pg_stat_activity");
+    row.map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_mid_query_leaves_no_backend() {
+    let i = Incident::start("ops-incident-busy", |_| {}).await;
+    // Its revocation only drops the role: nothing but leasegate's close ends the backend.
+    crate::harness::bao::Target::shared()
+        .set_role_without_terminate(&i.f.mount, "readonly")
+        .await;
+    let mut w = i.open(&i.f.good, "readonly").await;
+    let pid: i32 = w.query_column("select pg_backend_pid()::text").await[0]
+        .as_deref()
+        .and_then(|p| p.parse().ok())
+        .expect("backend pid");
+    let query = crate::harness::wire::query_message("select pg_sleep(300)");
+    w.send(&query).await.expect("send the query");
+    poll_until(
+        Duration::from_secs(10),
+        "the query running",
+        || async move {
+            match backend_state(pid).await.as_deref() {
+                Some("active") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let row = i.row_of(GOOD_URI).await;
+    assert_eq!(row["state"], "active", "{row}");
+    let id = row["id"].as_u64().expect("id").to_string();
+
+    let out = i
+        .console(&["sessions", "end", "--id", &id, "--reason", "runaway query"])
+        .await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_ended(&mut w, "terminated by the operator: runaway query").await;
+    poll_until(
+        Duration::from_secs(5),
+        "the busy backend gone",
+        || async move {
+            match backend_state(pid).await {
+                None => Ok(()),
+                Some(state) => Err(format!("backend {pid} still there: {state}")),
+            }
+        },
+    )
+    .await;
+    i.f.wait_all_revoked(Duration::from_secs(10)).await;
+    let busy = counter(
+        &i.f.proxy,
+        "leasegate_upstream_closes_total",
+        &[("how", "busy")],
+    )
+    .await;
+    assert_eq!(busy, 1.0, "cancelled first, then closed");
+}
