@@ -59,7 +59,9 @@ pub enum AdminSocketError {
 
 /// The bound socket; removes its file when dropped (if it is still this one).
 pub(crate) struct AdminSocket {
+    /// The bound socket.
     listener: UnixListener,
+    /// Its path, for the audit lines and the removal.
     path: PathBuf,
     /// Device and inode of the file bound, to leave a newer instance's socket alone.
     inode: (u64, u64),

@@ -67,9 +67,13 @@ pub(crate) fn transport_named(name: &str) -> Option<Transport> {
 /// The lease facts, known once the credential arrived.
 #[derive(Debug, Clone, Default)]
 struct LeaseFacts {
+    /// The database user Vault created: what `pg_stat_activity` shows for the session.
     upstream_user: Option<String>,
+    /// The lease, to find it in Vault (and in `leases check`).
     lease_id: Option<String>,
+    /// The last successful renewal: a lease that stops being renewed is a sign of trouble.
     last_renewed: Option<SystemTime>,
+    /// When the credential dies unless renewed.
     expires: Option<SystemTime>,
 }
 
@@ -95,6 +99,7 @@ pub(crate) struct Tracked {
     pub facts: NewSession,
     /// When it registered.
     pub started: SystemTime,
+    /// Written at the credential and at each renewal, read by listings.
     lease: Mutex<LeaseFacts>,
     /// Client → upstream, stored by the relay.
     pub to_upstream: Arc<Traffic>,
@@ -225,18 +230,23 @@ impl Tracked {
 
 /// Every live session, and the sources of the other listed credentials.
 pub(crate) struct Registry {
+    /// The registered sessions by id (id order is registration order).
     sessions: Mutex<BTreeMap<u64, Arc<Tracked>>>,
+    /// The next session id; ids are never reused while the process lives.
     next_id: AtomicU64,
     /// Prefetched credentials (warm sessions later), listed after the sessions.
     sources: Mutex<Vec<Arc<dyn ListingSource>>>,
     /// Woken whenever a session deregisters.
     gone: Notify,
+    /// Where `leasegate_sessions_ended_total` is counted.
     metrics: Arc<Metrics>,
 }
 
 /// Deregisters its session when dropped, counting how it ended.
 pub(crate) struct Registered {
+    /// The entry, shared with the relay and the watcher.
     tracked: Arc<Tracked>,
+    /// Where it is deregistered from.
     registry: Arc<Registry>,
 }
 

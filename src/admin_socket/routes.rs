@@ -39,8 +39,11 @@ pub(crate) struct Caller {
 
 /// One answer, and how it counts.
 struct Answer {
+    /// The HTTP status: 200, 400 for a malformed request, 403 refused, 502 Vault failed.
     status: StatusCode,
+    /// Plain text or JSON.
     body: String,
+    /// The `leasegate_admin_requests_total{result}` value and the audit line's `result`.
     result: AdminResult,
     /// For the audit line: what was done.
     detail: Option<String>,
@@ -187,8 +190,11 @@ fn reason(req: &EndRequest) -> Result<String, String> {
             api::MAX_REASON
         ));
     }
-    if text.chars().any(char::is_control) {
-        return Err("--reason must not contain control characters".into());
+    // The one escaping rule: text it would change could forge or reorder what is shown.
+    if printable(text) != text {
+        return Err(
+            "--reason must not contain control characters, bidirectional controls or \\".into(),
+        );
     }
     Ok(text.to_owned())
 }
@@ -228,5 +234,107 @@ async fn check(state: &AppState, req: CheckRequest) -> Answer {
             result: AdminResult::Error,
             detail: Some(e.to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::identity::Principal;
+    use crate::metrics::Metrics;
+    use crate::net::Transport;
+    use crate::registry::{NewSession, Registry};
+
+    fn request(id: Option<u64>, identity: Option<&str>) -> EndRequest {
+        EndRequest {
+            id,
+            identity: identity.map(str::to_owned),
+            ..EndRequest::default()
+        }
+    }
+
+    #[test]
+    fn an_end_request_names_an_id_or_an_identity_pattern() {
+        assert!(matcher(&request(None, None)).is_err(), "neither");
+        let mut both = request(Some(1), Some("uri:x"));
+        assert!(matcher(&both).is_err(), "both");
+        both.identity = None;
+        both.role = Some("readonly".into());
+        assert!(matcher(&both).is_err(), "--id with a filter");
+        let bad = matcher(&request(None, Some("spiffe://no-kind"))).err();
+        assert!(bad.is_some_and(|e| e.starts_with("--identity")));
+        let mut wrong = request(None, Some("uri:x"));
+        wrong.transport = Some("udp".into());
+        assert!(matcher(&wrong).is_err());
+    }
+
+    #[test]
+    fn patterns_and_filters_pick_sessions() {
+        let registry = Registry::new(Arc::new(Metrics::new()));
+        let facts = |uri: &str, role: &str| NewSession {
+            transport: Transport::Tls,
+            client_addr: "127.0.0.1:1".into(),
+            principal: Principal::new(vec![uri.into()], Vec::new(), None),
+            database: "myapp".into(),
+            role: role.into(),
+        };
+        let a = registry.register(
+            facts("spiffe://t/app/a", "readonly"),
+            CancellationToken::new(),
+        );
+        let b = registry.register(
+            facts("spiffe://t/app/b", "readwrite"),
+            CancellationToken::new(),
+        );
+        let picked = |req: &EndRequest| {
+            let pick = matcher(req).expect("valid");
+            registry
+                .sessions()
+                .iter()
+                .filter(|t| pick(t))
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            picked(&request(None, Some("uri:spiffe://t/app/*"))),
+            [a.id, b.id]
+        );
+        let mut role = request(None, Some("uri:spiffe://t/app/*"));
+        role.role = Some("readwrite".into());
+        assert_eq!(picked(&role), [b.id]);
+        let mut db = request(None, Some("uri:spiffe://t/**"));
+        db.database = Some("other".into());
+        assert!(picked(&db).is_empty());
+        assert_eq!(picked(&request(Some(a.id), None)), [a.id]);
+        let mut unix = request(None, Some("uri:spiffe://t/**"));
+        unix.transport = Some("unix".into());
+        assert!(picked(&unix).is_empty());
+    }
+
+    #[test]
+    fn the_reason_is_short_printable_text() {
+        let with = |text: &str| {
+            let mut r = request(Some(1), None);
+            r.reason = Some(text.into());
+            reason(&r)
+        };
+        assert_eq!(
+            reason(&request(Some(1), None)).as_deref(),
+            Ok(DEFAULT_REASON)
+        );
+        assert_eq!(with(" key leaked ").as_deref(), Ok("key leaked"));
+        assert!(with("").is_err());
+        assert!(with("a\nforged line").is_err());
+        assert!(with("\u{1b}[31m").is_err());
+        assert!(with("abc\u{202e}fed").is_err(), "bidirectional control");
+        assert!(with(&"x".repeat(api::MAX_REASON + 1)).is_err());
+        assert!(
+            with(&"é".repeat(api::MAX_REASON)).is_ok(),
+            "characters, not bytes"
+        );
     }
 }
