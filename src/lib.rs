@@ -64,7 +64,9 @@
 //! 4. `startup_settings` checks the client's startup parameters
 //!    ([`upstream::params::check`]: 42501 for one not allowed), then
 //!    [`limits::Limiter::acquire`] counts the session under the identity the grant matched
-//!    (53300 over a limit).
+//!    (53300 over a limit). The session is then listed in [`registry::Registry`] (state
+//!    `setup`) until its guard drops: `sessions list` shows it, `sessions end` (or a reload
+//!    with `end_sessions_on_revoke`) stops it with a reason the watcher's 57P01 names.
 //! 5. `Session::credential` takes a prefetched credential ([`prefetch::Prefetcher::take`]) or
 //!    reads `creds/<role>` ([`vault::VaultClient::creds`]); the [`vault::LeaseGuard`] exists
 //!    from the moment Vault answered, so every later failure still revokes the lease.
