@@ -6,7 +6,9 @@
 //! socket's permissions and, where those would allow it, by the SO_PEERCRED check itself;
 //! `listen.end_sessions_on_revoke` ends what a reload no longer grants (and without it a
 //! reload ends nothing); `leases check` finds a lease leasegate's token created outside any
-//! session, and `--revoke` revokes it.
+//! session, and `--revoke` revokes it, while a lease issued before leasegate's token existed
+//! is reported and left alone; a session ended mid-query leaves no backend; the socket is
+//! created 0600, a live one kept, a stale one replaced, the file removed at shutdown.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -39,11 +41,25 @@ struct Incident {
 
 impl Incident {
     async fn start(name: &str, edit: impl FnOnce(&mut toml::Table)) -> Incident {
+        Incident::start_as(name, None, edit).await
+    }
+
+    /// As [`Incident::start`], logged in to Vault with `token` (default: the root token).
+    async fn start_as(
+        name: &str,
+        token: Option<String>,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Incident {
         let dir = root().tempdir("admin-");
         let socket = dir.path().join("admin.sock");
         let f = Fixture::start_edited(
             name,
-            |cfg| cfg.grant(&format!("uri:{OTHER_URI}"), &["myapp"], &["readwrite"]),
+            |mut cfg| {
+                if let Some(token) = token {
+                    cfg.vault_token = token;
+                }
+                cfg.grant(&format!("uri:{OTHER_URI}"), &["myapp"], &["readwrite"])
+            },
             |t| {
                 set(t, "admin.socket", socket.display().to_string());
                 edit(t);
@@ -850,4 +866,79 @@ async fn a_session_ended_mid_query_leaves_no_backend() {
     )
     .await;
     assert_eq!(busy, 1.0, "cancelled first, then closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_check_leaves_alone_a_lease_older_than_leasegates_token() {
+    let mount = crate::harness::bao::fresh_mount("ops-incident-oldlease").await;
+    // Issued with another token (root) before leasegate's token existed: not its token's.
+    let old = read_creds(&mount, "readonly").await;
+    let issued_second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // The token's creation time counts whole seconds: wait for the next one.
+    poll_until(Duration::from_secs(3), "the next second", || async move {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        match now.map(|d| d.as_secs()) {
+            Ok(s) if s > issued_second => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let token = crate::harness::bao::Target::shared()
+        .write(
+            reqwest::Method::POST,
+            "auth/token/create",
+            &serde_json::json!({"ttl": "1h", "display_name": "ops-incident"}),
+        )
+        .await["auth"]["client_token"]
+        .as_str()
+        .expect("client_token")
+        .to_owned();
+    let dir = root().tempdir("admin-");
+    let socket = dir.path().join("admin.sock").display().to_string();
+    let pki = crate::harness::pki::Pki::new();
+    let mut cfg = crate::harness::proxy::ProxyConfig::new(&pki, &mount);
+    cfg.vault_token = token;
+    cfg.vault_timeout = Some("1s".into());
+    let proxy =
+        crate::harness::proxy::Proxy::start_edited(cfg, |t| set(t, "admin.socket", socket)).await;
+    let config = config_path(&proxy);
+    // Once older than vault.timeout, the lease is judged by its age against the token's.
+    let judged = std::sync::Mutex::new(Value::Null);
+    poll_until(Duration::from_secs(10), "the old lease judged", || {
+        let (config, judged) = (&config, &judged);
+        async move {
+            let out = run(config, &["leases", "check", "--json"], None).await;
+            let found: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            let recent = found["unheld"][0]["recent"].clone();
+            *judged.lock().expect("lock") = found;
+            if recent == false {
+                Ok(())
+            } else {
+                Err(format!("recent: {recent}"))
+            }
+        }
+    })
+    .await;
+    let found = judged.into_inner().expect("lock");
+    let unheld = found["unheld"].as_array().expect("unheld");
+    assert_eq!(unheld.len(), 1, "{found}");
+    assert_eq!(unheld[0]["lease_id"], old.lease_id.as_str(), "{found}");
+    assert_eq!(unheld[0]["ours"], false, "issued before the token: {found}");
+    let out = run(&config, &["leases", "check", "--revoke"], None).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("left alone: not this token's"), "{text}");
+    let suffix = old
+        .lease_id
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        leases(&mount, "readonly").await.contains(&suffix),
+        "left in Vault by --revoke"
+    );
+    crate::harness::bao::revoke(&old.lease_id).await;
 }
