@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::prefetch::Prefetcher;
+use crate::registry::Registry;
 use crate::state::{AppState, Live};
 use crate::tls::TlsError;
 use crate::vault::{Revoker, VaultClient, VaultError};
@@ -45,6 +46,9 @@ pub enum StartError {
     /// The audit log could not be opened.
     #[error("cannot open the audit log: {0}")]
     Audit(std::io::Error),
+    /// The admin socket could not be set up.
+    #[error(transparent)]
+    AdminSocket(#[from] crate::admin_socket::AdminSocketError),
 }
 
 impl From<TlsError> for StartError {
@@ -72,6 +76,8 @@ fn build_state(config: &Config, tree: &Shutdown) -> Result<Arc<AppState>, StartE
     let dropped = metrics.audit_events_dropped_total.clone();
     let audit = AuditLog::spawn(config.fixed.audit.path.clone(), dropped, &tree.audit())
         .map_err(StartError::Audit)?;
+    let sessions = Registry::new(metrics.clone());
+    sessions.add_source(crate::registry::listing::prefetched(&prefetch));
     Ok(Arc::new(AppState {
         live: ArcSwap::from_pointee(live),
         audit,
@@ -83,6 +89,7 @@ fn build_state(config: &Config, tree: &Shutdown) -> Result<Arc<AppState>, StartE
         cancels: Arc::new(CancelMap::default()),
         cancel_gate: CancelGate::new(&config.fixed.limits),
         ready: AtomicBool::new(false),
+        sessions,
     }))
 }
 
@@ -146,6 +153,16 @@ async fn start(config: &Config, tree: &Shutdown) -> Result<Started, StartError> 
     let listener = bind(config.fixed.listen.address).await?;
     if let Some(metrics) = &config.fixed.metrics {
         start_admin(metrics.address, &state, tree).await?;
+    }
+    if let Some(admin) = &config.fixed.admin {
+        let socket = crate::admin_socket::bind(&admin.socket)?;
+        tracing::info!(path = %admin.socket.display(), "admin socket listening");
+        let tasks = tree.admin();
+        tasks.spawn(crate::admin_socket::serve(
+            socket,
+            state.clone(),
+            tasks.clone(),
+        ));
     }
     let (accept, local) = start_accepting(listener, config, &state, tree)?;
     state.set_ready(true);

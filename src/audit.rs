@@ -76,6 +76,15 @@ pub(crate) struct AuditEvent {
     /// `true` when the session got a warm upstream session (logged in ahead of demand).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm: Option<bool>,
+    /// The uid of the admin socket's caller (`admin_request`, `admin_refused`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller_uid: Option<u32>,
+    /// What the admin socket was asked (`sessions_list`, `sessions_end`, `leases_check`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<&'static str>,
+    /// How the admin request ended (the `leasegate_admin_requests_total` result).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<&'static str>,
 }
 
 impl AuditEvent {
@@ -85,6 +94,17 @@ impl AuditEvent {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             event,
             client_addr: peer.to_string(),
+            ..AuditEvent::default()
+        }
+    }
+
+    /// An admin socket request by `uid` on `socket`, stamped now.
+    pub(crate) fn admin(event: &'static str, socket: &Path, uid: u32) -> AuditEvent {
+        AuditEvent {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event,
+            client_addr: format!("unix:{}", printable(&socket.display().to_string())),
+            caller_uid: Some(uid),
             ..AuditEvent::default()
         }
     }

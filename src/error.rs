@@ -14,7 +14,9 @@ use bytes::BytesMut;
 
 use crate::escape::quoted;
 use crate::limits::LimitHit;
-use crate::metrics::labels::{AuthFailureReason, SessionOutcome, TlsFailureReason};
+use crate::metrics::labels::{
+    AuthFailureReason, SessionEndReason, SessionOutcome, TlsFailureReason,
+};
 use crate::policy::Denial;
 use crate::protocol::messages::{Severity, error_response, notice_response};
 use crate::protocol::sqlstate::SqlState;
@@ -118,6 +120,43 @@ pub(crate) enum SessionError {
         humantime::format_duration(*.0)
     )]
     MaxSessionDuration(Duration),
+    /// An operator ended the live session (`leasegate sessions end`, or a reload with
+    /// `end_sessions_on_revoke` that removed its grant); holds the reason as the client is
+    /// told it.
+    #[error("terminated by the operator: {0}")]
+    Terminated(String),
+}
+
+/// Why leasegate itself ended a session: carried with the session's stop, so that the
+/// watcher's FATAL 57P01 names it and `leasegate_sessions_ended_total{reason}` counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum EndReason {
+    /// `leasegate sessions end`, with the operator's text.
+    Operator(String),
+    /// A reload removed what allowed the session (`listen.end_sessions_on_revoke`).
+    GrantRemoved,
+    /// The credential's maximum lifetime or `max_session_duration`.
+    MaxLifetime,
+}
+
+impl EndReason {
+    /// What the client is told when its session is stopped for this reason.
+    pub(crate) fn error(&self) -> SessionError {
+        match self {
+            EndReason::Operator(text) => SessionError::Terminated(text.clone()),
+            EndReason::GrantRemoved => SessionError::Terminated("grant removed".into()),
+            EndReason::MaxLifetime => SessionError::Shutdown,
+        }
+    }
+
+    /// The `leasegate_sessions_ended_total{reason}` label.
+    pub(crate) fn label(&self) -> SessionEndReason {
+        match self {
+            EndReason::Operator(_) => SessionEndReason::Operator,
+            EndReason::GrantRemoved => SessionEndReason::GrantRemoved,
+            EndReason::MaxLifetime => SessionEndReason::MaxLifetime,
+        }
+    }
 }
 
 fn denial_message(denial: &Denial, identity: &str, role: &str, database: &str) -> String {
@@ -173,6 +212,7 @@ impl SessionError {
             E::Shutdown | E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => {
                 SqlState::AdminShutdown
             }
+            E::Terminated(_) => SqlState::AdminShutdown,
         }
     }
 
@@ -227,6 +267,7 @@ impl SessionError {
             E::Limited { hit, .. } => hit.label(),
             E::Vault { .. } | E::Upstream(_) | E::Shutdown => return None,
             E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => return None,
+            E::Terminated(_) => return None,
         })
     }
 

@@ -223,3 +223,20 @@ fn announced_time_is_rounded_up() {
     assert_eq!(seconds_rounded_up(Duration::from_millis(2001)), "3s");
     assert_eq!(seconds_rounded_up(Duration::from_secs(61)), "1m 1s");
 }
+
+#[test]
+fn an_operator_end_is_57p01_naming_the_reason() {
+    let e = EndReason::Operator("compromised key".into()).error();
+    assert_eq!(code(&e), "57P01");
+    assert_eq!(
+        e.client_message(),
+        "terminated by the operator: compromised key"
+    );
+    assert_eq!(reason(&e), None, "not a refusal of the client");
+    let e = EndReason::GrantRemoved.error();
+    assert_eq!(
+        e.client_message(),
+        "terminated by the operator: grant removed"
+    );
+    assert_eq!(EndReason::GrantRemoved.label().as_str(), "grant_removed");
+}

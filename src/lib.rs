@@ -11,12 +11,17 @@
 //! floor 7  main.rs       the binary: CLI, logging, load the configuration, run the app
 //! floor 6  app           process wiring: build the state, start the listener, the admin
 //!                        server and the revoker, signals, reload (app::reload), the drain
+//!          console       the client side of the admin socket (`sessions`, `leases check`)
 //! floor 5  listener      accept loop, connection permits, one task per session
 //!          admin         /metrics /healthz /readyz, given the registry and a readiness fn
+//!          admin_socket  the operator's console over a local Unix socket: sessions list and
+//!                        end, leases check
 //! floor 4  session       one session: handshake, grants, credential, upstream login,
 //!                        relay, lease upkeep, close
 //! floor 3  state         AppState (the services sessions share), Live (the reloadable
 //!                        snapshot a session takes when it starts)
+//!          registry      the live sessions (and pooled credentials) as the operator's
+//!                        console lists and ends them
 //! floor 2  upstream      Database (what to connect to, and connecting), login (SCRAM),
 //!                        the startup parameters allowed through
 //!          cancel        proxy key ↔ upstream key, forwarding upstream, the cancel gate
@@ -61,7 +66,9 @@
 //! 4. `startup_settings` checks the client's startup parameters
 //!    ([`upstream::params::check`]: 42501 for one not allowed), then
 //!    [`limits::Limiter::acquire`] counts the session under the identity the grant matched
-//!    (53300 over a limit).
+//!    (53300 over a limit). The session is then listed in [`registry::Registry`] (state
+//!    `setup`) until its guard drops: `sessions list` shows it, `sessions end` (or a reload
+//!    with `end_sessions_on_revoke`) stops it with a reason the watcher's 57P01 names.
 //!    A warm session waiting for this entry, role and startup-parameter set
 //!    ([`prefetch::warm::WarmPool::take`]) skips steps 5 and 6: `Session::serve_warm` relays
 //!    over it (step 7) with its own lease.
@@ -86,11 +93,13 @@
 #![warn(missing_docs)]
 
 pub(crate) mod admin;
+pub mod admin_socket;
 pub mod app;
 pub(crate) mod audit;
 pub(crate) mod cancel;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub(crate) mod error;
 pub(crate) mod escape;
 pub mod identity;
@@ -102,6 +111,7 @@ pub(crate) mod net;
 pub mod policy;
 pub(crate) mod prefetch;
 pub mod protocol;
+pub(crate) mod registry;
 pub(crate) mod secret_files;
 pub(crate) mod session;
 pub(crate) mod state;

@@ -1,4 +1,5 @@
-//! The `leasegate` command line: run the proxy, or check a configuration file.
+//! The `leasegate` command line: run the proxy, check a configuration file, or ask the
+//! running proxy about its sessions and leases (`leasegate::console`).
 
 // `deny`, not `forbid`: `take_env_token` needs one narrowly scoped exception (the library
 // keeps `forbid`).
@@ -33,6 +34,16 @@ enum Command {
         /// Also log in to Vault with the configured auth method.
         #[arg(long)]
         online: bool,
+    },
+    /// The running leasegate's sessions, over its admin socket (`[admin] socket`).
+    Sessions {
+        #[command(subcommand)]
+        command: leasegate::console::SessionsCommand,
+    },
+    /// The leases Vault lists against what the running leasegate holds.
+    Leases {
+        #[command(subcommand)]
+        command: leasegate::console::LeasesCommand,
     },
 }
 
@@ -110,7 +121,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli, env_token) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("leasegate: {e:#}");
             ExitCode::FAILURE
@@ -118,14 +129,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<()> {
+fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<ExitCode> {
     let path = cli
         .config
         .context("--config PATH is required (see leasegate --help)")?;
-    if let Some(Command::CheckConfig { online }) = cli.command {
-        check(&path, env_token, online)?;
-        println!("{}: configuration is valid", path.display());
-        return Ok(());
+    match cli.command {
+        Some(Command::CheckConfig { online }) => {
+            check(&path, env_token, online)?;
+            println!("{}: configuration is valid", path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Sessions { command }) => return leasegate::console::sessions(&path, command),
+        Some(Command::Leases { command }) => return leasegate::console::leases(&path, command),
+        None => {}
     }
     let mut config = Config::load(&path)?;
     // The `VAULT_TOKEN` taken at startup serves `method = "token"` when neither `token` nor
@@ -140,7 +156,7 @@ fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(leasegate::app::run(config, path))?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Every problem at once: the schema's cross-references and files, then, when the typed
@@ -189,6 +205,8 @@ fn check_typed(config: &Config, online: bool, problems: &mut Vec<String>) -> any
         }
     }
     check_cluster(config, problems);
+    let admin = config.fixed.admin.as_ref();
+    problems.extend(admin.and_then(|a| leasegate::admin_socket::problem(&a.socket)));
     if online {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

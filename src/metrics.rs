@@ -13,9 +13,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use labels::{
-    AuthFailureReason, CancelResult, DatabaseLabel, FixedLabel, LeaseResult, PeerForwardResult,
-    RelayDirection, RoleLabel, SessionOutcome, SetupPhase, TlsFailureReason, UpstreamClose,
-    UpstreamErrorKind, VaultAuthResult, VaultOp, VaultStatus, VersionLabel, WarmResult,
+    AdminCommand, AdminResult, AuthFailureReason, CancelResult, DatabaseLabel, FixedLabel,
+    LeaseResult, PeerForwardResult, RelayDirection, RoleLabel, SessionEndReason, SessionOutcome,
+    SetupPhase, TlsFailureReason, UpstreamClose, UpstreamErrorKind, VaultAuthResult, VaultOp,
+    VaultStatus, VersionLabel, WarmResult,
 };
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -163,6 +164,15 @@ metrics! {
     audit_events_dropped_total: Counter = Counter::default()
         => "leasegate_audit_events_dropped",
            "Audit events dropped because the audit log writer fell behind";
+    /// Sessions that passed the grant check, by why they ended (each once).
+    sessions_ended_total: Family<SessionEndReason, Counter> = Family::default()
+        => "leasegate_sessions_ended",
+           "Sessions that passed the grant check, by why they ended (operator, grant_removed, \
+            max_lifetime, shutdown, client, upstream, error)";
+    /// Admin socket requests by command and result.
+    admin_requests_total: Family<(AdminCommand, AdminResult), Counter> = Family::default()
+        => "leasegate_admin_requests",
+           "Requests on the admin socket, by command and result";
     /// Constant 1 with the version label.
     build_info: Family<VersionLabel, Gauge> = Family::default()
         => "leasegate_build_info", "Build information (constant 1)";
@@ -204,6 +214,7 @@ impl Metrics {
         zero(&self.relayed_bytes_total);
         zero(&self.upstream_closes_total);
         zero(&self.warm_sessions_total);
+        zero(&self.sessions_ended_total);
     }
 
     /// Sets the warm sessions waiting for `database` and `role`.
@@ -218,6 +229,18 @@ impl Metrics {
     /// Counts a warm session hit, miss or one found gone.
     pub(crate) fn warm_session(&self, result: WarmResult) {
         self.warm_sessions_total.get_or_create(&result).inc();
+    }
+
+    /// Counts a session's end.
+    pub(crate) fn session_ended(&self, reason: SessionEndReason) {
+        self.sessions_ended_total.get_or_create(&reason).inc();
+    }
+
+    /// Counts an admin socket request.
+    pub(crate) fn admin_request(&self, command: AdminCommand, result: AdminResult) {
+        self.admin_requests_total
+            .get_or_create(&(command, result))
+            .inc();
     }
 
     /// Counts a finished connection.

@@ -16,3 +16,25 @@ pub(crate) fn tune_socket(stream: &TcpStream, idle: Duration) {
         .with_retries(3);
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
+
+/// How a client reached leasegate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// Plaintext TCP (cancel requests only).
+    Tcp,
+    /// TLS over TCP with a client certificate.
+    Tls,
+    /// The local Unix socket.
+    Unix,
+}
+
+impl Transport {
+    /// The name used in logs, audit lines and `sessions list`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Unix => "unix",
+        }
+    }
+}

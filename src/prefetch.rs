@@ -101,6 +101,22 @@ pub(crate) struct Prefetched {
 
 type Key = (String, String);
 
+/// A waiting credential as `sessions list` shows it (a snapshot; no secret).
+pub(crate) struct Waiting {
+    /// The database entry's name.
+    pub database: String,
+    /// The role.
+    pub role: String,
+    /// The lease id.
+    pub lease_id: String,
+    /// The database user.
+    pub username: String,
+    /// When it was issued.
+    pub issued: Instant,
+    /// When it expires unless renewed.
+    pub expires: Option<Instant>,
+}
+
 /// Every pool and the task that keeps them filled.
 pub(crate) struct Prefetcher {
     /// Every pool by (database, role).
@@ -209,6 +225,23 @@ impl Prefetcher {
             lease: taken.lease,
             guard: taken.guard,
         })
+    }
+
+    /// Every credential waiting now, for `sessions list`.
+    pub(crate) fn waiting(&self) -> Vec<Waiting> {
+        let pools = self.lock();
+        let mut out = Vec::new();
+        for ((database, role), pool) in pools.iter() {
+            out.extend(pool.ready.iter().map(|r| Waiting {
+                database: database.clone(),
+                role: role.clone(),
+                lease_id: r.lease.id.clone(),
+                username: r.lease.username.clone(),
+                issued: r.issued,
+                expires: r.term.expires,
+            }));
+        }
+        out
     }
 
     fn set_gauge(&self, database: &str, role: &str, n: usize) {

@@ -63,19 +63,20 @@ type Documented = BTreeMap<String, (String, Vec<(String, Option<BTreeSet<String>
 fn documented_metrics() -> Documented {
     let mut metrics = Documented::new();
     for row in table("## Metrics") {
-        let [name, kind, labels, ..] = &row[..] else {
+        let [name, kind, label_cell, ..] = &row[..] else {
             panic!("README metric row with fewer than 3 cells: {row:?}");
         };
         let name = code_spans(name).first().copied().unwrap_or_default();
-        let (names, values) = labels.split_once('=').unwrap_or((labels, ""));
-        let mut labels: Vec<_> = code_spans(names)
-            .into_iter()
-            .map(|l| (l.to_owned(), None))
-            .collect();
-        if let Some(last) = labels.last_mut()
-            && !values.trim().is_empty()
-        {
-            last.1 = Some(code_spans(values).into_iter().map(str::to_owned).collect());
+        // `a`, `b` = values; `c` = values: each group's last label takes its values.
+        let mut labels: Vec<(String, Option<BTreeSet<String>>)> = Vec::new();
+        for group in label_cell.split(';') {
+            let (names, values) = group.split_once('=').unwrap_or((group, ""));
+            labels.extend(code_spans(names).into_iter().map(|l| (l.to_owned(), None)));
+            if let Some(last) = labels.last_mut()
+                && !values.trim().is_empty()
+            {
+                last.1 = Some(code_spans(values).into_iter().map(str::to_owned).collect());
+            }
         }
         let previous = metrics.insert(name.to_owned(), (kind.clone(), labels));
         assert!(previous.is_none(), "README documents {name} twice");

@@ -19,6 +19,7 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::prefetch::Prefetcher;
+use crate::registry::Registry;
 use crate::tasks::Tasks;
 use crate::tls::{self, TlsError};
 use crate::upstream::Database;
@@ -86,6 +87,8 @@ pub(crate) struct AppState {
     pub cancel_gate: CancelGate,
     /// False while starting and while draining (set by [`crate::app`]).
     pub(crate) ready: AtomicBool,
+    /// The live sessions, for the admin socket and `end_sessions_on_revoke`.
+    pub sessions: Arc<Registry>,
 }
 
 impl AppState {

@@ -16,6 +16,8 @@ use serde_json::Value;
 
 use super::signals::Signals;
 use crate::config::{Config, ReloadableConfig, StaticConfig};
+use crate::error::EndReason;
+use crate::registry::Tracked;
 use crate::state::{AppState, Live};
 use crate::tasks::Tasks;
 
@@ -47,7 +49,32 @@ pub(crate) fn reload(state: &AppState, running: Config, path: &Path, cluster: &T
         grants = config.reloadable.grants.len(),
         "configuration reloaded"
     );
+    if config.reloadable.listen.end_sessions_on_revoke {
+        end_revoked(state);
+    }
     config
+}
+
+/// Ends every open session the configuration now in force would refuse (its grant, database
+/// or role removed), as `leasegate sessions end` does, with reason "grant removed".
+fn end_revoked(state: &AppState) {
+    let live = state.live.load_full();
+    let refused = |t: &Tracked| {
+        let f = &t.facts;
+        let roles = live
+            .databases
+            .get(&f.database)
+            .map(|d| d.config.roles.as_slice());
+        let decision = live
+            .policy
+            .decide(&f.principal, &f.database, &f.role, roles);
+        decision.is_err()
+    };
+    let ended = state.sessions.end_where(refused, &EndReason::GrantRemoved);
+    for row in &ended {
+        tracing::warn!(session = row.id, identities = ?row.identities, database = %row.database,
+            role = %row.role, "grant removed by the reload: ending the session");
+    }
 }
 
 /// What is in force after a reload from `running` to `new`: `new`'s reloadable settings with
@@ -251,12 +278,14 @@ address = "127.0.0.1:9187"
                 "[listen]\n",
                 "[listen]\nmax_connections = 5\nlogin_timeout = \"3s\"\n",
             )
-            + "[audit]\npath = \"/var/log/a.log\"\n[runtime]\nworker_threads = 1\n\
+            + "[admin]\nsocket = \"/run/lg/admin.sock\"\n\
+               [audit]\npath = \"/var/log/a.log\"\n[runtime]\nworker_threads = 1\n\
                [limits]\ncancels_per_second = 1\ncancels_per_second_per_address = 1\n\
                max_concurrent_cancels = 1\nmax_sessions = 3\n";
         assert_eq!(
             changes(BASE, &changed),
             [
+                "admin.socket",
                 "audit.path",
                 "limits.cancels_per_second",
                 "limits.cancels_per_second_per_address",

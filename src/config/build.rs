@@ -51,6 +51,7 @@ fn split_listen(l: schema::Listen) -> (StaticListen, ListenConfig) {
         shutdown_grace: l.shutdown_grace,
         watch_interval: l.watch_interval,
         tcp_keepalive: l.tcp_keepalive,
+        end_sessions_on_revoke: l.end_sessions_on_revoke,
     };
     (fixed, listen)
 }
@@ -244,6 +245,7 @@ impl TryFrom<schema::File> for Config {
                 audit: file.audit,
                 limits: cancel,
                 runtime: file.runtime,
+                admin: file.admin,
             },
             reloadable: ReloadableConfig {
                 listen,

@@ -16,7 +16,7 @@ mod validate;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    AuditConfig, AuthMethod, CLUSTER_CA_REQUIRED, CancelLimits, ClusterConfig, Config,
+    AdminConfig, AuditConfig, AuthMethod, CLUSTER_CA_REQUIRED, CancelLimits, ClusterConfig, Config,
     DatabaseConfig, GrantConfig, ListenConfig, MetricsConfig, Problems, ReloadableConfig, RoleId,
     RuntimeConfig, SessionLimits, StaticConfig, StaticListen, UpstreamTls, VaultAuth, VaultConfig,
 };

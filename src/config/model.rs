@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use super::schema::{self, Method};
-pub use super::schema::{AuditConfig, MetricsConfig, RuntimeConfig};
+pub use super::schema::{AdminConfig, AuditConfig, MetricsConfig, RuntimeConfig};
 use crate::identity::IdentityPattern;
 
 /// Problems found building a typed section, one line each.
@@ -66,6 +66,9 @@ pub struct StaticConfig {
     pub limits: CancelLimits,
     /// `[runtime]`.
     pub runtime: RuntimeConfig,
+    /// `[admin]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
 }
 
 /// The keys of `[listen]` that bind the listener.
@@ -112,6 +115,8 @@ pub struct ListenConfig {
     pub watch_interval: Option<Duration>,
     /// Keepalive idle time for client sockets.
     pub tcp_keepalive: Duration,
+    /// End open sessions a reload no longer allows.
+    pub end_sessions_on_revoke: bool,
 }
 
 /// The session limits of `[limits]`: a reload replaces them, the counts live on.

@@ -38,6 +38,17 @@ pub struct File {
     /// `[runtime]`: process settings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// `[admin]`: the local admin socket; absent means none.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]` (the same struct serves the typed configuration).
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Unix socket of the operator's console (`leasegate sessions …`, `leases check`),
+    /// created 0600 and served to leasegate's own uid and root only.
+    pub socket: PathBuf,
 }
 
 /// `[runtime]` (the same struct serves the typed configuration).
@@ -144,6 +155,10 @@ pub struct Listen {
     /// vanished is detected about 1.75 × this later.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// After a reload, end the open sessions whose grant (or database, or role) it removed,
+    /// as `leasegate sessions end` does; off: open sessions keep what they started with.
+    #[serde(default)]
+    pub end_sessions_on_revoke: bool,
 }
 
 /// `[vault]`
@@ -364,6 +379,9 @@ impl File {
         fix(&mut self.listen.client_ca);
         self.listen.crl.iter_mut().for_each(fix);
         self.vault.ca_cert.iter_mut().for_each(fix);
+        if let Some(admin) = &mut self.admin {
+            fix(&mut admin.socket);
+        }
         self.audit
             .path
             .iter_mut()

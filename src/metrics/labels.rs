@@ -226,6 +226,10 @@ label_set! {
         RenewSelf => "renew_self",
         /// `auth/token/revoke-self`.
         RevokeSelf => "revoke_self",
+        /// `LIST sys/leases/lookup/<mount>/creds/<role>/` (`leases check`).
+        ListLeases => "list_leases",
+        /// `sys/leases/lookup` of one lease (`leases check`).
+        LookupLease => "lookup_lease",
     }
 }
 
@@ -355,6 +359,57 @@ label_set! {
         Miss => "miss",
         /// A warm session the server had closed, found and discarded (never handed out).
         Gone => "gone",
+    }
+}
+
+label_set! {
+    /// `leasegate_sessions_ended_total{reason}`: why a session that passed the grant check
+    /// ended (each counts once).
+    SessionEndReason = "reason" {
+        /// `leasegate sessions end`.
+        Operator => "operator",
+        /// A reload removed its grant (`listen.end_sessions_on_revoke`).
+        GrantRemoved => "grant_removed",
+        /// The credential's maximum lifetime or `max_session_duration`.
+        MaxLifetime => "max_lifetime",
+        /// leasegate shut down.
+        Shutdown => "shutdown",
+        /// The client closed or its connection failed.
+        Client => "client",
+        /// The upstream closed or failed while relaying.
+        Upstream => "upstream",
+        /// Setup failed (Vault, upstream login) or anything else.
+        Error => "error",
+    }
+}
+
+label_set! {
+    /// `leasegate_admin_requests_total{command}`: what the admin socket was asked.
+    AdminCommand = "command" {
+        /// `sessions list`.
+        SessionsList => "sessions_list",
+        /// `sessions end`.
+        SessionsEnd => "sessions_end",
+        /// `leases check` (with or without `--revoke`).
+        LeasesCheck => "leases_check",
+        /// Anything else (unknown path or method).
+        Other => "other",
+    }
+}
+
+label_set! {
+    /// `leasegate_admin_requests_total{result}`: how an admin request ended.
+    AdminResult = "result" {
+        /// Answered.
+        Ok => "ok",
+        /// `sessions end` matched nothing.
+        NoMatch => "no_match",
+        /// A malformed request (bad pattern, bad reason, unknown path).
+        BadRequest => "bad_request",
+        /// The caller's uid is neither leasegate's nor root's.
+        Refused => "refused",
+        /// Vault failed during `leases check`.
+        Error => "error",
     }
 }
 

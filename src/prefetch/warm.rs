@@ -94,7 +94,6 @@ pub(crate) struct Warm {
 
 /// One waiting warm session as a listing shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct WarmInfo {
     /// `[[databases]]` name.
     pub database: String,
@@ -244,8 +243,7 @@ impl WarmPool {
     }
 
     /// Every waiting warm session (database, role, user, lease, created, expiry): a cheap
-    /// copy under the lock, for listings (the session listing reads it; tests until then).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// copy under the lock, for `sessions list`.
     pub(crate) fn snapshot(&self) -> Vec<WarmInfo> {
         let now = Instant::now();
         let pools = self.lock();

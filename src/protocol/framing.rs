@@ -44,6 +44,11 @@ pub struct Framer {
     opening: TypeSet,
     /// A message of an `opening` type came after the last counted one.
     pending: bool,
+    /// The body of a counted message starts with the next byte.
+    at_counted_body: bool,
+    /// First body byte of the last counted message that had one (for ReadyForQuery: the
+    /// transaction status, `I`, `T` or `E`).
+    counted_first: u8,
 }
 
 impl Framer {
@@ -67,6 +72,12 @@ impl Framer {
         self.pending
     }
 
+    /// First body byte of the most recent counted message that had a body (0 before any):
+    /// after ReadyForQuery, the server's transaction status.
+    pub fn last_counted_byte(&self) -> u8 {
+        self.counted_first
+    }
+
     /// True when the bytes fed so far end exactly at a message boundary.
     pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.remaining == 0
@@ -84,6 +95,10 @@ impl Framer {
         let mut pos = 0;
         while pos < data.len() {
             if self.remaining > 0 {
+                if self.at_counted_body {
+                    self.at_counted_body = false;
+                    self.counted_first = data[pos];
+                }
                 let take = self.remaining.min(data.len() - pos);
                 self.remaining -= take;
                 pos += take;
@@ -113,6 +128,7 @@ impl Framer {
                 // A length below 4 is a protocol violation the peer will report; treat the
                 // message as header-only so tracking never underflows.
                 self.remaining = len.saturating_sub(4);
+                self.at_counted_body = self.remaining > 0 && self.counted.contains(self.last_type);
                 if self.remaining == 0 {
                     return pos;
                 }
@@ -172,6 +188,18 @@ mod tests {
             !TypeSet::of(b"Q").contains(0xd1),
             "no byte above 127 is a member"
         );
+    }
+
+    #[test]
+    fn keeps_the_first_body_byte_of_the_last_counted_message() {
+        let mut f = Framer::counting(TypeSet::of(b"Z"), TypeSet::default());
+        assert_eq!(f.last_counted_byte(), 0);
+        // Split between header and body, and messages of other types between.
+        f.feed(b"C\0\0\0\x05XZ\0\0\0\x05");
+        f.feed(b"TD\0\0\0\x05Y");
+        assert_eq!(f.last_counted_byte(), b'T');
+        f.feed(b"Z\0\0\0\x05I");
+        assert_eq!(f.last_counted_byte(), b'I');
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! live backend, so this is what keeps a session from outliving its credential. What is due
 //! when is decided by [`SessionClock`]; this module renews and sends.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,10 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::relay::Control;
-use crate::error::{SessionError, SessionNotice};
+use crate::error::{EndReason, SessionError, SessionNotice};
 use crate::lease_clock::{Due, Ending, Jitter, SessionClock, SessionTerms};
 use crate::metrics::Metrics;
 use crate::metrics::labels::LeaseResult;
+use crate::registry::Tracked;
 use crate::vault::VaultClient;
 use crate::vault::lease::LeaseApi;
 
@@ -37,6 +39,8 @@ pub(crate) struct Lifetime {
     pub warning: Duration,
     /// The role, for messages.
     pub role: String,
+    /// The session's registry entry: its stop reason, and the renewals `sessions list` shows.
+    pub tracked: Option<Arc<Tracked>>,
 }
 
 impl Lifetime {
@@ -61,8 +65,19 @@ impl Lifetime {
         }
     }
 
+    /// What the client is told when the session's stop token was cancelled: the reason that
+    /// came with it (an operator's end, a reload), else shutdown.
+    fn stopped(&self) -> SessionError {
+        self.tracked
+            .as_ref()
+            .map_or(SessionError::Shutdown, |t| t.stopped())
+    }
+
     /// Why leasegate ends the session, as the client is told (FATAL 57P01).
     fn ended(&self, ending: Ending) -> SessionError {
+        if let Some(t) = &self.tracked {
+            t.ending(EndReason::MaxLifetime);
+        }
         match ending {
             Ending::Credential => SessionError::CredentialLifetime {
                 role: self.role.clone(),
@@ -159,7 +174,7 @@ async fn watch_inner(
         tokio::select! {
             _ = tokio::time::sleep_until(clock.next_wake()) => {}
             _ = stop.cancelled() => {
-                let _ = control.send(Control::End(fatal(&SessionError::Shutdown))).await;
+                let _ = control.send(Control::End(fatal(&life.stopped()))).await;
                 return Watched::EndSent;
             }
             _ = control.closed() => return Watched::RelayGone,
@@ -173,6 +188,9 @@ async fn renew(vault: &dyn LeaseApi, metrics: &Metrics, life: &Lifetime, clock: 
     match vault.renew(&life.lease_id, clock.increment()).await {
         Ok(r) => {
             metrics.lease_renewal(LeaseResult::Ok);
+            if let Some(t) = &life.tracked {
+                t.renewed(r.duration);
+            }
             if clock.renewed(Instant::now(), r.duration, r.renewable) {
                 tracing::info!(lease_id = %life.lease_id, ttl = ?r.duration,
                     "lease reached its maximum lifetime");

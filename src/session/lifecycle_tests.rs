@@ -22,6 +22,7 @@ fn life(ttl: u64, warning: Duration, max_session: Option<Duration>) -> Lifetime 
         max_session,
         warning,
         role: "readonly".into(),
+        tracked: None,
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod cancel_request;
 pub(crate) mod close;
+mod credential;
 pub(crate) mod handshake;
 pub(crate) mod lifecycle;
 pub(crate) mod relay;
@@ -24,15 +25,17 @@ use crate::audit::AuditEvent;
 use crate::cancel::CancelTarget;
 use crate::error::SessionError;
 use crate::escape::logged;
-use crate::metrics::labels::{RelayDirection, SessionOutcome, SetupPhase};
+use crate::metrics::labels::{SessionOutcome, SetupPhase};
+use crate::net::Transport;
 use crate::policy::Denial;
 use crate::protocol::messages;
+use crate::registry::{NewSession, Registered};
 use crate::state::{AppState, Live};
 use crate::upstream::{self, Database, LoggedIn, UpstreamError};
-use crate::vault::{Lease, LeaseGuard};
+use crate::vault::Lease;
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
-use relay::{Control, Direction, RelayEnd, Relayed};
+use relay::{Control, RelayEnd, Relayed};
 
 /// How long the close phase waits for the client's socket to shut down.
 const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -78,6 +81,7 @@ pub(crate) async fn run(
                 stop: &stop,
                 audit,
                 started,
+                transport: Transport::Tls,
             };
             session.serve(*hello).await
         }
@@ -114,6 +118,8 @@ struct Session<'a> {
     audit: AuditEvent,
     /// When the connection was accepted, for the setup-time metric.
     started: Instant,
+    /// How the client connected, for `sessions list`.
+    transport: Transport,
 }
 
 impl Session<'_> {
@@ -154,35 +160,17 @@ impl Session<'_> {
         }
     }
 
-    /// A credential for the session: a prefetched one when waiting, else a fresh one from
-    /// Vault. The guard exists from the moment Vault issued it, so every later path revokes.
-    async fn credential(
-        &self,
-        database: &Database,
-        role: &str,
-    ) -> Result<(Lease, LeaseGuard, Duration), SessionError> {
-        if let Some(p) = self.state.prefetch.take(&database.config, role) {
-            return Ok((p.lease, p.guard, p.remaining));
-        }
-        // Not raced against `stop`: once the request is out, Vault may have issued the
-        // credential, so the call runs to its end (bounded by `vault.timeout`) and a lease
-        // issued during shutdown is revoked rather than forgotten.
-        let creds = Box::pin(self.state.vault.creds(
-            &database.config.mount,
-            role,
-            &self.state.revoker,
-        ))
-        .await;
-        let (lease, guard) = creds.map_err(|error| SessionError::Vault {
-            role: role.to_owned(),
-            error,
-        })?;
-        if self.stop.is_cancelled() {
-            guard.revoke();
-            return Err(SessionError::Shutdown);
-        }
-        let remaining = lease.duration;
-        Ok((lease, guard, remaining))
+    /// Lists the session (in setup) until the guard drops; `sessions end` stops it with
+    /// `stop`.
+    fn register(&self, hello: &ClientHello) -> Registered {
+        let facts = NewSession {
+            transport: self.transport,
+            client_addr: self.peer.to_string(),
+            principal: hello.principal.clone(),
+            database: hello.database.clone(),
+            role: hello.role.clone(),
+        };
+        self.state.sessions.register(facts, self.stop.clone())
     }
 
     async fn serve(mut self, mut hello: ClientHello) -> Result<(), SessionError> {
@@ -205,11 +193,13 @@ impl Session<'_> {
                 return self.fail(&mut hello.stream, e).await;
             }
         };
+        let tracked = self.register(&hello);
         if let Some(w) = self.warm(&database, &hello.role, &settings) {
-            return self.serve_warm(hello, w, &database, permit).await;
+            return self.serve_warm(hello, w, &database, permit, tracked).await;
         }
         let vault_started = Instant::now();
-        let (lease, guard, remaining) = match self.credential(&database, &hello.role).await {
+        let credential = self.credential(&database, &hello.role, &tracked).await;
+        let (lease, guard, remaining) = match credential {
             Ok(c) => c,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
@@ -221,10 +211,10 @@ impl Session<'_> {
         tracing::debug!(peer = %self.peer, identity = %logged(&hello.principal.display_name()),
             database = %logged(&hello.database), role = %logged(&hello.role), username = %lease.username,
             lease_id = %guard.id(), "credential issued");
-        let life = lifetime(&lease, remaining, &database, &hello.role);
+        let life = lifetime(&lease, remaining, &database, &hello.role, &tracked);
         let logged_in = tokio::select! {
             r = Box::pin(login_upstream(&database, &lease, &settings)) => r,
-            _ = self.stop.cancelled() => Err(SessionError::Shutdown),
+            _ = self.stop.cancelled() => Err(tracked.stopped()),
         };
         drop((lease, settings));
         if let Err(SessionError::Upstream(e)) = &logged_in {
@@ -250,6 +240,7 @@ impl Session<'_> {
         self.relay(hello, logged_in, &database, life).await;
         drop(guard); // the upstream is closed: revoke now
         drop(permit);
+        drop(tracked); // deregistered once the lease is on its way out
         Ok(())
     }
 
@@ -266,6 +257,7 @@ impl Session<'_> {
         let started = Instant::now();
         self.state.metrics.sessions_active.inc();
         let key = registration.as_ref().map(|r| r.key);
+        let tracked = life.tracked.clone();
         let (relayed, closed) =
             relay_session(self.state, hello, logged_in, key, database, life, self.stop).await;
         self.state.metrics.sessions_active.dec();
@@ -278,7 +270,7 @@ impl Session<'_> {
         end.duration_ms = Some(started.elapsed().as_millis() as u64);
         end.bytes_to_upstream = Some(relayed.to_upstream.bytes);
         end.bytes_to_client = Some(relayed.to_client.bytes);
-        end.reason = Some(relayed.end.label().to_owned());
+        end.reason = Some(relayed.end.audit_reason(tracked.as_deref()));
         tracing::info!(peer = %self.peer, end = relayed.end.label(), detail = relayed.end.detail(),
             upstream_close = closed.label(),
             bytes_to_upstream = relayed.to_upstream.bytes, bytes_to_client = relayed.to_client.bytes,
@@ -298,7 +290,13 @@ fn startup_settings(
 }
 
 /// What the session's watcher needs of its lease and database entry.
-fn lifetime(lease: &Lease, remaining: Duration, database: &Database, role: &str) -> Lifetime {
+fn lifetime(
+    lease: &Lease,
+    remaining: Duration,
+    database: &Database,
+    role: &str,
+    tracked: &Registered,
+) -> Lifetime {
     Lifetime {
         lease_id: lease.id.clone(),
         ttl: lease.duration,
@@ -307,6 +305,7 @@ fn lifetime(lease: &Lease, remaining: Duration, database: &Database, role: &str)
         max_session: database.config.max_session_duration,
         warning: database.config.expiry_warning,
         role: role.to_owned(),
+        tracked: Some(tracked.handle()),
     }
 }
 
@@ -375,12 +374,13 @@ async fn relay_session(
 ) -> (Relayed, close::Closed) {
     let out = startup_reply(&hello, &logged_in, key);
     let upstream_key = cancel_target(database, logged_in.cancel_key);
-    let mut to_upstream =
-        Direction::to_upstream(Some(state.metrics.relayed(RelayDirection::ToUpstream)));
-    // What the upstream sent after its first ReadyForQuery goes through the relay's tracking.
-    let mut to_client = Direction::to_client(
-        Some(state.metrics.relayed(RelayDirection::ToClient)),
+    let tracked = life.tracked.clone();
+    let status = logged_in.ready_status;
+    let (mut to_upstream, mut to_client) = relay::directions(
+        &state.metrics,
         logged_in.leftover,
+        status,
+        tracked.as_deref(),
     );
     // Only the two streams live on through the relay: every setup buffer is freed here, so an
     // idle session costs little more than its sockets, TLS state and relay buffers.
@@ -396,6 +396,9 @@ async fn relay_session(
     let (end, mut upstream) = match written {
         Err(e) => (RelayEnd::ClientGone(Some(e)), upstream),
         Ok(()) => {
+            if let Some(t) = &tracked {
+                t.relaying();
+            }
             let (mut cr, mut cw) = split(client);
             let (mut ur, mut uw) = split(upstream);
             let (tx, mut control) = mpsc::channel::<Control>(4);
@@ -414,6 +417,9 @@ async fn relay_session(
             (end, ur.unsplit(uw))
         }
     };
+    if let (Some(t), Some(how)) = (&tracked, end.end_reason()) {
+        t.ended(how);
+    }
     let mut relayed = Relayed {
         end,
         to_upstream,

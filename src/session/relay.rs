@@ -2,6 +2,7 @@
 //! direction, byte counters, and message-boundary tracking so that leasegate can end a session
 //! with its own ErrorResponse without cutting a message in half.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -9,7 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
+use crate::metrics::labels::{RelayDirection, SessionEndReason};
 use crate::protocol::framing::{Framer, TypeSet};
+use crate::registry::{Tracked, Traffic};
 
 /// Buffer for upstream → client: one full TLS record's worth, for large results.
 pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
@@ -67,6 +71,27 @@ impl RelayEnd {
         }
     }
 
+    /// The `leasegate_sessions_ended_total{reason}` value when the client or the upstream
+    /// ended it; `None` when leasegate did (the stop's reason says why).
+    pub(crate) fn end_reason(&self) -> Option<SessionEndReason> {
+        match self {
+            RelayEnd::ClientTerminated | RelayEnd::ClientGone(_) => Some(SessionEndReason::Client),
+            RelayEnd::UpstreamGone(_) => Some(SessionEndReason::Upstream),
+            RelayEnd::Ended { .. } => None,
+        }
+    }
+
+    /// The audit line's `reason`: the label, and for a session leasegate ended for an
+    /// operator or a reload, what the client was told.
+    pub(crate) fn audit_reason(&self, tracked: Option<&Tracked>) -> String {
+        match tracked.and_then(Tracked::cause) {
+            Some(why) if matches!(self, RelayEnd::Ended { .. }) => {
+                format!("{}: {}", self.label(), why.client_message())
+            }
+            _ => self.label().to_owned(),
+        }
+    }
+
     /// What the label leaves out, for the log: the socket error that ended the session, or
     /// that leasegate's closing ErrorResponse could not be delivered.
     pub(crate) fn detail(&self) -> Option<String> {
@@ -95,6 +120,9 @@ pub(crate) struct Direction {
     pub unsent: BytesMut,
     /// `leasegate_relayed_bytes_total` for this direction.
     pub counter: Option<prometheus_client::metrics::counter::Counter>,
+    /// What `sessions list` reads of this direction (bytes, messages, status), stored after
+    /// each chunk written.
+    pub shared: Option<Arc<Traffic>>,
 }
 
 impl Direction {
@@ -122,6 +150,12 @@ impl Direction {
         }
     }
 
+    /// Also stores what it does into `traffic`, for `sessions list`.
+    pub(crate) fn sharing(mut self, traffic: Arc<Traffic>) -> Self {
+        self.shared = Some(traffic);
+        self
+    }
+
     /// Bytes about to be written to the far side.
     fn took(&mut self, chunk: &[u8]) {
         self.torn = true;
@@ -134,6 +168,10 @@ impl Direction {
         self.bytes += n as u64;
         if let Some(c) = &self.counter {
             c.inc_by(n as u64);
+        }
+        if let Some(t) = &self.shared {
+            let f = &self.framer;
+            t.store(self.bytes, f.count(), f.last_counted_byte(), f.pending());
         }
     }
 
@@ -154,6 +192,29 @@ impl Direction {
     pub(crate) fn count_unsent(&mut self) {
         let rest = std::mem::take(&mut self.unsent);
         self.framer.feed(&rest);
+    }
+}
+
+/// The relay's two directions, counting into the metrics and, for a registered session, into
+/// what `sessions list` reads (the upstream's status at login first); `leftover` is what the
+/// upstream sent after its first ReadyForQuery, relayed through the tracking first.
+pub(crate) fn directions(
+    metrics: &Metrics,
+    leftover: BytesMut,
+    status: u8,
+    tracked: Option<&Tracked>,
+) -> (Direction, Direction) {
+    let up = Direction::to_upstream(Some(metrics.relayed(RelayDirection::ToUpstream)));
+    let down = Direction::to_client(Some(metrics.relayed(RelayDirection::ToClient)), leftover);
+    match tracked {
+        None => (up, down),
+        Some(t) => {
+            t.to_client.store(0, 0, status, false);
+            (
+                up.sharing(t.to_upstream.clone()),
+                down.sharing(t.to_client.clone()),
+            )
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use crate::error::SessionError;
 use crate::limits::Permit;
 use crate::metrics::labels::SetupPhase;
 use crate::prefetch::warm::Warm;
+use crate::registry::Registered;
 use crate::upstream::Database;
 
 impl Session<'_> {
@@ -35,6 +36,7 @@ impl Session<'_> {
         warm: Warm,
         database: &Arc<Database>,
         permit: Permit,
+        tracked: Registered,
     ) -> Result<(), SessionError> {
         let Warm {
             lease,
@@ -49,11 +51,14 @@ impl Session<'_> {
         self.audit.warm = Some(true);
         tracing::debug!(peer = %self.peer, username = %lease.username, lease_id = %guard.id(),
             "warm session handed over");
-        let life = lifetime(&lease, remaining, database, &hello.role);
+        let left = (!remaining.is_zero()).then_some(remaining);
+        tracked.credential(&lease.username, &lease.id, left);
+        let life = lifetime(&lease, remaining, database, &hello.role, &tracked);
         drop(lease);
         self.relay(hello, logged_in, database, life).await;
         drop(guard); // the upstream is closed: revoke now
         drop(permit);
+        drop(tracked); // deregistered once the lease is on its way out
         Ok(())
     }
 }

@@ -316,6 +316,12 @@ impl Revoker {
         self.ledger.lock().len()
     }
 
+    /// Every lease a guard holds (sessions, prefetch pools) or a revocation is under way
+    /// for: what this instance knows it holds.
+    pub(crate) fn held(&self) -> Vec<String> {
+        self.ledger.lock().keys().cloned().collect()
+    }
+
     /// At shutdown: waits (at most `limit`) until no guard is alive and no revocation is
     /// pending. Halfway through, leases whose guards are still alive are taken over and
     /// revoked regardless (their sessions are ending with the process). Every lease still

@@ -6,6 +6,7 @@
 //! - `pacing`: how many revocations may run at once (creds calls keep priority).
 //! - `lease`: the lease a session holds, its guard and the revoker that guarantees the
 //!   revocation (it calls the client).
+//! - `leases`: listing and looking up leases, for `leases check`.
 //! - `creds`: the creds call, which guards the lease it issues with the revoker.
 //! - `login` (how leasegate gets a token) and `auth` (keeping it alive, revoking it).
 
@@ -15,6 +16,7 @@ pub mod client;
 mod creds;
 pub(crate) mod error;
 pub(crate) mod lease;
+pub(crate) mod leases;
 pub(crate) mod login;
 pub(crate) mod pacing;
 #[cfg(test)]

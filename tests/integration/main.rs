@@ -22,6 +22,7 @@ mod lifecycle;
 mod metrics;
 mod ops_audit;
 mod ops_deploy;
+mod ops_incident;
 mod ops_prometheus;
 mod ops_readiness;
 mod ops_reload;
