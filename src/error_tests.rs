@@ -223,3 +223,23 @@ fn announced_time_is_rounded_up() {
     assert_eq!(seconds_rounded_up(Duration::from_millis(2001)), "3s");
     assert_eq!(seconds_rounded_up(Duration::from_secs(61)), "1m 1s");
 }
+
+#[test]
+fn a_unix_denial_names_the_local_user_and_uid() {
+    let e = SessionError::UnixDenied {
+        denial: Denial::NoGrant,
+        identity: "unix:user=nobody".into(),
+        uid: 65534,
+        role: "readonly".into(),
+        database: "myapp".into(),
+    };
+    assert_eq!(code(&e), "28000");
+    assert_eq!(
+        e.client_message(),
+        "local user \"unix:user=nobody\" (uid 65534) has no grant (asked for role \"readonly\" \
+         on database \"myapp\")"
+    );
+    assert_eq!(reason(&e), Some("no_grant"));
+    assert_eq!(code(&SessionError::NegotiationTwice), "08P01");
+    assert_eq!(reason(&SessionError::PeerCredentials("x".into())), None);
+}

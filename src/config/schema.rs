@@ -144,6 +144,11 @@ pub struct Listen {
     /// vanished is detected about 1.75 × this later.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// When set, leasegate also listens on the Unix socket `<dir>/.s.PGSQL.<port of
+    /// address>` (libpq's name), identifying clients by their uid and gid.
+    pub unix_socket_dir: Option<PathBuf>,
+    /// Mode of the socket file, octal (default "0660": owner and group may connect).
+    pub unix_socket_mode: Option<String>,
 }
 
 /// `[vault]`
@@ -356,6 +361,7 @@ impl File {
         fix(&mut self.listen.key);
         fix(&mut self.listen.client_ca);
         self.listen.crl.iter_mut().for_each(fix);
+        self.listen.unix_socket_dir.iter_mut().for_each(fix);
         self.vault.ca_cert.iter_mut().for_each(fix);
         self.audit
             .path
