@@ -46,5 +46,6 @@ mod sec_vault;
 mod selftest;
 mod session;
 mod shutdown;
+mod unix_socket;
 mod upstream_errors;
 mod vault_auth;
