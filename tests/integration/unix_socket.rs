@@ -188,6 +188,8 @@ async fn psql_and_psycopg_over_the_socket_as_a_granted_and_an_ungranted_os_user(
     );
     assert_eq!(in_roles, "1", "the role is in pg_roles during the session");
 
+    let mut py_row = CompatRow::new("psycopg-unix", 40, "psycopg 3 (Python, libpq)", "");
+    py_row.step("Unix socket: host=<dir>, no certificate; transaction (grant unix:user=root)");
     let ok = psycopg_over(dir.path(), port, None).await;
     assert_eq!(ok["ok"], true, "{ok}");
     assert_eq!(ok["in_pg_roles"], 1, "{ok}");
