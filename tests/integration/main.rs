@@ -16,6 +16,7 @@ mod compat_protocol;
 mod compat_psql;
 mod compat_psycopg;
 mod compat_sqlalchemy;
+mod compat_sqlx;
 mod compat_tokio_postgres;
 mod concurrency;
 mod faults;
