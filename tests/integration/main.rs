@@ -9,6 +9,7 @@ mod harness;
 
 mod cancel;
 mod cli;
+mod client_cert;
 mod compat_cluster;
 mod compat_jdbc;
 mod compat_node;
