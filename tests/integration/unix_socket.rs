@@ -377,6 +377,18 @@ async fn sighup_keeps_the_socket_and_shutdown_removes_it() {
     );
     let out = run(psql_as(None, dir.path(), f.proxy.port, "select 1")).await;
     assert!(out.status.success(), "{:?}", text(&out));
+    // The DATABASE_URL form of the socket, as README gives it.
+    let url = format!(
+        "postgresql://readonly@/myapp?host={}&port={}",
+        dir.path().display(),
+        f.proxy.port
+    );
+    let mut psql = tokio::process::Command::new(pg_bin("psql"));
+    psql.args(["-X", "-A", "-t", "-c", "select 1"])
+        .arg(&url)
+        .stdin(std::process::Stdio::null());
+    let out = run(psql).await;
+    assert!(out.status.success(), "psql {url}: {:?}", text(&out));
     f.wait_all_revoked(Duration::from_secs(15)).await;
     let status = f
         .proxy
