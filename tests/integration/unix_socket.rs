@@ -509,3 +509,55 @@ async fn a_missing_or_writable_socket_dir_is_refused_by_check_config_and_at_star
     assert!(stderr.contains("is owned by uid 65534"), "{stderr}");
     std::os::unix::fs::chown(dir.path(), Some(0), None).expect("chown back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_group_grant_admits_members_from_the_group_database_only() {
+    // A supplementary group of postgres (Debian: ssl-cert) from the group database, else its
+    // primary group.
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let primary = id("-gn");
+    let group = id("-Gn")
+        .split_whitespace()
+        .find(|g| *g != primary)
+        .unwrap_or(&primary)
+        .to_string();
+    let grant = format!("unix:group={group}");
+    let dir = socket_dir();
+    let (f, audit) = start("unix-group", dir.path(), Some("0666"), &[&grant]).await;
+    let sql = "select current_user";
+    let out = run(psql_as(Some(OUTSIDER), dir.path(), f.proxy.port, sql)).await;
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("local user \"unix:user=nobody\" (uid 65534) has no grant"),
+        "{err}"
+    );
+    f.assert_nothing_issued().await;
+    let out = run(psql_as(Some("postgres"), dir.path(), f.proxy.port, sql)).await;
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "postgres is in {group}: {err}");
+    assert!(stdout.starts_with(&f.mount.prefix), "{stdout}");
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+    let events = audit_events(&audit);
+    let start = events
+        .iter()
+        .find(|e| e["event"] == "session_start" && e["lease_id"].is_string())
+        .expect("the session is audited");
+    assert_eq!(start["unix_user"], "postgres", "{start}");
+    let ids: Vec<&str> = start["identities"]
+        .as_array()
+        .expect("identities")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(ids.contains(&grant.as_str()), "{ids:?}");
+    assert!(
+        ids.contains(&format!("unix:group={primary}").as_str()),
+        "{ids:?}"
+    );
+}
