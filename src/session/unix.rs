@@ -19,7 +19,7 @@ use crate::error::SessionError;
 use crate::identity::{Principal, UnixIdentity};
 use crate::metrics::labels::SessionOutcome;
 use crate::net::ClientAddr;
-use crate::protocol::startup::{InitialPacket, read_initial_packet};
+use crate::protocol::startup::{InitialPacket, PacketError, read_initial_packet};
 use crate::state::AppState;
 
 /// Serves one connection accepted on the Unix socket to its end.
@@ -107,7 +107,7 @@ async fn refuse_encryption(stream: &mut UnixStream) -> Result<(), SessionError> 
     stream
         .write_all(b"N")
         .await
-        .map_err(|e| SessionError::PeerCredentials(format!("write: {e}")))
+        .map_err(|e| SessionError::Packet(PacketError::Io(e)))
 }
 
 #[cfg(test)]
