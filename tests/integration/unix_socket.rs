@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::harness::bao::fresh_mount;
-use crate::harness::compat::{CompatRow, repo, require_psycopg, run_script};
+use crate::harness::compat::{CompatRow, repo, require_node_pg, require_psycopg, run_script};
 use crate::harness::fixture::Fixture;
 use crate::harness::metrics::value_or_zero;
 use crate::harness::ops::{log_count, wait_log};
@@ -128,13 +128,37 @@ async fn psycopg_over(dir: &Path, port: u16, as_uid: Option<(u32, u32)>) -> Valu
         .env("LG_PORT", port.to_string())
         .env("LG_DBNAME", "myapp")
         .env("LG_USER", "readonly");
-    if let Some((uid, gid)) = as_uid {
-        cmd.env("LG_AS_UID", uid.to_string())
-            .env("LG_AS_GID", gid.to_string());
+    match as_uid {
+        Some((uid, gid)) => {
+            cmd.env("LG_AS_UID", uid.to_string())
+                .env("LG_AS_GID", gid.to_string());
+        }
+        None => {
+            cmd.env("LG_SQLALCHEMY", "1");
+        }
     }
     let run = run_script(cmd, "psycopg_unix.py", Duration::from_secs(60)).await;
     run.assert_ok();
     run.result
+}
+
+/// current_user through node-postgres over the socket (`host` is the directory).
+async fn node_over(dir: &Path, port: u16) -> String {
+    let script = "const pg = require('pg'); \
+        const c = new pg.Client({host: process.env.LG_SOCKET_DIR, port: +process.env.LG_PORT, \
+          database: 'myapp', user: 'readonly'}); \
+        c.connect().then(() => c.query('select current_user as u')) \
+          .then(r => { console.log(JSON.stringify({user: r.rows[0].u})); return c.end(); }) \
+          .catch(e => { console.log(JSON.stringify({error: String(e)})); process.exit(1); });";
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("-e")
+        .arg(script)
+        .current_dir(repo().join("tests/clients/node"))
+        .env("LG_SOCKET_DIR", dir)
+        .env("LG_PORT", port.to_string());
+    let run = run_script(cmd, "node pg over the socket", Duration::from_secs(60)).await;
+    run.assert_ok();
+    run.result["user"].as_str().unwrap_or("").to_string()
 }
 
 fn audit_events(audit: &Path) -> Vec<Value> {
@@ -199,6 +223,24 @@ async fn psql_and_psycopg_over_the_socket_as_a_granted_and_an_ungranted_os_user(
             .as_str()
             .is_some_and(|u| u.starts_with(&f.mount.prefix))
     );
+    let mut sa_row = CompatRow::new("sqlalchemy-unix", 42, "SQLAlchemy 2 (psycopg 3 pool)", "");
+    sa_row.step("Unix socket: postgresql+psycopg://readonly@/myapp?host=<dir>&port=<port>");
+    let sa_user = ok["sqlalchemy_user"].as_str().unwrap_or("");
+    assert!(
+        sa_user.starts_with(&f.mount.prefix),
+        "SQLAlchemy over the socket: {ok}"
+    );
+    drop(sa_row);
+    {
+        require_node_pg();
+        let mut node_row = CompatRow::new("node-pg-unix", 50, "node-postgres `pg` (pure JS)", "");
+        node_row.step("Unix socket: host=<dir>, no certificate");
+        let user = node_over(dir.path(), port).await;
+        assert!(
+            user.starts_with(&f.mount.prefix),
+            "node pg over the socket: {user}"
+        );
+    }
     f.wait_all_revoked(Duration::from_secs(15)).await;
     assert!(
         dynamic_roles(&f.mount.prefix).await.is_empty(),

@@ -47,7 +47,23 @@ def main():
             out.update(ok=True, session_user=row[0], in_pg_roles=row[1], sum=total)
     except psycopg.Error as e:
         out.update(ok=False, sqlstate=e.sqlstate, message=str(e))
+    if out["ok"] and os.environ.get("LG_SQLALCHEMY"):
+        out["sqlalchemy_user"] = sqlalchemy_user(params)
     print(json.dumps(out))
+
+
+def sqlalchemy_user(p):
+    """current_user through a pooled SQLAlchemy engine whose URL names the socket directory
+    (the DATABASE_URL form: postgresql+psycopg://USER@/DB?host=DIR&port=PORT)."""
+    import sqlalchemy
+
+    url = f"postgresql+psycopg://{p['user']}@/{p['dbname']}?host={p['host']}&port={p['port']}"
+    engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text("select current_user")).scalar_one()
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":
