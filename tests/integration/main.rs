@@ -51,5 +51,6 @@ mod selftest;
 mod session;
 mod shutdown;
 mod unix_socket;
+mod unix_socket_ops;
 mod upstream_errors;
 mod vault_auth;

@@ -1,124 +1,25 @@
-//! The local Unix-socket listener (`listen.unix_socket_dir`): psql and psycopg connect with
-//! `host=<dir>` and no certificate, as a granted OS user and as an ungranted one (run as
-//! another OS user: FATAL 28000 naming `unix:user=…`, no Vault call), the socket file's mode
-//! keeps out users outside its group, a CancelRequest over the socket cancels a query,
-//! SIGHUP keeps the socket and SIGTERM removes it, a stale socket file is replaced and a live
-//! one refused, and a directory that does not exist or is open to writers is refused by
-//! `check-config` and at startup.
+//! The local Unix-socket listener (`listen.unix_socket_dir`), its clients: psql, psycopg,
+//! SQLAlchemy and node-postgres connect with `host=<dir>` and no certificate, as a granted OS
+//! user and as an ungranted one (run as another OS user: FATAL 28000 naming `unix:user=…`, no
+//! Vault call); a `unix:group=` grant; the socket file's mode keeps out users outside its
+//! group; an SSLRequest is answered `N`; a CancelRequest over the socket cancels a query.
+//! The listener's operation (SIGHUP, stale sockets, refused directories) is `unix_socket_ops`.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::bao::fresh_mount;
 use crate::harness::compat::{CompatRow, repo, require_node_pg, require_psycopg, run_script};
-use crate::harness::fixture::Fixture;
 use crate::harness::metrics::value_or_zero;
-use crate::harness::ops::{log_count, wait_log};
-use crate::harness::pg::{active_queries, dynamic_roles, pg_bin};
-use crate::harness::pki::Pki;
-use crate::harness::proxy::{BIN, ProxyConfig, check_config, refused_start, set};
+use crate::harness::pg::{active_queries, dynamic_roles};
+use crate::harness::poll_until;
 use crate::harness::security::wait_auth_failures;
+use crate::harness::unix::{
+    OUTSIDER, audit_events, psql_as, run, socket_dir, socket_path, start, text,
+};
 use crate::harness::wire::{PROTOCOL_3_0, Wire};
-use crate::harness::{free_port, poll_until, root};
-
-/// OS user outside every grant and outside the socket's group.
-const OUTSIDER: &str = "nobody";
-
-/// A directory for the socket that every user can traverse and only root can write to.
-fn socket_dir() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("lg-sock-")
-        .tempdir_in("/tmp")
-        .expect("socket dir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    dir
-}
-
-/// A leasegate with the socket in `dir` (mode `mode` if given), the `unix:` grants given
-/// (readonly on myapp), and the audit log in a file.
-async fn start(name: &str, dir: &Path, mode: Option<&str>, grants: &[&str]) -> (Fixture, PathBuf) {
-    let audit = root().tempdir("unix-audit-").keep().join("audit.log");
-    let audit_path = audit.display().to_string();
-    let dir_text = dir.display().to_string();
-    let grants: Vec<String> = grants.iter().map(|g| g.to_string()).collect();
-    let mode = mode.map(str::to_owned);
-    let f = Fixture::start_edited(
-        name,
-        |mut cfg| {
-            for g in &grants {
-                cfg = cfg.grant(g, &["myapp"], &["readonly"]);
-            }
-            cfg
-        },
-        |t| {
-            set(t, "listen.unix_socket_dir", dir_text);
-            if let Some(mode) = mode {
-                set(t, "listen.unix_socket_mode", mode);
-            }
-            set(t, "audit.path", audit_path);
-        },
-    )
-    .await;
-    (f, audit)
-}
-
-fn socket_path(dir: &Path, port: u16) -> PathBuf {
-    dir.join(format!(".s.PGSQL.{port}"))
-}
-
-/// psql over the socket, as `os_user` (via runuser) or as root.
-fn psql_as(os_user: Option<&str>, dir: &Path, port: u16, sql: &str) -> tokio::process::Command {
-    let conninfo = format!(
-        "host={} port={port} dbname=myapp user=readonly",
-        dir.display()
-    );
-    let mut cmd = match os_user {
-        Some(user) => {
-            let mut c = tokio::process::Command::new("runuser");
-            c.args(["-u", user, "--"]).arg(pg_bin("psql"));
-            c
-        }
-        None => tokio::process::Command::new(pg_bin("psql")),
-    };
-    cmd.args([
-        "-X",
-        "-A",
-        "-t",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-v",
-        "VERBOSITY=verbose",
-    ])
-    .arg("-c")
-    .arg(sql)
-    .arg(conninfo)
-    .env("PGCONNECT_TIMEOUT", "15")
-    .env_remove("PGSSLMODE")
-    .env_remove("PGPASSWORD")
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .kill_on_drop(true);
-    cmd
-}
-
-async fn run(mut cmd: tokio::process::Command) -> Output {
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("client finished within 60 s")
-        .expect("run client")
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    )
-}
 
 /// psycopg over the socket (as `as_uid` when given: the script drops to it after the import).
 async fn psycopg_over(dir: &Path, port: u16, as_uid: Option<(u32, u32)>) -> Value {
@@ -159,14 +60,6 @@ async fn node_over(dir: &Path, port: u16) -> String {
     let run = run_script(cmd, "node pg over the socket", Duration::from_secs(60)).await;
     run.assert_ok();
     run.result["user"].as_str().unwrap_or("").to_string()
-}
-
-fn audit_events(audit: &Path) -> Vec<Value> {
-    std::fs::read_to_string(audit)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,172 +277,6 @@ async fn a_cancel_request_over_the_socket_cancels_pg_sleep() {
     );
     assert_eq!(forwarded, 1.0, "the socket's CancelRequest was forwarded");
     f.wait_all_revoked(Duration::from_secs(15)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_keeps_the_socket_and_shutdown_removes_it() {
-    let dir = socket_dir();
-    let (mut f, _) = start("unix-hup", dir.path(), None, &["unix:user=root"]).await;
-    let path = socket_path(dir.path(), f.proxy.port);
-    let inode = std::fs::metadata(&path).expect("socket").ino();
-    let config = f.proxy.dir().join("leasegate.toml");
-    let text_before = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text_before.replace(
-            "unix_socket_dir",
-            "unix_socket_mode = \"0600\"\nunix_socket_dir",
-        ),
-    )
-    .expect("edit config");
-    let before = log_count(&f.proxy, "configuration reloaded");
-    f.proxy.signal("HUP");
-    wait_log(&f.proxy, "configuration reloaded", before).await;
-    assert!(
-        f.proxy
-            .log_text()
-            .contains("listen.unix_socket_mode changed: takes effect after a restart"),
-        "the mode is a restart key"
-    );
-    let meta = std::fs::metadata(&path).expect("socket kept");
-    assert_eq!(
-        (meta.ino(), meta.mode() & 0o777),
-        (inode, 0o660),
-        "the same socket, unchanged"
-    );
-    let out = run(psql_as(None, dir.path(), f.proxy.port, "select 1")).await;
-    assert!(out.status.success(), "{:?}", text(&out));
-    // The DATABASE_URL form of the socket, as README gives it.
-    let url = format!(
-        "postgresql://readonly@/myapp?host={}&port={}",
-        dir.path().display(),
-        f.proxy.port
-    );
-    let mut psql = tokio::process::Command::new(pg_bin("psql"));
-    psql.args(["-X", "-A", "-t", "-c", "select 1"])
-        .arg(&url)
-        .stdin(std::process::Stdio::null());
-    let out = run(psql).await;
-    assert!(out.status.success(), "psql {url}: {:?}", text(&out));
-    f.wait_all_revoked(Duration::from_secs(15)).await;
-    let status = f
-        .proxy
-        .terminate(Duration::from_secs(20))
-        .expect("exits on SIGTERM");
-    assert!(status.success(), "{status}");
-    assert!(!path.exists(), "the socket file is removed at shutdown");
-}
-
-/// A config file for leasegate on `port` with the socket in `dir`, in a fresh directory.
-fn config_with_socket(
-    cfg: &ProxyConfig,
-    name: &str,
-    dir: &Path,
-    port: u16,
-) -> (tempfile::TempDir, PathBuf) {
-    let home = root().tempdir(name);
-    let path = cfg.write(home.path(), port, free_port());
-    let text = std::fs::read_to_string(&path).expect("config");
-    let line = format!(
-        "[listen]\nunix_socket_dir = {:?}\n",
-        dir.display().to_string()
-    );
-    std::fs::write(&path, text.replacen("[listen]\n", &line, 1)).expect("write config");
-    (home, path)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
-    let dir = socket_dir();
-    let port = free_port();
-    let path = socket_path(dir.path(), port);
-    let live = std::os::unix::net::UnixListener::bind(&path).expect("a live socket");
-    let mount = fresh_mount("unix-stale").await;
-    let pki = Pki::new();
-    let cfg = ProxyConfig::new(&pki, &mount).grant("unix:user=root", &["myapp"], &["readonly"]);
-    let (home, config) = config_with_socket(&cfg, "unix-live-", dir.path(), port);
-    let out = refused_start(&config, "a live socket in the way");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("is in use: another server listens on it"),
-        "{stderr}"
-    );
-    assert!(path.exists(), "the live socket is left alone");
-    drop(live); // now stale: the file stays, nothing listens on it
-    assert!(path.exists());
-
-    let log = home.path().join("leasegate.log");
-    let mut child = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(&log).expect("log"))
-        .stderr(std::fs::File::create(home.path().join("stderr.log")).expect("log"))
-        .spawn()
-        .expect("spawn leasegate");
-    root().register("TERM", child.id(), "leasegate");
-    poll_until(Duration::from_secs(20), "leasegate listening", || async {
-        let text = std::fs::read_to_string(&log).unwrap_or_default()
-            + &std::fs::read_to_string(home.path().join("stderr.log")).unwrap_or_default();
-        if text.contains("replacing a stale unix socket")
-            && text.contains("leasegate listening on ")
-        {
-            Ok(())
-        } else {
-            Err(text)
-        }
-    })
-    .await;
-    let out = run(psql_as(None, dir.path(), port, "select 1")).await;
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().expect("leasegate exits");
-    assert!(
-        out.status.success(),
-        "psql over the replaced socket: {:?}",
-        text(&out)
-    );
-    assert!(status.success(), "{status}");
-    assert!(!path.exists(), "removed at shutdown");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_or_writable_socket_dir_is_refused_by_check_config_and_at_start() {
-    let dir = socket_dir();
-    let missing = dir.path().join("missing");
-    let cfg = ProxyConfig::offline(&Pki::new());
-    let (_home, config) = config_with_socket(&cfg, "unix-missing-", &missing, free_port());
-    let text = std::fs::read_to_string(&config).expect("config");
-    let out = check_config(&text);
-    let stderr =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("listen.unix_socket_dir") && stderr.contains("does not exist"),
-        "{stderr}"
-    );
-    let out = refused_start(&config, "a missing socket dir");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("does not exist"), "{stderr}");
-
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let (_home, config) = config_with_socket(&cfg, "unix-open-", dir.path(), free_port());
-    let out = refused_start(&config, "a world-writable socket dir");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("has mode 0777") && stderr.contains("chmod go-w"),
-        "{stderr}"
-    );
-
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::os::unix::fs::chown(dir.path(), Some(65534), None).expect("chown");
-    let out = refused_start(&config, "a socket dir owned by another user");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("is owned by uid 65534"), "{stderr}");
-    std::os::unix::fs::chown(dir.path(), Some(0), None).expect("chown back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
