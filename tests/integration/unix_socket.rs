@@ -2,7 +2,8 @@
 //! SQLAlchemy and node-postgres connect with `host=<dir>` and no certificate, as a granted OS
 //! user and as an ungranted one (run as another OS user: FATAL 28000 naming `unix:user=…`, no
 //! Vault call); a `unix:group=` grant; the socket file's mode keeps out users outside its
-//! group; an SSLRequest is answered `N`; a CancelRequest over the socket cancels a query.
+//! group; an SSLRequest is answered `N`; a CancelRequest over the socket cancels a query;
+//! session limits count a Unix session under the `unix:` identity it matched.
 //! The listener's operation (SIGHUP, stale sockets, refused directories) is `unix_socket_ops`.
 
 use std::os::unix::fs::MetadataExt;
@@ -12,9 +13,11 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::harness::compat::{CompatRow, repo, require_node_pg, require_psycopg, run_script};
+use crate::harness::fixture::Fixture;
 use crate::harness::metrics::value_or_zero;
 use crate::harness::pg::{active_queries, dynamic_roles};
 use crate::harness::poll_until;
+use crate::harness::proxy::set;
 use crate::harness::security::wait_auth_failures;
 use crate::harness::unix::{
     OUTSIDER, audit_events, psql_as, run, socket_dir, socket_path, start, text,
@@ -329,4 +332,60 @@ async fn a_unix_group_grant_admits_members_from_the_group_database_only() {
         ids.contains(&format!("unix:group={primary}").as_str()),
         "{ids:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_count_a_unix_session_under_the_unix_identity_it_matched() {
+    let dir = socket_dir();
+    let dir_text = dir.path().display().to_string();
+    let f = Fixture::start_edited(
+        "unix-limits",
+        |cfg| cfg.grant("unix:user=root", &["myapp"], &["readonly"]),
+        |t| {
+            set(t, "listen.unix_socket_dir", dir_text);
+            set(t, "limits.max_sessions_per_identity", 1);
+        },
+    )
+    .await;
+    let path = socket_path(dir.path(), f.proxy.port);
+    let login = |path: std::path::PathBuf| async move {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
+        let mut wire = Wire::new(stream);
+        let login = wire
+            .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+            .await
+            .expect("startup");
+        (wire, login)
+    };
+    let (first, held) = login(path.clone()).await;
+    assert_eq!(
+        held.messages.last().map(|m| m.tag),
+        Some(b'Z'),
+        "{:?}",
+        held.messages
+    );
+    let before = f.issued().await;
+    let (_second, refused) = login(path.clone()).await;
+    let error = refused.messages.last().expect("an answer");
+    let fields = error.fields();
+    assert_eq!(
+        fields.get(&'C').map(String::as_str),
+        Some("53300"),
+        "{:?}",
+        refused.messages
+    );
+    assert!(
+        fields[&'M'].contains("\"unix:user=root\" (limit 1)"),
+        "{}",
+        fields[&'M']
+    );
+    let after = f.issued().await;
+    assert_eq!(
+        after.creds_requests, before.creds_requests,
+        "the refusal made no Vault call"
+    );
+    drop(first);
+    f.wait_all_revoked(Duration::from_secs(15)).await;
 }
