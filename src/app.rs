@@ -49,6 +49,9 @@ pub enum StartError {
     /// The admin socket could not be set up.
     #[error(transparent)]
     AdminSocket(#[from] crate::admin_socket::AdminSocketError),
+    /// The Unix socket (`listen.unix_socket_dir`) could not be set up.
+    #[error("unix socket: {0}")]
+    UnixSocket(String),
 }
 
 impl From<TlsError> for StartError {
@@ -165,6 +168,7 @@ async fn start(config: &Config, tree: &Shutdown) -> Result<Started, StartError> 
         ));
     }
     let (accept, local) = start_accepting(listener, config, &state, tree)?;
+    let accept = start_unix_socket(accept, local.port(), config, &state, tree)?;
     state.set_ready(true);
     tracing::info!(address = %local, "leasegate listening");
     Ok(Started {
@@ -214,6 +218,34 @@ fn start_accepting(
         crate::listener::accept_loop(listener, state, max, session_tasks, accepting, sessions)
     });
     Ok((accept, local))
+}
+
+/// With `listen.unix_socket_dir`: binds the Unix socket (named after the TCP listener's
+/// `port`) and starts its accept loop beside the TCP one; returns the task that ends when
+/// both have stopped.
+fn start_unix_socket(
+    accept: JoinHandle<()>,
+    port: u16,
+    config: &Config,
+    state: &Arc<AppState>,
+    tree: &Shutdown,
+) -> Result<JoinHandle<()>, StartError> {
+    use crate::listener::unix::{UnixSocket, accept_loop};
+    let Some(socket) =
+        UnixSocket::bind(&config.fixed.listen, port).map_err(StartError::UnixSocket)?
+    else {
+        return Ok(accept);
+    };
+    tracing::info!(path = %socket.path().display(), "leasegate listening on the unix socket");
+    let (state, max) = (state.clone(), config.fixed.listen.max_connections);
+    let (session_tasks, sessions) = (tree.session_tasks.clone(), tree.sessions.clone());
+    let unix = tree
+        .accepting()
+        .run(|accepting| accept_loop(socket, state, max, session_tasks, accepting, sessions));
+    Ok(tree.accepting().spawn(async move {
+        let _ = accept.await;
+        let _ = unix.await;
+    }))
 }
 
 async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::escape::printable;
 use crate::identity::Principal;
+use crate::net::ClientAddr;
 use crate::tasks::Tasks;
 
 /// Audit events waiting for the writer at most; further ones are dropped (and counted).
@@ -85,10 +86,27 @@ pub(crate) struct AuditEvent {
     /// How the admin request ended (the `leasegate_admin_requests_total` result).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<&'static str>,
+    /// How the client connected: `tls` or `unix` (lines written through
+    /// [`AuditEvent::client`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<&'static str>,
+    /// A Unix-socket peer's uid (`SO_PEERCRED`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_uid: Option<u32>,
+    /// A Unix-socket peer's gid (`SO_PEERCRED`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_gid: Option<u32>,
+    /// The user name of the peer's uid in the user database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_user: Option<String>,
+    /// A Unix-socket peer's process id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_pid: Option<i32>,
 }
 
 impl AuditEvent {
-    /// An event of `kind` for a client, stamped now.
+    /// An event of `kind` for a TCP client, stamped now (sessions use [`AuditEvent::client`]).
+    #[allow(dead_code)] // the form for a caller that holds only a socket address
     pub(crate) fn new(event: &'static str, peer: SocketAddr) -> AuditEvent {
         AuditEvent {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -110,8 +128,32 @@ impl AuditEvent {
     }
 
     /// Adds the certificate's identities.
+    /// An event of `kind` for a client of either listener, stamped now: its address (for a
+    /// Unix-socket peer `unix:uid=N,pid=P`), the transport, and a Unix peer's uid and pid.
+    pub(crate) fn client(event: &'static str, peer: &ClientAddr) -> AuditEvent {
+        let mut e = AuditEvent {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event,
+            client_addr: peer.to_string(),
+            transport: Some(peer.transport().as_str()),
+            ..AuditEvent::default()
+        };
+        if let ClientAddr::Unix { uid, pid } = peer {
+            e.unix_uid = Some(*uid);
+            e.unix_pid = *pid;
+        }
+        e
+    }
+
+    /// Adds the certificate's identities (a Unix peer's, with its gid and user name).
     pub(crate) fn principal(mut self, p: &Principal) -> AuditEvent {
         self.identities = p.all_identities().iter().map(|i| printable(i)).collect();
+        if let Some(unix) = &p.unix {
+            self.unix_uid = Some(unix.uid);
+            self.unix_gid = Some(unix.gid);
+            self.unix_user = unix.user.as_deref().map(printable);
+            return self;
+        }
         self.cert_serial = Some(p.serial.clone());
         self.cert_sha256 = Some(p.fingerprint.clone());
         self

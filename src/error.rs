@@ -84,6 +84,28 @@ pub(crate) enum SessionError {
         /// The database asked for.
         database: String,
     },
+    /// The grants do not allow a Unix-socket peer's request.
+    #[error("{}", unix_denial_message(.denial, .identity, *.uid, .role, .database))]
+    UnixDenied {
+        /// Which check failed.
+        denial: Denial,
+        /// The peer's identity as the client is told it: `unix:user=NAME` (`unix:uid=N` for a
+        /// uid without a name).
+        identity: String,
+        /// The peer's uid (`SO_PEERCRED`).
+        uid: u32,
+        /// The role asked for.
+        role: String,
+        /// The database asked for.
+        database: String,
+    },
+    /// The kernel did not say who a Unix-socket peer is (its credentials or the user
+    /// database could not be read).
+    #[error("cannot identify the local client: {0}")]
+    PeerCredentials(String),
+    /// A second SSLRequest or GSSENCRequest on the Unix socket after leasegate declined one.
+    #[error("SSLRequest or GSSENCRequest sent twice")]
+    NegotiationTwice,
     /// A session limit refused the client.
     #[error("{}", limit_message(.hit, .identity))]
     Limited {
@@ -160,16 +182,37 @@ impl EndReason {
 }
 
 fn denial_message(denial: &Denial, identity: &str, role: &str, database: &str) -> String {
-    let (identity, role, db) = (quoted(identity), quoted(role), quoted(database));
+    denied(
+        denial,
+        &format!("identity {}", quoted(identity)),
+        role,
+        database,
+    )
+}
+
+/// As [`denial_message`], naming the local user and its uid.
+fn unix_denial_message(
+    denial: &Denial,
+    identity: &str,
+    uid: u32,
+    role: &str,
+    database: &str,
+) -> String {
+    let who = format!("local user {} (uid {uid})", quoted(identity));
+    denied(denial, &who, role, database)
+}
+
+fn denied(denial: &Denial, identity: &str, role: &str, database: &str) -> String {
+    let (role, db) = (quoted(role), quoted(database));
     match denial {
         Denial::NoGrant => {
-            format!("identity {identity} has no grant (asked for role {role} on database {db})")
+            format!("{identity} has no grant (asked for role {role} on database {db})")
         }
         Denial::DatabaseNotGranted => {
-            format!("identity {identity} is not granted database {db} (asked for role {role})")
+            format!("{identity} is not granted database {db} (asked for role {role})")
         }
         Denial::RoleNotGranted => {
-            format!("identity {identity} is not granted role {role} on database {db}")
+            format!("{identity} is not granted role {role} on database {db}")
         }
     }
 }
@@ -193,9 +236,10 @@ impl SessionError {
     pub(crate) fn sqlstate(&self) -> SqlState {
         use SessionError as E;
         match self {
-            E::Plaintext | E::NoClientCert | E::Denied { .. } => {
+            E::Plaintext | E::NoClientCert | E::Denied { .. } | E::UnixDenied { .. } => {
                 SqlState::InvalidAuthorizationSpecification
             }
+            E::PeerCredentials(_) => SqlState::ConnectionFailure,
             E::BadCertificate(_) | E::NoUser => SqlState::InvalidAuthorizationSpecification,
             E::Tls(_) | E::LoginTimeout | E::Vault { .. } => SqlState::ConnectionFailure,
             E::Packet(PacketError::UnsupportedVersion(..)) | E::Replication => {
@@ -204,7 +248,7 @@ impl SessionError {
             E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => {
                 SqlState::ProtocolViolation
             }
-            E::NegotiationInsideTls => SqlState::ProtocolViolation,
+            E::NegotiationInsideTls | E::NegotiationTwice => SqlState::ProtocolViolation,
             E::ReplicationValue(_) => SqlState::InvalidParameterValue,
             E::StartupParameter(refusal) => refusal.sqlstate(),
             E::Limited { .. } => SqlState::TooManyConnections,
@@ -262,10 +306,11 @@ impl SessionError {
             E::LoginTimeout => R::LoginTimeout,
             E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => R::BadStartup,
             E::NegotiationInsideTls | E::BadCertificate(_) | E::NoUser => R::BadStartup,
+            E::NegotiationTwice => R::BadStartup,
             E::Replication | E::ReplicationValue(_) | E::StartupParameter(_) => R::BadStartup,
-            E::Denied { denial, .. } => denial.label(),
+            E::Denied { denial, .. } | E::UnixDenied { denial, .. } => denial.label(),
             E::Limited { hit, .. } => hit.label(),
-            E::Vault { .. } | E::Upstream(_) | E::Shutdown => return None,
+            E::Vault { .. } | E::Upstream(_) | E::Shutdown | E::PeerCredentials(_) => return None,
             E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => return None,
             E::Terminated(_) => return None,
         })

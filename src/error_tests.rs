@@ -240,3 +240,23 @@ fn an_operator_end_is_57p01_naming_the_reason() {
     );
     assert_eq!(EndReason::GrantRemoved.label().as_str(), "grant_removed");
 }
+
+#[test]
+fn a_unix_denial_names_the_local_user_and_uid() {
+    let e = SessionError::UnixDenied {
+        denial: Denial::NoGrant,
+        identity: "unix:user=nobody".into(),
+        uid: 65534,
+        role: "readonly".into(),
+        database: "myapp".into(),
+    };
+    assert_eq!(code(&e), "28000");
+    assert_eq!(
+        e.client_message(),
+        "local user \"unix:user=nobody\" (uid 65534) has no grant (asked for role \"readonly\" \
+         on database \"myapp\")"
+    );
+    assert_eq!(reason(&e), Some("no_grant"));
+    assert_eq!(code(&SessionError::NegotiationTwice), "08P01");
+    assert_eq!(reason(&SessionError::PeerCredentials("x".into())), None);
+}

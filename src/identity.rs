@@ -6,15 +6,26 @@
 //! verifier checks it on every full handshake, and resumption is off).
 //!
 //! An identity is written `uri:<URI SAN>`, `dns:<DNS SAN>` or `cn:<subject CN>`
-//! ([`IdentityPattern`], parsed when the configuration loads). Patterns use two wildcards: `*`
+//! ([`IdentityPattern`], parsed when the configuration loads). A process on the local Unix
+//! socket has no certificate: its identity ([`UnixIdentity`], `unix::`) is
+//! `unix:user=<name>`, `unix:uid=<n>`, `unix:group=<name>` or `unix:gid=<n>`, and the two
+//! families never meet: `unix:` patterns match Unix-socket sessions only, certificate
+//! patterns never match them (a Unix principal has no certificate field, a certificate
+//! principal no Unix one). `unix:uid=` and `unix:gid=` take a number, no wildcard. Patterns use two wildcards: `*`
 //! matches any run of characters that contains no `/` and no `.`, so it never crosses a path
 //! segment or a DNS label; `**` matches any run of characters at all. DNS names compare
 //! case-insensitively, everything else exactly.
+
+mod unix;
+#[cfg(test)]
+mod unix_tests;
 
 use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{ASN1Time, FromDer, X509Certificate};
+
+pub use unix::{UnixGroup, UnixIdentity};
 
 /// The kind of certificate field an identity pattern applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +36,14 @@ pub enum IdentityKind {
     Dns,
     /// The subject common name.
     Cn,
+    /// A Unix-socket peer's user name (`unix:user=`).
+    UnixUser,
+    /// A Unix-socket peer's uid (`unix:uid=`).
+    UnixUid,
+    /// A group of a Unix-socket peer, by name (`unix:group=`).
+    UnixGroup,
+    /// A group of a Unix-socket peer, by number (`unix:gid=`).
+    UnixGid,
 }
 
 impl IdentityKind {
@@ -34,7 +53,44 @@ impl IdentityKind {
             IdentityKind::Uri => "uri",
             IdentityKind::Dns => "dns",
             IdentityKind::Cn => "cn",
+            IdentityKind::UnixUser => "unix:user",
+            IdentityKind::UnixUid => "unix:uid",
+            IdentityKind::UnixGroup => "unix:group",
+            IdentityKind::UnixGid => "unix:gid",
         }
+    }
+
+    /// `kind:value` (`unix:kind=value` for the Unix kinds), as configured and as messages and
+    /// audit lines show it.
+    pub fn render(self, value: &str) -> String {
+        match self {
+            IdentityKind::Uri | IdentityKind::Dns | IdentityKind::Cn => {
+                format!("{}:{value}", self.prefix())
+            }
+            _ => format!("{}={value}", self.prefix()),
+        }
+    }
+
+    /// The kind of a pattern's `kind:` (or `unix:kind=`) head, and the rest.
+    fn split(text: &str) -> Option<(IdentityKind, &str)> {
+        let (prefix, rest) = text.split_once(':')?;
+        Some(match prefix {
+            "uri" => (IdentityKind::Uri, rest),
+            "dns" => (IdentityKind::Dns, rest),
+            "cn" => (IdentityKind::Cn, rest),
+            "unix" => {
+                let (kind, value) = rest.split_once('=')?;
+                let kind = match kind {
+                    "user" => IdentityKind::UnixUser,
+                    "uid" => IdentityKind::UnixUid,
+                    "group" => IdentityKind::UnixGroup,
+                    "gid" => IdentityKind::UnixGid,
+                    _ => return None,
+                };
+                (kind, value)
+            }
+            _ => return None,
+        })
     }
 }
 
@@ -54,23 +110,24 @@ pub struct IdentityPattern {
 }
 
 impl IdentityPattern {
-    /// Parses `uri:…`, `dns:…` or `cn:…`.
+    /// Parses `uri:…`, `dns:…`, `cn:…`, `unix:user=…`, `unix:uid=…`, `unix:group=…` or
+    /// `unix:gid=…`.
     pub fn parse(text: &str) -> Result<IdentityPattern, String> {
-        let (prefix, pattern) = text
-            .split_once(':')
-            .ok_or_else(|| format!("identity {text:?} must start with uri:, dns: or cn:"))?;
-        let kind = match prefix {
-            "uri" => IdentityKind::Uri,
-            "dns" => IdentityKind::Dns,
-            "cn" => IdentityKind::Cn,
-            _ => {
-                return Err(format!(
-                    "identity {text:?} must start with uri:, dns: or cn:"
-                ));
-            }
-        };
+        let (kind, pattern) = IdentityKind::split(text).ok_or_else(|| {
+            format!(
+                "identity {text:?} must start with uri:, dns:, cn:, unix:user=, unix:uid=, \
+                 unix:group= or unix:gid="
+            )
+        })?;
         if pattern.is_empty() {
             return Err(format!("identity {text:?} has an empty pattern"));
+        }
+        if matches!(kind, IdentityKind::UnixUid | IdentityKind::UnixGid)
+            && pattern.parse::<u32>().is_err()
+        {
+            return Err(format!(
+                "identity {text:?}: a uid or gid is a number (no wildcards)"
+            ));
         }
         let pattern = if kind == IdentityKind::Dns {
             pattern.to_ascii_lowercase()
@@ -126,7 +183,7 @@ impl IdentityPattern {
                 std::borrow::Cow::Borrowed(value)
             };
             self.matches_value(value.as_bytes())
-                .then(|| format!("{}:{value}", kind.prefix()))
+                .then(|| kind.render(&value))
         })
     }
 }
@@ -173,6 +230,9 @@ pub struct Principal {
     pub serial: String,
     /// SHA-256 of the certificate DER, hex.
     pub fingerprint: String,
+    /// A Unix-socket peer's identity (then there is no certificate: the fields above are
+    /// empty).
+    pub unix: Option<Box<UnixIdentity>>,
 }
 
 impl Principal {
@@ -228,7 +288,16 @@ impl Principal {
         Ok(principal)
     }
 
-    /// Every identity as (kind, value): URIs, then DNS names, then the CN.
+    /// A Unix-socket peer (no certificate).
+    pub fn from_unix(identity: UnixIdentity) -> Principal {
+        Principal {
+            unix: Some(Box::new(identity)),
+            ..Principal::default()
+        }
+    }
+
+    /// Every identity as (kind, value): URIs, then DNS names, then the CN; for a Unix peer
+    /// its user, uid, group names and gids.
     pub fn identities(&self) -> impl Iterator<Item = (IdentityKind, &str)> {
         self.uris
             .iter()
@@ -243,22 +312,39 @@ impl Principal {
                     .iter()
                     .map(|c| (IdentityKind::Cn, c.as_str())),
             )
+            .chain(self.unix.iter().flat_map(|u| unix_identities(u)))
     }
 
     /// The identity used in messages: the first URI SAN, else DNS SAN, else CN.
     pub fn display_name(&self) -> String {
         self.identities()
             .next()
-            .map(|(k, v)| format!("{}:{}", k.prefix(), v))
+            .map(|(k, v)| k.render(v))
             .unwrap_or_else(|| "(certificate without identity)".to_owned())
     }
 
     /// Every identity, `kind:value`, for audit lines.
     pub fn all_identities(&self) -> Vec<String> {
-        self.identities()
-            .map(|(k, v)| format!("{}:{}", k.prefix(), v))
-            .collect()
+        self.identities().map(|(k, v)| k.render(v)).collect()
     }
+}
+
+/// A Unix peer's identities: user, uid, group names, gids.
+fn unix_identities(u: &UnixIdentity) -> impl Iterator<Item = (IdentityKind, &str)> {
+    let names = u.groups.iter().filter_map(|g| g.name.as_deref());
+    u.user
+        .iter()
+        .map(|n| (IdentityKind::UnixUser, n.as_str()))
+        .chain(std::iter::once((
+            IdentityKind::UnixUid,
+            u.uid_text.as_str(),
+        )))
+        .chain(names.map(|n| (IdentityKind::UnixGroup, n)))
+        .chain(
+            u.groups
+                .iter()
+                .map(|g| (IdentityKind::UnixGid, g.gid_text.as_str())),
+        )
 }
 
 fn hex(bytes: &[u8]) -> String {

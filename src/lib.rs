@@ -11,8 +11,9 @@
 //! floor 7  main.rs       the binary: CLI, logging, load the configuration, run the app
 //! floor 6  app           process wiring: build the state, start the listener, the admin
 //!                        server and the revoker, signals, reload (app::reload), the drain
+//! floor 5  listener      accept loop, connection permits, one task per session; the
+//!                        local Unix socket (listener::unix)
 //!          console       the client side of the admin socket (`sessions`, `leases check`)
-//! floor 5  listener      accept loop, connection permits, one task per session
 //!          admin         /metrics /healthz /readyz, given the registry and a readiness fn
 //!          admin_socket  the operator's console over a local Unix socket: sessions list and
 //!                        end, leases check
@@ -42,6 +43,7 @@
 //!          tasks         the one tracker background tasks run on, the token each part stops
 //!                        with (app::shutdown builds the tree)
 //!          identity      identity kinds, patterns, globs; Principal from a certificate
+//!                        or a Unix-socket peer (identity::unix: uid, gid, names)
 //!          protocol      framing, startup/SSL/cancel packets, options, messages we send
 //!                        and their SQLSTATEs (protocol::sqlstate)
 //!          metrics       the Prometheus registry from one table; the label sets as types
@@ -88,6 +90,11 @@
 //!    dropped and the [`vault::Revoker`] revokes the lease (retrying with backoff), and the
 //!    limit slot is released; the metrics and the audit line ([`audit::AuditLog::record`])
 //!    record how it went.
+//!
+//! A client of the local Unix socket ([`listener::unix::accept_loop`]) differs only in step 2:
+//! [`session::unix::run`] takes its uid and gid from the kernel (`SO_PEERCRED`) and its names
+//! from the user and group databases, answers an SSLRequest `N` and reads the StartupMessage
+//! in plaintext; from step 3 on it is the same session (`ClientStream::Unix`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -1,6 +1,8 @@
 //! The accept loop: one connection permit per client (so `max_connections` bounds memory), one
 //! task per session on the shared tracker, each with a child of the sessions' stop token.
 
+pub(crate) mod unix;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -38,9 +38,18 @@ fn split_limits(l: schema::Limits) -> (SessionLimits, CancelLimits) {
 }
 
 fn split_listen(l: schema::Listen) -> (StaticListen, ListenConfig) {
+    // The mode was checked by validation; the default stands in for a mode it refused.
+    let mode = l
+        .unix_socket_mode
+        .as_deref()
+        .map(super::socket_dir::parse_mode);
     let fixed = StaticListen {
         address: l.address,
         max_connections: l.max_connections,
+        unix_socket_dir: l.unix_socket_dir,
+        unix_socket_mode: mode
+            .and_then(Result::ok)
+            .unwrap_or(super::socket_dir::DEFAULT_MODE),
     };
     let listen = ListenConfig {
         cert: l.cert,

@@ -11,6 +11,7 @@
 mod build;
 pub mod model;
 pub(crate) mod schema;
+pub(crate) mod socket_dir;
 mod validate;
 
 use std::path::{Path, PathBuf};

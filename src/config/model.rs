@@ -72,12 +72,17 @@ pub struct StaticConfig {
 }
 
 /// The keys of `[listen]` that bind the listener.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StaticListen {
     /// Address clients connect to.
     pub address: SocketAddr,
     /// Most client connections open at once (the size of the listener's permit pool).
     pub max_connections: usize,
+    /// Directory of the Unix socket, when there is one (its port is `address`'s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_socket_dir: Option<PathBuf>,
+    /// Mode of the socket file.
+    pub unix_socket_mode: u32,
 }
 
 /// The settings a reload applies (to sessions that start after it).

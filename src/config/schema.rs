@@ -159,6 +159,11 @@ pub struct Listen {
     /// as `leasegate sessions end` does; off: open sessions keep what they started with.
     #[serde(default)]
     pub end_sessions_on_revoke: bool,
+    /// When set, leasegate also listens on the Unix socket `<dir>/.s.PGSQL.<port of
+    /// address>` (libpq's name), identifying clients by their uid and gid.
+    pub unix_socket_dir: Option<PathBuf>,
+    /// Mode of the socket file, octal (default "0660": owner and group may connect).
+    pub unix_socket_mode: Option<String>,
 }
 
 /// `[vault]`
@@ -378,6 +383,7 @@ impl File {
         fix(&mut self.listen.key);
         fix(&mut self.listen.client_ca);
         self.listen.crl.iter_mut().for_each(fix);
+        self.listen.unix_socket_dir.iter_mut().for_each(fix);
         self.vault.ca_cert.iter_mut().for_each(fix);
         if let Some(admin) = &mut self.admin {
             fix(&mut admin.socket);

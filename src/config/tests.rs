@@ -265,7 +265,8 @@ fn identity_patterns_are_parsed_at_load() {
     let all = problems(&text).join("\n");
     assert!(
         all.contains(
-            "grants[0]: identity \"email:someone@example.org\" must start with uri:, dns: or cn:"
+            "grants[0]: identity \"email:someone@example.org\" must start with uri:, dns:, cn:, \
+             unix:user=, unix:uid=, unix:group= or unix:gid="
         ),
         "{all}"
     );

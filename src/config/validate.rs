@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::schema::{Database, File, Limits, TlsMode, VaultAuth};
+use super::socket_dir;
 use crate::protocol::options;
 use crate::secret_files::{Finding, check_secret_file};
 
@@ -32,6 +33,7 @@ pub(super) fn problems(file: &File, source: Option<&Path>) -> Vec<String> {
     if file.listen.max_connections == 0 {
         problems.push("listen.max_connections must be at least 1".into());
     }
+    unix_socket(&file.listen, &mut problems);
     if file.cluster.as_ref().is_some_and(|c| c.peers.is_empty()) {
         problems.push("cluster.peers is empty: name the other instances".into());
     }
@@ -49,6 +51,20 @@ pub(super) fn warnings(file: &File, source: Option<&Path>) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// `listen.unix_socket_mode` parses; `listen.unix_socket_dir` is fit for the socket.
+fn unix_socket(listen: &super::schema::Listen, problems: &mut Vec<String>) {
+    if let Some(mode) = &listen.unix_socket_mode
+        && let Err(e) = socket_dir::parse_mode(mode)
+    {
+        problems.push(e);
+    }
+    if let Some(dir) = &listen.unix_socket_dir
+        && let Err(e) = socket_dir::check_dir(dir)
+    {
+        problems.push(e);
+    }
 }
 
 fn auth_mount(auth: &VaultAuth, problems: &mut Vec<String>) {

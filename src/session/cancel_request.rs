@@ -2,23 +2,24 @@
 //! (upstream, the peers, or nowhere), the work under one time limit, the metric, and the close.
 //! Nothing is ever answered, as PostgreSQL answers no cancel request.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::handshake::CancelRequest;
 use crate::cancel::{self, CancelKind, Route};
 use crate::metrics::labels::CancelResult;
+use crate::net::ClientAddr;
 use crate::state::{AppState, Live};
 
 /// Limit for all the work one cancel causes (each step has its own, shorter limit).
 const CANCEL_WORK_LIMIT: Duration = Duration::from_secs(10);
 
-/// Handles one cancel request from `peer` and closes its connection.
+/// Handles one cancel request from `peer` and closes its connection. The per-address rate
+/// limit counts a TCP client by its IP address, a Unix-socket one by its uid.
 pub(super) async fn handle(
     state: &AppState,
     live: &Live,
     request: CancelRequest,
-    peer: SocketAddr,
+    peer: &ClientAddr,
 ) {
     let from_peer = live
         .cluster
@@ -26,7 +27,7 @@ pub(super) async fn handle(
         .is_some_and(|c| c.is_peer(request.sender.as_ref()));
     // A verified peer's PeerCancelRequest was rate-limited where the client sent it.
     let forwarded_by_peer = request.kind == CancelKind::Peer && from_peer;
-    let result = match state.cancel_gate.admit(peer.ip(), !forwarded_by_peer) {
+    let result = match state.cancel_gate.admit(peer.rate_key(), !forwarded_by_peer) {
         Err(refusal) => refusal.label(),
         Ok(_slot) => {
             let work = dispatch(state, live, &request, from_peer);
@@ -36,7 +37,8 @@ pub(super) async fn handle(
         }
     };
     state.metrics.cancel_request(result);
-    tracing::debug!(%peer, kind = ?request.kind, result = result.as_str(), "cancel request");
+    let transport = request.conn.transport().as_str();
+    tracing::debug!(%peer, transport, kind = ?request.kind, result = result.as_str(), "cancel request");
     request.conn.close().await;
 }
 

@@ -6,21 +6,23 @@ use std::collections::BTreeMap;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::cancel::CancelKind;
 use crate::error::SessionError;
 use crate::identity::Principal;
+use crate::net::Transport;
 use crate::protocol::options::parse_bool;
 use crate::protocol::startup::{CancelKey, InitialPacket, StartupRequest, read_initial_packet};
 use crate::tls::server::ALPN_POSTGRESQL;
 
-/// A client TLS connection.
-pub(crate) type ClientStream = TlsStream<TcpStream>;
+pub(crate) use super::client_stream::ClientStream;
 
 /// What the pre-authentication phase produced.
+// Lives for one handshake and is matched at once: boxing the cancel would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Accepted {
     /// A cancel request (plaintext, or inside TLS as PostgreSQL 17 clients and peers send
     /// it), with the sender's certificate identity when it came over TLS with one.
@@ -49,26 +51,38 @@ pub(crate) enum CancelConn {
     Plain(TcpStream),
     /// PostgreSQL 17 clients and peers: inside TLS.
     Tls(Box<ClientStream>),
+    /// Over the local Unix socket.
+    Unix(UnixStream),
 }
 
 impl CancelConn {
+    /// How the cancel request came.
+    pub(crate) fn transport(&self) -> Transport {
+        match self {
+            CancelConn::Plain(_) => Transport::Tcp,
+            CancelConn::Tls(_) => Transport::Tls,
+            CancelConn::Unix(_) => Transport::Unix,
+        }
+    }
+
     /// Closes the connection (TLS with close_notify), bounded in time.
     pub(crate) async fn close(self) {
         let close = async {
             match self {
                 CancelConn::Plain(mut s) => s.shutdown().await,
                 CancelConn::Tls(mut s) => s.shutdown().await,
+                CancelConn::Unix(mut s) => s.shutdown().await,
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
     }
 }
 
-/// A TLS client with a verified certificate and its startup request.
+/// A client with a verified identity and its startup request.
 pub(crate) struct ClientHello {
-    /// The TLS stream, positioned after the StartupMessage.
+    /// The TLS (or Unix-socket) stream, positioned after the StartupMessage.
     pub stream: ClientStream,
-    /// Who the certificate says the client is.
+    /// Who the certificate (or the kernel, for the Unix socket) says the client is.
     pub principal: Principal,
     /// Requested Vault role (the startup `user`).
     pub role: String,
@@ -149,13 +163,14 @@ async fn negotiate(tcp: &mut TcpStream) -> Result<Option<CancelKey>, SessionErro
 }
 
 /// Inside TLS: the client certificate and the StartupMessage (or an encrypted cancel).
-async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
+async fn after_tls(stream: TlsStream<TcpStream>) -> Result<Accepted, SessionError> {
     let cert = stream
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
         .cloned();
+    let mut stream = ClientStream::Tls(stream);
     let startup = match read_initial_packet(&mut stream).await {
         Ok(InitialPacket::Startup(s)) => s,
         Ok(InitialPacket::Cancel(key)) => {
@@ -210,7 +225,7 @@ fn tls_cancel(
 }
 
 /// The requested role and database, or why the startup packet is refused.
-fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError> {
+pub(super) fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError> {
     let params = &startup.params;
     let Some(role) = params.get("user").filter(|u| !u.is_empty()).cloned() else {
         return Err(SessionError::NoUser);
@@ -232,7 +247,7 @@ fn requested(startup: &StartupRequest) -> Result<(String, String), SessionError>
     Ok((role, database))
 }
 
-async fn fail<S: AsyncWrite + Unpin, T>(
+pub(super) async fn fail<S: AsyncWrite + Unpin, T>(
     stream: &mut S,
     err: SessionError,
 ) -> Result<T, SessionError> {

@@ -4,11 +4,13 @@
 //! the backend is gone).
 
 mod cancel_request;
+mod client_stream;
 pub(crate) mod close;
 mod credential;
 pub(crate) mod handshake;
 pub(crate) mod lifecycle;
 pub(crate) mod relay;
+pub(crate) mod unix;
 mod warm;
 
 use std::net::SocketAddr;
@@ -26,7 +28,7 @@ use crate::cancel::CancelTarget;
 use crate::error::SessionError;
 use crate::escape::logged;
 use crate::metrics::labels::{SessionOutcome, SetupPhase};
-use crate::net::Transport;
+use crate::net::ClientAddr;
 use crate::policy::Denial;
 use crate::protocol::messages;
 use crate::registry::{NewSession, Registered};
@@ -56,32 +58,61 @@ pub(crate) async fn run(
 ) {
     let live = state.live.load_full();
     let started = Instant::now();
-    let accepted = tokio::select! {
-        r = tokio::time::timeout(live.login_timeout, Box::pin(handshake::accept(tcp, &live.tls))) => {
+    let accepted = setup(&live, &stop, handshake::accept(tcp, &live.tls)).await;
+    finish(
+        &state,
+        &live,
+        accepted,
+        ClientAddr::Tcp(peer),
+        started,
+        &stop,
+    )
+    .await;
+}
+
+/// The pre-authentication phase under `login_timeout`, given up at shutdown.
+async fn setup(
+    live: &Live,
+    stop: &CancellationToken,
+    handshake: impl Future<Output = Result<Accepted, SessionError>>,
+) -> Result<Accepted, SessionError> {
+    tokio::select! {
+        r = tokio::time::timeout(live.login_timeout, Box::pin(handshake)) => {
             r.unwrap_or(Err(SessionError::LoginTimeout))
         }
         _ = stop.cancelled() => Err(SessionError::Shutdown),
-    };
+    }
+}
+
+/// A connection after its handshake (TLS or Unix socket), to its end: the cancel path, or the
+/// session; metrics, logs and audit lines.
+async fn finish(
+    state: &Arc<AppState>,
+    live: &Live,
+    accepted: Result<Accepted, SessionError>,
+    peer: ClientAddr,
+    started: Instant,
+    stop: &CancellationToken,
+) {
     let result = match accepted {
         Ok(Accepted::Cancel(request)) => {
-            cancel_request::handle(&state, &live, request, peer).await;
+            cancel_request::handle(state, live, request, &peer).await;
             return;
         }
         Ok(Accepted::Session(hello)) => {
             state
                 .metrics
                 .setup_phase(SetupPhase::Tls, started.elapsed().as_secs_f64());
-            let audit = AuditEvent::new("session_start", peer)
+            let audit = AuditEvent::client("session_start", &peer)
                 .principal(&hello.principal)
                 .request(&hello.database, &hello.role);
             let session = Session {
-                state: &state,
-                live: &live,
+                state,
+                live,
                 peer,
-                stop: &stop,
+                stop,
                 audit,
                 started,
-                transport: Transport::Tls,
             };
             session.serve(*hello).await
         }
@@ -91,7 +122,7 @@ pub(crate) async fn run(
             }
             state
                 .audit
-                .record(AuditEvent::new("refused", peer).error(&e));
+                .record(AuditEvent::client("refused", &peer).error(&e));
             Err(e)
         }
     };
@@ -113,13 +144,11 @@ pub(crate) async fn run(
 struct Session<'a> {
     state: &'a AppState,
     live: &'a Live,
-    peer: SocketAddr,
+    peer: ClientAddr,
     stop: &'a CancellationToken,
     audit: AuditEvent,
     /// When the connection was accepted, for the setup-time metric.
     started: Instant,
-    /// How the client connected, for `sessions list`.
-    transport: Transport,
 }
 
 impl Session<'_> {
@@ -150,6 +179,15 @@ impl Session<'_> {
             (decision, _) => {
                 // The policy never allows a database that is not configured.
                 let denial = decision.err().unwrap_or(Denial::DatabaseNotGranted);
+                if let Some(unix) = &hello.principal.unix {
+                    return Err(SessionError::UnixDenied {
+                        denial,
+                        identity: hello.principal.display_name(),
+                        uid: unix.uid,
+                        role: hello.role.clone(),
+                        database: hello.database.clone(),
+                    });
+                }
                 Err(SessionError::Denied {
                     denial,
                     identity: hello.principal.display_name(),
@@ -164,7 +202,7 @@ impl Session<'_> {
     /// `stop`.
     fn register(&self, hello: &ClientHello) -> Registered {
         let facts = NewSession {
-            transport: self.transport,
+            transport: self.peer.transport(),
             client_addr: self.peer.to_string(),
             principal: hello.principal.clone(),
             database: hello.database.clone(),
@@ -271,7 +309,7 @@ impl Session<'_> {
         end.bytes_to_upstream = Some(relayed.to_upstream.bytes);
         end.bytes_to_client = Some(relayed.to_client.bytes);
         end.reason = Some(relayed.end.audit_reason(tracked.as_deref()));
-        tracing::info!(peer = %self.peer, end = relayed.end.label(), detail = relayed.end.detail(),
+        tracing::info!(peer = %self.peer, transport = self.peer.transport().as_str(), end = relayed.end.label(), detail = relayed.end.detail(),
             upstream_close = closed.label(),
             bytes_to_upstream = relayed.to_upstream.bytes, bytes_to_client = relayed.to_client.bytes,
             duration_ms = started.elapsed().as_millis() as u64, "session ended");

@@ -149,7 +149,7 @@ pub fn render_table(rows: &Path) -> std::io::Result<String> {
     let mut clients: Vec<(String, Merged)> = by_client.into_iter().collect();
     clients.sort_by(|a, b| (a.1.0, &a.0).cmp(&(b.1.0, &b.0)));
     let mut out = String::from(
-        "| Client | Version | Features exercised (TLS verify-full + client certificate) | Result |\n\
+        "| Client | Version | Features exercised (TLS verify-full + client certificate, unless a Unix socket) | Result |\n\
          |---|---|---|---|\n",
     );
     for (client, (_, versions, features, results)) in clients {

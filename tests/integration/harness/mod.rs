@@ -22,6 +22,7 @@ pub mod pg;
 pub mod pki;
 pub mod proxy;
 pub mod security;
+pub mod unix;
 pub mod wire;
 
 use std::future::Future;

@@ -1,0 +1,93 @@
+//! `listen.unix_socket_dir` and `listen.unix_socket_mode`: the mode as written (octal), and
+//! the checks the directory must pass before leasegate puts its socket there, at load (so
+//! `check-config` and the start refuse it alike) and again when the socket is bound.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// The mode of the socket file when `listen.unix_socket_mode` is not set: owner and group may
+/// connect.
+pub(crate) const DEFAULT_MODE: u32 = 0o660;
+
+/// `"0660"` → 0o660: three or four octal digits, at most 0777.
+pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits_ok =
+        (3..=4).contains(&text.len()) && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(text, 8) {
+        Ok(mode) if digits_ok && mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "listen.unix_socket_mode {text:?} must be an octal file mode such as \"0660\" (at most 0777)"
+        )),
+    }
+}
+
+/// The directory exists, is a directory, belongs to the user leasegate runs as (or root),
+/// and neither its group nor others may write to it (whoever can write there could replace
+/// the socket with one of their own).
+pub(crate) fn check_dir(dir: &Path) -> Result<(), String> {
+    let key = "listen.unix_socket_dir";
+    let shown = dir.display();
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{key} {shown} does not exist: create it (owned by the user leasegate runs as, mode 0755 or 0750)"
+            ));
+        }
+        Err(e) => return Err(format!("{key} {shown}: {e}")),
+    };
+    if !meta.is_dir() {
+        return Err(format!("{key} {shown} is not a directory"));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "{key} {shown} is owned by uid {}: it must be owned by the user leasegate runs as (uid {me}) or root",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{key} {shown} has mode {mode:04o}: its group or others may write to it and so \
+             replace leasegate's socket; remove the write bits (chmod go-w)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn modes_are_octal_and_at_most_0777() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0777"), Ok(0o777));
+        for bad in ["", "66", "0668", "1777", "rw-rw----", "00660", "+660"] {
+            assert!(parse_mode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_directory_must_exist_and_be_closed_to_writers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(check_dir(path), Ok(()));
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+        let e = check_dir(path).expect_err("group-writable");
+        assert!(e.contains("mode 0775") && e.contains("chmod go-w"), "{e}");
+        let e = check_dir(&path.join("nope")).expect_err("missing");
+        assert!(e.contains("does not exist"), "{e}");
+        let file = path.join("file");
+        std::fs::write(&file, "").expect("file");
+        assert!(
+            check_dir(&file)
+                .expect_err("a file")
+                .contains("not a directory")
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! The local Unix-socket listener (`listen.unix_socket_dir`), its clients: psql, psycopg,
+//! SQLAlchemy and node-postgres connect with `host=<dir>` and no certificate, as a granted OS
+//! user and as an ungranted one (run as another OS user: FATAL 28000 naming `unix:user=…`, no
+//! Vault call); a `unix:group=` grant; the socket file's mode keeps out users outside its
+//! group; an SSLRequest is answered `N`; a CancelRequest over the socket cancels a query;
+//! session limits count a Unix session under the `unix:` identity it matched.
+//! The listener's operation (SIGHUP, stale sockets, refused directories) is `unix_socket_ops`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::compat::{CompatRow, repo, require_node_pg, require_psycopg, run_script};
+use crate::harness::fixture::Fixture;
+use crate::harness::metrics::value_or_zero;
+use crate::harness::pg::{active_queries, dynamic_roles};
+use crate::harness::poll_until;
+use crate::harness::proxy::set;
+use crate::harness::security::wait_auth_failures;
+use crate::harness::unix::{
+    OUTSIDER, audit_events, psql_as, run, socket_dir, socket_path, start, text,
+};
+use crate::harness::wire::{PROTOCOL_3_0, Wire};
+
+/// psycopg over the socket (as `as_uid` when given: the script drops to it after the import).
+async fn psycopg_over(dir: &Path, port: u16, as_uid: Option<(u32, u32)>) -> Value {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(repo().join("tests/clients/python/psycopg_unix.py"))
+        .env("LG_SOCKET_DIR", dir)
+        .env("LG_PORT", port.to_string())
+        .env("LG_DBNAME", "myapp")
+        .env("LG_USER", "readonly");
+    match as_uid {
+        Some((uid, gid)) => {
+            cmd.env("LG_AS_UID", uid.to_string())
+                .env("LG_AS_GID", gid.to_string());
+        }
+        None => {
+            cmd.env("LG_SQLALCHEMY", "1");
+        }
+    }
+    let run = run_script(cmd, "psycopg_unix.py", Duration::from_secs(60)).await;
+    run.assert_ok();
+    run.result
+}
+
+/// current_user through node-postgres over the socket (`host` is the directory).
+async fn node_over(dir: &Path, port: u16) -> String {
+    let script = "const pg = require('pg'); \
+        const c = new pg.Client({host: process.env.LG_SOCKET_DIR, port: +process.env.LG_PORT, \
+          database: 'myapp', user: 'readonly'}); \
+        c.connect().then(() => c.query('select current_user as u')) \
+          .then(r => { console.log(JSON.stringify({user: r.rows[0].u})); return c.end(); }) \
+          .catch(e => { console.log(JSON.stringify({error: String(e)})); process.exit(1); });";
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("-e")
+        .arg(script)
+        .current_dir(repo().join("tests/clients/node"))
+        .env("LG_SOCKET_DIR", dir)
+        .env("LG_PORT", port.to_string());
+    let run = run_script(cmd, "node pg over the socket", Duration::from_secs(60)).await;
+    run.assert_ok();
+    run.result["user"].as_str().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_psycopg_over_the_socket_as_a_granted_and_an_ungranted_os_user() {
+    let mut row = CompatRow::new("psql-unix", 10, "psql (libpq)", "");
+    row.phase("psycopg not installed");
+    require_psycopg();
+    let dir = socket_dir();
+    // 0666: everyone may connect, so the grants alone decide.
+    let (f, audit) = start("unix-grants", dir.path(), Some("0666"), &["unix:user=root"]).await;
+    let port = f.proxy.port;
+
+    row.phase("ungranted OS user refused");
+    let out = run(psql_as(Some(OUTSIDER), dir.path(), port, "select 1")).await;
+    let (_, err) = text(&out);
+    assert!(!out.status.success(), "nobody must be refused: {err}");
+    // psql prints no SQLSTATE for a failed connection: the audit line below has it.
+    assert!(
+        err.contains("FATAL:  local user \"unix:user=nobody\" (uid 65534) has no grant"),
+        "psql as nobody: {err}"
+    );
+    let refused = psycopg_over(dir.path(), port, Some((65534, 65534))).await;
+    eprintln!("psycopg as nobody: {refused}");
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["uid"], 65534, "{refused}");
+    let message = refused["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("\"unix:user=nobody\" (uid 65534) has no grant"),
+        "{refused}"
+    );
+    f.assert_nothing_issued().await;
+    assert_eq!(wait_auth_failures(&f.proxy, "no_grant", 2.0).await, 2.0);
+
+    row.step("Unix socket: host=<dir>, no certificate (grant unix:user=root)");
+    let sql = "select current_user, (select count(*) from pg_roles where rolname = current_user)";
+    let out = run(psql_as(None, dir.path(), port, sql)).await;
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "psql as root over the socket: {err}");
+    let (user, in_roles) = stdout.split_once('|').expect("user|count");
+    assert!(
+        user.starts_with(&f.mount.prefix),
+        "a dynamic role of this mount: {stdout}"
+    );
+    assert_eq!(in_roles, "1", "the role is in pg_roles during the session");
+
+    let mut py_row = CompatRow::new("psycopg-unix", 40, "psycopg 3 (Python, libpq)", "");
+    py_row.step("Unix socket: host=<dir>, no certificate; transaction (grant unix:user=root)");
+    let ok = psycopg_over(dir.path(), port, None).await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert_eq!(ok["in_pg_roles"], 1, "{ok}");
+    assert_eq!(ok["sum"], 3, "{ok}");
+    assert!(
+        ok["session_user"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&f.mount.prefix))
+    );
+    let mut sa_row = CompatRow::new("sqlalchemy-unix", 42, "SQLAlchemy 2 (psycopg 3 pool)", "");
+    sa_row.step("Unix socket: postgresql+psycopg://readonly@/myapp?host=<dir>&port=<port>");
+    let sa_user = ok["sqlalchemy_user"].as_str().unwrap_or("");
+    assert!(
+        sa_user.starts_with(&f.mount.prefix),
+        "SQLAlchemy over the socket: {ok}"
+    );
+    drop(sa_row);
+    {
+        require_node_pg();
+        let mut node_row = CompatRow::new("node-pg-unix", 50, "node-postgres `pg` (pure JS)", "");
+        node_row.step("Unix socket: host=<dir>, no certificate");
+        let user = node_over(dir.path(), port).await;
+        assert!(
+            user.starts_with(&f.mount.prefix),
+            "node pg over the socket: {user}"
+        );
+    }
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+    assert!(
+        dynamic_roles(&f.mount.prefix).await.is_empty(),
+        "roles gone after the sessions"
+    );
+
+    let events = audit_events(&audit);
+    let start = events
+        .iter()
+        .find(|e| e["event"] == "session_start" && e["lease_id"].is_string())
+        .unwrap_or_else(|| panic!("a session_start with a lease: {events:?}"));
+    assert_eq!(start["transport"], "unix", "{start}");
+    assert_eq!(start["unix_uid"], 0, "{start}");
+    assert_eq!(start["unix_gid"], 0, "{start}");
+    assert_eq!(start["unix_user"], "root", "{start}");
+    assert!(start["cert_serial"].is_null(), "no certificate: {start}");
+    let ids = start["identities"].as_array().expect("identities");
+    assert_eq!(ids[0], "unix:user=root", "{start}");
+    let refusal = events
+        .iter()
+        .find(|e| e["event"] == "refused")
+        .expect("the refusal is audited");
+    assert_eq!(refusal["unix_uid"], 65534, "{refusal}");
+    assert_eq!(refusal["sqlstate"], "28000", "{refusal}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_mode_keeps_out_users_outside_its_group() {
+    let dir = socket_dir();
+    let (f, _) = start("unix-mode", dir.path(), None, &["unix:user=nobody"]).await;
+    let path = socket_path(dir.path(), f.proxy.port);
+    let meta = std::fs::metadata(&path).expect("the socket exists");
+    assert_eq!(meta.mode() & 0o7777, 0o660, "default mode 0660");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (0, 0),
+        "owned by leasegate's user and group"
+    );
+    let out = run(psql_as(
+        Some(OUTSIDER),
+        dir.path(),
+        f.proxy.port,
+        "select 1",
+    ))
+    .await;
+    let (_, err) = text(&out);
+    assert!(!out.status.success(), "nobody is outside the group: {err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    // root passes the file mode but has no grant: FATAL 28000 naming it, read off the wire.
+    let stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect as root");
+    let mut wire = Wire::new(stream);
+    let login = wire
+        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+        .await
+        .expect("startup");
+    let error = login.messages.last().expect("an answer");
+    assert_eq!(error.tag, b'E', "{:?}", login.messages);
+    let fields = error.fields();
+    assert_eq!(
+        (fields[&'S'].as_str(), fields[&'C'].as_str()),
+        ("FATAL", "28000")
+    );
+    assert_eq!(
+        fields[&'M'],
+        "local user \"unix:user=root\" (uid 0) has no grant (asked for role \"readonly\" on database \"myapp\")"
+    );
+    // nobody is granted, but the file mode stopped it before leasegate saw it; root was refused.
+    f.assert_nothing_issued().await;
+    let refused = wait_auth_failures(&f.proxy, "no_grant", 1.0).await;
+    assert_eq!(refused, 1.0, "root only: nobody never reached leasegate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_request_on_the_socket_gets_n_and_the_session_runs_in_plaintext() {
+    let dir = socket_dir();
+    let (f, _) = start("unix-ssl", dir.path(), None, &["unix:uid=0"]).await;
+    let stream = tokio::net::UnixStream::connect(socket_path(dir.path(), f.proxy.port))
+        .await
+        .expect("connect");
+    let mut wire = Wire::new(stream);
+    wire.send(&[0, 0, 0, 8, 4, 210, 22, 47])
+        .await
+        .expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut wire.stream, &mut answer)
+        .await
+        .expect("answer");
+    assert_eq!(&answer, b"N");
+    let login = wire
+        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+        .await
+        .expect("startup");
+    assert_eq!(
+        login.messages.last().map(|m| m.tag),
+        Some(b'Z'),
+        "{:?}",
+        login.messages
+    );
+    assert!(login.key.is_some(), "leasegate's BackendKeyData");
+    drop(wire);
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_over_the_socket_cancels_pg_sleep() {
+    let dir = socket_dir();
+    let (f, _) = start("unix-cancel", dir.path(), None, &["unix:user=root"]).await;
+    let child = psql_as(None, dir.path(), f.proxy.port, "select pg_sleep(30)")
+        .spawn()
+        .expect("spawn psql");
+    let pid = child.id().expect("psql pid");
+    let prefix = f.mount.prefix.clone();
+    poll_until(Duration::from_secs(15), "pg_sleep running upstream", || {
+        let prefix = prefix.clone();
+        async move {
+            match active_queries(&prefix, "pg_sleep").await {
+                1 => Ok(()),
+                n => Err(format!("{n} active pg_sleep backends")),
+            }
+        }
+    })
+    .await;
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+        .await
+        .expect("psql returns within 5 s of SIGINT")
+        .expect("psql output");
+    let (_, err) = text(&out);
+    assert!(err.contains("57014"), "the query was cancelled: {err}");
+    let m = f.proxy.metrics().await;
+    let forwarded = value_or_zero(
+        &m,
+        "leasegate_cancel_requests_total",
+        &[("result", "forwarded")],
+    );
+    assert_eq!(forwarded, 1.0, "the socket's CancelRequest was forwarded");
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_group_grant_admits_members_from_the_group_database_only() {
+    // A supplementary group of postgres (Debian: ssl-cert) from the group database, else its
+    // primary group.
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let primary = id("-gn");
+    let group = id("-Gn")
+        .split_whitespace()
+        .find(|g| *g != primary)
+        .unwrap_or(&primary)
+        .to_string();
+    let grant = format!("unix:group={group}");
+    let dir = socket_dir();
+    let (f, audit) = start("unix-group", dir.path(), Some("0666"), &[&grant]).await;
+    let sql = "select current_user";
+    let out = run(psql_as(Some(OUTSIDER), dir.path(), f.proxy.port, sql)).await;
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("local user \"unix:user=nobody\" (uid 65534) has no grant"),
+        "{err}"
+    );
+    f.assert_nothing_issued().await;
+    let out = run(psql_as(Some("postgres"), dir.path(), f.proxy.port, sql)).await;
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "postgres is in {group}: {err}");
+    assert!(stdout.starts_with(&f.mount.prefix), "{stdout}");
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+    let events = audit_events(&audit);
+    let start = events
+        .iter()
+        .find(|e| e["event"] == "session_start" && e["lease_id"].is_string())
+        .expect("the session is audited");
+    assert_eq!(start["unix_user"], "postgres", "{start}");
+    let ids: Vec<&str> = start["identities"]
+        .as_array()
+        .expect("identities")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(ids.contains(&grant.as_str()), "{ids:?}");
+    assert!(
+        ids.contains(&format!("unix:group={primary}").as_str()),
+        "{ids:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_count_a_unix_session_under_the_unix_identity_it_matched() {
+    let dir = socket_dir();
+    let dir_text = dir.path().display().to_string();
+    let f = Fixture::start_edited(
+        "unix-limits",
+        |cfg| cfg.grant("unix:user=root", &["myapp"], &["readonly"]),
+        |t| {
+            set(t, "listen.unix_socket_dir", dir_text);
+            set(t, "limits.max_sessions_per_identity", 1);
+        },
+    )
+    .await;
+    let path = socket_path(dir.path(), f.proxy.port);
+    let login = |path: std::path::PathBuf| async move {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
+        let mut wire = Wire::new(stream);
+        let login = wire
+            .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+            .await
+            .expect("startup");
+        (wire, login)
+    };
+    let (first, held) = login(path.clone()).await;
+    assert_eq!(
+        held.messages.last().map(|m| m.tag),
+        Some(b'Z'),
+        "{:?}",
+        held.messages
+    );
+    let before = f.issued().await;
+    let (_second, refused) = login(path.clone()).await;
+    let error = refused.messages.last().expect("an answer");
+    let fields = error.fields();
+    assert_eq!(
+        fields.get(&'C').map(String::as_str),
+        Some("53300"),
+        "{:?}",
+        refused.messages
+    );
+    assert!(
+        fields[&'M'].contains("\"unix:user=root\" (limit 1)"),
+        "{}",
+        fields[&'M']
+    );
+    let after = f.issued().await;
+    assert_eq!(
+        after.creds_requests, before.creds_requests,
+        "the refusal made no Vault call"
+    );
+    drop(first);
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}
