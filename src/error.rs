@@ -19,6 +19,7 @@ use crate::policy::Denial;
 use crate::protocol::messages::{Severity, error_response, notice_response};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::PacketError;
+use crate::proxy_header::ProxyHeaderError;
 use crate::upstream::UpstreamError;
 use crate::upstream::params::ParamRefusal;
 use crate::vault::VaultError;
@@ -118,6 +119,9 @@ pub(crate) enum SessionError {
         humantime::format_duration(*.0)
     )]
     MaxSessionDuration(Duration),
+    /// A connection from `listen.proxy_protocol_from` without a valid PROXY header.
+    #[error(transparent)]
+    ProxyHeader(#[from] ProxyHeaderError),
 }
 
 fn denial_message(denial: &Denial, identity: &str, role: &str, database: &str) -> String {
@@ -165,7 +169,7 @@ impl SessionError {
             E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => {
                 SqlState::ProtocolViolation
             }
-            E::NegotiationInsideTls => SqlState::ProtocolViolation,
+            E::NegotiationInsideTls | E::ProxyHeader(_) => SqlState::ProtocolViolation,
             E::ReplicationValue(_) => SqlState::InvalidParameterValue,
             E::StartupParameter(refusal) => refusal.sqlstate(),
             E::Limited { .. } => SqlState::TooManyConnections,
@@ -222,6 +226,7 @@ impl SessionError {
             E::LoginTimeout => R::LoginTimeout,
             E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => R::BadStartup,
             E::NegotiationInsideTls | E::BadCertificate(_) | E::NoUser => R::BadStartup,
+            E::ProxyHeader(_) => R::BadStartup,
             E::Replication | E::ReplicationValue(_) | E::StartupParameter(_) => R::BadStartup,
             E::Denied { denial, .. } => denial.label(),
             E::Limited { hit, .. } => hit.label(),

@@ -42,6 +42,7 @@
 //!          escape        the one escaping rule for client- and certificate-supplied names
 //!          secret_files  permission checks of key, token and secret-ID files
 //!          net           socket options for client and upstream connections
+//!          proxy_header  the PROXY protocol header (v1, v2) of a trusted load balancer
 //! ```
 //!
 //! # One session, step by step
@@ -97,6 +98,7 @@ pub(crate) mod net;
 pub mod policy;
 pub(crate) mod prefetch;
 pub mod protocol;
+pub(crate) mod proxy_header;
 pub(crate) mod secret_files;
 pub(crate) mod session;
 pub(crate) mod state;

@@ -37,7 +37,8 @@ fn split_limits(l: schema::Limits) -> (SessionLimits, CancelLimits) {
     (session, cancel)
 }
 
-fn split_listen(l: schema::Listen) -> (StaticListen, ListenConfig) {
+fn split_listen(l: schema::Listen) -> Result<(StaticListen, ListenConfig), Problems> {
+    let proxy_protocol_from = proxy_networks(&l.proxy_protocol_from)?;
     let fixed = StaticListen {
         address: l.address,
         max_connections: l.max_connections,
@@ -51,14 +52,39 @@ fn split_listen(l: schema::Listen) -> (StaticListen, ListenConfig) {
         shutdown_grace: l.shutdown_grace,
         watch_interval: l.watch_interval,
         tcp_keepalive: l.tcp_keepalive,
+        drain_delay: l.drain_delay,
+        proxy_protocol_from,
     };
-    (fixed, listen)
+    Ok((fixed, listen))
+}
+
+/// `listen.proxy_protocol_from`: CIDRs, or single addresses (a /32 or /128).
+fn proxy_networks(entries: &[String]) -> Result<Vec<ipnet::IpNet>, Problems> {
+    let mut problems = Vec::new();
+    let mut networks = Vec::new();
+    for entry in entries {
+        let parsed = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => networks.push(net),
+            Err(_) => problems.push(format!(
+                "listen.proxy_protocol_from: {entry:?} is not a network (\"10.0.0.0/8\") or an \
+                 address"
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(networks)
+    } else {
+        Err(Problems(problems))
+    }
 }
 
 impl TryFrom<schema::Listen> for ListenConfig {
     type Error = Problems;
     fn try_from(l: schema::Listen) -> Result<Self, Problems> {
-        Ok(split_listen(l).1)
+        Ok(split_listen(l)?.1)
     }
 }
 
@@ -229,10 +255,12 @@ impl TryFrom<schema::File> for Config {
             None => Some(None),
             Some(c) => collect(&mut problems, ClusterConfig::try_from(c)).map(Some),
         };
-        let (Some(vault), Some(cluster), true) = (vault, cluster, problems.is_empty()) else {
+        let listens = collect(&mut problems, split_listen(file.listen));
+        let (Some(vault), Some(cluster), Some((fixed_listen, listen)), true) =
+            (vault, cluster, listens, problems.is_empty())
+        else {
             return Err(Problems(problems));
         };
-        let (fixed_listen, listen) = split_listen(file.listen);
         let (session, cancel) = split_limits(file.limits);
         Ok(Config {
             fixed: StaticConfig {

@@ -112,6 +112,10 @@ pub struct ListenConfig {
     pub watch_interval: Option<Duration>,
     /// Keepalive idle time for client sockets.
     pub tcp_keepalive: Duration,
+    /// After SIGTERM/SIGINT: how long the listener keeps accepting with `/readyz` at 503.
+    pub drain_delay: Duration,
+    /// Sources whose connections must start with a PROXY protocol header (empty: none).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// The session limits of `[limits]`: a reload replaces them, the counts live on.

@@ -144,6 +144,16 @@ pub struct Listen {
     /// vanished is detected about 1.75 × this later.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// After SIGTERM/SIGINT, `/readyz` answers 503 at once but the listener keeps accepting
+    /// this long, so that a load balancer sees the replica leave before it stops taking
+    /// connections (the Kubernetes preStop pattern, built in); then the drain starts.
+    #[serde(default = "default_drain_delay", with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Networks (CIDRs) whose connections must start with a PROXY protocol header (v1 or
+    /// v2), the load balancers: the header's source address becomes the client address.
+    /// Empty: no PROXY protocol.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 /// `[vault]`
@@ -324,6 +334,9 @@ fn default_max_connections() -> usize {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_drain_delay() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_vault_timeout() -> Duration {
     Duration::from_secs(5)

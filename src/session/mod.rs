@@ -52,8 +52,9 @@ pub(crate) async fn run(
 ) {
     let live = state.live.load_full();
     let started = Instant::now();
+    let mut peer = peer;
     let accepted = tokio::select! {
-        r = tokio::time::timeout(live.login_timeout, Box::pin(handshake::accept(tcp, &live.tls))) => {
+        r = tokio::time::timeout(live.login_timeout, Box::pin(accept(tcp, &mut peer, &live))) => {
             r.unwrap_or(Err(SessionError::LoginTimeout))
         }
         _ = stop.cancelled() => Err(SessionError::Shutdown),
@@ -102,6 +103,25 @@ pub(crate) async fn run(
             state.metrics.session_finished(e.outcome());
         }
     }
+}
+
+/// The PROXY header of a trusted load balancer (`peer` becomes the client address it gives),
+/// then the handshake.
+async fn accept(
+    mut tcp: TcpStream,
+    peer: &mut SocketAddr,
+    live: &Live,
+) -> Result<Accepted, SessionError> {
+    let from = &live.proxy_protocol_from;
+    match crate::proxy_header::client_address(&mut tcp, *peer, from).await {
+        Ok(client) => *peer = client,
+        Err(e) => {
+            let e = SessionError::from(e);
+            report(&mut tcp, &e).await;
+            return Err(e);
+        }
+    }
+    handshake::accept(tcp, &live.tls).await
 }
 
 /// One session after the handshake: what it needs from the proxy, and its audit facts.

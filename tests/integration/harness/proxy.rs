@@ -112,6 +112,9 @@ impl ProxyConfig {
         if let Some(v) = &self.login_timeout {
             t.push_str(&format!("login_timeout = {}\n", q(v)));
         }
+        // Tests stop their proxies often: no drain delay unless a test sets one
+        // (`set(t, "listen.drain_delay", "3s")`).
+        t.push_str("drain_delay = \"0s\"\n");
         t.push_str("\n[vault]\n");
         t.push_str(&format!("address = {}\n", q(&self.vault_address)));
         if let Some(v) = &self.vault_timeout {
