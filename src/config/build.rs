@@ -215,9 +215,13 @@ impl TryFrom<schema::Cluster> for ClusterConfig {
         if c.ca_cert.is_none() {
             problems.push(CLUSTER_CA_REQUIRED.into());
         }
-        match (identity, c.ca_cert) {
-            (Some(peer_identity), Some(ca_cert)) => Ok(ClusterConfig {
+        let id = replica_id(c.id.as_ref(), &c.peers)
+            .map_err(|p| problems.extend(p))
+            .ok();
+        match (identity, c.ca_cert, id) {
+            (Some(peer_identity), Some(ca_cert), Some(id)) => Ok(ClusterConfig {
                 peers: c.peers,
+                id,
                 peer_identity,
                 cert: c.cert,
                 key: c.key,
@@ -226,6 +230,93 @@ impl TryFrom<schema::Cluster> for ClusterConfig {
             _ => Err(Problems(problems)),
         }
     }
+}
+
+/// The largest `[cluster] id`: the id takes the top 7 bits of a cancel key's 31-bit pid.
+pub const MAX_REPLICA_ID: u8 = 127;
+
+/// `[cluster] id` resolved (`"hostname"`: the host name's ordinal), checked against the ids
+/// of `peers`: in range, and no id twice.
+fn replica_id(
+    id: Option<&schema::ReplicaId>,
+    peers: &[schema::Peer],
+) -> Result<Option<u8>, Vec<String>> {
+    let mut problems = Vec::new();
+    let own = match id {
+        None => None,
+        Some(schema::ReplicaId::Number(n)) => match u8::try_from(*n) {
+            Ok(n) if n <= MAX_REPLICA_ID => Some(n),
+            _ => {
+                problems.push(format!(
+                    "cluster.id {n} is out of range 0..={MAX_REPLICA_ID}"
+                ));
+                None
+            }
+        },
+        Some(schema::ReplicaId::From(how)) if how == "hostname" => {
+            let name = host_name();
+            let id = name.as_deref().and_then(ordinal);
+            if id.is_none() {
+                problems.push(format!(
+                    "cluster.id = \"hostname\": the host name {name:?} does not end with \
+                     -<0..={MAX_REPLICA_ID}> (as a StatefulSet pod's leasegate-2 does)"
+                ));
+            }
+            id
+        }
+        Some(schema::ReplicaId::From(other)) => {
+            problems.push(format!(
+                "cluster.id {other:?}: want a number or \"hostname\""
+            ));
+            None
+        }
+    };
+    // An entry with this instance's own id is this instance (every replica may share one
+    // list); any id twice is a mistake.
+    let mut seen = std::collections::BTreeSet::new();
+    for peer in peers {
+        let Some(pid) = peer.id() else { continue };
+        if pid > MAX_REPLICA_ID {
+            problems.push(format!(
+                "cluster.peers: id {pid} is out of range 0..={MAX_REPLICA_ID}"
+            ));
+        } else if !seen.insert(pid) {
+            problems.push(format!(
+                "cluster.peers: id {pid} is given twice (again for {:?}): replica ids must be \
+                 unique",
+                peer.address()
+            ));
+        }
+    }
+    if own.is_none() && id.is_none() && peers.iter().any(|p| p.id().is_some()) {
+        problems
+            .push("cluster.peers name replica ids: set cluster.id for this instance too".into());
+    }
+    if problems.is_empty() {
+        Ok(own)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The host name: `/proc/sys/kernel/hostname`, else `$HOSTNAME`.
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+}
+
+/// The replica ordinal a host name ends with: its first label's part after the last `-`, all
+/// decimal digits, 0 to [`MAX_REPLICA_ID`] (`leasegate-2`, `leasegate-2.leasegate-peers`: 2).
+pub fn ordinal(host: &str) -> Option<u8> {
+    let label = host.split('.').next()?;
+    let (_, digits) = label.rsplit_once('-')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 3 {
+        return None;
+    }
+    digits.parse::<u8>().ok().filter(|n| *n <= MAX_REPLICA_ID)
 }
 
 /// Keeps `Ok` values, collects the problems of the rest.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use super::schema::{self, Method};
-pub use super::schema::{AuditConfig, MetricsConfig, RuntimeConfig};
+pub use super::schema::{AuditConfig, MetricsConfig, Peer, PeerWithId, RuntimeConfig};
 use crate::identity::IdentityPattern;
 
 /// Problems found building a typed section, one line each.
@@ -368,8 +368,11 @@ pub struct GrantConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(try_from = "schema::Cluster")]
 pub struct ClusterConfig {
-    /// `host:port` of every other instance.
-    pub peers: Vec<String>,
+    /// Every other instance, with its replica id when given.
+    pub peers: Vec<Peer>,
+    /// This replica's id, encoded in its cancel keys (`None`: keys carry no id and unknown
+    /// keys go to every peer).
+    pub id: Option<u8>,
     /// The pattern the peers' client certificates match.
     pub peer_identity: IdentityPattern,
     /// This instance's client certificate towards the peers.

@@ -276,8 +276,14 @@ impl Session<'_> {
         database: &Arc<Database>,
         life: Lifetime,
     ) {
-        let registration = cancel_target(database, logged_in.cancel_key)
-            .map(|target| self.state.cancels.register(target));
+        let registration = cancel_target(database, logged_in.cancel_key).map(|target| {
+            let id = self
+                .live
+                .cluster
+                .as_ref()
+                .and_then(crate::cluster::Cluster::id);
+            self.state.cancels.register(target, id)
+        });
         self.state.audit.record(self.audit.again("session_start"));
         let started = Instant::now();
         self.state.metrics.sessions_active.inc();

@@ -17,6 +17,7 @@ mod compat_psycopg;
 mod compat_tokio_postgres;
 mod concurrency;
 mod faults;
+mod lb_cancel;
 mod lb_proxy_protocol;
 mod lb_rolling;
 mod lifecycle;
