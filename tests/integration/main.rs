@@ -18,6 +18,7 @@ mod compat_tokio_postgres;
 mod concurrency;
 mod faults;
 mod lb_cancel;
+mod lb_crash;
 mod lb_proxy_protocol;
 mod lb_rolling;
 mod lifecycle;
