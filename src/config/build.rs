@@ -299,13 +299,15 @@ fn replica_id(
     }
 }
 
-/// The host name: `/proc/sys/kernel/hostname`, else `$HOSTNAME`.
+/// The host name: `$HOSTNAME` (Kubernetes sets it to the pod name; the shipped StatefulSet
+/// sets it from the downward API too), else `/proc/sys/kernel/hostname`.
 fn host_name() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|n| n.trim().to_owned())
-        .filter(|n| !n.is_empty())
+    let clean = |n: String| Some(n.trim().to_owned()).filter(|n| !n.is_empty());
+    std::env::var("HOSTNAME").ok().and_then(clean).or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .and_then(clean)
+    })
 }
 
 /// The replica ordinal a host name ends with: its first label's part after the last `-`, all
