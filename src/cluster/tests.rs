@@ -267,6 +267,15 @@ async fn a_cancel_goes_to_the_owning_peer_only_and_unnamed_peers_get_the_rest() 
         secret: vec![1, 2, 3, 4],
     };
     assert_eq!(cluster.owner(&key(0)), Owner::This);
+    let long = CancelKey {
+        pid: pid_with_id(1, 77),
+        secret: vec![7; 32],
+    };
+    assert_eq!(
+        cluster.owner(&long),
+        Owner::Peer(1),
+        "a 3.2 key routes by its pid too"
+    );
     assert_eq!(cluster.owner(&key(2)), Owner::Peer(2));
     let ports = |owner| -> Vec<u16> {
         cluster

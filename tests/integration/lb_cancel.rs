@@ -12,14 +12,16 @@ use crate::harness::fixture::wait_all_revoked;
 use crate::harness::fleet::{Fleet, FleetOptions};
 use crate::harness::pg::active_queries;
 use crate::harness::poll_until;
-use crate::harness::security::counter;
+use crate::harness::proxy::check_config;
+use crate::harness::security::{counter, wait_counter};
 use crate::harness::wire::{
-    PROTOCOL_3_0, Tls, TlsClose, Wire, query_message, send_plain_cancel, send_tls_cancel,
-    tls_connect,
+    PROTOCOL_3_0, Tls, TlsClose, Wire, peer_cancel_packet, query_message, send_plain_cancel,
+    send_tls_cancel, send_tls_packet, tls_connect,
 };
 
 const CANCELS: &str = "leasegate_cancel_requests_total";
 const PEER_FORWARDS: &str = "leasegate_cancel_peer_forwards_total";
+const MISMATCHES: &str = "leasegate_cluster_id_mismatches_total";
 
 /// One session through HAProxy running `pg_sleep(30)`: (wire, pid, secret).
 async fn sleeper(fleet: &Fleet) -> (Wire<Tls>, i32, Vec<u8>) {
@@ -146,9 +148,28 @@ async fn cancels_through_haproxy_reach_the_owning_replica_in_one_hop() {
         "each forward went to exactly one peer: no broadcast"
     );
     assert_eq!(direct, N as f64, "each cancel reached upstream once");
+    assert_eq!(total(&fleet, MISMATCHES, &[]).await, 0.0);
+
+    // A peer's cancel for replica 2's key sent to replica 0 (a peers list mapping id 2 to the
+    // wrong address): counted as a mismatch, looked up there only, never forwarded again.
+    let zero = fleet.replicas[0].proxy();
+    let sent_before = counter(zero, PEER_FORWARDS, &[("result", "sent")]).await;
+    let as_peer = tls_config(&fleet.pki, Some(&fleet.peer));
+    let packet = peer_cancel_packet((2 << 24) | 5, &[9, 9, 9, 9]);
+    let closed = send_tls_packet(fleet.replicas[0].port, as_peer, &packet)
+        .await
+        .expect("PeerCancelRequest");
+    assert_eq!(closed, TlsClose::CloseNotify);
+    wait_counter(zero, MISMATCHES, &[], 1.0).await;
+    wait_counter(zero, CANCELS, &[("result", "unknown_key")], 1.0).await;
+    let sent_after = counter(zero, PEER_FORWARDS, &[("result", "sent")]).await;
     assert_eq!(
-        total(&fleet, "leasegate_cluster_id_mismatches_total", &[]).await,
-        0.0
+        sent_after, sent_before,
+        "a forwarded cancel is never forwarded again"
+    );
+    assert!(
+        zero.log_text()
+            .contains("a peer forwarded a cancel for replica id 2")
     );
 
     // Replica 2 down: its keys lead nowhere, the others' still work.
@@ -189,4 +210,35 @@ async fn cancels_through_haproxy_reach_the_owning_replica_in_one_hop() {
         w.terminate().await;
     }
     wait_all_revoked(&fleet.mount, Duration::from_secs(30)).await;
+}
+
+#[test]
+fn check_config_refuses_a_replica_id_given_twice() {
+    let pki = crate::harness::pki::Pki::new();
+    let peer = pki.client(
+        "leasegate-peer",
+        crate::harness::pki::Identity::Dns("leasegate-peer".into()),
+    );
+    let base = crate::cli::good_toml(&pki);
+    let cluster = |peers: &[(usize, u16)]| {
+        let section = crate::harness::fleet::cluster_with_ids(0, peers, &peer, &pki);
+        format!("{base}\n{section}")
+    };
+    let ok = check_config(&cluster(&[(1, 7001), (2, 7002)]));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let dup = check_config(&cluster(&[(1, 7001), (1, 7002)]));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&dup.stdout),
+        String::from_utf8_lossy(&dup.stderr)
+    );
+    assert!(!dup.status.success(), "{said}");
+    assert!(
+        said.contains("cluster.peers: id 1 is given twice (again for \"127.0.0.1:7002\")"),
+        "{said}"
+    );
 }

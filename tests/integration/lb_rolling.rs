@@ -244,3 +244,57 @@ async fn a_rolling_restart_behind_haproxy_fails_no_connection_and_no_transaction
     );
     wait_all_revoked(&fleet.mount, Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_drain_delay_readyz_is_503_and_new_sessions_are_still_served() {
+    use crate::harness::fixture::Fixture;
+    use crate::harness::proxy::set;
+    const DELAY: Duration = Duration::from_secs(3);
+    let mut f = Fixture::start_edited(
+        "lb-drain-delay",
+        |cfg| cfg,
+        |t| {
+            set(t, "listen.drain_delay", "3s");
+            set(t, "listen.shutdown_grace", "1s");
+        },
+    )
+    .await;
+    assert!(matches!(f.proxy.get("/readyz").await, Ok((200, _))));
+    let term = Instant::now();
+    f.proxy.signal("TERM");
+    let proxy = &f.proxy;
+    crate::harness::poll_until(
+        Duration::from_secs(1),
+        "/readyz 503 after SIGTERM",
+        || async move {
+            match proxy.get("/readyz").await {
+                Ok((503, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let mut w = f.raw_session("readonly").await;
+    assert_eq!(w.query_column("select 1").await, vec![Some("1".into())]);
+    assert!(term.elapsed() < DELAY, "served within the delay");
+    let port = f.proxy.port;
+    crate::harness::poll_until(DELAY * 2, "the listener closed", || async move {
+        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Err(_) => Ok(()),
+            Ok(_) => Err("still accepting".into()),
+        }
+    })
+    .await;
+    let closed = term.elapsed();
+    assert!(
+        closed + Duration::from_millis(200) >= DELAY,
+        "accepting until the delay ended: {closed:?}"
+    );
+    let status = f.proxy.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    drop(w);
+    eprintln!(
+        "drain_delay 3s: /readyz 503 at once, a session served, listener closed after {closed:?}"
+    );
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}

@@ -70,7 +70,6 @@ impl Replica {
     }
 
     /// The running process (panics if stopped).
-    #[allow(dead_code)] // not every test binary module uses it
     pub fn proxy(&self) -> &Proxy {
         self.proxy.as_ref().expect("replica running")
     }
