@@ -20,7 +20,8 @@
 //! floor 2  upstream      Database (what to connect to, and connecting), login (SCRAM),
 //!                        the startup parameters allowed through
 //!          cancel        proxy key ↔ upstream key, forwarding upstream, the cancel gate
-//!          cluster       cancels with unknown keys forwarded to peer instances, once
+//!          cluster       cancels with unknown keys forwarded to the peer owning them (by
+//!                        the replica id in the key), once
 //!          prefetch      credentials issued ahead of demand
 //!          error         session errors → SQLSTATE, message, metric label
 //!          audit         the JSON audit log of session starts, ends and refusals
@@ -49,7 +50,9 @@
 //! 1. [`listener::accept_loop`] takes a connection permit, accepts, tunes the socket
 //!    (`net::tune_socket`) and spawns [`session::run`] on the task tracker with a child of
 //!    the sessions' stop token. The session takes the current [`state::Live`] and keeps it.
-//! 2. [`session::handshake::accept`], under `listen.login_timeout`: SSLRequest → `S` (or
+//! 2. Under `listen.login_timeout`: from a `listen.proxy_protocol_from` address the PROXY
+//!    header first ([`proxy_header::client_address`]: its source becomes the client address),
+//!    then [`session::handshake::accept`]: SSLRequest → `S` (or
 //!    direct TLS), the rustls acceptor of [`tls::server::acceptor`] with its client-certificate
 //!    verifier, [`identity::Principal::from_certificate`], then the StartupMessage
 //!    ([`protocol::startup::read_initial_packet`]). A CancelRequest instead goes to the cancel
