@@ -5,7 +5,8 @@
 //! connection attempt and every transaction succeeds (`[listen] drain_delay` keeps a replica
 //! accepting until HAProxy has taken it out); a long-lived session on a stopped replica ends
 //! only with FATAL 57P01 at the end of `shutdown_grace`; afterwards no role and no lease is
-//! left.
+//! left. HAProxy's own retries would hide a refused connection, so its log is read too: no
+//! connection needed a retry (with `drain_delay = "0s"` about 3 % of them do).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -191,6 +192,7 @@ async fn a_rolling_restart_behind_haproxy_fails_no_connection_and_no_transaction
         out.status
     );
     let (processed, failed) = pgbench_counts(&stdout);
+    let (retried, logged) = fleet.lb.retried_connections();
 
     let ends = std::mem::take(&mut *ends.lock().expect("ends"));
     let failures: Vec<&str> = ends
@@ -226,11 +228,20 @@ async fn a_rolling_restart_behind_haproxy_fails_no_connection_and_no_transaction
     eprintln!(
         "rolling restart of {REPLICAS} replicas in {restarts:?}: pgbench -C attempted {} \
          connections, failed {}, transactions {processed} (failed {failed}); {SESSIONS} \
-         long-lived sessions: {} ended by FATAL 57P01, {} otherwise",
+         long-lived sessions: {} ended by FATAL 57P01, {} otherwise; HAProxy retried \
+         {retried} of {logged} connections",
         processed + failed,
         failed,
         ended.len(),
         failures.len()
+    );
+    // drain_delay kept every replica accepting until HAProxy had taken it out: no connection
+    // needed HAProxy's retries (which a load balancer without them would not have).
+    assert_eq!(
+        retried,
+        0,
+        "connections refused by a draining replica:\n{}",
+        fleet.lb.log_tail()
     );
     assert!(
         failures.is_empty(),

@@ -170,6 +170,34 @@ impl HaProxy {
         .await;
     }
 
+    /// Connections HAProxy had to retry or send elsewhere (a replica refused them): the
+    /// `retries` part (`%rc`, `+N` when redispatched) of each `option tcplog` line, and how
+    /// many lines there were.
+    pub fn retried_connections(&self) -> (usize, usize) {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut lines = 0;
+        let mut retried = 0;
+        for line in text.lines() {
+            let counts = line.split_whitespace().find(|t| {
+                let parts: Vec<&str> = t.split('/').collect();
+                parts.len() == 5
+                    && parts.iter().all(|p| {
+                        !p.is_empty()
+                            && p.trim_start_matches('+')
+                                .bytes()
+                                .all(|b| b.is_ascii_digit())
+                    })
+            });
+            if let Some(counts) = counts {
+                lines += 1;
+                if counts.rsplit('/').next() != Some("0") {
+                    retried += 1;
+                }
+            }
+        }
+        (retried, lines)
+    }
+
     /// HAProxy's log so far.
     pub fn log_tail(&self) -> String {
         tail(&self.log, 4000)
