@@ -20,7 +20,9 @@
 #   APPROLE_MOUNT         approle auth method mount                            [approle]
 #   ROLE_NAME             AppRole role name                                    [leasegate]
 #   TOKEN_PERIOD          period of leasegate's tokens: renewed before it
-#                         runs out, they never expire while leasegate runs     [1h]
+#                         runs out, they never expire while leasegate runs;
+#                         also how long a crashed (SIGKILLed) replica's leases
+#                         outlive it: Vault revokes them with the token        [2m]
 #   SECRET_ID_TTL         lifetime of a secret_id; 0 = until revoked           [0]
 #   SECRET_ID_BOUND_CIDRS comma-separated CIDRs allowed to log in              []
 #   TOKEN_BOUND_CIDRS     comma-separated CIDRs allowed to use the tokens      []
@@ -54,7 +56,7 @@ else POLICY_NAME="${POLICY_NAME:-leasegate-${MOUNT//\//-}}"; fi
 APPROLE_MOUNT="${APPROLE_MOUNT:-approle}"
 APPROLE_MOUNT="${APPROLE_MOUNT%/}"
 ROLE_NAME="${ROLE_NAME:-leasegate}"
-TOKEN_PERIOD="${TOKEN_PERIOD:-1h}"
+TOKEN_PERIOD="${TOKEN_PERIOD:-2m}"
 SECRET_ID_TTL="${SECRET_ID_TTL:-0}"
 VAULT_ADDR="${VAULT_ADDR%/}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -152,7 +154,9 @@ export POLICY_NAME TOKEN_PERIOD SECRET_ID_TTL
 export SECRET_ID_BOUND_CIDRS="${SECRET_ID_BOUND_CIDRS:-}" TOKEN_BOUND_CIDRS="${TOKEN_BOUND_CIDRS:-}"
 # Periodic service tokens with only the leasegate policy: leasegate renews its token at 2/3 of
 # its TTL, so a periodic token lives as long as leasegate does and expires one period after
-# it stops. No explicit max TTL (it would end the renewals), no default policy.
+# it stops (or crashes: Vault then revokes every lease the token created, so a crashed replica
+# leaks credentials for one period at most; tests/integration/lb_crash.rs measures it). Each
+# replica logs in for its own token. No explicit max TTL (it would end the renewals), no default policy.
 api POST "auth/$APPROLE_MOUNT/role/$ROLE_NAME" "$(json '{
     "token_policies": [env["POLICY_NAME"]],
     "token_no_default_policy": True,

@@ -13,7 +13,7 @@ Checks (each prints "ok" or "FAILED" with the reasons; the last line is "N passe
   kubernetes-schema  kubernetes-validate --strict against Kubernetes 1.30 (preStop sleep) and
                      the newest schemas it ships
   kubernetes         invariants: replicas >= 2, security context, probes on the config's metrics
-                     port, grace period >= preStop + shutdown_grace + drain, resources,
+                     port, grace period >= drain_delay + shutdown_grace + drain, resources,
                      annotations, Services, headless peers = [cluster] peers, PDB, every config
                      file path provided by the projected volume, a NetworkPolicy that admits the
                      metrics port only from selected pods and the client port from the peers;
@@ -23,7 +23,10 @@ Checks (each prints "ok" or "FAILED" with the reasons; the last line is "N passe
   example-config     deploy/leasegate.example.toml passes check-config with its /etc/leasegate
                      and systemd credential paths rebuilt the same way
   systemd            systemd-analyze verify and security (exposure <= 2.0) of leasegate.service;
-                     its LoadCredential names are the files the example config reads
+                     its LoadCredential names are the files the example config reads;
+                     TimeoutStopSec > drain_delay + shutdown_grace + drain
+  haproxy            haproxy -c on deploy/haproxy/haproxy.cfg; TCP mode, /readyz health checks,
+                     send-proxy-v2, sessions not cut when a server goes down
   prometheus         promtool check config / check rules / test rules; the scrape job finds the
                      headless Service on the metrics port; every alert has a firing unit test;
                      the session alert is 80 % of [limits] max_sessions
@@ -77,6 +80,7 @@ INSTALL = {
     "systemd-analyze": "apt-get install -y systemd",
     "cargo": "rustup",
     "openssl": "apt-get install -y openssl",
+    "haproxy": "apt-get install -y haproxy",
 }
 
 
@@ -144,7 +148,8 @@ def configmap_config(objs):
 
 
 def deployment_parts(objs):
-    dep = objs[("Deployment", "leasegate")]
+    """The StatefulSet (stable pod names: the replica ids), its pod spec and container."""
+    dep = objs[("StatefulSet", "leasegate")]
     pod = dep["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "leasegate"]
     return dep, pod, container
@@ -338,10 +343,14 @@ def check_kubernetes(args):
     labels = dep["spec"]["template"]["metadata"]["labels"]
     selector = dep["spec"]["selector"]["matchLabels"]
     if any(labels.get(k) != v for k, v in selector.items()):
-        p.append("Deployment selector does not match its pod labels")
-    ru = dep["spec"].get("strategy", {}).get("rollingUpdate", {})
-    if ru.get("maxUnavailable") not in (0, "0%"):
-        p.append("rolling updates should keep every replica up (maxUnavailable: 0)")
+        p.append("StatefulSet selector does not match its pod labels")
+    us = dep["spec"].get("updateStrategy", {})
+    if us.get("type", "RollingUpdate") != "RollingUpdate" or us.get("rollingUpdate", {}).get("partition"):
+        p.append("updates should roll one pod at a time over every pod (RollingUpdate, no partition)")
+    if us.get("rollingUpdate", {}).get("maxUnavailable", 1) not in (1, "1"):
+        p.append("rolling updates should replace one pod at a time (maxUnavailable 1)")
+    if dep["spec"].get("serviceName") != "leasegate-peers":
+        p.append("the StatefulSet's serviceName should be leasegate-peers (the pods' DNS names)")
 
     # Security context
     psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
@@ -391,18 +400,26 @@ def check_kubernetes(args):
     if "startupProbe" in c:
         probe("startupProbe", "/healthz")
 
-    # Termination: preStop + shutdown_grace + ending sessions + revocations < grace period
+    # Termination: preStop + drain_delay + shutdown_grace + ending sessions + revocations <
+    # grace period. drain_delay (or a preStop sleep) keeps the pod accepting while the
+    # endpoints drop it; the readiness probe must notice within it.
     tgps = pod.get("terminationGracePeriodSeconds", 30)
     pre = c.get("lifecycle", {}).get("preStop", {})
     pre_s = pre.get("sleep", {}).get("seconds", 0)
-    if not pre_s:
-        p.append("preStop should sleep (endpoints must drop the pod before it stops accepting)")
+    drain = duration_s(cfg["listen"].get("drain_delay", "5s"))
+    if not pre_s and not drain:
+        p.append("drain_delay (or a preStop sleep) is needed: endpoints must drop the pod before it stops accepting")
+    rp = c.get("readinessProbe", {})
+    noticed = rp.get("periodSeconds", 10) * rp.get("failureThreshold", 3)
+    if pre_s + drain and noticed >= pre_s + drain:
+        p.append(f"readiness notices the drain after {noticed}s, not within drain_delay {drain:g}s")
     grace = duration_s(cfg["listen"].get("shutdown_grace", "30s"))
     vault_timeout = duration_s(cfg["vault"].get("timeout", "5s"))
-    need_s = pre_s + grace + END_SESSIONS_S + REVOKE_TIMEOUTS * vault_timeout
+    need_s = pre_s + drain + grace + END_SESSIONS_S + REVOKE_TIMEOUTS * vault_timeout
     if tgps <= need_s:
-        p.append(f"terminationGracePeriodSeconds {tgps} <= preStop {pre_s} + shutdown_grace {grace:g} "
-                 f"+ {END_SESSIONS_S} + {REVOKE_TIMEOUTS} x vault.timeout {vault_timeout:g} = {need_s:g}")
+        p.append(f"terminationGracePeriodSeconds {tgps} <= preStop {pre_s} + drain_delay {drain:g} + "
+                 f"shutdown_grace {grace:g} + {END_SESSIONS_S} + {REVOKE_TIMEOUTS} x vault.timeout "
+                 f"{vault_timeout:g} = {need_s:g}")
 
     # Resources, annotations
     res = c.get("resources", {})
@@ -458,10 +475,7 @@ def check_kubernetes(args):
             p.append("leasegate-peers must be headless (clusterIP: None)")
         if not peers_svc["spec"].get("publishNotReadyAddresses"):
             p.append("leasegate-peers should publish not-ready addresses (draining pods get cancels)")
-        want_peer = f"leasegate-peers.{ns}.svc:{listen_port}"
-        peers = (cfg.get("cluster") or {}).get("peers", [])
-        if not any(x == want_peer or x.startswith(f"leasegate-peers.{ns}.svc.") and x.endswith(f":{listen_port}") for x in peers):
-            p.append(f"[cluster] peers = {peers}, want {want_peer}")
+        p += cluster_peer_problems(cfg.get("cluster") or {}, dep, ns, listen_port)
 
     # PodDisruptionBudget
     pdbs = [o for (k, _), o in objs.items() if k == "PodDisruptionBudget"]
@@ -499,6 +513,20 @@ def check_kubernetes(args):
     if p:
         raise Failed("\n".join(p))
     return f"{len(objs)} objects, {len(files)} mounted files, grace {tgps}s >= {need_s:g}s{rendered}"
+
+
+def cluster_peer_problems(cluster, sts, ns, listen_port):
+    """[cluster] names every pod of the StatefulSet by its ordinal, and takes its own id from
+    the pod name."""
+    p = []
+    if cluster.get("id") != "hostname":
+        p.append(f"[cluster] id = {cluster.get('id')!r}, want \"hostname\" (the pod's ordinal)")
+    peers = cluster.get("peers", [])
+    for i in range(sts["spec"].get("replicas", 1)):
+        want = {"id": i, "address": f"leasegate-{i}.leasegate-peers.{ns}.svc:{listen_port}"}
+        if want not in peers:
+            p.append(f"[cluster] peers has no {want} for pod leasegate-{i}")
+    return p
 
 
 def selects_pods(selector, labels):
@@ -579,8 +607,8 @@ def leasegate_bin(args):
     raise Failed("no leasegate binary: pass --leasegate PATH (cargo build first)")
 
 
-def check_config(binary, config):
-    env = {**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1"}
+def check_config(binary, config, extra_env=None):
+    env = {**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1", **(extra_env or {})}
     code, out = run([binary, "check-config", "--config", str(config)], env=env)
     if code != 0:
         raise Failed(f"leasegate check-config rejected {config.name}:\n{out.strip()}")
@@ -621,7 +649,8 @@ def check_k8s_config(args):
             else:
                 raise Failed(f"scripts/check-deploy.py has no local stand-in for {src} ({path}): add one")
             os.chmod(dst, mode)
-        out = check_config(binary, mount / "leasegate.toml")
+        # As in the pod: HOSTNAME is the pod name (the downward API), whose ordinal is the id.
+        out = check_config(binary, mount / "leasegate.toml", {"HOSTNAME": "leasegate-0"})
     warnings = [line.split("WARN", 1)[1].strip() for line in out.splitlines() if " WARN " in line]
     return "check-config passes on the ConfigMap" + (f" (warnings: {'; '.join(warnings)})" if warnings else "")
 
@@ -671,6 +700,16 @@ def check_systemd(args):
     for path in re.findall(r'"/run/credentials/leasegate\.service/([^"]+)"', example):
         if path not in unit_credentials(unit):
             p.append(f"the example config reads credential {path}, which the unit does not load")
+    # TimeoutStopSec covers the drain as terminationGracePeriodSeconds does (defaults where
+    # the example leaves a key commented out).
+    cfg = tomllib.loads(example)
+    listen, vault = cfg.get("listen", {}), cfg.get("vault", {})
+    need_s = (duration_s(listen.get("drain_delay", "5s")) + duration_s(listen.get("shutdown_grace", "30s"))
+              + END_SESSIONS_S + REVOKE_TIMEOUTS * duration_s(vault.get("timeout", "5s")))
+    stop = re.search(r"^TimeoutStopSec=(\S+)", unit, re.M)
+    if not stop or duration_s(stop.group(1)) <= need_s:
+        p.append(f"TimeoutStopSec {stop.group(1) if stop else 'unset'} <= drain_delay + shutdown_grace "
+                 f"+ {END_SESSIONS_S} + {REVOKE_TIMEOUTS} x vault.timeout = {need_s:g}s")
     with tempfile.TemporaryDirectory(prefix="lg-systemd-") as tmp:
         copy = Path(tmp) / "leasegate.service"
         copy.write_text(unit.replace("/usr/local/bin/leasegate", str(binary)))
@@ -685,6 +724,30 @@ def check_systemd(args):
     if p:
         raise Failed("\n".join(p))
     return f"verify clean, exposure {level.group(1) if level else '?'}"
+
+
+def check_haproxy(args):
+    """deploy/haproxy/haproxy.cfg: `haproxy -c`, TCP mode, /readyz checks, PROXY v2, and no
+    cutting of sessions when a server goes down."""
+    haproxy = need("haproxy")
+    cfg = DEPLOY / "haproxy" / "haproxy.cfg"
+    code, out = run([haproxy, "-c", "-f", str(cfg)])
+    if code != 0:
+        raise Failed(f"haproxy -c:\n{out.strip()}")
+    text = cfg.read_text()
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    p = []
+    for want in ("mode tcp", "option httpchk GET /readyz", "http-check expect status 200"):
+        if want not in lines:
+            p.append(f"no '{want}'")
+    default = next((line for line in lines if line.startswith("default-server")), "")
+    if "send-proxy-v2" not in default or "check" not in default.split():
+        p.append("default-server should check and send-proxy-v2")
+    if any("on-marked-down" in line for line in lines):
+        p.append("on-marked-down would cut sessions that shutdown_grace lets finish")
+    if p:
+        raise Failed("\n".join(p))
+    return f"haproxy -c passes ({haproxy}); TCP mode, /readyz checks, send-proxy-v2"
 
 
 def alert_rules():
@@ -706,7 +769,7 @@ def check_prometheus(args):
     objs = k8s_objects()
     _, cfg = configmap_config(objs)
     metrics_port = port_of(cfg["metrics"]["address"])
-    ns = objs[("Deployment", "leasegate")]["metadata"]["namespace"]
+    ns = objs[("StatefulSet", "leasegate")]["metadata"]["namespace"]
     if not job:
         p.append("no scrape job named leasegate (the alerts select job=\"leasegate\")")
     else:
@@ -866,6 +929,7 @@ CHECKS = {
     "k8s-check-config": check_k8s_config,
     "example-config": check_example_config,
     "systemd": check_systemd,
+    "haproxy": check_haproxy,
     "prometheus": check_prometheus,
     "grafana": check_grafana,
     "metric-names": check_metric_names,

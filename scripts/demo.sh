@@ -190,6 +190,7 @@ address   = "127.0.0.1:$LG_PORT"
 cert      = "$DEVENV_SERVER_CERT"
 key       = "$DEVENV_SERVER_KEY"
 client_ca = "$DEVENV_CA"
+drain_delay = "0s"
 
 [vault]
 address = "$VAULT_ADDR"

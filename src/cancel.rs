@@ -14,6 +14,7 @@ use std::time::Duration;
 use rand::RngExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::cluster;
 use crate::metrics::labels::CancelResult;
 use crate::protocol::startup::CancelKey;
 use crate::upstream::{Database, UpstreamError};
@@ -57,13 +58,17 @@ impl Drop for Registration {
 }
 
 impl CancelMap {
-    /// Issues a fresh random key for `target`.
-    pub(crate) fn register(self: &Arc<Self>, target: CancelTarget) -> Registration {
+    /// Issues a fresh random key for `target`; with a replica `id` the pid carries it
+    /// ([`crate::cluster::pid_with_id`]), so that any replica can route a cancel to this one.
+    pub(crate) fn register(self: &Arc<Self>, target: CancelTarget, id: Option<u8>) -> Registration {
         let mut rng = rand::rng();
         let secret: i32 = rng.random();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let pid = loop {
-            let pid = rng.random_range(1..i32::MAX);
+            let pid = match id {
+                None => rng.random_range(1..i32::MAX),
+                Some(id) => cluster::pid_with_id(id, rng.random_range(1..=cluster::PID_LOW_MASK)),
+            };
             if !entries.contains_key(&pid) {
                 break pid;
             }
@@ -197,8 +202,8 @@ mod tests {
     #[test]
     fn keys_are_random_checked_and_removed_when_the_session_ends() {
         let map = Arc::new(CancelMap::default());
-        let a = map.register(target());
-        let b = map.register(target());
+        let a = map.register(target(), None);
+        let b = map.register(target(), None);
         assert_ne!(a.key, b.key, "every session gets its own key");
         let key = |(pid, secret): (i32, i32)| CancelKey {
             pid,

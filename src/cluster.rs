@@ -8,6 +8,12 @@
 //! hop. The secret key itself is the proof that the requester owns the session, as in
 //! PostgreSQL.
 //!
+//! With replica ids (`[cluster] id`, and `{ id, address }` peers), each replica puts its id in
+//! the top 7 bits of the pids of the cancel keys it hands out ([`pid_with_id`]); a cancel for
+//! another replica's key goes to that peer alone ([`Owner`]), one for its own unknown key
+//! nowhere. Peers named without an id get the cancels no named peer owns (and, on an instance
+//! without an id, every cancel), as before ids existed.
+//!
 //! Peer addresses are resolved in the background (`resolve`), never on the packet path; the
 //! configuration is checked at load (`check`).
 
@@ -36,8 +42,37 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// Limit for forwarding to one peer address.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The bits of a cancel key's pid below the replica id.
+const ID_SHIFT: u32 = 24;
+/// The pid bits left for the random part when a replica id is encoded.
+pub(crate) const PID_LOW_MASK: i32 = (1 << ID_SHIFT) - 1;
+
+/// A cancel key pid carrying replica `id` (0 to 127) in its top 7 bits, above `low`'s 24
+/// bits: positive, as PostgreSQL's pids are.
+pub(crate) fn pid_with_id(id: u8, low: i32) -> i32 {
+    (i32::from(id & 0x7f) << ID_SHIFT) | (low & PID_LOW_MASK)
+}
+
+/// The replica id a cancel key's pid carries.
+pub(crate) fn id_of_pid(pid: i32) -> u8 {
+    ((pid >> ID_SHIFT) & 0x7f) as u8
+}
+
+/// Which replica owns a cancel key, as far as this instance can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// This replica (its id is in the key).
+    This,
+    /// The replica with this id.
+    Peer(u8),
+    /// This replica has no id, so keys say nothing: every peer may own it.
+    Unknown,
+}
+
 /// The peers of this instance and how to reach them.
 pub struct Cluster {
+    /// This replica's `[cluster] id`, in every cancel key it hands out.
+    id: Option<u8>,
     /// Pattern a peer's client certificate matches: only such a sender's PeerCancelRequest is
     /// looked up.
     identity: IdentityPattern,
@@ -76,6 +111,7 @@ impl Cluster {
         let published = peers.clone();
         resolver.run(|stop| resolve::run(checked.peers, published, stop));
         Ok(Cluster {
+            id: checked.id,
             identity: checked.identity,
             connector: checked.connector,
             peers,
@@ -93,12 +129,40 @@ impl Cluster {
         self.peers.load_full()
     }
 
-    /// Sends a client's cancel to every peer address as a PeerCancelRequest, each bounded by
-    /// a timeout; resolves nothing.
+    /// This replica's id.
+    pub fn id(&self) -> Option<u8> {
+        self.id
+    }
+
+    /// Who owns `key`, by the replica id in it.
+    pub fn owner(&self, key: &CancelKey) -> Owner {
+        match self.id {
+            None => Owner::Unknown,
+            Some(own) if id_of_pid(key.pid) == own => Owner::This,
+            Some(_) => Owner::Peer(id_of_pid(key.pid)),
+        }
+    }
+
+    /// The addresses a cancel for `owner` goes to: the peer with that id; without one (or
+    /// without ids here), every peer entry that names no id.
+    fn targets(&self, owner: Owner) -> Vec<PeerAddr> {
+        let peers = self.peers.load();
+        let named = |id| peers.iter().filter(move |p| p.id == Some(id));
+        match owner {
+            Owner::This => Vec::new(),
+            Owner::Peer(id) if named(id).next().is_some() => named(id).cloned().collect(),
+            Owner::Peer(_) => peers.iter().filter(|p| p.id.is_none()).cloned().collect(),
+            Owner::Unknown => peers.iter().cloned().collect(),
+        }
+    }
+
+    /// Sends a client's cancel as a PeerCancelRequest to the replica that owns its key (when
+    /// ids are configured; otherwise to every peer address), each send bounded by a timeout;
+    /// resolves nothing.
     pub async fn forward(&self, key: &CancelKey) -> Forwarded {
         let packet: Arc<[u8]> = peer_cancel_packet(key).into();
         let mut sends = tokio::task::JoinSet::new();
-        for peer in self.peers.load().iter().cloned() {
+        for peer in self.targets(self.owner(key)) {
             let connector = self.connector.clone();
             let packet = packet.clone();
             sends.spawn(async move {

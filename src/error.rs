@@ -21,6 +21,7 @@ use crate::policy::Denial;
 use crate::protocol::messages::{Severity, error_response, notice_response};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::PacketError;
+use crate::proxy_header::ProxyHeaderError;
 use crate::upstream::UpstreamError;
 use crate::upstream::params::ParamRefusal;
 use crate::vault::VaultError;
@@ -147,6 +148,9 @@ pub(crate) enum SessionError {
     /// told it.
     #[error("terminated by the operator: {0}")]
     Terminated(String),
+    /// A connection from `listen.proxy_protocol_from` without a valid PROXY header.
+    #[error(transparent)]
+    ProxyHeader(#[from] ProxyHeaderError),
 }
 
 /// Why leasegate itself ended a session: carried with the session's stop, so that the
@@ -249,6 +253,7 @@ impl SessionError {
                 SqlState::ProtocolViolation
             }
             E::NegotiationInsideTls | E::NegotiationTwice => SqlState::ProtocolViolation,
+            E::NegotiationInsideTls | E::ProxyHeader(_) => SqlState::ProtocolViolation,
             E::ReplicationValue(_) => SqlState::InvalidParameterValue,
             E::StartupParameter(refusal) => refusal.sqlstate(),
             E::Limited { .. } => SqlState::TooManyConnections,
@@ -307,6 +312,7 @@ impl SessionError {
             E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => R::BadStartup,
             E::NegotiationInsideTls | E::BadCertificate(_) | E::NoUser => R::BadStartup,
             E::NegotiationTwice => R::BadStartup,
+            E::ProxyHeader(_) => R::BadStartup,
             E::Replication | E::ReplicationValue(_) | E::StartupParameter(_) => R::BadStartup,
             E::Denied { denial, .. } | E::UnixDenied { denial, .. } => denial.label(),
             E::Limited { hit, .. } => hit.label(),

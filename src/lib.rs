@@ -26,7 +26,8 @@
 //! floor 2  upstream      Database (what to connect to, and connecting), login (SCRAM),
 //!                        the startup parameters allowed through
 //!          cancel        proxy key ↔ upstream key, forwarding upstream, the cancel gate
-//!          cluster       cancels with unknown keys forwarded to peer instances, once
+//!          cluster       cancels with unknown keys forwarded to the peer owning them (by
+//!                        the replica id in the key), once
 //!          prefetch      credentials issued ahead of demand; warm upstream sessions
 //!                        (prefetch::warm), each logged in with a lease of its own
 //!          error         session errors → SQLSTATE, message, metric label
@@ -51,13 +52,16 @@
 //!          escape        the one escaping rule for client- and certificate-supplied names
 //!          secret_files  permission checks of key, token and secret-ID files
 //!          net           socket options for client and upstream connections
+//!          proxy_header  the PROXY protocol header (v1, v2) of a trusted load balancer
 //! ```
 //!
 //! # One session, step by step
 //! 1. [`listener::accept_loop`] takes a connection permit, accepts, tunes the socket
 //!    (`net::tune_socket`) and spawns [`session::run`] on the task tracker with a child of
 //!    the sessions' stop token. The session takes the current [`state::Live`] and keeps it.
-//! 2. [`session::handshake::accept`], under `listen.login_timeout`: SSLRequest → `S` (or
+//! 2. Under `listen.login_timeout`: from a `listen.proxy_protocol_from` address the PROXY
+//!    header first ([`proxy_header::client_address`]: its source becomes the client address),
+//!    then [`session::handshake::accept`]: SSLRequest → `S` (or
 //!    direct TLS), the rustls acceptor of [`tls::server::acceptor`] with its client-certificate
 //!    verifier, [`identity::Principal::from_certificate`], then the StartupMessage
 //!    ([`protocol::startup::read_initial_packet`]). A CancelRequest instead goes to the cancel
@@ -119,6 +123,7 @@ pub mod policy;
 pub(crate) mod prefetch;
 pub mod protocol;
 pub(crate) mod registry;
+pub(crate) mod proxy_header;
 pub(crate) mod secret_files;
 pub(crate) mod session;
 pub(crate) mod state;

@@ -144,6 +144,11 @@ metrics! {
     cancel_peer_forwards_total: Family<PeerForwardResult, Counter> = Family::default()
         => "leasegate_cancel_peer_forwards",
            "Cancels forwarded to cluster peer addresses, by result (sent, failed)";
+    /// Peer cancels that reached the wrong replica (replica ids misconfigured).
+    cluster_id_mismatches_total: Counter = Counter::default()
+        => "leasegate_cluster_id_mismatches",
+           "PeerCancelRequests whose key carries another replica's id: a peer maps that id \
+            to this instance, or two replicas share an id";
     /// `limits.max_sessions`, for alerts on sessions near the limit.
     sessions_limit: Gauge = Gauge::default()
         => "leasegate_sessions_limit", "Configured limits.max_sessions";
@@ -321,6 +326,11 @@ impl Metrics {
                 .get_or_create(&result)
                 .inc_by(n as u64);
         }
+    }
+
+    /// Counts a peer cancel that carried another replica's id.
+    pub(crate) fn cluster_id_mismatch(&self) {
+        self.cluster_id_mismatches_total.inc();
     }
 
     /// Counts how a session's upstream connection was closed.

@@ -40,6 +40,8 @@ pub(crate) struct Live {
     pub cluster: Option<Cluster>,
     /// Keepalive idle time for client sockets.
     pub tcp_keepalive: Duration,
+    /// Sources whose connections start with a PROXY protocol header (`crate::proxy_header`).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl Live {
@@ -56,6 +58,7 @@ impl Live {
             databases,
             login_timeout: config.listen.login_timeout,
             tcp_keepalive: config.listen.tcp_keepalive,
+            proxy_protocol_from: config.listen.proxy_protocol_from.clone(),
             cluster: config
                 .cluster
                 .as_ref()

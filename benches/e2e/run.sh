@@ -275,6 +275,7 @@ key = "$DEVENV_SERVER_KEY"
 client_ca = "$DEVENV_CA"
 max_connections = $((IDLE_MAX + 2000))
 shutdown_grace = "3s"
+drain_delay = "0s"
 
 [vault]
 address = "$VAULT_ADDR"

@@ -1,8 +1,8 @@
 //! The shutdown tree and the drain's steps. One root token with a named child per part of
 //! the process (accepting, sessions, prefetch, Vault auth upkeep, revoker, audit writer, admin
 //! server, cluster resolvers), one tracker for the sessions and one for every background task,
-//! and named time budgets for each wait. [`super::run`] calls the steps in order: stop
-//! accepting (readiness off first), let sessions finish within `shutdown_grace`, end the rest,
+//! and named time budgets for each wait. [`super::run`] calls the steps in order: readiness
+//! off while still accepting for `drain_delay`, stop accepting, let sessions finish within `shutdown_grace`, end the rest,
 //! drain the leases, revoke leasegate's own tokens, stop the background tasks.
 
 use std::time::Duration;
@@ -122,6 +122,16 @@ impl Shutdown {
     /// Where the cluster's peer resolvers run.
     pub(crate) fn cluster(&self) -> Tasks {
         self.part(&self.cluster)
+    }
+
+    /// Readiness off at once, the listener still accepting for `delay`: a load balancer
+    /// health-checking `/readyz` takes this replica out before it stops taking connections.
+    pub(crate) async fn not_ready_then_wait(&self, state: &AppState, delay: Duration) {
+        state.set_ready(false);
+        if !delay.is_zero() {
+            tracing::info!(?delay, "not ready; still accepting during the drain delay");
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// Readiness off, the listener closed, prefetch stopped (revoking its waiting leases):

@@ -24,6 +24,8 @@ pub(super) struct PeerSpec {
     pub port: u16,
     /// The host as the name the peer's server certificate must carry.
     pub name: ServerName<'static>,
+    /// The replica id the entry names, if any.
+    pub id: Option<u8>,
 }
 
 /// A `[cluster]` that passed every check.
@@ -31,6 +33,8 @@ pub(super) struct Checked {
     pub identity: IdentityPattern,
     pub connector: TlsConnector,
     pub peers: Vec<PeerSpec>,
+    /// This replica's id.
+    pub id: Option<u8>,
 }
 
 /// Every problem with `[cluster]` given `[listen]`, as `check-config` lines.
@@ -46,9 +50,12 @@ pub(super) fn check(config: &ClusterConfig, listen: &ListenConfig) -> Result<Che
     }
     let mut peers = Vec::new();
     for entry in &config.peers {
-        match parse_peer(entry) {
-            Ok(spec) => peers.push(spec),
-            Err(e) => problems.push(format!("cluster.peers: {entry:?}: {e}")),
+        match parse_peer(entry.address()) {
+            Ok(spec) => peers.push(PeerSpec {
+                id: entry.id(),
+                ..spec
+            }),
+            Err(e) => problems.push(format!("cluster.peers: {:?}: {e}", entry.address())),
         }
     }
     let chain = load_certs(&config.cert)
@@ -86,6 +93,7 @@ pub(super) fn check(config: &ClusterConfig, listen: &ListenConfig) -> Result<Che
         identity: config.peer_identity.clone(),
         connector: TlsConnector::from(Arc::new(client)),
         peers,
+        id: config.id,
     })
 }
 
@@ -146,6 +154,7 @@ fn parse_peer(entry: &str) -> Result<PeerSpec, String> {
         host: host.to_owned(),
         port,
         name,
+        id: None,
     })
 }
 

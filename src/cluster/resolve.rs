@@ -22,6 +22,8 @@ pub struct PeerAddr {
     /// That entry's host (DNS name or IP address): the name sent and checked in the peer's
     /// certificate.
     pub name: ServerName<'static>,
+    /// The replica id of that entry, if it names one.
+    pub id: Option<u8>,
 }
 
 /// How often the peers are resolved again.
@@ -39,6 +41,7 @@ fn literal_address(spec: &PeerSpec) -> Option<PeerAddr> {
     Some(PeerAddr {
         addr: SocketAddr::new(IpAddr::from(*ip), spec.port),
         name: spec.name.clone(),
+        id: spec.id,
     })
 }
 
@@ -77,6 +80,7 @@ pub(super) async fn run(
                         .map(|addr| PeerAddr {
                             addr,
                             name: spec.name.clone(),
+                            id: spec.id,
                         })
                         .collect();
                     if std::mem::take(&mut failing[i]) {

@@ -82,7 +82,11 @@ fn cluster_config(
     ca: &Path,
 ) -> ClusterConfig {
     ClusterConfig {
-        peers: peers.iter().map(|p| p.to_string()).collect(),
+        peers: peers
+            .iter()
+            .map(|p| crate::config::schema::Peer::Address(p.to_string()))
+            .collect(),
+        id: None,
         peer_identity: IdentityPattern::parse(identity).expect("pattern"),
         cert: cert.to_owned(),
         key: key.to_owned(),
@@ -217,4 +221,83 @@ async fn peers_are_resolved_in_the_background_until_the_cluster_is_dropped() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[test]
+fn a_replica_id_rides_in_the_pid_and_names_the_owner() {
+    for id in [0u8, 1, 2, 127] {
+        for low in [1, 0x00ab_cdef, PID_LOW_MASK] {
+            let pid = pid_with_id(id, low);
+            assert!(pid > 0, "pids stay positive");
+            assert_eq!(id_of_pid(pid), id);
+            assert_eq!(pid & PID_LOW_MASK, low);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_goes_to_the_owning_peer_only_and_unnamed_peers_get_the_rest() {
+    let pki = Pki::new();
+    let (cert, key) = pki.cert(
+        "peer",
+        "leasegate-peer",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        true,
+    );
+    let mut config = cluster_config(&[], "dns:leasegate-peer", &cert, &key, &pki.ca_pem);
+    use crate::config::schema::{Peer, PeerWithId};
+    let with_id = |id, address: &str| {
+        Peer::WithId(PeerWithId {
+            id,
+            address: address.into(),
+        })
+    };
+    config.peers = vec![
+        with_id(0, "127.0.0.1:7000"),
+        with_id(1, "127.0.0.1:7001"),
+        with_id(2, "127.0.0.1:7002"),
+        Peer::Address("127.0.0.1:7100".into()),
+    ];
+    config.id = Some(0);
+    let tracker = tokio_util::task::TaskTracker::new();
+    let tasks = crate::tasks::Tasks::new(tracker, tokio_util::sync::CancellationToken::new());
+    let cluster = Cluster::new(&config, &pki.listen(), &tasks).expect("cluster");
+    let key = |id| CancelKey {
+        pid: pid_with_id(id, 77),
+        secret: vec![1, 2, 3, 4],
+    };
+    assert_eq!(cluster.owner(&key(0)), Owner::This);
+    let long = CancelKey {
+        pid: pid_with_id(1, 77),
+        secret: vec![7; 32],
+    };
+    assert_eq!(
+        cluster.owner(&long),
+        Owner::Peer(1),
+        "a 3.2 key routes by its pid too"
+    );
+    assert_eq!(cluster.owner(&key(2)), Owner::Peer(2));
+    let ports = |owner| -> Vec<u16> {
+        cluster
+            .targets(owner)
+            .iter()
+            .map(|p| p.addr.port())
+            .collect()
+    };
+    assert_eq!(ports(Owner::Peer(2)), [7002], "the owner alone");
+    assert_eq!(ports(Owner::Peer(1)), [7001]);
+    assert!(
+        ports(Owner::This).is_empty(),
+        "never to itself, not even its own entry"
+    );
+    assert_eq!(
+        ports(Owner::Peer(9)),
+        [7100],
+        "an id no entry names: the unnamed peers"
+    );
+    assert_eq!(
+        ports(Owner::Unknown),
+        [7000, 7001, 7002, 7100],
+        "no ids here: everyone"
+    );
 }

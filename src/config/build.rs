@@ -37,7 +37,8 @@ fn split_limits(l: schema::Limits) -> (SessionLimits, CancelLimits) {
     (session, cancel)
 }
 
-fn split_listen(l: schema::Listen) -> (StaticListen, ListenConfig) {
+fn split_listen(l: schema::Listen) -> Result<(StaticListen, ListenConfig), Problems> {
+    let proxy_protocol_from = proxy_networks(&l.proxy_protocol_from)?;
     // The mode was checked by validation; the default stands in for a mode it refused.
     let mode = l
         .unix_socket_mode
@@ -61,14 +62,39 @@ fn split_listen(l: schema::Listen) -> (StaticListen, ListenConfig) {
         watch_interval: l.watch_interval,
         tcp_keepalive: l.tcp_keepalive,
         end_sessions_on_revoke: l.end_sessions_on_revoke,
+        drain_delay: l.drain_delay,
+        proxy_protocol_from,
     };
-    (fixed, listen)
+    Ok((fixed, listen))
+}
+
+/// `listen.proxy_protocol_from`: CIDRs, or single addresses (a /32 or /128).
+fn proxy_networks(entries: &[String]) -> Result<Vec<ipnet::IpNet>, Problems> {
+    let mut problems = Vec::new();
+    let mut networks = Vec::new();
+    for entry in entries {
+        let parsed = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => networks.push(net),
+            Err(_) => problems.push(format!(
+                "listen.proxy_protocol_from: {entry:?} is not a network (\"10.0.0.0/8\") or an \
+                 address"
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(networks)
+    } else {
+        Err(Problems(problems))
+    }
 }
 
 impl TryFrom<schema::Listen> for ListenConfig {
     type Error = Problems;
     fn try_from(l: schema::Listen) -> Result<Self, Problems> {
-        Ok(split_listen(l).1)
+        Ok(split_listen(l)?.1)
     }
 }
 
@@ -201,9 +227,13 @@ impl TryFrom<schema::Cluster> for ClusterConfig {
         if c.ca_cert.is_none() {
             problems.push(CLUSTER_CA_REQUIRED.into());
         }
-        match (identity, c.ca_cert) {
-            (Some(peer_identity), Some(ca_cert)) => Ok(ClusterConfig {
+        let id = replica_id(c.id.as_ref(), &c.peers)
+            .map_err(|p| problems.extend(p))
+            .ok();
+        match (identity, c.ca_cert, id) {
+            (Some(peer_identity), Some(ca_cert), Some(id)) => Ok(ClusterConfig {
                 peers: c.peers,
+                id,
                 peer_identity,
                 cert: c.cert,
                 key: c.key,
@@ -212,6 +242,95 @@ impl TryFrom<schema::Cluster> for ClusterConfig {
             _ => Err(Problems(problems)),
         }
     }
+}
+
+/// The largest `[cluster] id`: the id takes the top 7 bits of a cancel key's 31-bit pid.
+pub const MAX_REPLICA_ID: u8 = 127;
+
+/// `[cluster] id` resolved (`"hostname"`: the host name's ordinal), checked against the ids
+/// of `peers`: in range, and no id twice.
+fn replica_id(
+    id: Option<&schema::ReplicaId>,
+    peers: &[schema::Peer],
+) -> Result<Option<u8>, Vec<String>> {
+    let mut problems = Vec::new();
+    let own = match id {
+        None => None,
+        Some(schema::ReplicaId::Number(n)) => match u8::try_from(*n) {
+            Ok(n) if n <= MAX_REPLICA_ID => Some(n),
+            _ => {
+                problems.push(format!(
+                    "cluster.id {n} is out of range 0..={MAX_REPLICA_ID}"
+                ));
+                None
+            }
+        },
+        Some(schema::ReplicaId::From(how)) if how == "hostname" => {
+            let name = host_name();
+            let id = name.as_deref().and_then(ordinal);
+            if id.is_none() {
+                problems.push(format!(
+                    "cluster.id = \"hostname\": the host name {name:?} does not end with \
+                     -<0..={MAX_REPLICA_ID}> (as a StatefulSet pod's leasegate-2 does)"
+                ));
+            }
+            id
+        }
+        Some(schema::ReplicaId::From(other)) => {
+            problems.push(format!(
+                "cluster.id {other:?}: want a number or \"hostname\""
+            ));
+            None
+        }
+    };
+    // An entry with this instance's own id is this instance (every replica may share one
+    // list); any id twice is a mistake.
+    let mut seen = std::collections::BTreeSet::new();
+    for peer in peers {
+        let Some(pid) = peer.id() else { continue };
+        if pid > MAX_REPLICA_ID {
+            problems.push(format!(
+                "cluster.peers: id {pid} is out of range 0..={MAX_REPLICA_ID}"
+            ));
+        } else if !seen.insert(pid) {
+            problems.push(format!(
+                "cluster.peers: id {pid} is given twice (again for {:?}): replica ids must be \
+                 unique",
+                peer.address()
+            ));
+        }
+    }
+    if own.is_none() && id.is_none() && peers.iter().any(|p| p.id().is_some()) {
+        problems
+            .push("cluster.peers name replica ids: set cluster.id for this instance too".into());
+    }
+    if problems.is_empty() {
+        Ok(own)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The host name: `$HOSTNAME` (Kubernetes sets it to the pod name; the shipped StatefulSet
+/// sets it from the downward API too), else `/proc/sys/kernel/hostname`.
+fn host_name() -> Option<String> {
+    let clean = |n: String| Some(n.trim().to_owned()).filter(|n| !n.is_empty());
+    std::env::var("HOSTNAME").ok().and_then(clean).or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .and_then(clean)
+    })
+}
+
+/// The replica ordinal a host name ends with: its first label's part after the last `-`, all
+/// decimal digits, 0 to [`MAX_REPLICA_ID`] (`leasegate-2`, `leasegate-2.leasegate-peers`: 2).
+pub fn ordinal(host: &str) -> Option<u8> {
+    let label = host.split('.').next()?;
+    let (_, digits) = label.rsplit_once('-')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 3 {
+        return None;
+    }
+    digits.parse::<u8>().ok().filter(|n| *n <= MAX_REPLICA_ID)
 }
 
 /// Keeps `Ok` values, collects the problems of the rest.
@@ -241,10 +360,12 @@ impl TryFrom<schema::File> for Config {
             None => Some(None),
             Some(c) => collect(&mut problems, ClusterConfig::try_from(c)).map(Some),
         };
-        let (Some(vault), Some(cluster), true) = (vault, cluster, problems.is_empty()) else {
+        let listens = collect(&mut problems, split_listen(file.listen));
+        let (Some(vault), Some(cluster), Some((fixed_listen, listen)), true) =
+            (vault, cluster, listens, problems.is_empty())
+        else {
             return Err(Problems(problems));
         };
-        let (fixed_listen, listen) = split_listen(file.listen);
         let (session, cancel) = split_limits(file.limits);
         Ok(Config {
             fixed: StaticConfig {

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use super::schema::{self, Method};
-pub use super::schema::{AdminConfig, AuditConfig, MetricsConfig, RuntimeConfig};
+pub use super::schema::{
+    AdminConfig, AuditConfig, MetricsConfig, Peer, PeerWithId, RuntimeConfig,
+};
 use crate::identity::IdentityPattern;
 
 /// Problems found building a typed section, one line each.
@@ -122,6 +124,10 @@ pub struct ListenConfig {
     pub tcp_keepalive: Duration,
     /// End open sessions a reload no longer allows.
     pub end_sessions_on_revoke: bool,
+    /// After SIGTERM/SIGINT: how long the listener keeps accepting with `/readyz` at 503.
+    pub drain_delay: Duration,
+    /// Sources whose connections must start with a PROXY protocol header (empty: none).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// The session limits of `[limits]`: a reload replaces them, the counts live on.
@@ -378,8 +384,11 @@ pub struct GrantConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(try_from = "schema::Cluster")]
 pub struct ClusterConfig {
-    /// `host:port` of every other instance.
-    pub peers: Vec<String>,
+    /// Every other instance, with its replica id when given.
+    pub peers: Vec<Peer>,
+    /// This replica's id, encoded in its cancel keys (`None`: keys carry no id and unknown
+    /// keys go to every peer).
+    pub id: Option<u8>,
     /// The pattern the peers' client certificates match.
     pub peer_identity: IdentityPattern,
     /// This instance's client certificate towards the peers.

@@ -64,9 +64,11 @@ pub struct RuntimeConfig {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
-    /// `host:port` of every other instance's client listener; a DNS name stands for all the
-    /// addresses it resolves to (a Kubernetes headless service, say).
-    pub peers: Vec<String>,
+    /// Every other instance's client listener: `"host:port"` (a DNS name stands for all the
+    /// addresses it resolves to, a Kubernetes headless service, say), or
+    /// `{ id = 1, address = "host:port" }` naming the replica id it runs with, so that a
+    /// cancel for its sessions goes to it alone.
+    pub peers: Vec<Peer>,
     /// Identity pattern the peers' client certificates match (`uri:…`, `dns:…`, `cn:…`).
     pub peer_identity: String,
     /// Client certificate this instance presents to peers. Peers run the same configuration,
@@ -78,6 +80,59 @@ pub struct Cluster {
     /// CA the peers' server certificates chain to. Required (an `Option` only so that a
     /// missing key is reported with the other problems): the client CA is not a server CA.
     pub ca_cert: Option<PathBuf>,
+    /// This replica's id (0 to 127), encoded in the cancel keys it hands out so that any
+    /// replica forwards a cancel to the owner only: a number, or `"hostname"` for the
+    /// ordinal the host name ends with (a StatefulSet pod `leasegate-2`: 2).
+    pub id: Option<ReplicaId>,
+}
+
+/// One `[cluster] peers` entry.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum Peer {
+    /// `"host:port"`: a peer (or all the addresses of a name) whose ids are not known here;
+    /// cancels with keys no named peer owns are sent to all of these.
+    Address(String),
+    /// `{ id, address }`: the replica that owns the cancel keys carrying `id`.
+    WithId(PeerWithId),
+}
+
+/// `{ id = 1, address = "host:port" }`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerWithId {
+    /// The peer's `[cluster] id`.
+    pub id: u8,
+    /// `host:port` of its client listener.
+    pub address: String,
+}
+
+impl Peer {
+    /// The `host:port` part.
+    pub fn address(&self) -> &str {
+        match self {
+            Peer::Address(a) => a,
+            Peer::WithId(p) => &p.address,
+        }
+    }
+
+    /// The id, when given.
+    pub fn id(&self) -> Option<u8> {
+        match self {
+            Peer::Address(_) => None,
+            Peer::WithId(p) => Some(p.id),
+        }
+    }
+}
+
+/// `[cluster] id`: a number, or `"hostname"`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum ReplicaId {
+    /// The id itself.
+    Number(i64),
+    /// `"hostname"`: the host name's trailing ordinal.
+    From(String),
 }
 
 /// `[limits]`
@@ -164,6 +219,16 @@ pub struct Listen {
     pub unix_socket_dir: Option<PathBuf>,
     /// Mode of the socket file, octal (default "0660": owner and group may connect).
     pub unix_socket_mode: Option<String>,
+    /// After SIGTERM/SIGINT, `/readyz` answers 503 at once but the listener keeps accepting
+    /// this long, so that a load balancer sees the replica leave before it stops taking
+    /// connections (the Kubernetes preStop pattern, built in); then the drain starts.
+    #[serde(default = "default_drain_delay", with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Networks (CIDRs) whose connections must start with a PROXY protocol header (v1 or
+    /// v2), the load balancers: the header's source address becomes the client address.
+    /// Empty: no PROXY protocol.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 /// `[vault]`
@@ -351,6 +416,9 @@ fn default_max_connections() -> usize {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_drain_delay() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_vault_timeout() -> Duration {
     Duration::from_secs(5)

@@ -294,3 +294,69 @@ fn cluster_needs_its_ca_and_a_peer_pattern() {
     let cluster = cfg.reloadable.cluster.expect("[cluster]");
     assert_eq!(cluster.peer_identity.as_str(), "dns:peer");
 }
+
+#[test]
+fn replica_ids_are_numbers_or_the_host_names_ordinal_and_unique() {
+    use super::build::ordinal;
+    assert_eq!(ordinal("leasegate-2"), Some(2));
+    assert_eq!(
+        ordinal("leasegate-2.leasegate-peers.ns.svc.cluster.local"),
+        Some(2)
+    );
+    assert_eq!(ordinal("lg-blue-127"), Some(127));
+    for no in [
+        "leasegate",
+        "leasegate-",
+        "leasegate-128",
+        "leasegate-x1",
+        "leasegate-0001",
+        "2",
+    ] {
+        assert_eq!(ordinal(no), None, "{no}");
+    }
+    let cluster = |id: &str, peers: &str| {
+        format!(
+            "{BASE}[cluster]\n{id}peers = [{peers}]\npeer_identity = \"dns:peer\"\n\
+             cert = \"/c\"\nkey = \"/k\"\nca_cert = \"/ca\"\n"
+        )
+    };
+    let ok = cluster(
+        "id = 1\n",
+        "{ id = 0, address = \"a:1\" }, { id = 1, address = \"b:1\" }, \"c:1\"",
+    );
+    let cfg = Config::parse(&ok).expect("ids");
+    let c = cfg.reloadable.cluster.expect("[cluster]");
+    assert_eq!(c.id, Some(1));
+    assert_eq!(
+        c.peers.len(),
+        3,
+        "the own entry is kept (skipped when forwarding)"
+    );
+    let old = Config::parse(&cluster("", "\"a:1\"")).expect("old form");
+    assert_eq!(old.reloadable.cluster.expect("[cluster]").id, None);
+    let cases = [
+        (
+            cluster("id = 128\n", "\"a:1\""),
+            "cluster.id 128 is out of range 0..=127",
+        ),
+        (
+            cluster("id = \"pod\"\n", "\"a:1\""),
+            "want a number or \"hostname\"",
+        ),
+        (
+            cluster(
+                "id = 0\n",
+                "{ id = 1, address = \"a:1\" }, { id = 1, address = \"b:1\" }",
+            ),
+            "cluster.peers: id 1 is given twice (again for \"b:1\")",
+        ),
+        (
+            cluster("", "{ id = 1, address = \"a:1\" }"),
+            "cluster.peers name replica ids: set cluster.id for this instance too",
+        ),
+    ];
+    for (text, want) in cases {
+        let all = problems(&text).join("\n");
+        assert!(all.contains(want), "want {want:?} in {all}");
+    }
+}

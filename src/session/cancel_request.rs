@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::handshake::CancelRequest;
 use crate::cancel::{self, CancelKind, Route};
+use crate::cluster::{Cluster, Owner};
 use crate::metrics::labels::CancelResult;
 use crate::net::ClientAddr;
 use crate::state::{AppState, Live};
@@ -50,6 +51,9 @@ async fn dispatch(
     from_peer: bool,
 ) -> CancelResult {
     let cluster = live.cluster.as_ref();
+    if forwarded_to_wrong_replica(request, from_peer, cluster) {
+        state.metrics.cluster_id_mismatch();
+    }
     let route = cancel::route(request.kind, from_peer, cluster.is_some(), || {
         state.cancels.lookup(&request.key)
     });
@@ -57,6 +61,10 @@ async fn dispatch(
         (Route::Upstream(target), _) => {
             cancel::forward(target).await;
             CancelResult::Forwarded
+        }
+        // Our own id and no such session: it ended; no other replica has it either.
+        (Route::Peers, Some(cluster)) if cluster.owner(&request.key) == Owner::This => {
+            CancelResult::UnknownKey
         }
         (Route::Peers, Some(cluster)) => {
             let done = cluster.forward(&request.key).await;
@@ -66,4 +74,28 @@ async fn dispatch(
         (Route::Peers, None) => CancelResult::UnknownKey,
         (Route::Drop(label), _) => label,
     }
+}
+
+/// A peer forwarded a cancel whose key carries another replica's id: the peer's `peers` list
+/// maps that id to this instance's address, or two replicas run with one id. Logged (the
+/// counter says how often).
+fn forwarded_to_wrong_replica(
+    request: &CancelRequest,
+    from_peer: bool,
+    cluster: Option<&Cluster>,
+) -> bool {
+    let Some(cluster) = cluster else { return false };
+    let (CancelKind::Peer, true, Some(own)) = (request.kind, from_peer, cluster.id()) else {
+        return false;
+    };
+    let Owner::Peer(id) = cluster.owner(&request.key) else {
+        return false;
+    };
+    tracing::warn!(
+        own_id = own,
+        key_id = id,
+        "a peer forwarded a cancel for replica id {id} to this replica (id {own}): \
+         check [cluster] id and the ids in peers on every replica"
+    );
+    true
 }

@@ -58,7 +58,8 @@ pub(crate) async fn run(
 ) {
     let live = state.live.load_full();
     let started = Instant::now();
-    let accepted = setup(&live, &stop, handshake::accept(tcp, &live.tls)).await;
+    let mut peer = peer;
+    let accepted = setup(&live, &stop, accept(tcp, &mut peer, &live)).await;
     finish(
         &state,
         &live,
@@ -138,6 +139,25 @@ async fn finish(
             state.metrics.session_finished(e.outcome());
         }
     }
+}
+
+/// The PROXY header of a trusted load balancer (`peer` becomes the client address it gives),
+/// then the handshake.
+async fn accept(
+    mut tcp: TcpStream,
+    peer: &mut SocketAddr,
+    live: &Live,
+) -> Result<Accepted, SessionError> {
+    let from = &live.proxy_protocol_from;
+    match crate::proxy_header::client_address(&mut tcp, *peer, from).await {
+        Ok(client) => *peer = client,
+        Err(e) => {
+            let e = SessionError::from(e);
+            report(&mut tcp, &e).await;
+            return Err(e);
+        }
+    }
+    handshake::accept(tcp, &live.tls).await
 }
 
 /// One session after the handshake: what it needs from the proxy, and its audit facts.
@@ -289,8 +309,14 @@ impl Session<'_> {
         database: &Arc<Database>,
         life: Lifetime,
     ) {
-        let registration = cancel_target(database, logged_in.cancel_key)
-            .map(|target| self.state.cancels.register(target));
+        let registration = cancel_target(database, logged_in.cancel_key).map(|target| {
+            let id = self
+                .live
+                .cluster
+                .as_ref()
+                .and_then(crate::cluster::Cluster::id);
+            self.state.cancels.register(target, id)
+        });
         self.state.audit.record(self.audit.again("session_start"));
         let started = Instant::now();
         self.state.metrics.sessions_active.inc();

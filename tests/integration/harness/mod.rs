@@ -16,6 +16,8 @@ pub mod client;
 pub mod compat;
 pub mod fake_vault;
 pub mod fixture;
+pub mod fleet;
+pub mod haproxy;
 pub mod metrics;
 pub mod ops;
 pub mod pg;

@@ -112,6 +112,9 @@ impl ProxyConfig {
         if let Some(v) = &self.login_timeout {
             t.push_str(&format!("login_timeout = {}\n", q(v)));
         }
+        // Tests stop their proxies often: no drain delay unless a test sets one
+        // (`set(t, "listen.drain_delay", "3s")`).
+        t.push_str("drain_delay = \"0s\"\n");
         t.push_str("\n[vault]\n");
         t.push_str(&format!("address = {}\n", q(&self.vault_address)));
         if let Some(v) = &self.vault_timeout {
@@ -184,6 +187,8 @@ fn list(items: &[String]) -> String {
 pub struct StartOptions {
     /// Client listener port; default: a free loopback port.
     pub port: Option<u16>,
+    /// Admin (metrics) port; default: a free loopback port.
+    pub metrics_port: Option<u16>,
     /// TOML appended verbatim to the generated config (e.g. a `[cluster]` section, see
     /// [`cluster_section`]).
     pub extra_toml: String,
@@ -261,6 +266,15 @@ impl Proxy {
         Proxy::launch(cfg, StartOptions::default(), edit).await
     }
 
+    /// [`Proxy::start_edited`] with chosen ports and/or extra config text (`opts`).
+    pub async fn start_options_edited(
+        cfg: ProxyConfig,
+        opts: StartOptions,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Proxy {
+        Proxy::launch(cfg, opts, edit).await
+    }
+
     /// [`Proxy::start_edited`] with control over the process: environment and arguments.
     pub async fn start_process(
         cfg: ProxyConfig,
@@ -286,7 +300,7 @@ impl Proxy {
     ) -> Proxy {
         let dir = root().tempdir("proxy-");
         let port = opts.port.unwrap_or_else(free_port);
-        let metrics_port = free_port();
+        let metrics_port = opts.metrics_port.unwrap_or_else(free_port);
         let config_path = cfg.write(dir.path(), port, metrics_port);
         if !opts.extra_toml.is_empty() {
             let mut text = std::fs::read_to_string(&config_path).expect("read leasegate.toml");
