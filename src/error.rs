@@ -252,8 +252,9 @@ impl SessionError {
             E::Packet(_) | E::NoAlpn | E::PlaintextPeerCancel | E::GssEncTwice => {
                 SqlState::ProtocolViolation
             }
-            E::NegotiationInsideTls | E::NegotiationTwice => SqlState::ProtocolViolation,
-            E::NegotiationInsideTls | E::ProxyHeader(_) => SqlState::ProtocolViolation,
+            E::NegotiationInsideTls | E::NegotiationTwice | E::ProxyHeader(_) => {
+                SqlState::ProtocolViolation
+            }
             E::ReplicationValue(_) => SqlState::InvalidParameterValue,
             E::StartupParameter(refusal) => refusal.sqlstate(),
             E::Limited { .. } => SqlState::TooManyConnections,

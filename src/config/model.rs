@@ -21,9 +21,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use super::schema::{self, Method};
-pub use super::schema::{
-    AdminConfig, AuditConfig, MetricsConfig, Peer, PeerWithId, RuntimeConfig,
-};
+pub use super::schema::{AdminConfig, AuditConfig, MetricsConfig, Peer, PeerWithId, RuntimeConfig};
 use crate::identity::IdentityPattern;
 
 /// Problems found building a typed section, one line each.

@@ -7,6 +7,7 @@ mod cancel_request;
 mod client_stream;
 pub(crate) mod close;
 mod credential;
+mod greeting;
 pub(crate) mod handshake;
 pub(crate) mod lifecycle;
 pub(crate) mod relay;
@@ -17,7 +18,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWriteExt, split};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -30,11 +30,11 @@ use crate::escape::logged;
 use crate::metrics::labels::{SessionOutcome, SetupPhase};
 use crate::net::ClientAddr;
 use crate::policy::Denial;
-use crate::protocol::messages;
 use crate::registry::{NewSession, Registered};
 use crate::state::{AppState, Live};
 use crate::upstream::{self, Database, LoggedIn, UpstreamError};
 use crate::vault::Lease;
+use greeting::startup_reply;
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
 use relay::{Control, RelayEnd, Relayed};
@@ -410,21 +410,6 @@ fn cancel_target(database: &Arc<Database>, key: Option<(i32, i32)>) -> Option<Ca
     })
 }
 
-/// What the client gets to complete its startup: NegotiateProtocolVersion if needed,
-/// AuthenticationOk, the upstream's ParameterStatus and notices, leasegate's cancel key,
-/// ReadyForQuery.
-fn startup_reply(hello: &ClientHello, logged_in: &LoggedIn, key: Option<(i32, i32)>) -> BytesMut {
-    let mut out = BytesMut::with_capacity(1024);
-    negotiate_protocol(&mut out, hello);
-    messages::authentication_ok(&mut out);
-    out.extend_from_slice(&logged_in.to_client);
-    if let Some((pid, secret)) = key {
-        messages::backend_key_data(&mut out, pid, secret);
-    }
-    messages::ready_for_query(&mut out, logged_in.ready_status);
-    out
-}
-
 /// Startup completion as the client sees it, then the relay, then the close of the upstream
 /// connection (cancelling first when it is busy).
 async fn relay_session(
@@ -493,28 +478,4 @@ async fn relay_session(
     let key = upstream_key.as_ref();
     let closed = close::close(&mut upstream, &mut relayed, key, db, &state.metrics).await;
     (relayed, closed)
-}
-
-/// NegotiateProtocolVersion when the client asked for a newer minor version or `_pq_.`
-/// options: leasegate speaks 3.0 and no protocol extensions.
-fn negotiate_protocol(out: &mut BytesMut, hello: &ClientHello) {
-    let options: Vec<&String> = hello
-        .params
-        .keys()
-        .filter(|k| k.starts_with("_pq_."))
-        .collect();
-    if hello.minor == 0 && options.is_empty() {
-        return;
-    }
-    let len = 4 + 4 + 4 + options.iter().map(|o| o.len() + 1).sum::<usize>();
-    out.put_u8(b'v');
-    out.put_u32(len as u32);
-    // The newest version this server speaks for the requested major, as PostgreSQL sends it:
-    // the full version code 3.0 (libpq reads it so).
-    out.put_u32(0x0003_0000);
-    out.put_u32(options.len() as u32);
-    for o in options {
-        out.put_slice(o.as_bytes());
-        out.put_u8(0);
-    }
 }
