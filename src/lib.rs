@@ -42,12 +42,15 @@
 //!          escape        the one escaping rule for client- and certificate-supplied names
 //!          secret_files  permission checks of key, token and secret-ID files
 //!          net           socket options for client and upstream connections
+//!          runtime       the session threads (one current-thread runtime per core) and
+//!                        handing an accepted socket to the least-loaded one
 //! ```
 //!
 //! # One session, step by step
 //! 1. [`listener::accept_loop`] takes a connection permit, accepts, tunes the socket
 //!    (`net::tune_socket`) and spawns [`session::run`] on the task tracker with a child of
-//!    the sessions' stop token. The session takes the current [`state::Live`] and keeps it.
+//!    the sessions' stop token, on the session thread with the fewest sessions
+//!    ([`runtime::Shards::spawn_tcp`]), where the session stays. The session takes the current [`state::Live`] and keeps it.
 //! 2. [`session::handshake::accept`], under `listen.login_timeout`: SSLRequest → `S` (or
 //!    direct TLS), the rustls acceptor of [`tls::server::acceptor`] with its client-certificate
 //!    verifier, [`identity::Principal::from_certificate`], then the StartupMessage
@@ -97,6 +100,7 @@ pub(crate) mod net;
 pub mod policy;
 pub(crate) mod prefetch;
 pub mod protocol;
+pub mod runtime;
 pub(crate) mod secret_files;
 pub(crate) mod session;
 pub(crate) mod state;

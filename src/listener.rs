@@ -1,5 +1,6 @@
 //! The accept loop: one connection permit per client (so `max_connections` bounds memory), one
-//! task per session on the shared tracker, each with a child of the sessions' stop token.
+//! task per session on the shared tracker, each with a child of the sessions' stop token, run
+//! on a session thread ([`crate::runtime::Shards`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::tune_socket;
+use crate::runtime::Shards;
 use crate::state::AppState;
 
 /// Accepts until `accepting` is cancelled.
@@ -20,6 +22,7 @@ pub(crate) async fn accept_loop(
     tracker: TaskTracker,
     accepting: CancellationToken,
     sessions: CancellationToken,
+    shards: Shards,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -45,7 +48,7 @@ pub(crate) async fn accept_loop(
         tune_socket(&tcp, state.live.load().tcp_keepalive);
         let state = state.clone();
         let stop = sessions.child_token();
-        tracker.spawn(async move {
+        shards.spawn_tcp(&tracker, tcp, move |tcp| async move {
             crate::session::run(state, tcp, peer, stop).await;
             drop(permit);
         });
