@@ -66,8 +66,9 @@ impl CancelConn {
 
 /// A TLS client with a verified certificate and its startup request.
 pub(crate) struct ClientHello {
-    /// The TLS stream, positioned after the StartupMessage.
-    pub stream: ClientStream,
+    /// The TLS stream, positioned after the StartupMessage; boxed so that the session's
+    /// futures, which move the hello from step to step, each carry a pointer, not the stream.
+    pub stream: Box<ClientStream>,
     /// Who the certificate says the client is.
     pub principal: Principal,
     /// Requested Vault role (the startup `user`).
@@ -181,7 +182,7 @@ async fn after_tls(mut stream: ClientStream) -> Result<Accepted, SessionError> {
         Err(e) => return fail(&mut stream, e).await,
     };
     Ok(Accepted::Session(Box::new(ClientHello {
-        stream,
+        stream: Box::new(stream),
         principal,
         role,
         database,

@@ -3,8 +3,10 @@
 //! the close (`close`: a busy upstream is cancelled first, and the lease is revoked only once
 //! the backend is gone).
 
+mod bufpool;
 mod cancel_request;
 pub(crate) mod close;
+mod control;
 pub(crate) mod handshake;
 pub(crate) mod lifecycle;
 pub(crate) mod relay;
@@ -16,7 +18,6 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWriteExt, split};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditEvent;
@@ -31,7 +32,7 @@ use crate::upstream::{self, Database, LoggedIn, UpstreamError};
 use crate::vault::{Lease, LeaseGuard};
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
-use relay::{Control, Direction, RelayEnd, Relayed};
+use relay::{Direction, RelayEnd, Relayed};
 
 /// How long the close phase waits for the client's socket to shut down.
 const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -205,10 +206,11 @@ impl Session<'_> {
             }
         };
         let vault_started = Instant::now();
-        let (lease, guard, remaining) = match self.credential(&database, &hello.role).await {
-            Ok(c) => c,
-            Err(e) => return self.fail(&mut hello.stream, e).await,
-        };
+        let (lease, guard, remaining) =
+            match Box::pin(self.credential(&database, &hello.role)).await {
+                Ok(c) => c,
+                Err(e) => return self.fail(&mut hello.stream, e).await,
+            };
         let metrics = &self.state.metrics;
         metrics.setup_phase(SetupPhase::Vault, vault_started.elapsed().as_secs_f64());
         let login_started = Instant::now();
@@ -394,7 +396,7 @@ async fn relay_session(
         Ok(()) => {
             let (mut cr, mut cw) = split(client);
             let (mut ur, mut uw) = split(upstream);
-            let (tx, mut control) = mpsc::channel::<Control>(4);
+            let (tx, mut control) = relay::control_channel();
             let end = tokio::select! {
                 end = relay::relay(
                     &mut cr, &mut cw, &mut ur, &mut uw, &mut control, &mut to_upstream, &mut to_client,
@@ -417,7 +419,14 @@ async fn relay_session(
     };
     let db = &database.config.name;
     let key = upstream_key.as_ref();
-    let closed = close::close(&mut upstream, &mut relayed, key, db, &state.metrics).await;
+    let closed = Box::pin(close::close(
+        &mut upstream,
+        &mut relayed,
+        key,
+        db,
+        &state.metrics,
+    ))
+    .await;
     (relayed, closed)
 }
 
