@@ -16,7 +16,8 @@ import re
 
 # (category, regular expression on one frame), tried in this order on each frame from the leaf.
 CATEGORIES = [
-    ("tokio task cell (the session future, its state machine)", r"bind_new_task"),
+    ("tokio task cell (the session future, its state machine)", r"bind_new_task|bind<> \(list\.rs\)"),
+    ("Vault HTTP client (hyper pool, shared)", r"hyper|reqwest|http1|dispatch\.rs|\(client\.rs\)"),
     ("tokio mpsc channel (relay control)", r"channel_from_index|channel<> \(bounded"),
     ("tokio::io::split (stream moved to the heap)", r"split<> \(split\.rs\)"),
     ("rustls deframer buffer (client TLS read)", r"prepare_read \(buffers\.rs\)"),
@@ -26,7 +27,7 @@ CATEGORIES = [
     ("relay buffers", r"relay\.rs|relay_buf|bufpool"),
     ("upstream login buffers", r"login\.rs"),
     ("Vault HTTP client (hyper pool, shared)", r"hyper|reqwest|http1|dispatch\.rs"),
-    ("TLS handshake", r"handshake\.rs"),
+    ("client TLS stream (boxed in the handshake)", r"handshake\.rs"),
 ]
 
 

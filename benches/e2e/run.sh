@@ -33,7 +33,7 @@
 #   NICE=-10             niceness of the whole run (empty: unchanged), against noise from other work
 #   PERF=1               also profile leasegate with `perf record -g` during one extra pgbench -S
 #   EXTRA_GRANTS=N       add N non-matching [[grants]] ahead of the matching one (grant-matching cost)
-#   LEASEGATE_WORKER_THREADS=N  run leasegate with TOKIO_WORKER_THREADS=N (tokio's default: one per core)
+#   LEASEGATE_WORKER_THREADS=N  [runtime] worker_threads = N (session threads; default: one per core)
 #   SKIP_BUILD=1         use the existing target/release/leasegate (LEASEGATE_BIN=path: that one);
 #                        the dev environment's xtask is built either way
 #   HOLD_SECONDS=N       after start-up, hold N seconds (or until $T/continue exists) for experiments
@@ -348,9 +348,9 @@ identity = "$DEVENV_CLIENT_IDENTITY"
 databases = [$LG_DATABASES]
 roles = ["readonly", "readwrite"]
 EOF
-"$T/bin/lgproxy" check-config --config "$LG_CONFIG" >"$T/logs/check-config.log" 2>&1 || die "check-config failed"
 LG_ENV=()
-[[ -n "${LEASEGATE_WORKER_THREADS:-}" ]] && LG_ENV=(TOKIO_WORKER_THREADS="$LEASEGATE_WORKER_THREADS")
+[[ -n "${LEASEGATE_WORKER_THREADS:-}" ]] && printf '\n[runtime]\nworker_threads = %s\n' "$LEASEGATE_WORKER_THREADS" >>"$LG_CONFIG"
+"$T/bin/lgproxy" check-config --config "$LG_CONFIG" >"$T/logs/check-config.log" 2>&1 || die "check-config failed"
 # LG_WRAP="heaptrack -o FILE" (or any command prefix): run leasegate under it, for profiling.
 read -r -a LG_WRAP_ARGS <<<"${LG_WRAP:-}"
 env "${LG_ENV[@]}" RUST_LOG="${RUST_LOG:-info}" setsid "${LG_WRAP_ARGS[@]}" "$T/bin/lgproxy" --config "$LG_CONFIG" </dev/null >"$T/logs/leasegate.log" 2>&1 &
