@@ -469,6 +469,7 @@ async def idle_main(a):
         if result.get("stopped"):
             print(f"idle: stopped: {result['stopped']}", flush=True)
             break
+    stopped = result.pop("stopped", None)
 
     # Close everything, then see what leasegate gives back.
     t0 = time.monotonic()
@@ -505,6 +506,8 @@ async def idle_main(a):
             "rss_after_second_close_kib": r2["VmRSS"], "drained": drained2,
         }
         print(f"idle: reopen {result['reopen']}", flush=True)
+    if stopped:
+        result["stopped"] = stopped
     result["errors"] = len(errors)
     result["error_samples"] = errors[:10]
     # Bytes per session from the first stage to each later one (the last: the headline figure).

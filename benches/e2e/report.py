@@ -389,16 +389,16 @@ def render(doc):
         add(f"| {st['held']} | {f(st['rss_kib'], 0)} | {f(st['rss_anon_kib'], 0)} | {f(st.get('bytes_per_session_vs_first'), 0)} | "
             f"{st.get('threads')} | {f(st['open_seconds'], 1)} | {f(st.get('open_rate_per_s'), 1)} | "
             f"{f(st.get('postgres_anon_kib'), 0)} ({f(st.get('postgres_bytes_per_session_vs_first'), 0)}) | {f(st.get('mem_available_mib'), 0)} |")
-    if idle.get("stopped"):
-        add("")
-        add(f"Stopped early: {idle['stopped']}.")
     ac = idle.get("rss_after_close_kib") or {}
     add(f"| 0 (after closing all; drained: {f(idle.get('drained'))}, {f(idle.get('close_seconds'), 1)} s) | "
-        f"{f(ac.get('VmRSS'), 0)} | {f(ac.get('RssAnon'), 0)} | {ac.get('Threads')} | | |")
+        f"{f(ac.get('VmRSS'), 0)} | {f(ac.get('RssAnon'), 0)} | | {ac.get('Threads')} | | | | |")
     add("")
+    if idle.get("stopped"):
+        add(f"Stopped early: {idle['stopped']}.")
+        add("")
     b = idle.get("bytes_per_idle_session")
     ro = idle.get("reopen")
-    if ro:
+    if ro and ro.get("held"):
         add(f"After closing them all, {ro['held']} sessions were opened again: VmRSS {f(ro['rss_kib'], 0)} KiB, "
             f"{f(ro['growth_kib_vs_after_close'], 0)} KiB more than after the close "
             f"({'memory kept after closing is reused, not leaked' if ro['growth_kib_vs_after_close'] < ro['held'] * 8 else 'grew again: looks like a leak'}); "
