@@ -119,4 +119,20 @@ mod tests {
         drop(near);
         assert!(read_lent(&mut far).await.expect("eof").is_none());
     }
+
+    #[tokio::test]
+    async fn a_reused_buffer_yields_only_the_bytes_of_its_own_read() {
+        let (mut near, mut far) = tokio::io::duplex(64);
+        // One session's bytes, then its buffer goes back to the pool...
+        near.write_all(b"secret-of-session-one")
+            .await
+            .expect("write");
+        let (buf, n) = read_lent(&mut far).await.expect("read").expect("bytes");
+        assert_eq!(buf.get(n), b"secret-of-session-one");
+        drop(buf);
+        // ...and the next read through it, shorter, shows nothing of them.
+        near.write_all(b"Q").await.expect("write");
+        let (buf, n) = read_lent(&mut far).await.expect("read").expect("bytes");
+        assert_eq!(buf.get(n), b"Q");
+    }
 }
