@@ -26,6 +26,7 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::prefetch::Prefetcher;
 use crate::registry::Registry;
+use crate::runtime::Shards;
 use crate::state::{AppState, Live};
 use crate::tls::TlsError;
 use crate::vault::{Revoker, VaultClient, VaultError};
@@ -99,9 +100,9 @@ fn build_state(config: &Config, tree: &Shutdown) -> Result<Arc<AppState>, StartE
 
 /// Runs until SIGTERM/SIGINT, then drains. A second signal during the drain exits at once
 /// (status 130). SIGHUP reloads `path`.
-pub async fn run(config: Config, path: PathBuf) -> Result<(), StartError> {
+pub async fn run(config: Config, path: PathBuf, shards: Shards) -> Result<(), StartError> {
     let tree = Shutdown::new();
-    let started = start(&config, &tree).await?;
+    let started = start(&config, &tree, shards).await?;
     let state = &started.state;
     let mut signals = Signals::new();
     let (config, signal) =
@@ -145,7 +146,7 @@ struct Started {
 
 /// Builds the state, logs in to Vault, starts prefetch, the admin server and the listener,
 /// and turns ready.
-async fn start(config: &Config, tree: &Shutdown) -> Result<Started, StartError> {
+async fn start(config: &Config, tree: &Shutdown, shards: Shards) -> Result<Started, StartError> {
     let state = build_state(config, tree)?;
     let (vault, auth) = (state.vault.clone(), config.fixed.vault.auth.clone());
     let vault_auth = tree
@@ -170,10 +171,11 @@ async fn start(config: &Config, tree: &Shutdown) -> Result<Started, StartError> 
             tasks.clone(),
         ));
     }
-    let (accept, local) = start_accepting(listener, config, &state, tree)?;
-    let accept = start_unix_socket(accept, local.port(), config, &state, tree)?;
+    let threads = shards.len();
+    let (accept, local) = start_accepting(listener, config, &state, tree, shards.clone())?;
+    let accept = start_unix_socket(accept, local.port(), config, &state, tree, shards)?;
     state.set_ready(true);
-    tracing::info!(address = %local, "leasegate listening");
+    tracing::info!(address = %local, session_threads = threads, "leasegate listening");
     Ok(Started {
         state,
         accept,
@@ -210,6 +212,7 @@ fn start_accepting(
     config: &Config,
     state: &Arc<AppState>,
     tree: &Shutdown,
+    shards: Shards,
 ) -> Result<(JoinHandle<()>, SocketAddr), StartError> {
     let address = config.fixed.listen.address;
     let local = listener
@@ -218,7 +221,15 @@ fn start_accepting(
     let (state, max) = (state.clone(), config.fixed.listen.max_connections);
     let (session_tasks, sessions) = (tree.session_tasks.clone(), tree.sessions.clone());
     let accept = tree.accepting().run(|accepting| {
-        crate::listener::accept_loop(listener, state, max, session_tasks, accepting, sessions)
+        crate::listener::accept_loop(
+            listener,
+            state,
+            max,
+            session_tasks,
+            accepting,
+            sessions,
+            shards,
+        )
     });
     Ok((accept, local))
 }
@@ -232,6 +243,7 @@ fn start_unix_socket(
     config: &Config,
     state: &Arc<AppState>,
     tree: &Shutdown,
+    shards: Shards,
 ) -> Result<JoinHandle<()>, StartError> {
     use crate::listener::unix::{UnixSocket, accept_loop};
     let Some(socket) =
@@ -242,9 +254,17 @@ fn start_unix_socket(
     tracing::info!(path = %socket.path().display(), "leasegate listening on the unix socket");
     let (state, max) = (state.clone(), config.fixed.listen.max_connections);
     let (session_tasks, sessions) = (tree.session_tasks.clone(), tree.sessions.clone());
-    let unix = tree
-        .accepting()
-        .run(|accepting| accept_loop(socket, state, max, session_tasks, accepting, sessions));
+    let unix = tree.accepting().run(|accepting| {
+        accept_loop(
+            socket,
+            state,
+            max,
+            session_tasks,
+            accepting,
+            sessions,
+            shards,
+        )
+    });
     Ok(tree.accepting().spawn(async move {
         let _ = accept.await;
         let _ = unix.await;

@@ -53,12 +53,16 @@
 //!          secret_files  permission checks of key, token and secret-ID files
 //!          net           socket options for client and upstream connections
 //!          proxy_header  the PROXY protocol header (v1, v2) of a trusted load balancer
+//!          runtime       the session threads (one current-thread runtime per core) and
+//!                        handing an accepted socket to the least-loaded one
 //! ```
 //!
 //! # One session, step by step
 //! 1. [`listener::accept_loop`] takes a connection permit, accepts, tunes the socket
 //!    (`net::tune_socket`) and spawns [`session::run`] on the task tracker with a child of
-//!    the sessions' stop token. The session takes the current [`state::Live`] and keeps it.
+//!    the sessions' stop token, on the session thread with the fewest sessions
+//!    ([`runtime::Shards::spawn`]), where the session stays. The session takes the
+//!    current [`state::Live`] and keeps it.
 //! 2. Under `listen.login_timeout`: from a `listen.proxy_protocol_from` address the PROXY
 //!    header first ([`proxy_header::client_address`]: its source becomes the client address),
 //!    then [`session::handshake::accept`]: SSLRequest → `S` (or
@@ -124,6 +128,7 @@ pub(crate) mod prefetch;
 pub mod protocol;
 pub(crate) mod proxy_header;
 pub(crate) mod registry;
+pub mod runtime;
 pub(crate) mod secret_files;
 pub(crate) mod session;
 pub(crate) mod state;

@@ -1,5 +1,6 @@
 //! The accept loop: one connection permit per client (so `max_connections` bounds memory), one
-//! task per session on the shared tracker, each with a child of the sessions' stop token.
+//! task per session on the shared tracker, each with a child of the sessions' stop token, run
+//! on a session thread ([`crate::runtime::Shards`]).
 
 pub(crate) mod unix;
 
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::tune_socket;
+use crate::runtime::Shards;
 use crate::state::AppState;
 
 /// Accepts until `accepting` is cancelled.
@@ -22,6 +24,7 @@ pub(crate) async fn accept_loop(
     tracker: TaskTracker,
     accepting: CancellationToken,
     sessions: CancellationToken,
+    shards: Shards,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -47,7 +50,7 @@ pub(crate) async fn accept_loop(
         tune_socket(&tcp, state.live.load().tcp_keepalive);
         let state = state.clone();
         let stop = sessions.child_token();
-        tracker.spawn(async move {
+        shards.spawn(&tracker, tcp, move |tcp| async move {
             crate::session::run(state, tcp, peer, stop).await;
             drop(permit);
         });

@@ -147,15 +147,21 @@ fn run(cli: Cli, env_token: Option<SecretString>) -> anyhow::Result<ExitCode> {
     // The `VAULT_TOKEN` taken at startup serves `method = "token"` when neither `token` nor
     // `token_file` is configured (the documented order: inline, file, environment).
     config.fixed.vault.auth.use_env_token(env_token);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.fixed.runtime.worker_threads {
-        builder.worker_threads(n);
-    }
-    let runtime = builder
+    // The control plane on a runtime of its own; sessions on the session threads (one
+    // current-thread runtime per core: leasegate::runtime).
+    let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_name("lg-control")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(leasegate::app::run(config, path))?;
+    let pool = leasegate::runtime::ShardPool::start(config.fixed.runtime.worker_threads)
+        .context("starting the session threads")?;
+    let result = control.block_on(leasegate::app::run(config, path, pool.shards()));
+    // Sessions first (the drain is over: what is left is dropped), then the control plane
+    // their Vault calls ran on.
+    pool.stop();
+    drop(control);
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 

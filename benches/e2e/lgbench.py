@@ -108,6 +108,31 @@ def setup_phases(before, after):
     return res
 
 
+def mem_available_mib():
+    """MemAvailable of the machine (MiB)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return None
+
+
+def tree_anon_kib(pid):
+    """RssAnon summed over a process and its direct children (PostgreSQL: postmaster + backends)."""
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if int(d) == pid or ppid == pid:
+                total += rss_kib(int(d)).get("RssAnon", 0)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def rss_kib(pid):
     """VmRSS, RssAnon, VmHWM (KiB) and thread count of a process."""
     out = {}
@@ -211,6 +236,56 @@ def cmd_floor(a):
     write_out(a.out, {"creds_ms": summary(creds), "revoke_ms": summary(revoke),
                       "total_ms": summary(total), "errors": len(errors),
                       "error_samples": errors[:5]})
+
+
+def cmd_ceiling(a):
+    """What OpenBao alone sustains: --clients loops of creds + revoke, each on its own HTTP
+    connection, for --seconds: the most sessions per second any proxy could set up and tear
+    down with a credential per session."""
+    import threading
+    u = urlparse(a.vault)
+    hdr = {"X-Vault-Token": a.token, "X-Vault-Request": "true"}
+    done, errors, lat = [0], [], []
+    lock = threading.Lock()
+    stop = time.monotonic() + a.seconds
+
+    def loop():
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", f"/v1/{a.mount}/creds/{a.role}", headers=hdr)
+                r = conn.getresponse()
+                body = r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"creds: HTTP {r.status}")
+                lease = json.loads(body)["lease_id"]
+                h = dict(hdr, **{"Content-Type": "application/json"})
+                conn.request("PUT", "/v1/sys/leases/revoke", body=json.dumps({"lease_id": lease}), headers=h)
+                r = conn.getresponse()
+                r.read()
+                if r.status // 100 != 2:
+                    raise RuntimeError(f"revoke: HTTP {r.status}")
+                with lock:
+                    done[0] += 1
+                    lat.append((time.perf_counter() - t0) * 1000.0)
+            except Exception as e:  # noqa: BLE001
+                with lock:
+                    errors.append(str(e)[:200])
+                conn.close()
+                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+                time.sleep(0.05)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=loop) for _ in range(a.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    write_out(a.out, {"clients": a.clients, "seconds": round(elapsed, 3), "pairs": done[0],
+                      "pairs_per_s": done[0] / elapsed, "latency_ms": summary(lat),
+                      "errors": len(errors), "error_samples": errors[:5]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,9 +415,19 @@ async def idle_main(a):
     t_start = time.monotonic()
     base = rss_kib(a.pid)
     result["rss_before_kib"] = base
+    # Leases held before the test (prefetch pools): the drain waits for this many again.
+    base_leases = metric(a.metrics_url, "leasegate_leases_active")
+    result["leases_before"] = base_leases
 
     async def one():
         async with sem:
+            if result.get("stopped"):
+                return
+            avail = mem_available_mib()
+            if a.min_available_mib and avail is not None and avail < a.min_available_mib:
+                result["stopped"] = (f"MemAvailable {avail} MiB < {a.min_available_mib} MiB: no more sessions "
+                                     f"opened (each also costs PostgreSQL a backend)")
+                return
             try:
                 s = await open_session(a.host, a.port, ctx, a.user, a.database, a.open_timeout)
                 sessions.append(s)
@@ -356,7 +441,7 @@ async def idle_main(a):
         t0 = time.monotonic()
         attempts = 0
         # Open what is missing; retry failures a bounded number of times.
-        while len(sessions) < target and attempts < 3:
+        while len(sessions) < target and attempts < 3 and not result.get("stopped"):
             need = target - len(sessions)
             await asyncio.gather(*(one() for _ in range(need)))
             attempts += 1
@@ -379,9 +464,16 @@ async def idle_main(a):
             "rss_anon_kib": statistics.median(s.get("RssAnon", 0) for s in samples),
             "threads": samples[-1].get("Threads"),
             "hwm_kib": samples[-1].get("VmHWM"),
+            "mem_available_mib": mem_available_mib(),
         }
+        if a.pg_pid:
+            st["postgres_anon_kib"] = tree_anon_kib(a.pg_pid)
         result["stages"].append(st)
         print(f"idle: {st}", flush=True)
+        if result.get("stopped"):
+            print(f"idle: stopped: {result['stopped']}", flush=True)
+            break
+    stopped = result.pop("stopped", None)
 
     # Close everything, then see what leasegate gives back.
     t0 = time.monotonic()
@@ -389,7 +481,7 @@ async def idle_main(a):
         await asyncio.gather(*(s.close() for s in sessions[i:i + 200]))
     sessions.clear()
     drained = await poll(lambda: metric(a.metrics_url, "leasegate_sessions_active") == 0
-                         and metric(a.metrics_url, "leasegate_leases_active") == 0, a.drain_seconds, 0.5)
+                         and metric(a.metrics_url, "leasegate_leases_active") <= base_leases, a.drain_seconds, 0.5)
     result["close_seconds"] = round(time.monotonic() - t0, 3)
     result["drained"] = drained
     await asyncio.sleep(a.settle)
@@ -409,7 +501,7 @@ async def idle_main(a):
             await asyncio.gather(*(s.close() for s in sessions[i:i + 200]))
         sessions.clear()
         drained2 = await poll(lambda: metric(a.metrics_url, "leasegate_sessions_active") == 0
-                              and metric(a.metrics_url, "leasegate_leases_active") == 0, a.drain_seconds, 0.5)
+                              and metric(a.metrics_url, "leasegate_leases_active") <= base_leases, a.drain_seconds, 0.5)
         await asyncio.sleep(a.settle)
         r2 = rss_kib(a.pid)
         result["reopen"] = {
@@ -418,16 +510,23 @@ async def idle_main(a):
             "rss_after_second_close_kib": r2["VmRSS"], "drained": drained2,
         }
         print(f"idle: reopen {result['reopen']}", flush=True)
+    if stopped:
+        result["stopped"] = stopped
     result["errors"] = len(errors)
     result["error_samples"] = errors[:10]
-    by_target = {s["target"]: s for s in result["stages"]}
-    lo, hi = stages[0], stages[-1]
-    if lo in by_target and hi in by_target and by_target[hi]["held"] > by_target[lo]["held"]:
-        d = (by_target[hi]["rss_kib"] - by_target[lo]["rss_kib"]) * 1024
-        n = by_target[hi]["held"] - by_target[lo]["held"]
-        result["bytes_per_idle_session"] = d / n
-        da = (by_target[hi]["rss_anon_kib"] - by_target[lo]["rss_anon_kib"]) * 1024
-        result["anon_bytes_per_idle_session"] = da / n
+    # Bytes per session from the first stage to each later one (the last: the headline figure).
+    held = result["stages"]
+    for st in held[1:]:
+        n = st["held"] - held[0]["held"]
+        if n > 0:
+            st["bytes_per_session_vs_first"] = (st["rss_kib"] - held[0]["rss_kib"]) * 1024 / n
+            if "postgres_anon_kib" in st and "postgres_anon_kib" in held[0]:
+                st["postgres_bytes_per_session_vs_first"] = (st["postgres_anon_kib"] - held[0]["postgres_anon_kib"]) * 1024 / n
+    if len(held) > 1 and held[-1]["held"] > held[0]["held"]:
+        n = held[-1]["held"] - held[0]["held"]
+        result["bytes_per_idle_session"] = (held[-1]["rss_kib"] - held[0]["rss_kib"]) * 1024 / n
+        result["anon_bytes_per_idle_session"] = (held[-1]["rss_anon_kib"] - held[0]["rss_anon_kib"]) * 1024 / n
+        result["sessions_at_max"] = held[-1]["held"]
     return result
 
 
@@ -634,11 +733,11 @@ def cmd_leftovers(a):
     while True:
         left = {"roles": roles(), "leases_readonly": leases("readonly"),
                 "leases_readwrite": leases("readwrite")}
-        ok = all(v == 0 for v in left.values())
+        ok = all(isinstance(v, int) and v <= a.allow for v in left.values())
         if ok or time.monotonic() - t0 >= a.timeout:
             break
         time.sleep(0.2)
-    write_out(a.out, {"ok": ok, "waited_s": int(time.monotonic() - t0),
+    write_out(a.out, {"ok": ok, "waited_s": int(time.monotonic() - t0), "allowed": a.allow,
                       **{k: str(v) for k, v in left.items()}})
 
 
@@ -701,6 +800,8 @@ def cmd_show(a):
             print(f"leasegate phase {p}: avg {v['avg_ms'] or 0:.2f} ms over {v['count']:.0f}")
     elif a.kind == "floor":
         print(f"floor p50 {round(d['total_ms']['p50'], 2)} ms")
+    elif a.kind == "ceiling":
+        print("%.1f creds+revoke pairs/s with %d clients, %d errors" % (d["pairs_per_s"], d["clients"], d["errors"]))
     elif a.kind == "churn":
         print("%.1f sessions/s, %d errors" % (d["sessions_per_s"], d["errors"]))
     elif a.kind == "idle":
@@ -733,6 +834,16 @@ def main():
     p.add_argument("--out")
     p.set_defaults(fn=cmd_floor)
 
+    p = sub.add_parser("ceiling")
+    p.add_argument("--vault", required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--mount", default="database")
+    p.add_argument("--role", default="readonly")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_ceiling)
+
     p = sub.add_parser("idle")
     add_client_args(p)
     p.add_argument("--pid", type=int, required=True)
@@ -742,6 +853,9 @@ def main():
     p.add_argument("--settle", type=float, default=2.0)
     p.add_argument("--drain-seconds", type=float, default=180)
     p.add_argument("--reopen", type=int, default=0, help="after closing all, open this many again and read RSS")
+    p.add_argument("--min-available-mib", type=int, default=0,
+                   help="open no more sessions once the machine's MemAvailable is below this")
+    p.add_argument("--pg-pid", type=int, help="postmaster PID: PostgreSQL's RssAnon is read at every stage")
     p.add_argument("--max-seconds", type=float, default=400)
     p.set_defaults(fn=cmd_idle)
 
@@ -779,6 +893,8 @@ def main():
     p.add_argument("--token", required=True)
     p.add_argument("--mount", default="database")
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--allow", type=int, default=0,
+                   help="roles/leases per kind that may remain (a prefetch pool the running proxy holds)")
     p.add_argument("--out")
     p.set_defaults(fn=cmd_leftovers)
 
@@ -798,7 +914,7 @@ def main():
     p.set_defaults(fn=cmd_meta)
 
     p = sub.add_parser("show")
-    p.add_argument("kind", choices=["setup", "floor", "idle", "churn"])
+    p.add_argument("kind", choices=["setup", "floor", "ceiling", "idle", "churn"])
     p.add_argument("file")
     p.set_defaults(fn=cmd_show)
 

@@ -17,7 +17,14 @@
 #   PGBENCH_SECONDS=20*  pgbench -T;  PGBENCH_CLIENTS=8  PGBENCH_JOBS=2  SCALE=10 (pgbench -i -s)
 #   SETUP_N=300*         session-setup iterations per target;  SETUP_BLOCK=50* (interleave block)
 #   FLOOR_N=100*         credential-floor iterations (OpenBao creds + revoke)
-#   IDLE_STAGES=1,1000,5000*  idle sessions held through leasegate at each RSS reading
+#   IDLE_STAGES=1,1000,5000,10000*  idle sessions held through leasegate at each RSS reading (each
+#                        is capped at what the open-file limit allows: 2 descriptors per session)
+#   IDLE_MIN_AVAILABLE_MIB=3072  open no more idle sessions once MemAvailable drops below this
+#                        (every session also costs PostgreSQL a backend); the report says so
+#   C1=1                 also pgbench -S -c 1 -j 1 every round (latency leasegate adds per tx)
+#   CEILING_SECONDS=10*  OpenBao creds + revoke ceiling: CHURN_CLIENTS loops straight to OpenBao
+#   WARM='{ readonly = 4 }'  also measure setup with warm sessions (a database entry with this
+#                        `warm` value); unset: that setup target is skipped
 #   IDLE_CONCURRENCY=50  sessions opened at once while filling a stage
 #   IDLE_REOPEN=500*    after closing them all, reopen this many: does RSS grow again (leak) or not
 #   CHURN_SECONDS=20*    CHURN_CLIENTS=8   churn through leasegate after the memory test
@@ -26,7 +33,7 @@
 #   NICE=-10             niceness of the whole run (empty: unchanged), against noise from other work
 #   PERF=1               also profile leasegate with `perf record -g` during one extra pgbench -S
 #   EXTRA_GRANTS=N       add N non-matching [[grants]] ahead of the matching one (grant-matching cost)
-#   LEASEGATE_WORKER_THREADS=N  run leasegate with TOKIO_WORKER_THREADS=N (tokio's default: one per core)
+#   LEASEGATE_WORKER_THREADS=N  [runtime] worker_threads = N (session threads; default: one per core)
 #   SKIP_BUILD=1         use the existing target/release/leasegate (LEASEGATE_BIN=path: that one);
 #                        the dev environment's xtask is built either way
 #   HOLD_SECONDS=N       after start-up, hold N seconds (or until $T/continue exists) for experiments
@@ -48,10 +55,12 @@ if [[ "$SMOKE" == 1 ]]; then
     QUICK=1
     : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=2}" "${SCALE:=1}" "${SETUP_N:=10}" "${SETUP_BLOCK:=5}" "${FLOOR_N:=10}"
     : "${IDLE_STAGES:=1,20}" "${IDLE_REOPEN:=10}" "${CHURN_SECONDS:=2}" "${CHURN_FRESH_SECONDS:=0}" "${MAX_SECONDS:=300}"
+    : "${CEILING_SECONDS:=2}"
 fi
 if [[ "$QUICK" == 1 ]]; then
     : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=5}" "${SETUP_N:=40}" "${SETUP_BLOCK:=20}" "${FLOOR_N:=20}"
     : "${IDLE_STAGES:=1,100,500}" "${IDLE_REOPEN:=100}" "${CHURN_SECONDS:=5}" "${CHURN_FRESH_SECONDS:=5}" "${MAX_SECONDS:=600}"
+    : "${CEILING_SECONDS:=5}"
 fi
 ROUNDS="${ROUNDS:-3}"
 PGBENCH_SECONDS="${PGBENCH_SECONDS:-20}"
@@ -61,7 +70,11 @@ SCALE="${SCALE:-10}"
 SETUP_N="${SETUP_N:-300}"
 SETUP_BLOCK="${SETUP_BLOCK:-50}"
 FLOOR_N="${FLOOR_N:-100}"
-IDLE_STAGES="${IDLE_STAGES:-1,1000,5000}"
+IDLE_STAGES="${IDLE_STAGES:-1,1000,5000,10000}"
+IDLE_MIN_AVAILABLE_MIB="${IDLE_MIN_AVAILABLE_MIB:-3072}"
+C1="${C1:-1}"
+CEILING_SECONDS="${CEILING_SECONDS:-10}"
+WARM="${WARM:-}"
 IDLE_CONCURRENCY="${IDLE_CONCURRENCY:-50}"
 IDLE_REOPEN="${IDLE_REOPEN:-500}"
 CHURN_SECONDS="${CHURN_SECONDS:-20}"
@@ -71,7 +84,13 @@ PG_SYNC_COMMIT="${PG_SYNC_COMMIT:-off}"
 PERF="${PERF:-0}"
 EXTRA_GRANTS="${EXTRA_GRANTS:-0}"
 KEEP="${KEEP:-0}"
-MAX_SECONDS="${MAX_SECONDS:-1500}"
+MAX_SECONDS="${MAX_SECONDS:-2400}"
+# Each session holds two descriptors in leasegate (client and upstream): no stage can go past
+# what the open-file limit allows (raised below to the hard limit), less some for the rest.
+FD_SESSIONS=$(( ($(ulimit -Hn) - 200) / 2 ))
+capped=()
+for st in ${IDLE_STAGES//,/ }; do capped+=($((st > FD_SESSIONS ? FD_SESSIONS : st))); done
+IDLE_STAGES="$(IFS=,; echo "${capped[*]}")"
 IDLE_MAX="${IDLE_STAGES##*,}"
 PG_MAX_CONNECTIONS="${PG_MAX_CONNECTIONS:-$((IDLE_MAX + 300 > 400 ? IDLE_MAX + 300 : 400))}"
 
@@ -300,7 +319,25 @@ tls = "disable"
 mount = "$MOUNT"
 roles = ["readonly", "readwrite"]
 
+# Session setup with credentials issued ahead of demand (same upstream database).
+[[databases]]
+name = "${DB}_prefetch"
+upstream_database = "$DB"
+host = "127.0.0.1"
+port = $PG_PORT
+tls = "disable"
+mount = "$MOUNT"
+roles = ["readonly", "readwrite"]
+prefetch = { readonly = 4 }
+
 EOF
+if [[ -n "$WARM" ]]; then
+    # Session setup with warm upstream sessions (WARM='{ readonly = 4 }').
+    printf '[[databases]]\nname = "%s_warm"\nupstream_database = "%s"\nhost = "127.0.0.1"\nport = %s\ntls = "disable"\nmount = "%s"\nroles = ["readonly", "readwrite"]\nwarm = %s\n\n' \
+        "$DB" "$DB" "$PG_PORT" "$MOUNT" "$WARM" >>"$LG_CONFIG"
+fi
+LG_DATABASES="\"$DB\", \"${DB}_prefetch\""
+[[ -n "$WARM" ]] && LG_DATABASES+=", \"${DB}_warm\""
 # EXTRA_GRANTS=N: N grants that do not match, ahead of the one that does (policy cost at scale).
 for ((g = 0; g < EXTRA_GRANTS; g++)); do
     printf '\n[[grants]]\nidentity = "uri:spiffe://example.org/ns/team%d/sa/*"\ndatabases = ["%s"]\nroles = ["readonly"]\n' "$g" "$DB"
@@ -309,13 +346,15 @@ cat >>"$LG_CONFIG" <<EOF
 
 [[grants]]
 identity = "$DEVENV_CLIENT_IDENTITY"
-databases = ["$DB"]
+databases = [$LG_DATABASES]
 roles = ["readonly", "readwrite"]
 EOF
-"$T/bin/lgproxy" check-config --config "$LG_CONFIG" >"$T/logs/check-config.log" 2>&1 || die "check-config failed"
 LG_ENV=()
-[[ -n "${LEASEGATE_WORKER_THREADS:-}" ]] && LG_ENV=(TOKIO_WORKER_THREADS="$LEASEGATE_WORKER_THREADS")
-env "${LG_ENV[@]}" RUST_LOG="${RUST_LOG:-info}" setsid "$T/bin/lgproxy" --config "$LG_CONFIG" </dev/null >"$T/logs/leasegate.log" 2>&1 &
+[[ -n "${LEASEGATE_WORKER_THREADS:-}" ]] && printf '\n[runtime]\nworker_threads = %s\n' "$LEASEGATE_WORKER_THREADS" >>"$LG_CONFIG"
+"$T/bin/lgproxy" check-config --config "$LG_CONFIG" >"$T/logs/check-config.log" 2>&1 || die "check-config failed"
+# LG_WRAP="heaptrack -o FILE" (or any command prefix): run leasegate under it, for profiling.
+read -r -a LG_WRAP_ARGS <<<"${LG_WRAP:-}"
+env "${LG_ENV[@]}" RUST_LOG="${RUST_LOG:-info}" setsid "${LG_WRAP_ARGS[@]}" "$T/bin/lgproxy" --config "$LG_CONFIG" </dev/null >"$T/logs/leasegate.log" 2>&1 &
 LG_PID=$!
 wait_until 30 grep -q "listening.*127.0.0.1:$LG_PORT" "$T/logs/leasegate.log" || die "leasegate did not start"
 
@@ -344,9 +383,13 @@ conninfo() { # TARGET -> libpq conninfo (role readonly on leasegate)
         direct) echo "$common port=$PG_PORT user=bench password=$BENCH_PASSWORD" ;;
         pgbouncer) echo "$common port=$PGB_PORT user=bench password=$BENCH_PASSWORD" ;;
         leasegate) echo "$common port=$LG_PORT user=readonly sslcert=$DEVENV_CLIENT_CERT sslkey=$DEVENV_CLIENT_KEY" ;;
+        leasegate_prefetch|leasegate_warm)
+            echo "host=127.0.0.1 dbname=${DB}_${1#leasegate_} sslmode=verify-full sslrootcert=$DEVENV_CA gssencmode=disable port=$LG_PORT user=readonly sslcert=$DEVENV_CLIENT_CERT sslkey=$DEVENV_CLIENT_KEY" ;;
     esac
 }
 TARGETS=(direct pgbouncer leasegate)
+SETUP_TARGETS=(direct pgbouncer leasegate leasegate_prefetch)
+[[ -n "$WARM" ]] && SETUP_TARGETS+=(leasegate_warm)
 
 say "smoke check: select 1 through every target"
 for tg in "${TARGETS[@]}"; do
@@ -391,6 +434,7 @@ PGBENCH_ARGS=(-n -c "$PGBENCH_CLIENTS" -j "$PGBENCH_JOBS" -T "$PGBENCH_SECONDS")
 run_pgbench() { # ROUND TARGET WORKLOAD
     local round="$1" tg="$2" wl="$3" role=readonly args=("${PGBENCH_ARGS[@]}") c0 rc=0
     [[ "$wl" == select ]] && args+=(-S)
+    [[ "$wl" == select1 ]] && args=(-n -c 1 -j 1 -T "$PGBENCH_SECONDS" -S)
     [[ "$wl" == tpcb ]] && role=readwrite
     prepare_run
     c0="$(cpu_snap)"
@@ -408,6 +452,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         tg="${TARGETS[$(((i + r - 1) % ${#TARGETS[@]}))]}"
         run_pgbench "$r" "$tg" select
         run_pgbench "$r" "$tg" tpcb
+        [[ "$C1" == 1 ]] && run_pgbench "$r" "$tg" select1
     done
 done
 
@@ -418,7 +463,7 @@ show() { python3 "$HERE/lgbench.py" show "$1" "$2" | sed 's/^/[e2e]   /'; }
 check_alive
 say "2. session setup: $SETUP_N x connect/select 1/disconnect per target (psycopg), interleaved"
 SETUP_ARGS=()
-for tg in "${TARGETS[@]}"; do SETUP_ARGS+=(--target "$tg=$(conninfo "$tg")"); done
+for tg in "${SETUP_TARGETS[@]}"; do SETUP_ARGS+=(--target "$tg=$(conninfo "$tg")"); done
 c0="$(cpu_snap)"
 timeout 900 python3 "$HERE/lgbench.py" setup "${SETUP_ARGS[@]}" --n "$SETUP_N" --block "$SETUP_BLOCK" \
     --metrics-url "$METRICS_URL" --out "$T/out/setup.json" >"$T/logs/setup.log" 2>&1 \
@@ -430,6 +475,13 @@ timeout 300 python3 "$HERE/lgbench.py" floor --vault "$VAULT_ADDR" --token "$(ca
     --mount "$MOUNT" --n "$FLOOR_N" --out "$T/out/floor.json" >"$T/logs/floor.log" 2>&1 \
     || die "credential-floor measurement failed"
 show floor "$T/out/floor.json"
+say "   credential ceiling: $CHURN_CLIENTS loops of (creds + revoke) straight to OpenBao for ${CEILING_SECONDS}s"
+c0="$(cpu_snap)"
+timeout $((CEILING_SECONDS + 120)) python3 "$HERE/lgbench.py" ceiling --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
+    --mount "$MOUNT" --clients "$CHURN_CLIENTS" --seconds "$CEILING_SECONDS" --out "$T/out/ceiling.json" >"$T/logs/ceiling.log" 2>&1 \
+    || die "credential-ceiling measurement failed (see $T/logs/ceiling.log)"
+cpu_record ceiling 0 openbao ceiling "$c0"
+show ceiling "$T/out/ceiling.json"
 
 # ---------------------------------------------------------------------------------------------
 CLIENT_ARGS=(--port "$LG_PORT" --ca "$DEVENV_CA" --cert "$DEVENV_CLIENT_CERT" --key "$DEVENV_CLIENT_KEY"
@@ -447,7 +499,8 @@ fi
 check_alive
 say "3. memory: leasegate RSS with $IDLE_STAGES idle TLS sessions (concurrency $IDLE_CONCURRENCY)"
 c0="$(cpu_snap)"
-timeout 900 python3 "$HERE/lgbench.py" idle "${CLIENT_ARGS[@]}" --pid "$LG_PID" --stages "$IDLE_STAGES" \
+timeout 1500 python3 "$HERE/lgbench.py" idle "${CLIENT_ARGS[@]}" --pid "$LG_PID" --stages "$IDLE_STAGES" \
+    --min-available-mib "$IDLE_MIN_AVAILABLE_MIB" --pg-pid "$PM_PID" --max-seconds 1200 --drain-seconds 600 \
     --concurrency "$IDLE_CONCURRENCY" --reopen "$IDLE_REOPEN" --out "$T/out/idle.json" >"$T/logs/idle.log" 2>&1 \
     || die "idle-session measurement failed (see $T/logs/idle.log)"
 cpu_record idle 0 leasegate idle "$c0"
@@ -464,9 +517,11 @@ timeout $((CHURN_SECONDS + 120)) python3 "$HERE/lgbench.py" churn "${CLIENT_ARGS
 cpu_record churn 0 leasegate churn "$c0"
 show churn "$T/out/churn.json"
 
-say "   leftovers: polling for dynamic roles ($PREFIX%) and leases to be gone"
+# The prefetch pool (4) and the warm sessions stay held by the running proxy.
+LEFT_ALLOW=$((4 + $(python3 -c 'import re,sys; print(sum(map(int, re.findall(r"\d+", sys.argv[1]))))' "$WARM")))
+say "   leftovers: polling for dynamic roles ($PREFIX%) and leases to be gone (but the $LEFT_ALLOW the proxy holds ahead of demand)"
 timeout 120 python3 "$HERE/lgbench.py" leftovers --pg "$DEVENV_PG_URL" --prefix "$PREFIX" \
-    --vault "$VAULT_ADDR" --token "$DEVENV_VAULT_TOKEN" --mount "$MOUNT" --timeout 60 \
+    --vault "$VAULT_ADDR" --token "$DEVENV_VAULT_TOKEN" --mount "$MOUNT" --timeout 60 --allow "$LEFT_ALLOW" \
     --out "$T/out/leftovers.json" >"$T/logs/leftovers.log" 2>&1 || die "leftovers poll failed (see $T/logs/leftovers.log)"
 say "   leftovers: $(tr -d '\n' <"$T/out/leftovers.json" | tr -s ' ')"
 
@@ -512,6 +567,7 @@ META=(--timestamp "$TS" --pgbin "$PGBIN" --bao "$DEVENV_BAO" --leasegate "$LG_SH
 [[ "$QUICK" == 1 ]] && META+=(--quick)
 for knob in ROUNDS PGBENCH_SECONDS PGBENCH_CLIENTS PGBENCH_JOBS SCALE SETUP_N SETUP_BLOCK FLOOR_N IDLE_STAGES \
     IDLE_CONCURRENCY CHURN_SECONDS CHURN_FRESH_SECONDS IDLE_REOPEN CHURN_CLIENTS PG_SYNC_COMMIT NICE \
+    IDLE_MIN_AVAILABLE_MIB C1 CEILING_SECONDS WARM \
     LEASEGATE_WORKER_THREADS EXTRA_GRANTS PG_MAX_CONNECTIONS; do
     META+=(--knob "$knob=${!knob:-}")
 done

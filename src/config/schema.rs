@@ -55,8 +55,8 @@ pub struct AdminConfig {
 #[derive(Debug, Deserialize, Serialize, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Threads relaying sessions; default: one per CPU. On a small machine shared with the
-    /// database, fewer threads mean fewer cross-thread wake-ups per query.
+    /// Session threads (one current-thread runtime each, a session pinned to one); default:
+    /// one per CPU. The control plane has one more thread of its own.
     pub worker_threads: Option<usize>,
 }
 

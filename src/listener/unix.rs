@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::StaticListen;
 use crate::config::socket_dir::check_dir;
+use crate::runtime::Shards;
 use crate::state::AppState;
 
 /// A bound Unix socket; dropping it removes the socket file (when it is still ours).
@@ -115,6 +116,7 @@ pub(crate) async fn accept_loop(
     tracker: TaskTracker,
     accepting: CancellationToken,
     sessions: CancellationToken,
+    shards: Shards,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -138,7 +140,7 @@ pub(crate) async fn accept_loop(
         };
         let state = state.clone();
         let stop = sessions.child_token();
-        tracker.spawn(async move {
+        shards.spawn(&tracker, stream, move |stream| async move {
             crate::session::unix::run(state, stream, stop).await;
             drop(permit);
         });

@@ -80,8 +80,10 @@ impl CancelConn {
 
 /// A client with a verified identity and its startup request.
 pub(crate) struct ClientHello {
-    /// The TLS (or Unix-socket) stream, positioned after the StartupMessage.
-    pub stream: ClientStream,
+    /// The TLS (or Unix-socket) stream, positioned after the StartupMessage; boxed so that
+    /// the session's futures, which move the hello from step to step, each carry a pointer,
+    /// not the stream.
+    pub stream: Box<ClientStream>,
     /// Who the certificate (or the kernel, for the Unix socket) says the client is.
     pub principal: Principal,
     /// Requested Vault role (the startup `user`).
@@ -196,7 +198,7 @@ async fn after_tls(stream: TlsStream<TcpStream>) -> Result<Accepted, SessionErro
         Err(e) => return fail(&mut stream, e).await,
     };
     Ok(Accepted::Session(Box::new(ClientHello {
-        stream,
+        stream: Box::new(stream),
         principal,
         role,
         database,

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::relay::Control;
+use super::relay::{Control, ControlSender};
 use crate::error::{EndReason, SessionError, SessionNotice};
 use crate::lease_clock::{Due, Ending, Jitter, SessionClock, SessionTerms};
 use crate::metrics::Metrics;
@@ -122,7 +121,7 @@ pub(crate) async fn watch(
     metrics: &Metrics,
     life: Lifetime,
     stop: &CancellationToken,
-    control: mpsc::Sender<Control>,
+    control: ControlSender,
 ) {
     watch_with(vault, metrics, life, stop, control, Jitter::random).await;
 }
@@ -133,7 +132,7 @@ async fn watch_with(
     metrics: &Metrics,
     life: Lifetime,
     stop: &CancellationToken,
-    control: mpsc::Sender<Control>,
+    control: ControlSender,
     jitter: fn() -> Jitter,
 ) {
     let clock = SessionClock::new(Instant::now(), life.terms(), jitter);
@@ -155,7 +154,7 @@ async fn watch_inner(
     life: &Lifetime,
     mut clock: SessionClock,
     stop: &CancellationToken,
-    control: &mpsc::Sender<Control>,
+    control: &ControlSender,
 ) -> Watched {
     loop {
         while let Some(due) = clock.poll(Instant::now()) {
@@ -168,7 +167,9 @@ async fn watch_inner(
                     let _ = control.send(Control::End(fatal(&life.ended(ending)))).await;
                     return Watched::EndSent;
                 }
-                Due::Renew => renew(vault, metrics, life, &mut clock).await,
+                // Boxed: the renewal's Vault call is the largest state of the watcher, and
+                // only exists while it runs (an idle session keeps the watcher small).
+                Due::Renew => Box::pin(renew(vault, metrics, life, &mut clock)).await,
             }
         }
         tokio::select! {

@@ -58,12 +58,12 @@ fn fields(buf: &[u8]) -> (String, String, String) {
 struct Watcher {
     start: Instant,
     stop: CancellationToken,
-    rx: mpsc::Receiver<Control>,
+    rx: super::super::relay::ControlReceiver,
     task: JoinHandle<()>,
 }
 
 fn watching(vault: &Arc<ScriptedVault>, life: Lifetime) -> Watcher {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = super::super::relay::control_channel();
     let stop = CancellationToken::new();
     let (vault, stopped) = (vault.clone(), stop.clone());
     let task = tokio::spawn(async move {

@@ -3,9 +3,11 @@
 //! the close (`close`: a busy upstream is cancelled first, and the lease is revoked only once
 //! the backend is gone).
 
+mod bufpool;
 mod cancel_request;
 mod client_stream;
 pub(crate) mod close;
+mod control;
 mod credential;
 mod greeting;
 pub(crate) mod handshake;
@@ -20,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, split};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditEvent;
@@ -37,7 +38,7 @@ use crate::vault::Lease;
 use greeting::startup_reply;
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
-use relay::{Control, RelayEnd, Relayed};
+use relay::{RelayEnd, Relayed};
 
 /// How long the close phase waits for the client's socket to shut down.
 const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -256,7 +257,7 @@ impl Session<'_> {
             return self.serve_warm(hello, w, &database, permit, tracked).await;
         }
         let vault_started = Instant::now();
-        let credential = self.credential(&database, &hello.role, &tracked).await;
+        let credential = Box::pin(self.credential(&database, &hello.role, &tracked)).await;
         let (lease, guard, remaining) = match credential {
             Ok(c) => c,
             Err(e) => return self.fail(&mut hello.stream, e).await,
@@ -450,7 +451,7 @@ async fn relay_session(
             }
             let (mut cr, mut cw) = split(client);
             let (mut ur, mut uw) = split(upstream);
-            let (tx, mut control) = mpsc::channel::<Control>(4);
+            let (tx, mut control) = relay::control_channel();
             let end = tokio::select! {
                 end = relay::relay(
                     &mut cr, &mut cw, &mut ur, &mut uw, &mut control, &mut to_upstream, &mut to_client,
@@ -474,8 +475,7 @@ async fn relay_session(
         to_upstream,
         to_client,
     };
-    let db = &database.config.name;
-    let key = upstream_key.as_ref();
-    let closed = close::close(&mut upstream, &mut relayed, key, db, &state.metrics).await;
+    let (db, key, metrics) = (&database.config.name, upstream_key.as_ref(), &state.metrics);
+    let closed = Box::pin(close::close(&mut upstream, &mut relayed, key, db, metrics)).await;
     (relayed, closed)
 }

@@ -1,24 +1,28 @@
-//! The relay: bytes both ways with no per-message parsing or allocation, one fixed buffer per
-//! direction, byte counters, and message-boundary tracking so that leasegate can end a session
-//! with its own ErrorResponse without cutting a message in half.
+//! The relay: bytes both ways with no per-message parsing or allocation, a buffer per direction
+//! lent only while bytes are in flight ([`super::bufpool`]: an idle session holds none), byte
+//! counters, and message-boundary tracking so that leasegate can end a session with its own
+//! ErrorResponse without cutting a message in half.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
+use super::bufpool::{self, Buf as Lent};
+pub(crate) use super::control::{
+    Control, ControlReceiver, ControlSender, channel as control_channel,
+};
 use crate::metrics::Metrics;
 use crate::metrics::labels::{RelayDirection, SessionEndReason};
 use crate::protocol::framing::{Framer, TypeSet};
 use crate::registry::{Tracked, Traffic};
 
-/// Buffer for upstream → client: one full TLS record's worth, for large results.
-pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
-/// Buffer for client → upstream: queries are small, COPY streams in any chunk size.
-pub(crate) const CLIENT_BUFFER_SIZE: usize = 8 * 1024;
+/// Bytes a direction relays before it adds them to the shared byte counter even while busy;
+/// otherwise it adds them whenever it waits for its reader (so session threads do not
+/// contend on the counter's cache line message by message).
+const COUNT_EVERY: u64 = 1 << 20;
 
 /// How long an `End` may wait for the upstream to finish the message it is sending before the
 /// session is cut without the closing ErrorResponse.
@@ -33,15 +37,6 @@ const REQUESTS: TypeSet = TypeSet::of(b"QSF");
 const UNSYNCED: TypeSet = TypeSet::of(b"PBDECH");
 /// ReadyForQuery.
 const READY: TypeSet = TypeSet::of(b"Z");
-
-/// Messages leasegate injects into the upstream → client stream, between two messages.
-#[derive(Debug)]
-pub(crate) enum Control {
-    /// A NoticeResponse (or other message) to deliver; the session continues.
-    Notice(BytesMut),
-    /// A final ErrorResponse to deliver; the session ends.
-    End(BytesMut),
-}
 
 /// Why the relay stopped.
 #[derive(Debug)]
@@ -123,6 +118,8 @@ pub(crate) struct Direction {
     /// What `sessions list` reads of this direction (bytes, messages, status), stored after
     /// each chunk written.
     pub shared: Option<Arc<Traffic>>,
+    /// Bytes written and not yet added to `counter`.
+    uncounted: u64,
 }
 
 impl Direction {
@@ -133,7 +130,11 @@ impl Direction {
         Direction {
             framer: Framer::counting(REQUESTS, UNSYNCED),
             counter,
-            ..Direction::default()
+            bytes: 0,
+            torn: false,
+            unsent: BytesMut::new(),
+            uncounted: 0,
+            shared: None,
         }
     }
 
@@ -144,9 +145,13 @@ impl Direction {
     ) -> Self {
         Direction {
             framer: Framer::counting(READY, TypeSet::default()),
-            unsent,
+            // Copied out (normally it is empty): the login's read buffer stays behind.
+            unsent: BytesMut::from(&unsent[..]),
             counter,
-            ..Direction::default()
+            bytes: 0,
+            torn: false,
+            uncounted: 0,
+            shared: None,
         }
     }
 
@@ -166,13 +171,40 @@ impl Direction {
     fn sent(&mut self, n: usize) {
         self.torn = false;
         self.bytes += n as u64;
-        if let Some(c) = &self.counter {
-            c.inc_by(n as u64);
+        self.uncounted += n as u64;
+        if self.uncounted >= COUNT_EVERY {
+            self.count();
         }
         if let Some(t) = &self.shared {
             let f = &self.framer;
             t.store(self.bytes, f.count(), f.last_counted_byte(), f.pending());
         }
+    }
+
+    /// Adds the bytes written since the last time to the shared counter.
+    fn count(&mut self) {
+        if let Some(c) = &self.counter
+            && self.uncounted > 0
+        {
+            c.inc_by(self.uncounted);
+        }
+        self.uncounted = 0;
+    }
+
+    /// One read from `reader` into a lent buffer; the byte counter is brought up to date
+    /// whenever the read has to wait.
+    async fn read<R: AsyncRead>(
+        &mut self,
+        reader: &mut ReadHalf<R>,
+    ) -> std::io::Result<Option<(Lent, usize)>> {
+        std::future::poll_fn(|cx| {
+            let polled = bufpool::poll_read_lent(reader, cx);
+            if polled.is_pending() {
+                self.count();
+            }
+            polled
+        })
+        .await
     }
 
     /// The next bytes of `unsent` copied into `buf`, at most its length; frees the buffer
@@ -215,6 +247,12 @@ pub(crate) fn directions(
                 down.sharing(t.to_client.clone()),
             )
         }
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        self.count();
     }
 }
 
@@ -278,15 +316,14 @@ where
     R: AsyncRead,
     W: AsyncWrite,
 {
-    let mut buf = vec![0u8; CLIENT_BUFFER_SIZE];
     loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) => return PumpEnd::Read(None),
-            Ok(n) => n,
+        let (buf, n) = match dir.read(reader).await {
+            Ok(None) => return PumpEnd::Read(None),
+            Ok(Some(read)) => read,
             Err(e) => return PumpEnd::Read(Some(e)),
         };
-        dir.took(&buf[..n]);
-        if let Err(e) = write_out(writer, &buf[..n]).await {
+        dir.took(buf.get(n));
+        if let Err(e) = write_out(writer, buf.get(n)).await {
             return PumpEnd::Write(e);
         }
         dir.sent(n);
@@ -319,13 +356,12 @@ async fn pump_down<R, W>(
     reader: &mut ReadHalf<R>,
     writer: &mut WriteHalf<W>,
     dir: &mut Direction,
-    control: &mut mpsc::Receiver<Control>,
+    control: &mut ControlReceiver,
 ) -> DownEnd
 where
     R: AsyncRead,
     W: AsyncWrite,
 {
-    let mut buf = vec![0u8; BUFFER_SIZE];
     let mut control_open = true;
     let mut ending: Option<(BytesMut, Instant)> = None;
     let mut notices: Vec<BytesMut> = Vec::new();
@@ -337,7 +373,7 @@ where
                 Ok(None) => {}
             }
         }
-        let n = if dir.unsent.is_empty() {
+        let (buf, n) = if dir.unsent.is_empty() {
             let end_at = ending.as_ref().map(|(_, at)| *at);
             tokio::select! {
                 biased;
@@ -353,16 +389,18 @@ where
                 _ = tokio::time::sleep_until(end_at.unwrap_or_else(Instant::now)), if end_at.is_some() => {
                     return DownEnd::Ended { delivered: false };
                 }
-                r = reader.read(&mut buf) => match r {
-                    Ok(0) => return DownEnd::Pump(PumpEnd::Read(None)),
-                    Ok(n) => n,
+                r = dir.read(reader) => match r {
+                    Ok(None) => return DownEnd::Pump(PumpEnd::Read(None)),
+                    Ok(Some(read)) => read,
                     Err(e) => return DownEnd::Pump(PumpEnd::Read(Some(e))),
                 },
             }
         } else {
-            dir.take_unsent(&mut buf)
+            let mut buf = Lent::take();
+            let n = dir.take_unsent(buf.bytes_mut());
+            (buf, n)
         };
-        let chunk = &buf[..n];
+        let chunk = buf.get(n);
         // While ending, forward only up to the next boundary; the rest waits in `unsent`
         // (counted at the end, never relayed) and the closing message goes out first.
         let cut = match ending {
@@ -390,7 +428,7 @@ pub(crate) async fn relay<C, U>(
     client_w: &mut WriteHalf<C>,
     upstream_r: &mut ReadHalf<U>,
     upstream_w: &mut WriteHalf<U>,
-    control: &mut mpsc::Receiver<Control>,
+    control: &mut ControlReceiver,
     to_upstream: &mut Direction,
     to_client: &mut Direction,
 ) -> RelayEnd

@@ -4,7 +4,7 @@
 //! Execute, half messages, Terminate behind a running query.
 
 use super::*;
-use tokio::io::{DuplexStream, duplex, split};
+use tokio::io::{AsyncReadExt, DuplexStream, duplex, split};
 use tokio::task::JoinHandle;
 
 /// The relay task's result.
@@ -13,7 +13,7 @@ type Outcome = JoinHandle<Relayed>;
 /// A relay between two in-memory pipes, `leftover` standing for what the upstream sent
 /// after login: returns the client's and the database's ends, the control sender, and
 /// the relay task.
-fn relay_with(leftover: &[u8]) -> (DuplexStream, DuplexStream, mpsc::Sender<Control>, Outcome) {
+fn relay_with(leftover: &[u8]) -> (DuplexStream, DuplexStream, super::ControlSender, Outcome) {
     let (client_app, client_proxy) = duplex(1024);
     let (upstream_proxy, upstream_db) = duplex(1024);
     let (tx, task) = spawn_relay(client_proxy, upstream_proxy, leftover);
@@ -22,12 +22,12 @@ fn relay_with(leftover: &[u8]) -> (DuplexStream, DuplexStream, mpsc::Sender<Cont
 
 /// The relay between leasegate's ends of a client and an upstream connection, on its own
 /// task: the control sender and the task.
-fn spawn_relay<C, U>(client: C, upstream: U, leftover: &[u8]) -> (mpsc::Sender<Control>, Outcome)
+fn spawn_relay<C, U>(client: C, upstream: U, leftover: &[u8]) -> (super::ControlSender, Outcome)
 where
     C: AsyncRead + AsyncWrite + Send + 'static,
     U: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (tx, mut control) = mpsc::channel(4);
+    let (tx, mut control) = super::super::relay::control_channel();
     let leftover = BytesMut::from(leftover);
     let task = tokio::spawn(async move {
         let (mut cr, mut cw) = split(client);
@@ -53,7 +53,7 @@ where
     (tx, task)
 }
 
-fn relay_between() -> (DuplexStream, DuplexStream, mpsc::Sender<Control>, Outcome) {
+fn relay_between() -> (DuplexStream, DuplexStream, super::ControlSender, Outcome) {
     relay_with(b"")
 }
 

@@ -92,7 +92,7 @@ async fn accept(
         Err(e) => return fail(&mut stream, e).await,
     };
     Ok(Accepted::Session(Box::new(ClientHello {
-        stream: ClientStream::Unix(stream),
+        stream: Box::new(ClientStream::Unix(stream)),
         principal: Principal::from_unix(identity),
         role,
         database,
@@ -148,7 +148,7 @@ mod tests {
         );
         let uid = format!("unix:uid={me}");
         assert!(hello.principal.all_identities().contains(&uid));
-        assert!(matches!(hello.stream, ClientStream::Unix(_)));
+        assert!(matches!(*hello.stream, ClientStream::Unix(_)));
     }
 
     #[tokio::test]

@@ -34,6 +34,10 @@ pub struct VaultClient {
     /// `vault.timeout`: the limit of every request, body included.
     pub(super) timeout: Duration,
     pub(crate) metrics: Arc<Metrics>,
+    /// The runtime the client was built on (the control plane's): every request is sent
+    /// there, so the pooled connections' tasks live on it, not on a session thread that may
+    /// stop first (and no session thread drives another session's Vault connection).
+    home: Option<tokio::runtime::Handle>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +137,7 @@ impl VaultClient {
             tokens: TokenStore::default(),
             timeout: cfg.timeout,
             metrics,
+            home: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -183,7 +188,7 @@ impl VaultClient {
             }
             None => {}
         }
-        let result = req.send().await;
+        let result = self.send_at_home(req).await?;
         let status = match &result {
             Ok(r) if r.status().is_success() => VaultStatus::Success,
             Ok(r) if r.status().is_redirection() => VaultStatus::Redirect,
@@ -241,6 +246,20 @@ impl VaultClient {
             .await
             .map_err(|(_, e)| e)?;
         body::parse(what, &body)
+    }
+
+    /// Sends `req` on the client's home runtime (here when it has none), and waits for the
+    /// response's head here; dropping the wait drops the request, as a plain `send` would.
+    async fn send_at_home(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Result<reqwest::Response>, VaultError> {
+        let Some(home) = &self.home else {
+            return Ok(req.send().await);
+        };
+        let sent = tokio_util::task::AbortOnDropHandle::new(home.spawn(req.send()));
+        sent.await
+            .map_err(|e| VaultError::Unreachable(format!("the Vault client stopped: {e}")))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> VaultError {

@@ -37,6 +37,7 @@ mod ops_reload;
 mod ops_scripts;
 mod rejections;
 mod resilience;
+mod runtime;
 mod sec_admin;
 mod sec_backend;
 mod sec_cancel;
