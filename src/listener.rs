@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,26 +27,9 @@ pub(crate) async fn accept_loop(
     shards: Shards,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = accepting.cancelled() => return,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = accepting.cancelled() => return,
-        };
+    while let Some((permit, (tcp, peer))) =
+        next_connection(&permits, &accepting, || listener.accept()).await
+    {
         tune_socket(&tcp, state.live.load().tcp_keepalive);
         let state = state.clone();
         let stop = sessions.child_token();
@@ -54,5 +37,35 @@ pub(crate) async fn accept_loop(
             crate::session::run(state, tcp, peer, stop).await;
             drop(permit);
         });
+    }
+}
+
+/// The next connection of a listener (TCP or Unix socket) with the permit it holds: the
+/// permit is taken before `accept`, so past `max_connections` further connections wait in the
+/// kernel's queue and cost no file descriptor. A failed accept (EMFILE and friends) backs off
+/// briefly instead of spinning. `None` once `accepting` is cancelled.
+pub(crate) async fn next_connection<T, F>(
+    permits: &Arc<Semaphore>,
+    accepting: &CancellationToken,
+    mut accept: impl FnMut() -> F,
+) -> Option<(OwnedSemaphorePermit, T)>
+where
+    F: Future<Output = std::io::Result<T>>,
+{
+    let permit = tokio::select! {
+        p = permits.clone().acquire_owned() => p.ok()?,
+        _ = accepting.cancelled() => return None,
+    };
+    loop {
+        tokio::select! {
+            r = accept() => match r {
+                Ok(conn) => return Some((permit, conn)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = accepting.cancelled() => return None,
+        }
     }
 }

@@ -8,7 +8,6 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
@@ -119,25 +118,9 @@ pub(crate) async fn accept_loop(
     shards: Shards,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = accepting.cancelled() => return,
-        };
-        let stream = tokio::select! {
-            r = socket.listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "unix socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = accepting.cancelled() => return,
-        };
+    while let Some((permit, (stream, _))) =
+        super::next_connection(&permits, &accepting, || socket.listener.accept()).await
+    {
         let state = state.clone();
         let stop = sessions.child_token();
         shards.spawn(&tracker, stream, move |stream| async move {

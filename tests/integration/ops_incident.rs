@@ -716,31 +716,30 @@ async fn a_missing_socket_directory_is_a_startup_error() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefetched_credentials_are_listed_as_such() {
-    let i = Incident::start("ops-incident-prefetch", |t| {
-        let mut pools = toml::Table::new();
-        pools.insert("readonly".into(), 1.into());
-        set(t, "databases.0.prefetch", pools);
-    })
-    .await;
-    let (i, mount) = (&i, &i.f.mount);
+/// Waits until `sessions list` shows `n` rows of `kind` (pooled: no id, role `readonly`,
+/// state `waiting`, a lease Vault lists), then checks the table form shows them too.
+async fn wait_pooled_rows(i: &Incident, kind: &str, n: usize) {
+    let mount = &i.f.mount;
     poll_until(
-        Duration::from_secs(10),
-        "a prefetched credential listed",
+        Duration::from_secs(15),
+        &format!("{n} {kind} rows listed"),
         || async move {
             let rows = i.list().await;
             let held = leases(mount, "readonly").await;
-            let listed = rows.iter().any(|r| {
-                r["kind"] == "prefetched"
-                    && r["id"].is_null()
-                    && r["role"] == "readonly"
-                    && r["state"] == "waiting"
-                    && r["lease_id"]
-                        .as_str()
-                        .is_some_and(|l| held.iter().any(|h| l.ends_with(h.as_str())))
-            });
-            if listed {
+            let listed = rows
+                .iter()
+                .filter(|r| {
+                    r["kind"] == kind
+                        && r["id"].is_null()
+                        && r["role"] == "readonly"
+                        && r["state"] == "waiting"
+                        && r["upstream_user"].is_string()
+                        && r["lease_id"]
+                            .as_str()
+                            .is_some_and(|l| held.iter().any(|h| l.ends_with(h.as_str())))
+                })
+                .count();
+            if listed == n {
                 Ok(())
             } else {
                 Err(format!("{rows:?}, leases {held:?}"))
@@ -750,12 +749,23 @@ async fn prefetched_credentials_are_listed_as_such() {
     .await;
     let out = i.console(&["sessions", "list"]).await;
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        table
-            .lines()
-            .any(|l| l.contains("| prefetched |") && l.contains("| waiting")),
-        "{table}"
-    );
+    let cell = format!("| {kind} ");
+    let shown = table
+        .lines()
+        .filter(|l| l.contains(&cell) && l.contains("| waiting"))
+        .count();
+    assert_eq!(shown, n, "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_credentials_are_listed_as_such() {
+    let i = Incident::start("ops-incident-prefetch", |t| {
+        let mut pools = toml::Table::new();
+        pools.insert("readonly".into(), 1.into());
+        set(t, "databases.0.prefetch", pools);
+    })
+    .await;
+    wait_pooled_rows(&i, "prefetched", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,41 +776,7 @@ async fn warm_sessions_are_listed_as_such() {
         set(t, "databases.0.warm", warm);
     })
     .await;
-    let (i, mount) = (&i, &i.f.mount);
-    poll_until(
-        Duration::from_secs(15),
-        "two warm sessions listed",
-        || async move {
-            let rows = i.list().await;
-            let held = leases(mount, "readonly").await;
-            let warm = rows
-                .iter()
-                .filter(|r| {
-                    r["kind"] == "warm"
-                        && r["id"].is_null()
-                        && r["role"] == "readonly"
-                        && r["state"] == "waiting"
-                        && r["upstream_user"].is_string()
-                        && r["lease_id"]
-                            .as_str()
-                            .is_some_and(|l| held.iter().any(|h| l.ends_with(h.as_str())))
-                })
-                .count();
-            if warm == 2 {
-                Ok(())
-            } else {
-                Err(format!("{rows:?}, leases {held:?}"))
-            }
-        },
-    )
-    .await;
-    let out = i.console(&["sessions", "list"]).await;
-    let table = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        table.lines().filter(|l| l.contains("| warm ")).count(),
-        2,
-        "{table}"
-    );
+    wait_pooled_rows(&i, "warm", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
