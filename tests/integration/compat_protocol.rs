@@ -305,16 +305,7 @@ async fn cancel_request_inside_tls_cancels_and_closes_with_close_notify() {
         .await
         .expect("send query");
     let prefix = f.mount.prefix.clone();
-    crate::harness::poll_until(Duration::from_secs(15), "pg_sleep running", || {
-        let prefix = prefix.clone();
-        async move {
-            match crate::harness::pg::active_queries(&prefix, "pg_sleep").await {
-                1 => Ok(()),
-                n => Err(format!("{n} active")),
-            }
-        }
-    })
-    .await;
+    crate::harness::pg::wait_one_active(&prefix, "pg_sleep").await;
 
     row.step("CancelRequest inside TLS → 57014");
     let close = crate::harness::wire::send_tls_cancel(

@@ -20,7 +20,6 @@ use tokio_postgres::{AsyncMessage, Client, Config, SimpleQueryMessage};
 use crate::harness::client::{MakeRustls, tls_config};
 use crate::harness::compat::{CompatRow, locked_crate_version};
 use crate::harness::fixture::{Fixture, GOOD_URI};
-use crate::harness::pg::active_queries;
 use crate::harness::poll_until;
 
 const CLIENT: &str = "tokio-postgres (rustls)";
@@ -492,16 +491,7 @@ async fn tokio_postgres_cancels_an_extended_protocol_query() {
             .map(drop)
     });
     let prefix = f.mount.prefix.clone();
-    poll_until(Duration::from_secs(15), "pg_sleep running upstream", || {
-        let prefix = prefix.clone();
-        async move {
-            match active_queries(&prefix, "pg_sleep").await {
-                1 => Ok(()),
-                n => Err(format!("{n} active pg_sleep backends")),
-            }
-        }
-    })
-    .await;
+    crate::harness::pg::wait_one_active(&prefix, "pg_sleep").await;
     let sent = Instant::now();
     token
         .cancel_query(d.tls.clone())

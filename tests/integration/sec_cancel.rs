@@ -39,16 +39,7 @@ pub async fn sleeping_session(f: &Fixture) -> (Wire<Tls>, i32, Vec<u8>) {
         .await
         .expect("send query");
     let prefix = f.mount.prefix.clone();
-    poll_until(Duration::from_secs(15), "pg_sleep running", || {
-        let prefix = prefix.clone();
-        async move {
-            match active_queries(&prefix, "pg_sleep").await {
-                1 => Ok(()),
-                n => Err(format!("{n} active pg_sleep backends")),
-            }
-        }
-    })
-    .await;
+    crate::harness::pg::wait_one_active(&prefix, "pg_sleep").await;
     (w, pid, secret)
 }
 

@@ -15,8 +15,7 @@ use serde_json::Value;
 use crate::harness::compat::{CompatRow, repo, require_node_pg, require_psycopg, run_script};
 use crate::harness::fixture::Fixture;
 use crate::harness::metrics::value_or_zero;
-use crate::harness::pg::{active_queries, dynamic_roles};
-use crate::harness::poll_until;
+use crate::harness::pg::dynamic_roles;
 use crate::harness::proxy::set;
 use crate::harness::security::wait_auth_failures;
 use crate::harness::unix::{
@@ -251,16 +250,7 @@ async fn a_cancel_request_over_the_socket_cancels_pg_sleep() {
         .expect("spawn psql");
     let pid = child.id().expect("psql pid");
     let prefix = f.mount.prefix.clone();
-    poll_until(Duration::from_secs(15), "pg_sleep running upstream", || {
-        let prefix = prefix.clone();
-        async move {
-            match active_queries(&prefix, "pg_sleep").await {
-                1 => Ok(()),
-                n => Err(format!("{n} active pg_sleep backends")),
-            }
-        }
-    })
-    .await;
+    crate::harness::pg::wait_one_active(&prefix, "pg_sleep").await;
     let status = std::process::Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()

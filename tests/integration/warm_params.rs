@@ -12,7 +12,7 @@ use crate::harness::bao::Target;
 use crate::harness::client::{pg_connect, tls_config};
 use crate::harness::env;
 use crate::harness::fixture::{Fixture, wait_all_revoked_on};
-use crate::harness::pg::{Cluster, active_queries};
+use crate::harness::pg::Cluster;
 use crate::harness::pki::Pki;
 use crate::harness::poll_until;
 use crate::harness::proxy::set;
@@ -181,16 +181,7 @@ async fn a_cancel_on_a_warm_session_cancels_its_query() {
     let query =
         tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await.map(drop) });
     let prefix = f.mount.prefix.clone();
-    poll_until(Duration::from_secs(15), "pg_sleep running upstream", || {
-        let prefix = prefix.clone();
-        async move {
-            match active_queries(&prefix, "pg_sleep").await {
-                1 => Ok(()),
-                n => Err(format!("{n} active pg_sleep backends")),
-            }
-        }
-    })
-    .await;
+    crate::harness::pg::wait_one_active(&prefix, "pg_sleep").await;
     token
         .cancel_query(s.tls.clone())
         .await

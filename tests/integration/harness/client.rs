@@ -66,7 +66,24 @@ pub fn conninfo(port: u16, pki: &Pki, cert: Option<&ClientCert>, user: &str, db:
 /// A psql command running `sql` against `conninfo` (unaligned, tuples only, verbose errors
 /// so that stderr carries the SQLSTATE).
 pub fn psql_command(conninfo: &str, sql: &str) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(super::pg::pg_bin("psql"));
+    psql_command_as(None, conninfo, sql)
+}
+
+/// [`psql_command`], run as the OS user `os_user` (through `runuser`) when given.
+pub fn psql_command_as(
+    os_user: Option<&str>,
+    conninfo: &str,
+    sql: &str,
+) -> tokio::process::Command {
+    let psql = super::pg::pg_bin("psql");
+    let mut cmd = match os_user {
+        Some(user) => {
+            let mut c = tokio::process::Command::new("runuser");
+            c.args(["-u", user, "--"]).arg(psql);
+            c
+        }
+        None => tokio::process::Command::new(psql),
+    };
     cmd.args([
         "-X",
         "-A",

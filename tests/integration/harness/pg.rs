@@ -192,6 +192,19 @@ pub async fn active_queries(prefix: &str, fragment: &str) -> i64 {
     row.get(0)
 }
 
+/// Waits (at most 15 s) until exactly one backend of roles with `prefix` runs a query
+/// containing `fragment`: the statement a test is about to cancel has started upstream.
+pub async fn wait_one_active(prefix: &str, fragment: &str) {
+    let what = format!("one active {fragment} backend");
+    super::poll_until(Duration::from_secs(15), &what, || async move {
+        match active_queries(prefix, fragment).await {
+            1 => Ok(()),
+            n => Err(format!("{n} active {fragment} backends")),
+        }
+    })
+    .await;
+}
+
 /// Process titles of the backends of cluster `pg` (the children of its postmaster) that
 /// contain `needle` (a role prefix, a role, a database name), e.g.
 /// `postgres: lgt3_abc myapp 127.0.0.1(40022) startup`. A backend still starting (in

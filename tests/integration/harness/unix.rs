@@ -10,7 +10,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::fixture::Fixture;
-use super::pg::pg_bin;
 use super::proxy::set;
 use super::root;
 
@@ -70,34 +69,7 @@ pub fn psql_as(os_user: Option<&str>, dir: &Path, port: u16, sql: &str) -> tokio
         "host={} port={port} dbname=myapp user=readonly",
         dir.display()
     );
-    let mut cmd = match os_user {
-        Some(user) => {
-            let mut c = tokio::process::Command::new("runuser");
-            c.args(["-u", user, "--"]).arg(pg_bin("psql"));
-            c
-        }
-        None => tokio::process::Command::new(pg_bin("psql")),
-    };
-    cmd.args([
-        "-X",
-        "-A",
-        "-t",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-v",
-        "VERBOSITY=verbose",
-    ])
-    .arg("-c")
-    .arg(sql)
-    .arg(conninfo)
-    .env("PGCONNECT_TIMEOUT", "15")
-    .env_remove("PGSSLMODE")
-    .env_remove("PGPASSWORD")
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .kill_on_drop(true);
-    cmd
+    super::client::psql_command_as(os_user, &conninfo, sql)
 }
 
 pub async fn run(mut cmd: tokio::process::Command) -> Output {
