@@ -182,11 +182,14 @@ def cmd_setup(a):
                     times[name].append(once(ci))
                 except Exception as e:  # noqa: BLE001
                     errors[name].append(str(e).strip()[:300])
+                if a.gap_ms:
+                    time.sleep(a.gap_ms / 1000.0)
         done += block
         rnd += 1
     after = scrape(a.metrics_url) if a.metrics_url else {}
     doc = {
         "iterations_requested": a.n,
+        "gap_ms": a.gap_ms,
         "timed_out": done < a.n,
         "targets": {n: {"ms": summary(times[n]), "errors": len(errors[n]),
                         "error_samples": errors[n][:5], "raw_ms": [round(x, 3) for x in times[n]]}
@@ -241,7 +244,9 @@ def cmd_floor(a):
 def cmd_ceiling(a):
     """What OpenBao alone sustains: --clients loops of creds + revoke, each on its own HTTP
     connection, for --seconds: the most sessions per second any proxy could set up and tear
-    down with a credential per session."""
+    down with a credential per session. With --login CONNINFO each loop also logs in to
+    PostgreSQL with the credential (plaintext, SCRAM), runs `select 1` and logs out before the
+    revoke: the same work a proxy's session does, without the proxy."""
     import threading
     u = urlparse(a.vault)
     hdr = {"X-Vault-Token": a.token, "X-Vault-Request": "true"}
@@ -259,7 +264,14 @@ def cmd_ceiling(a):
                 body = r.read()
                 if r.status != 200:
                     raise RuntimeError(f"creds: HTTP {r.status}")
-                lease = json.loads(body)["lease_id"]
+                doc = json.loads(body)
+                lease = doc["lease_id"]
+                if a.login:  # the same session a proxy sets up: log in, select 1, log out
+                    import psycopg
+                    creds = doc["data"]
+                    with psycopg.connect(a.login, user=creds["username"], password=creds["password"],
+                                         connect_timeout=10, autocommit=True) as pg:
+                        pg.execute("select 1").fetchone()
                 h = dict(hdr, **{"Content-Type": "application/json"})
                 conn.request("PUT", "/v1/sys/leases/revoke", body=json.dumps({"lease_id": lease}), headers=h)
                 r = conn.getresponse()
@@ -277,13 +289,15 @@ def cmd_ceiling(a):
                 time.sleep(0.05)
 
     t0 = time.monotonic()
+    cpu0 = time.process_time()
     threads = [threading.Thread(target=loop) for _ in range(a.clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.monotonic() - t0
-    write_out(a.out, {"clients": a.clients, "seconds": round(elapsed, 3), "pairs": done[0],
+    write_out(a.out, {"clients": a.clients, "login": bool(a.login), "client_cpu_s": time.process_time() - cpu0,
+                      "seconds": round(elapsed, 3), "pairs": done[0],
                       "pairs_per_s": done[0] / elapsed, "latency_ms": summary(lat),
                       "errors": len(errors), "error_samples": errors[:5]})
 
@@ -819,6 +833,8 @@ def main():
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--block", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--gap-ms", type=float, default=0,
+                   help="pause after every session (latency below saturation: background refills keep up)")
     p.add_argument("--max-seconds", type=float, default=240)
     p.add_argument("--metrics-url")
     p.add_argument("--out")
@@ -841,6 +857,7 @@ def main():
     p.add_argument("--role", default="readonly")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--login", help="libpq conninfo (no user/password): also log in with each credential")
     p.add_argument("--out")
     p.set_defaults(fn=cmd_ceiling)
 

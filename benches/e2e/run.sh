@@ -16,13 +16,17 @@
 #   ROUNDS=3*            steady-state rounds; the target order rotates every round
 #   PGBENCH_SECONDS=20*  pgbench -T;  PGBENCH_CLIENTS=8  PGBENCH_JOBS=2  SCALE=10 (pgbench -i -s)
 #   SETUP_N=300*         session-setup iterations per target;  SETUP_BLOCK=50* (interleave block)
+#   SETUP_GAP_MS=20      pause after every setup iteration, for every target alike: setup latency is
+#                        measured below saturation (warm and prefetch refills keep up; churn, item 4,
+#                        is the back-to-back measure); 0: back to back
 #   FLOOR_N=100*         credential-floor iterations (OpenBao creds + revoke)
 #   IDLE_STAGES=1,1000,5000,10000*  idle sessions held through leasegate at each RSS reading (each
 #                        is capped at what the open-file limit allows: 2 descriptors per session)
 #   IDLE_MIN_AVAILABLE_MIB=3072  open no more idle sessions once MemAvailable drops below this
 #                        (every session also costs PostgreSQL a backend); the report says so
 #   C1=1                 also pgbench -S -c 1 -j 1 every round (latency leasegate adds per tx)
-#   CEILING_SECONDS=10*  OpenBao creds + revoke ceiling: CHURN_CLIENTS loops straight to OpenBao
+#   CEILING_SECONDS=10*  OpenBao creds + revoke ceiling: CHURN_CLIENTS loops straight to OpenBao;
+#                        then the same loops with a PostgreSQL login per credential (no proxy)
 #   WARM='{ readonly = 4 }'  also measure setup with warm sessions (a database entry with this
 #                        `warm` value); unset: that setup target is skipped
 #   IDLE_CONCURRENCY=50  sessions opened at once while filling a stage
@@ -34,6 +38,9 @@
 #   PERF=1               also profile leasegate with `perf record -g` during one extra pgbench -S
 #   EXTRA_GRANTS=N       add N non-matching [[grants]] ahead of the matching one (grant-matching cost)
 #   LEASEGATE_WORKER_THREADS=N  [runtime] worker_threads = N (session threads; default: one per core)
+#   LG_ALT_THREADS=N     also run a second leasegate with worker_threads = N as the steady-state target
+#                        `leasegate_alt` (informational: the thread-count trade-off measured in the same
+#                        run); it is stopped after the steady state
 #   SKIP_BUILD=1         use the existing target/release/leasegate (LEASEGATE_BIN=path: that one);
 #                        the dev environment's xtask is built either way
 #   HOLD_SECONDS=N       after start-up, hold N seconds (or until $T/continue exists) for experiments
@@ -69,6 +76,7 @@ PGBENCH_JOBS="${PGBENCH_JOBS:-2}"
 SCALE="${SCALE:-10}"
 SETUP_N="${SETUP_N:-300}"
 SETUP_BLOCK="${SETUP_BLOCK:-50}"
+SETUP_GAP_MS="${SETUP_GAP_MS:-20}"
 FLOOR_N="${FLOOR_N:-100}"
 IDLE_STAGES="${IDLE_STAGES:-1,1000,5000,10000}"
 IDLE_MIN_AVAILABLE_MIB="${IDLE_MIN_AVAILABLE_MIB:-3072}"
@@ -155,6 +163,7 @@ cleanup() {
     fi
     stop_pid perf "$PERF_PID" INT
     stop_pid leasegate "$LG_PID"
+    stop_pid leasegate_alt "${LG_ALT_PID:-}"
     stop_pid pgbouncer "$PGB_PID" INT
     # PostgreSQL and OpenBao: the dev environment stops what it started.
     if [[ -n "$XTASK" && -d "$T/env" ]]; then
@@ -358,10 +367,27 @@ env "${LG_ENV[@]}" RUST_LOG="${RUST_LOG:-info}" setsid "${LG_WRAP_ARGS[@]}" "$T/
 LG_PID=$!
 wait_until 30 grep -q "listening.*127.0.0.1:$LG_PORT" "$T/logs/leasegate.log" || die "leasegate did not start"
 
+LG_ALT_THREADS="${LG_ALT_THREADS:-}" LG_ALT_PID=""
+if [[ -n "$LG_ALT_THREADS" ]]; then
+    read -r LG_ALT_PORT LG_ALT_METRICS < <(python3 -c 'import socket
+ss = [socket.socket() for _ in range(2)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in ss])')
+    say "second leasegate (worker_threads = $LG_ALT_THREADS) on 127.0.0.1:$LG_ALT_PORT, for the steady state"
+    # The same configuration without pools (prefetch, warm) and with its own ports and threads.
+    grep -v -e '^prefetch = ' -e '^warm = ' -e '^\[runtime\]' -e '^worker_threads' "$LG_CONFIG" \
+        | sed -e "s/127.0.0.1:$LG_PORT\"/127.0.0.1:$LG_ALT_PORT\"/" -e "s/127.0.0.1:$METRICS_PORT\"/127.0.0.1:$LG_ALT_METRICS\"/" \
+        >"$T/lg-alt.toml"
+    printf '\n[runtime]\nworker_threads = %s\n' "$LG_ALT_THREADS" >>"$T/lg-alt.toml"
+    env RUST_LOG="${RUST_LOG:-info}" setsid "$T/bin/lgproxy" --config "$T/lg-alt.toml" </dev/null >"$T/logs/leasegate-alt.log" 2>&1 &
+    LG_ALT_PID=$!
+    wait_until 30 grep -q "listening.*127.0.0.1:$LG_ALT_PORT" "$T/logs/leasegate-alt.log" || die "the second leasegate did not start"
+fi
+
 # check_alive: every service still runs (something else on the machine may kill them).
 check_alive() {
     local name pid
-    for name in leasegate:$LG_PID pgbouncer:$PGB_PID OpenBao:$BAO_PID PostgreSQL:$PM_PID; do
+    for name in leasegate:$LG_PID pgbouncer:$PGB_PID OpenBao:$BAO_PID PostgreSQL:$PM_PID ${LG_ALT_PID:+leasegate_alt:$LG_ALT_PID}; do
         pid="${name#*:}"
         kill -0 "$pid" 2>/dev/null || die "${name%%:*} (pid $pid) is gone: $(tail -n 3 "$T/logs/leasegate.log" 2>/dev/null | tr '\n' ' ' | cut -c1-400)"
     done
@@ -375,6 +401,7 @@ target_env() { # TARGET ROLE -> env assignments
         direct) echo "$common PGPORT=$PG_PORT PGUSER=bench PGPASSWORD=$BENCH_PASSWORD" ;;
         pgbouncer) echo "$common PGPORT=$PGB_PORT PGUSER=bench PGPASSWORD=$BENCH_PASSWORD" ;;
         leasegate) echo "$common PGPORT=$LG_PORT PGUSER=$2 PGSSLCERT=$DEVENV_CLIENT_CERT PGSSLKEY=$DEVENV_CLIENT_KEY" ;;
+        leasegate_alt) echo "$common PGPORT=$LG_ALT_PORT PGUSER=$2 PGSSLCERT=$DEVENV_CLIENT_CERT PGSSLKEY=$DEVENV_CLIENT_KEY" ;;
     esac
 }
 conninfo() { # TARGET -> libpq conninfo (role readonly on leasegate)
@@ -388,6 +415,7 @@ conninfo() { # TARGET -> libpq conninfo (role readonly on leasegate)
     esac
 }
 TARGETS=(direct pgbouncer leasegate)
+[[ -n "$LG_ALT_PID" ]] && TARGETS+=(leasegate_alt)
 SETUP_TARGETS=(direct pgbouncer leasegate leasegate_prefetch)
 [[ -n "$WARM" ]] && SETUP_TARGETS+=(leasegate_warm)
 
@@ -419,7 +447,7 @@ fi
 CPU_LOG="$T/out/cpu.jsonl"
 : >"$CPU_LOG"
 cpu_snap() { # CPU ticks of leasegate, pgbouncer, OpenBao and PostgreSQL (postmaster + backends), as JSON
-    python3 "$HERE/lgbench.py" cpu --proc "leasegate=$LG_PID" --proc "pgbouncer=$PGB_PID" \
+    python3 "$HERE/lgbench.py" cpu --proc "leasegate=$LG_PID" --proc "pgbouncer=$PGB_PID" ${LG_ALT_PID:+--proc "leasegate_alt=$LG_ALT_PID"} \
         --proc "openbao=$BAO_PID" --tree "postgres=$PM_PID" --reaped "client=$$"
 }
 cpu_record() { # PHASE ROUND TARGET WORKLOAD BEFORE-JSON : appends one line with before/after
@@ -456,17 +484,22 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+if [[ -n "$LG_ALT_PID" ]]; then # the steady state is over: the second leasegate goes
+    stop_pid leasegate_alt "$LG_ALT_PID"
+    LG_ALT_PID=""
+fi
+
 # show KIND FILE: lgbench.py's progress lines about one result file.
 show() { python3 "$HERE/lgbench.py" show "$1" "$2" | sed 's/^/[e2e]   /'; }
 
 # ---------------------------------------------------------------------------------------------
 check_alive
-say "2. session setup: $SETUP_N x connect/select 1/disconnect per target (psycopg), interleaved"
+say "2. session setup: $SETUP_N x connect/select 1/disconnect per target (psycopg), interleaved, ${SETUP_GAP_MS} ms apart"
 SETUP_ARGS=()
 for tg in "${SETUP_TARGETS[@]}"; do SETUP_ARGS+=(--target "$tg=$(conninfo "$tg")"); done
 c0="$(cpu_snap)"
 timeout 900 python3 "$HERE/lgbench.py" setup "${SETUP_ARGS[@]}" --n "$SETUP_N" --block "$SETUP_BLOCK" \
-    --metrics-url "$METRICS_URL" --out "$T/out/setup.json" >"$T/logs/setup.log" 2>&1 \
+    --gap-ms "$SETUP_GAP_MS" --metrics-url "$METRICS_URL" --out "$T/out/setup.json" >"$T/logs/setup.log" 2>&1 \
     || die "session-setup measurement failed (see $T/logs/setup.log)"
 cpu_record setup 0 all setup "$c0"
 show setup "$T/out/setup.json"
@@ -482,6 +515,15 @@ timeout $((CEILING_SECONDS + 120)) python3 "$HERE/lgbench.py" ceiling --vault "$
     || die "credential-ceiling measurement failed (see $T/logs/ceiling.log)"
 cpu_record ceiling 0 openbao ceiling "$c0"
 show ceiling "$T/out/ceiling.json"
+say "   the same with a login: $CHURN_CLIENTS loops of (creds + PostgreSQL login + select 1 + revoke), no proxy, for ${CEILING_SECONDS}s"
+c0="$(cpu_snap)"
+timeout $((CEILING_SECONDS + 120)) python3 "$HERE/lgbench.py" ceiling --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
+    --mount "$MOUNT" --clients "$CHURN_CLIENTS" --seconds "$CEILING_SECONDS" \
+    --login "host=127.0.0.1 port=$PG_PORT dbname=$DB sslmode=disable gssencmode=disable" \
+    --out "$T/out/ceiling_login.json" >"$T/logs/ceiling_login.log" 2>&1 \
+    || die "login-ceiling measurement failed (see $T/logs/ceiling_login.log)"
+cpu_record ceiling_login 0 openbao ceiling "$c0"
+show ceiling "$T/out/ceiling_login.json"
 
 # ---------------------------------------------------------------------------------------------
 CLIENT_ARGS=(--port "$LG_PORT" --ca "$DEVENV_CA" --cert "$DEVENV_CLIENT_CERT" --key "$DEVENV_CLIENT_KEY"
@@ -565,9 +607,9 @@ LG_SHA="$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 META=(--timestamp "$TS" --pgbin "$PGBIN" --bao "$DEVENV_BAO" --leasegate "$LG_SHA" --metrics-url "$METRICS_URL"
     --pid "$LG_PID" --mount "$MOUNT" --nofile "$NOFILE" --pg-nofile "$PG_NOFILE")
 [[ "$QUICK" == 1 ]] && META+=(--quick)
-for knob in ROUNDS PGBENCH_SECONDS PGBENCH_CLIENTS PGBENCH_JOBS SCALE SETUP_N SETUP_BLOCK FLOOR_N IDLE_STAGES \
+for knob in ROUNDS PGBENCH_SECONDS PGBENCH_CLIENTS PGBENCH_JOBS SCALE SETUP_N SETUP_BLOCK SETUP_GAP_MS FLOOR_N IDLE_STAGES \
     IDLE_CONCURRENCY CHURN_SECONDS CHURN_FRESH_SECONDS IDLE_REOPEN CHURN_CLIENTS PG_SYNC_COMMIT NICE \
-    IDLE_MIN_AVAILABLE_MIB C1 CEILING_SECONDS WARM \
+    IDLE_MIN_AVAILABLE_MIB C1 CEILING_SECONDS WARM LG_ALT_THREADS \
     LEASEGATE_WORKER_THREADS EXTRA_GRANTS PG_MAX_CONNECTIONS; do
     META+=(--knob "$knob=${!knob:-}")
 done
