@@ -42,8 +42,13 @@ impl Session<'_> {
             lease,
             guard,
             remaining,
-            logged_in,
+            mut logged_in,
         } = warm;
+        // Logged in on the control runtime: from now on its readiness is this thread's.
+        logged_in.stream = logged_in
+            .stream
+            .rehome()
+            .map_err(crate::upstream::UpstreamError::Io)?;
         let elapsed = self.started.elapsed().as_secs_f64();
         self.state.metrics.setup_phase(SetupPhase::Total, elapsed);
         self.audit.upstream_user = Some(lease.username.clone());

@@ -15,6 +15,22 @@ pub(crate) enum UpstreamStream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl UpstreamStream {
+    /// The same connection registered with the current runtime's I/O driver instead of the one
+    /// it was opened on: a warm session logs in on the control runtime and is relayed on a
+    /// session thread, where every readiness event would otherwise cross threads. Readiness
+    /// is not lost: registering a socket that already has data reports it at once. A TLS
+    /// connection stays where it is (tokio-rustls cannot be taken apart and put back together).
+    pub(crate) fn rehome(self) -> std::io::Result<Self> {
+        match self {
+            UpstreamStream::Plain(tcp) => {
+                Ok(UpstreamStream::Plain(TcpStream::from_std(tcp.into_std()?)?))
+            }
+            tls @ UpstreamStream::Tls(_) => Ok(tls),
+        }
+    }
+}
+
 impl AsyncRead for UpstreamStream {
     fn poll_read(
         self: Pin<&mut Self>,
