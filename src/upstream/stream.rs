@@ -68,3 +68,53 @@ impl AsyncWrite for UpstreamStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Bytes that arrived while the socket was registered with the first runtime, and whose
+    /// readiness that runtime already saw, are read on the second one without waiting.
+    #[test]
+    fn a_rehomed_connection_keeps_what_arrived_before_the_move() {
+        let first = runtime();
+        let (stream, mut peer) = first.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let connect = TcpStream::connect(listener.local_addr().unwrap());
+            let (ours, accepted) = tokio::join!(connect, listener.accept());
+            let (ours, (mut peer, _)) = (ours.unwrap(), accepted.unwrap());
+            peer.write_all(b"hello").await.unwrap();
+            ours.readable().await.unwrap();
+            (UpstreamStream::Plain(ours), peer)
+        });
+        let second = std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut stream = stream.rehome().unwrap();
+                let mut got = [0u8; 5];
+                tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
+                    .await
+                    .expect("the bytes that arrived before the move are readable")
+                    .unwrap();
+                stream.write_all(b"world").await.unwrap();
+                got
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(&second, b"hello");
+        let mut back = [0u8; 5];
+        first.block_on(peer.read_exact(&mut back)).unwrap();
+        assert_eq!(&back, b"world");
+    }
+}
