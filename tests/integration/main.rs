@@ -11,6 +11,7 @@ mod burst;
 mod cancel;
 mod cli;
 mod client_cert;
+mod compat_asyncpg;
 mod compat_cluster;
 mod compat_jdbc;
 mod compat_node;

@@ -1,0 +1,106 @@
+//! asyncpg (Python, its own protocol implementation: no libpq, binary formats, the extended
+//! protocol for everything) through leasegate with certificate verification and a client
+//! certificate: transactions and savepoints, SQLSTATEs of errors, prepared statements and
+//! executemany, a cursor, COPY in and out, a query timeout (asyncpg cancels with a
+//! CancelRequest on a new TLS connection), startup settings, LISTEN/NOTIFY and a pool that
+//! resets the connections it gets back. The script is
+//! `tests/clients/python/asyncpg_compat.py`.
+
+use std::time::Duration;
+
+use crate::harness::compat::{CompatRow, client_env, repo, run_script};
+use crate::harness::fixture::{Fixture, GOOD_URI};
+
+/// Check name in the script's JSON → feature named in the compatibility table.
+const FEATURES: &[(&str, &str)] = &[
+    ("verify_full_tls", "TLS verified (untrusted CA refused)"),
+    (
+        "transactions",
+        "transactions, savepoint, 23505/22012 SQLSTATEs, session usable after errors",
+    ),
+    (
+        "prepared_statements",
+        "prepared statements, executemany, binary types",
+    ),
+    (
+        "cursor_and_copy",
+        "cursor (fetch, forward); COPY records in, COPY TO",
+    ),
+    (
+        "cancel_by_timeout",
+        "query timeout → CancelRequest over TLS, session usable",
+    ),
+    (
+        "settings_and_notify",
+        "server_settings (application_name, search_path); LISTEN/NOTIFY",
+    ),
+    (
+        "pool",
+        "create_pool: 16 queries on ≤ 4 connections, reset on release",
+    ),
+];
+
+/// asyncpg is importable (installed by `scripts/test.sh` from the requirements file).
+fn require_asyncpg() {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import asyncpg"])
+        .stdin(std::process::Stdio::null())
+        .output();
+    assert!(
+        out.as_ref().is_ok_and(|o| o.status.success()),
+        "asyncpg is not installed for python3: `pip install -r tests/clients/python/requirements.txt` ({out:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_transactions_copy_cancel_notify_and_pool() {
+    let mut row = CompatRow::new("asyncpg", 42, "asyncpg (Python, pure protocol)", "?");
+    row.phase("asyncpg not installed");
+    require_asyncpg();
+    let f = Fixture::start_with("compat-asyncpg", |cfg| {
+        cfg.grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readwrite"])
+    })
+    .await;
+    row.phase("tests/clients/python/asyncpg_compat.py");
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(repo().join("tests/clients/python/asyncpg_compat.py"))
+        .env("PYTHONUNBUFFERED", "1");
+    for (k, v) in client_env(f.proxy.port, &f.pki, &f.good, "readwrite", "myapp") {
+        cmd.env(k, v);
+    }
+    let run = run_script(cmd, "asyncpg_compat.py", Duration::from_secs(180)).await;
+    let r = &run.result;
+    row.set_version(&format!(
+        "asyncpg {}, Python {}",
+        r["asyncpg"].as_str().unwrap_or("?"),
+        r["python"].as_str().unwrap_or("?"),
+    ));
+    eprintln!(
+        "asyncpg_compat.py ({:?}): {}\n{}",
+        run.elapsed,
+        run.stdout.trim(),
+        run.stderr.trim()
+    );
+    for (_, feature) in FEATURES {
+        row.features(&[feature]);
+    }
+    let failed = run.failed_checks();
+    if !failed.is_empty() {
+        row.phase(&failed.join(", "));
+    }
+    run.assert_ok();
+    let checks = r["checks"].as_object().expect("checks object");
+    for (name, _) in FEATURES {
+        let c = checks
+            .get(*name)
+            .unwrap_or_else(|| panic!("check {name} missing: {r:#}"));
+        assert_eq!(c["ok"], true, "check {name}: {c:#}");
+    }
+    assert!(
+        checks["verify_full_tls"]["session_user"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
+        "the session ran as a dynamic role of this mount"
+    );
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}
