@@ -75,27 +75,7 @@ async fn asyncpg_transactions_copy_cancel_notify_and_pool() {
         r["asyncpg"].as_str().unwrap_or("?"),
         r["python"].as_str().unwrap_or("?"),
     ));
-    eprintln!(
-        "asyncpg_compat.py ({:?}): {}\n{}",
-        run.elapsed,
-        run.stdout.trim(),
-        run.stderr.trim()
-    );
-    for (_, feature) in FEATURES {
-        row.features(&[feature]);
-    }
-    let failed = run.failed_checks();
-    if !failed.is_empty() {
-        row.phase(&failed.join(", "));
-    }
-    run.assert_ok();
-    let checks = r["checks"].as_object().expect("checks object");
-    for (name, _) in FEATURES {
-        let c = checks
-            .get(*name)
-            .unwrap_or_else(|| panic!("check {name} missing: {r:#}"));
-        assert_eq!(c["ok"], true, "check {name}: {c:#}");
-    }
+    let checks = run.report(&mut row, FEATURES);
     assert!(
         checks["verify_full_tls"]["session_user"]
             .as_str()

@@ -57,27 +57,7 @@ async fn node_pg_queries_transaction_notify_and_errors() {
         r["pg_protocol"].as_str().unwrap_or("?"),
         r["node"].as_str().unwrap_or("?"),
     ));
-    eprintln!(
-        "pg_compat.mjs ({:?}): {}\n{}",
-        run.elapsed,
-        run.stdout.trim(),
-        run.stderr.trim()
-    );
-    for (_, feature) in FEATURES {
-        row.features(&[feature]);
-    }
-    let failed = run.failed_checks();
-    if !failed.is_empty() {
-        row.phase(&failed.join(", "));
-    }
-    run.assert_ok();
-    let checks = r["checks"].as_object().expect("checks object");
-    for (name, _) in FEATURES {
-        let c = checks
-            .get(*name)
-            .unwrap_or_else(|| panic!("check {name} missing: {r:#}"));
-        assert_eq!(c["ok"], true, "check {name}: {c:#}");
-    }
+    let checks = run.report(&mut row, FEATURES);
     assert_eq!(checks["error_then_usable"]["sqlstate"], "42601");
     assert!(
         checks["verify_full_tls"]["session_user"]

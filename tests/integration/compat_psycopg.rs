@@ -60,29 +60,7 @@ async fn psycopg_transactions_cursor_copy_cancel_and_direct_tls() {
         libpq % 10000,
         r["python"].as_str().unwrap_or("?"),
     ));
-    eprintln!(
-        "psycopg_compat.py ({:?}): {}\n{}",
-        run.elapsed,
-        run.stdout.trim(),
-        run.stderr.trim()
-    );
-    for (name, feature) in FEATURES {
-        if r["checks"][*name].get("skipped").is_none() {
-            row.features(&[feature]);
-        }
-    }
-    let failed = run.failed_checks();
-    if !failed.is_empty() {
-        row.phase(&failed.join(", "));
-    }
-    run.assert_ok();
-    let checks = r["checks"].as_object().expect("checks object");
-    for (name, _) in FEATURES {
-        let c = checks
-            .get(*name)
-            .unwrap_or_else(|| panic!("check {name} missing: {r:#}"));
-        assert_eq!(c["ok"], true, "check {name}: {c:#}");
-    }
+    let checks = run.report(&mut row, FEATURES);
     for name in ["cancel_from_thread", "cancel_safe"] {
         assert_eq!(
             checks[name]["sqlstate"], "57014",

@@ -73,25 +73,7 @@ async fn sqlalchemy_pool_survives_leasegate_ending_pooled_connections() {
         r["psycopg"].as_str().unwrap_or("?"),
         r["python"].as_str().unwrap_or("?")
     ));
-    eprintln!(
-        "sqlalchemy_pool.py ({:?}): {}\n{}",
-        run.elapsed,
-        run.stdout.trim(),
-        run.stderr.trim()
-    );
-    for (name, feature) in FEATURES {
-        if r["checks"][*name]["ok"] == true {
-            row.features(&[feature]);
-        }
-    }
-    let failed = run.failed_checks();
-    if !failed.is_empty() {
-        row.phase(&failed.join(", "));
-    }
-    run.assert_ok();
-    for (name, _) in FEATURES {
-        assert_eq!(r["checks"][*name]["ok"], true, "check {name}: {r:#}");
-    }
+    run.report(&mut row, FEATURES);
     let no_ping = &r["checks"]["max_lifetime_no_pre_ping"];
     let message = no_ping["first_use_message"].as_str().unwrap_or("");
     assert!(message.contains("max_session_duration"), "{no_ping}");

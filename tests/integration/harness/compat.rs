@@ -265,6 +265,43 @@ impl ScriptRun {
         }
     }
 
+    /// Prints the run, lists `features` (check name → feature) in `row` (a check the script
+    /// skipped is left out), names the failed checks as the row's phase, and asserts that the
+    /// script passed and every listed check is there and ok. Returns the checks.
+    pub fn report(
+        &self,
+        row: &mut CompatRow,
+        features: &[(&str, &str)],
+    ) -> &serde_json::Map<String, Value> {
+        eprintln!(
+            "{} ({:?}): {}\n{}",
+            self.what,
+            self.elapsed,
+            self.stdout.trim(),
+            self.stderr.trim()
+        );
+        for (name, feature) in features {
+            if self.result["checks"][*name].get("skipped").is_none() {
+                row.features(&[feature]);
+            }
+        }
+        let failed = self.failed_checks();
+        if !failed.is_empty() {
+            row.phase(&failed.join(", "));
+        }
+        self.assert_ok();
+        let checks = self.result["checks"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{}: no checks object: {:#}", self.what, self.result));
+        for (name, _) in features {
+            let c = checks
+                .get(*name)
+                .unwrap_or_else(|| panic!("check {name} missing: {:#}", self.result));
+            assert_eq!(c["ok"], true, "check {name}: {c:#}");
+        }
+        checks
+    }
+
     /// Names of the checks in `result.checks` whose `ok` is not true.
     pub fn failed_checks(&self) -> Vec<String> {
         self.result["checks"]
