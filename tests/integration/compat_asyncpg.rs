@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use crate::harness::compat::{CompatRow, client_env, repo, run_script};
-use crate::harness::fixture::{Fixture, GOOD_URI};
+use crate::harness::compat::{CompatRow, client_fixture, run_client};
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -57,18 +56,15 @@ async fn asyncpg_transactions_copy_cancel_notify_and_pool() {
     let mut row = CompatRow::new("asyncpg", 42, "asyncpg (Python, pure protocol)", "?");
     row.phase("asyncpg not installed");
     require_asyncpg();
-    let f = Fixture::start_with("compat-asyncpg", |cfg| {
-        cfg.grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readwrite"])
-    })
-    .await;
+    let f = client_fixture("compat-asyncpg").await;
     row.phase("tests/clients/python/asyncpg_compat.py");
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(repo().join("tests/clients/python/asyncpg_compat.py"))
-        .env("PYTHONUNBUFFERED", "1");
-    for (k, v) in client_env(f.proxy.port, &f.pki, &f.good, "readwrite", "myapp") {
-        cmd.env(k, v);
-    }
-    let run = run_script(cmd, "asyncpg_compat.py", Duration::from_secs(180)).await;
+    let run = run_client(
+        &f,
+        "python3",
+        "tests/clients/python/asyncpg_compat.py",
+        Duration::from_secs(180),
+    )
+    .await;
     let r = &run.result;
     row.set_version(&format!(
         "asyncpg {}, Python {}",

@@ -6,8 +6,7 @@
 
 use std::time::Duration;
 
-use crate::harness::compat::{CompatRow, client_env, repo, require_node_pg, run_script};
-use crate::harness::fixture::{Fixture, GOOD_URI};
+use crate::harness::compat::{CompatRow, client_fixture, require_node_pg, run_client};
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -39,17 +38,15 @@ async fn node_pg_queries_transaction_notify_and_errors() {
     let mut row = CompatRow::new("node-pg", 50, "node-postgres `pg` (pure JS)", "?");
     row.phase("node or pg not installed");
     require_node_pg();
-    let f = Fixture::start_with("compat-node", |cfg| {
-        cfg.grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readwrite"])
-    })
-    .await;
+    let f = client_fixture("compat-node").await;
     row.phase("tests/clients/node/pg_compat.mjs");
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(repo().join("tests/clients/node/pg_compat.mjs"));
-    for (k, v) in client_env(f.proxy.port, &f.pki, &f.good, "readwrite", "myapp") {
-        cmd.env(k, v);
-    }
-    let run = run_script(cmd, "pg_compat.mjs", Duration::from_secs(120)).await;
+    let run = run_client(
+        &f,
+        "node",
+        "tests/clients/node/pg_compat.mjs",
+        Duration::from_secs(120),
+    )
+    .await;
     let r = &run.result;
     row.set_version(&format!(
         "pg {} (pg-protocol {}), Node.js {}",

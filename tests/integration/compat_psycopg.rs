@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use crate::harness::compat::{CompatRow, client_env, repo, require_psycopg, run_script};
-use crate::harness::fixture::{Fixture, GOOD_URI};
+use crate::harness::compat::{CompatRow, client_fixture, require_psycopg, run_client};
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -38,18 +37,15 @@ async fn psycopg_transactions_cursor_copy_cancel_and_direct_tls() {
     let mut row = CompatRow::new("psycopg", 40, "psycopg 3 (Python, libpq)", "?");
     row.phase("psycopg not installed");
     require_psycopg();
-    let f = Fixture::start_with("compat-psycopg", |cfg| {
-        cfg.grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readwrite"])
-    })
-    .await;
+    let f = client_fixture("compat-psycopg").await;
     row.phase("tests/clients/python/psycopg_compat.py");
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(repo().join("tests/clients/python/psycopg_compat.py"))
-        .env("PYTHONUNBUFFERED", "1");
-    for (k, v) in client_env(f.proxy.port, &f.pki, &f.good, "readwrite", "myapp") {
-        cmd.env(k, v);
-    }
-    let run = run_script(cmd, "psycopg_compat.py", Duration::from_secs(180)).await;
+    let run = run_client(
+        &f,
+        "python3",
+        "tests/clients/python/psycopg_compat.py",
+        Duration::from_secs(180),
+    )
+    .await;
     let r = &run.result;
     let libpq = r["libpq"].as_u64().unwrap_or(0);
     row.set_version(&format!(

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::fixture::{Fixture, GOOD_URI};
 use super::pki::{ClientCert, Pki};
 
 /// The repository root.
@@ -319,6 +320,27 @@ impl ScriptRun {
 
 /// Runs a client script to completion (`timeout` bounds it). The caller checks the outcome:
 /// records versions from the JSON line first, then calls [`ScriptRun::assert_ok`].
+/// A fixture whose test client (the `GOOD_URI` certificate) may use role `readwrite` on
+/// `myapp`: what every client script connects as.
+pub async fn client_fixture(name: &str) -> Fixture {
+    Fixture::start_with(name, |cfg| {
+        cfg.grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readwrite"])
+    })
+    .await
+}
+
+/// Runs `program script` (script relative to the repository) against `f`'s proxy as its test
+/// client with role `readwrite` on `myapp` (the `LG_*` variables of [`client_env`]).
+pub async fn run_client(f: &Fixture, program: &str, script: &str, limit: Duration) -> ScriptRun {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg(repo().join(script)).env("PYTHONUNBUFFERED", "1");
+    for (k, v) in client_env(f.proxy.port, &f.pki, &f.good, "readwrite", "myapp") {
+        cmd.env(k, v);
+    }
+    let name = script.rsplit('/').next().unwrap_or(script);
+    run_script(cmd, name, limit).await
+}
+
 pub async fn run_script(
     mut cmd: tokio::process::Command,
     what: &str,
