@@ -60,6 +60,25 @@ def summarise_logs(paths):
     return out
 
 
+def bulk_summary(d, cpu):
+    """Per target: median seconds of the bulk COPY, MiB/s, and the proxy's CPU ms per 100 MiB."""
+    rows = []
+    try:
+        rows = [json.loads(line) for line in open(os.path.join(d, "bulk.jsonl")) if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for tg in sorted({r["target"] for r in rows}):
+        rs = [r for r in rows if r["target"] == tg]
+        secs = statistics.median(r["seconds"] for r in rs)
+        cpus = [(cpu.get(("bulk", r["round"], tg, "bulk")) or {}).get(tg) for r in rs]
+        cpus = [c / r["mib"] * 100 * 1000 for c, r in zip(cpus, rs) if c is not None]
+        out[tg] = {"seconds_median": secs, "mib": rs[0]["mib"], "mib_per_s": rs[0]["mib"] / secs if secs else None,
+                   "seconds_rounds": [r["seconds"] for r in sorted(rs, key=lambda r: r["round"])],
+                   "proxy_cpu_ms_per_100mib": statistics.median(cpus) if cpus else None}
+    return out
+
+
 def collect(d, logs=()):
     doc = {"meta": load(os.path.join(d, "meta.json"), {})}
     runs = []
@@ -130,6 +149,7 @@ def collect(d, logs=()):
                 if doc[phase].get("client_cpu_s") is not None:
                     per["client"] = doc[phase]["client_cpu_s"] / n * 1000
                 doc[phase]["cpu_ms_per_session"] = per
+    doc["bulk"] = bulk_summary(d, cpu)
     doc["metrics_final"] = load(os.path.join(d, "metrics-final.json"), {})
     doc["perf"] = {}
     for path in sorted(glob.glob(os.path.join(d, "perf-*.txt"))):
@@ -217,6 +237,9 @@ def analyse(doc):
     check("TPC-B-like c=8: leasegate TPS / pgbouncer TPS", r, ">= 1.00", None if r is None else r >= 1.0)
     r = s["select"]["ratio_leasegate_direct"]
     check("select-only c=8: leasegate TPS / direct TPS (informational)", r, "(no target)", None)
+    bulk = doc.get("bulk") or {}
+    r = ratio((bulk.get("leasegate") or {}).get("mib_per_s"), (bulk.get("pgbouncer") or {}).get("mib_per_s"))
+    check("bulk COPY out: leasegate MiB/s / pgbouncer MiB/s (informational)", r, "(no target)", None)
 
     su, fl = doc.get("setup") or {}, doc.get("floor") or {}
     try:
@@ -372,6 +395,25 @@ def render(doc):
                 + (f"; leasegate_alt {', '.join(f(x, 1) for x in al.get('leasegate_alt_rounds', []))} "
                    f"(median {f(al.get('leasegate_alt'), 1)})" if al.get("leasegate_alt") is not None else "") + ".")
             add("")
+
+    bulk = doc.get("bulk") or {}
+    if bulk:
+        add("### bulk transfer (informational)")
+        add("")
+        mib = next(iter(bulk.values()))["mib"]
+        add(f"One session copies {mib} MiB out (`COPY (select repeat('x', 1023) ...) TO STDOUT` with psql into "
+            "/dev/null, 1 KiB rows), once per target and round, order rotated; wall time (connection set-up included), and the proxy's CPU per "
+            "100 MiB relayed. Direct: PostgreSQL's own TLS (OpenSSL); the proxies: TLS to the client, plaintext "
+            "upstream.")
+        add("")
+        add("| target | seconds (median) | MiB/s | seconds per round | proxy CPU ms per 100 MiB |")
+        add("| --- | ---: | ---: | --- | ---: |")
+        for tg in doc["targets"]:
+            b = bulk.get(tg)
+            if b:
+                add(f"| {tg} | {f(b['seconds_median'], 3)} | {f(b['mib_per_s'], 0)} | "
+                    f"{', '.join(f(x, 3) for x in b['seconds_rounds'])} | {f(b['proxy_cpu_ms_per_100mib'], 1)} |")
+        add("")
 
     add("## 2. Session setup")
     add("")

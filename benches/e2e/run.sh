@@ -25,6 +25,7 @@
 #   IDLE_MIN_AVAILABLE_MIB=3072  open no more idle sessions once MemAvailable drops below this
 #                        (every session also costs PostgreSQL a backend); the report says so
 #   C1=1                 also pgbench -S -c 1 -j 1 every round (latency leasegate adds per tx)
+#   BULK_MB=256*         also COPY this many MiB out through every target every round (0: skip)
 #   CEILING_SECONDS=10*  OpenBao creds + revoke ceiling: CHURN_CLIENTS loops straight to OpenBao;
 #                        then the same loops with a PostgreSQL login per credential (no proxy)
 #   WARM='{ readonly = 4 }'  also measure setup with warm sessions (a database entry with this
@@ -62,12 +63,12 @@ if [[ "$SMOKE" == 1 ]]; then
     QUICK=1
     : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=2}" "${SCALE:=1}" "${SETUP_N:=10}" "${SETUP_BLOCK:=5}" "${FLOOR_N:=10}"
     : "${IDLE_STAGES:=1,20}" "${IDLE_REOPEN:=10}" "${CHURN_SECONDS:=2}" "${CHURN_FRESH_SECONDS:=0}" "${MAX_SECONDS:=300}"
-    : "${CEILING_SECONDS:=2}"
+    : "${CEILING_SECONDS:=2}" "${BULK_MB:=16}"
 fi
 if [[ "$QUICK" == 1 ]]; then
     : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=5}" "${SETUP_N:=40}" "${SETUP_BLOCK:=20}" "${FLOOR_N:=20}"
     : "${IDLE_STAGES:=1,100,500}" "${IDLE_REOPEN:=100}" "${CHURN_SECONDS:=5}" "${CHURN_FRESH_SECONDS:=5}" "${MAX_SECONDS:=600}"
-    : "${CEILING_SECONDS:=5}"
+    : "${CEILING_SECONDS:=5}" "${BULK_MB:=64}"
 fi
 ROUNDS="${ROUNDS:-3}"
 PGBENCH_SECONDS="${PGBENCH_SECONDS:-20}"
@@ -81,6 +82,7 @@ FLOOR_N="${FLOOR_N:-100}"
 IDLE_STAGES="${IDLE_STAGES:-1,1000,5000,10000}"
 IDLE_MIN_AVAILABLE_MIB="${IDLE_MIN_AVAILABLE_MIB:-3072}"
 C1="${C1:-1}"
+BULK_MB="${BULK_MB:-256}"
 CEILING_SECONDS="${CEILING_SECONDS:-10}"
 WARM="${WARM:-}"
 IDLE_CONCURRENCY="${IDLE_CONCURRENCY:-50}"
@@ -484,6 +486,27 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+# Bulk transfer: one session copies BULK_MB MiB out (COPY TO STDOUT into /dev/null, psql), per
+# target and round, order rotated; wall time and the proxy's CPU.
+if [[ "$BULK_MB" != 0 ]]; then
+    say "1b. bulk: COPY of $BULK_MB MiB out through each target, $ROUNDS round(s)"
+    BULK_SQL="copy (select repeat('x', 1023) from generate_series(1, $((BULK_MB * 1024)))) to stdout"
+    : >"$T/out/bulk.jsonl"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for ((i = 0; i < ${#TARGETS[@]}; i++)); do
+            tg="${TARGETS[$(((i + r - 1) % ${#TARGETS[@]}))]}"
+            c0="$(cpu_snap)" t0="$(date +%s.%N)"
+            # shellcheck disable=SC2046
+            env $(target_env "$tg" readonly) timeout 300 psql -X -q -v ON_ERROR_STOP=1 -c "$BULK_SQL" >/dev/null \
+                || die "bulk copy through $tg failed"
+            t1="$(date +%s.%N)"
+            cpu_record bulk "$r" "$tg" bulk "$c0"
+            printf '{"round":%s,"target":"%s","seconds":%s,"mib":%s}\n' "$r" "$tg" "$(awk "BEGIN { print $t1 - $t0 }")" "$BULK_MB" >>"$T/out/bulk.jsonl"
+            say "  r$r $tg: $(awk "BEGIN { printf \"%.3f\", $t1 - $t0 }") s"
+        done
+    done
+fi
+
 if [[ -n "$LG_ALT_PID" ]]; then # the steady state is over: the second leasegate goes
     stop_pid leasegate_alt "$LG_ALT_PID"
     LG_ALT_PID=""
@@ -609,7 +632,7 @@ META=(--timestamp "$TS" --pgbin "$PGBIN" --bao "$DEVENV_BAO" --leasegate "$LG_SH
 [[ "$QUICK" == 1 ]] && META+=(--quick)
 for knob in ROUNDS PGBENCH_SECONDS PGBENCH_CLIENTS PGBENCH_JOBS SCALE SETUP_N SETUP_BLOCK SETUP_GAP_MS FLOOR_N IDLE_STAGES \
     IDLE_CONCURRENCY CHURN_SECONDS CHURN_FRESH_SECONDS IDLE_REOPEN CHURN_CLIENTS PG_SYNC_COMMIT NICE \
-    IDLE_MIN_AVAILABLE_MIB C1 CEILING_SECONDS WARM LG_ALT_THREADS \
+    IDLE_MIN_AVAILABLE_MIB C1 BULK_MB CEILING_SECONDS WARM LG_ALT_THREADS \
     LEASEGATE_WORKER_THREADS EXTRA_GRANTS PG_MAX_CONNECTIONS; do
     META+=(--knob "$knob=${!knob:-}")
 done
