@@ -365,6 +365,11 @@ def render(doc):
         row = doc["steady"][wl]
         add(f"### {title}")
         add("")
+        if wl == "select1":
+            add(f"{knobs.get('C1_REPS') or knobs.get('ROUNDS')} interleaved runs of "
+                f"`pgbench -n -S -c 1 -j 1 -T {knobs.get('C1_SECONDS') or knobs.get('PGBENCH_SECONDS')}` per target "
+                "(order rotated every repetition), after the rounds above; \"per round\" means per repetition.")
+            add("")
         add("| target | TPS (median) | avg latency ms | TPS per round | proxy CPU µs/tx | PostgreSQL CPU µs/tx | all CPU µs/tx | proxy cores | proxy context switches/tx | foreign cores per round |")
         add("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
         for tg in doc["targets"]:

@@ -24,7 +24,8 @@
 #                        is capped at what the open-file limit allows: 2 descriptors per session)
 #   IDLE_MIN_AVAILABLE_MIB=3072  open no more idle sessions once MemAvailable drops below this
 #                        (every session also costs PostgreSQL a backend); the report says so
-#   C1=1                 also pgbench -S -c 1 -j 1 every round (latency leasegate adds per tx)
+#   C1=1                 also pgbench -S -c 1 -j 1 (latency leasegate adds per tx): C1_REPS=5*
+#                        interleaved runs of C1_SECONDS=8* per target
 #   BULK_MB=256*         also COPY this many MiB out through every target every round (0: skip)
 #   CEILING_SECONDS=10*  OpenBao creds + revoke ceiling: CHURN_CLIENTS loops straight to OpenBao;
 #                        then the same loops with a PostgreSQL login per credential (no proxy)
@@ -63,12 +64,12 @@ if [[ "$SMOKE" == 1 ]]; then
     QUICK=1
     : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=2}" "${SCALE:=1}" "${SETUP_N:=10}" "${SETUP_BLOCK:=5}" "${FLOOR_N:=10}"
     : "${IDLE_STAGES:=1,20}" "${IDLE_REOPEN:=10}" "${CHURN_SECONDS:=2}" "${CHURN_FRESH_SECONDS:=0}" "${MAX_SECONDS:=300}"
-    : "${CEILING_SECONDS:=2}" "${BULK_MB:=16}"
+    : "${CEILING_SECONDS:=2}" "${BULK_MB:=16}" "${C1_REPS:=1}" "${C1_SECONDS:=2}"
 fi
 if [[ "$QUICK" == 1 ]]; then
     : "${ROUNDS:=1}" "${PGBENCH_SECONDS:=5}" "${SETUP_N:=40}" "${SETUP_BLOCK:=20}" "${FLOOR_N:=20}"
     : "${IDLE_STAGES:=1,100,500}" "${IDLE_REOPEN:=100}" "${CHURN_SECONDS:=5}" "${CHURN_FRESH_SECONDS:=5}" "${MAX_SECONDS:=600}"
-    : "${CEILING_SECONDS:=5}" "${BULK_MB:=64}"
+    : "${CEILING_SECONDS:=5}" "${BULK_MB:=64}" "${C1_REPS:=2}" "${C1_SECONDS:=4}"
 fi
 ROUNDS="${ROUNDS:-3}"
 PGBENCH_SECONDS="${PGBENCH_SECONDS:-20}"
@@ -82,6 +83,8 @@ FLOOR_N="${FLOOR_N:-100}"
 IDLE_STAGES="${IDLE_STAGES:-1,1000,5000,10000}"
 IDLE_MIN_AVAILABLE_MIB="${IDLE_MIN_AVAILABLE_MIB:-3072}"
 C1="${C1:-1}"
+C1_REPS="${C1_REPS:-5}"
+C1_SECONDS="${C1_SECONDS:-8}"
 BULK_MB="${BULK_MB:-256}"
 CEILING_SECONDS="${CEILING_SECONDS:-10}"
 WARM="${WARM:-}"
@@ -464,7 +467,7 @@ PGBENCH_ARGS=(-n -c "$PGBENCH_CLIENTS" -j "$PGBENCH_JOBS" -T "$PGBENCH_SECONDS")
 run_pgbench() { # ROUND TARGET WORKLOAD
     local round="$1" tg="$2" wl="$3" role=readonly args=("${PGBENCH_ARGS[@]}") c0 rc=0
     [[ "$wl" == select ]] && args+=(-S)
-    [[ "$wl" == select1 ]] && args=(-n -c 1 -j 1 -T "$PGBENCH_SECONDS" -S)
+    [[ "$wl" == select1 ]] && args=(-n -c 1 -j 1 -T "$C1_SECONDS" -S)
     [[ "$wl" == tpcb ]] && role=readwrite
     prepare_run
     c0="$(cpu_snap)"
@@ -482,9 +485,19 @@ for ((r = 1; r <= ROUNDS; r++)); do
         tg="${TARGETS[$(((i + r - 1) % ${#TARGETS[@]}))]}"
         run_pgbench "$r" "$tg" select
         run_pgbench "$r" "$tg" tpcb
-        [[ "$C1" == 1 ]] && run_pgbench "$r" "$tg" select1
     done
 done
+# One client: the few microseconds a proxy adds are smaller than the machine's drift over
+# minutes, so these runs are short and interleaved target by target, C1_REPS times (each
+# repetition pairs a proxy's run with direct's run next to it).
+if [[ "$C1" == 1 ]]; then
+    say "1a. one client: $C1_REPS x ${TARGETS[*]}, pgbench -S -c 1 -T $C1_SECONDS, interleaved"
+    for ((r = 1; r <= C1_REPS; r++)); do
+        for ((i = 0; i < ${#TARGETS[@]}; i++)); do
+            run_pgbench "$r" "${TARGETS[$(((i + r - 1) % ${#TARGETS[@]}))]}" select1
+        done
+    done
+fi
 
 # Bulk transfer: one session copies BULK_MB MiB out (COPY TO STDOUT into /dev/null, psql), per
 # target and round, order rotated; wall time and the proxy's CPU.
@@ -632,7 +645,7 @@ META=(--timestamp "$TS" --pgbin "$PGBIN" --bao "$DEVENV_BAO" --leasegate "$LG_SH
 [[ "$QUICK" == 1 ]] && META+=(--quick)
 for knob in ROUNDS PGBENCH_SECONDS PGBENCH_CLIENTS PGBENCH_JOBS SCALE SETUP_N SETUP_BLOCK SETUP_GAP_MS FLOOR_N IDLE_STAGES \
     IDLE_CONCURRENCY CHURN_SECONDS CHURN_FRESH_SECONDS IDLE_REOPEN CHURN_CLIENTS PG_SYNC_COMMIT NICE \
-    IDLE_MIN_AVAILABLE_MIB C1 BULK_MB CEILING_SECONDS WARM LG_ALT_THREADS \
+    IDLE_MIN_AVAILABLE_MIB C1 C1_REPS C1_SECONDS BULK_MB CEILING_SECONDS WARM LG_ALT_THREADS \
     LEASEGATE_WORKER_THREADS EXTRA_GRANTS PG_MAX_CONNECTIONS; do
     META+=(--knob "$knob=${!knob:-}")
 done
