@@ -128,6 +128,12 @@ impl Tracked {
         lease.expires = left.map(|d| SystemTime::now() + d);
     }
 
+    /// The upstream user and the lease, once the credential arrived (for audit lines).
+    pub(crate) fn lease_ids(&self) -> (Option<String>, Option<String>) {
+        let lease = self.lease();
+        (lease.upstream_user.clone(), lease.lease_id.clone())
+    }
+
     /// A renewal granted `ttl` from now (zero: no expiry).
     pub(crate) fn renewed(&self, ttl: Duration) {
         let now = SystemTime::now();

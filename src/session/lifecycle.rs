@@ -119,7 +119,7 @@ pub(crate) const FORCE_AFTER: Duration = Duration::from_secs(4);
 pub(crate) async fn watch(
     vault: &VaultClient,
     metrics: &Metrics,
-    life: Lifetime,
+    life: &Lifetime,
     stop: &CancellationToken,
     control: ControlSender,
 ) {
@@ -130,13 +130,13 @@ pub(crate) async fn watch(
 async fn watch_with(
     vault: &dyn LeaseApi,
     metrics: &Metrics,
-    life: Lifetime,
+    life: &Lifetime,
     stop: &CancellationToken,
     control: ControlSender,
     jitter: fn() -> Jitter,
 ) {
     let clock = SessionClock::new(Instant::now(), life.terms(), jitter);
-    if let Watched::EndSent = watch_inner(vault, metrics, &life, clock, stop, &control).await {
+    if let Watched::EndSent = watch_inner(vault, metrics, life, clock, stop, &control).await {
         tokio::select! {
             _ = tokio::time::sleep(FORCE_AFTER) => return,
             _ = control.closed() => {}
