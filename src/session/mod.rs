@@ -37,7 +37,7 @@ use crate::upstream::{self, Database, LoggedIn, UpstreamError};
 use crate::vault::Lease;
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
-use relaying::{CLIENT_CLOSE_WAIT, Relay, Scope};
+use relaying::{CLIENT_CLOSE_WAIT, Ready, Relay, Scope};
 
 /// Longest a relaying session takes to end once its stop token is cancelled: the watcher's
 /// FATAL, delivered or cut after [`lifecycle::FORCE_AFTER`], then the client's close and the
@@ -114,7 +114,7 @@ async fn finish<'a>(
                 started,
             };
             match session.serve(*hello).await {
-                Ok(relay) => return Some(Box::new(relay)),
+                Ok(ready) => return Some(Box::new(Relay::new(ready))),
                 Err(e) => e,
             }
         }
@@ -245,7 +245,7 @@ impl<'a> Session<'a> {
 
     /// Setup after the handshake: the grant, the limits, the credential and the upstream login
     /// (or a warm session); what the relay phase needs, or the refusal (told to the client).
-    async fn serve(mut self, mut hello: ClientHello) -> Result<Relay<'a>, SessionError> {
+    async fn serve(mut self, mut hello: ClientHello) -> Result<Ready<'a>, SessionError> {
         let (database, identity) = match self.authorize(&hello) {
             Ok(d) => d,
             Err(e) => return self.fail(&mut hello.stream, e).await,
@@ -286,7 +286,7 @@ impl<'a> Session<'a> {
         let login = self.login(&mut hello.stream, &database, &lease, &settings, &tracked);
         let logged_in = login.await?;
         drop((lease, settings));
-        Ok(Relay {
+        Ok(Ready {
             scope: self.scope(false),
             hello,
             logged_in,

@@ -3,12 +3,14 @@
 //! counters, and message-boundary tracking so that leasegate can end a session with its own
 //! ErrorResponse without cutting a message in half.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::time::Instant;
+use tokio::time::Sleep;
 
 use super::bufpool::{self, Buf as Lent};
 pub(crate) use super::control::{
@@ -351,6 +353,14 @@ async fn at_boundary<W: AsyncWrite>(
     })
 }
 
+/// The deadline of an End waiting for a message boundary (pending while there is none).
+fn end_deadline(ending: &mut Option<(BytesMut, Pin<Box<Sleep>>)>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match ending {
+        Some((_, deadline)) => deadline.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+}
+
 /// Upstream → client, with injected messages written only at message boundaries.
 async fn pump_down<R, W>(
     reader: &mut ReadHalf<R>,
@@ -363,7 +373,9 @@ where
     W: AsyncWrite,
 {
     let mut control_open = true;
-    let mut ending: Option<(BytesMut, Instant)> = None;
+    // The End message and its deadline, boxed: the timer exists only while ending, so an idle
+    // session's future does not carry one.
+    let mut ending: Option<(BytesMut, Pin<Box<Sleep>>)> = None;
     let mut notices: Vec<BytesMut> = Vec::new();
     loop {
         if dir.framer.at_boundary() {
@@ -374,19 +386,18 @@ where
             }
         }
         let (buf, n) = if dir.unsent.is_empty() {
-            let end_at = ending.as_ref().map(|(_, at)| *at);
             tokio::select! {
                 biased;
                 ctl = control.recv(), if control_open && ending.is_none() => {
                     match ctl {
                         // Delivered at the next boundary (at once when idle).
                         Some(Control::Notice(msg)) => notices.push(msg),
-                        Some(Control::End(msg)) => ending = Some((msg, Instant::now() + END_WAIT)),
+                        Some(Control::End(msg)) => ending = Some((msg, Box::pin(tokio::time::sleep(END_WAIT)))),
                         None => control_open = false,
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(end_at.unwrap_or_else(Instant::now)), if end_at.is_some() => {
+                () = end_deadline(&mut ending), if ending.is_some() => {
                     return DownEnd::Ended { delivered: false };
                 }
                 r = dir.read(reader) => match r {

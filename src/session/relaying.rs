@@ -8,11 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tokio::io::{AsyncWriteExt, split};
 use tokio_util::sync::CancellationToken;
 
 use super::close;
-use super::greeting::startup_reply;
+use super::greeting::{startup_head, startup_tail};
 use super::handshake::{ClientHello, ClientStream};
 use super::lifecycle::{self, Lifetime};
 use super::relay::{self, Direction, RelayEnd, Relayed};
@@ -78,10 +79,9 @@ impl Scope<'_> {
 /// How long the close phase waits for the client's socket to shut down.
 pub(super) const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// A session logged in upstream, ready to relay. Its audit lines are built from the registry
-/// entry (identities, request, upstream user, lease) when they are written, so the relay phase
-/// keeps no copy of those facts beside the one `sessions list` reads.
-pub(super) struct Relay<'a> {
+/// A session logged in upstream, as setup hands it over ([`Relay::new`] keeps what the relay
+/// phase needs of it).
+pub(super) struct Ready<'a> {
     /// The proxy, the session's stop token and where the client came from.
     pub scope: Scope<'a>,
     /// The client's stream and startup request (the startup reply reads it).
@@ -100,54 +100,103 @@ pub(super) struct Relay<'a> {
     pub tracked: Registered,
 }
 
-impl Relay<'_> {
+/// A session ready to relay: only what the relay, the watcher, the close and the end audit
+/// line need (the startup request and the login's buffers are freed before). Its audit lines
+/// are built from the registry entry (identities, request, upstream user, lease) when they are
+/// written, so the relay phase keeps no copy of those facts beside the one `sessions list`
+/// reads.
+pub(super) struct Relay<'a> {
+    /// The proxy, the session's stop token and where the client came from.
+    scope: Scope<'a>,
+    /// The client's startup reply up to leasegate's cancel key ([`startup_head`]).
+    head: BytesMut,
+    /// The client's and the upstream's connections.
+    streams: Streams,
+    /// Bytes the upstream sent after its ReadyForQuery (normally none).
+    leftover: BytesMut,
+    /// Transaction status of the upstream's first ReadyForQuery.
+    status: u8,
+    /// The upstream backend's cancel key.
+    cancel_key: Option<(i32, i32)>,
+    /// The database entry: the cancel target and the close's metric label.
+    database: Arc<Database>,
+    /// What the watcher needs of the lease and the database entry.
+    life: Lifetime,
+    /// Revokes the lease when dropped, once the upstream is closed.
+    guard: LeaseGuard,
+    /// The session's place under its limits, held until the upstream is closed.
+    permit: Permit,
+    /// The registry entry, deregistered last.
+    tracked: Registered,
+}
+
+impl<'a> Relay<'a> {
+    /// Keeps what relaying needs of `ready`; frees the rest (startup parameters, identities,
+    /// the upstream's ParameterStatus once copied into the reply).
+    pub(super) fn new(ready: Ready<'a>) -> Relay<'a> {
+        let Ready {
+            scope,
+            hello,
+            logged_in,
+            database,
+            life,
+            guard,
+            permit,
+            tracked,
+        } = ready;
+        Relay {
+            scope,
+            head: startup_head(&hello, &logged_in),
+            streams: Streams {
+                client: hello.stream,
+                upstream: logged_in.stream,
+            },
+            leftover: logged_in.leftover,
+            status: logged_in.ready_status,
+            cancel_key: logged_in.cancel_key,
+            database,
+            life,
+            guard,
+            permit,
+            tracked,
+        }
+    }
+
     /// Startup completion as the client sees it, the relay, the close of the upstream
     /// (cancelling first when it is busy), the end audit line; then the lease is revoked and
     /// the session deregistered.
     pub(super) async fn run(mut self: Box<Self>) {
+        // The fields are used in place (moved out one by one where needed): destructuring
+        // would copy them into this future beside the box.
         let scope = self.scope;
         let tracked: &Tracked = &self.tracked;
         let (state, live) = (scope.state, scope.live);
-        let registration = cancel_target(&self.database, self.logged_in.cancel_key).map(|t| {
+        let registration = cancel_target(&self.database, self.cancel_key).map(|t| {
             let id = live.cluster.as_ref().and_then(crate::cluster::Cluster::id);
             state.cancels.register(t, id)
         });
         state.audit.record(scope.audit("session_start", tracked));
         let started = Instant::now();
         state.metrics.sessions_active.inc();
-        let out = startup_reply(
-            &self.hello,
-            &self.logged_in,
-            registration.as_ref().map(|r| r.key),
-        );
-        let leftover = std::mem::take(&mut self.logged_in.leftover);
-        let status = self.logged_in.ready_status;
+        let key = registration.as_ref().map(|r| r.key);
+        startup_tail(&mut self.head, key, self.status);
+        let leftover = std::mem::take(&mut self.leftover);
         let (to_upstream, to_client) =
-            relay::directions(&state.metrics, leftover, status, Some(tracked));
+            relay::directions(&state.metrics, leftover, self.status, Some(tracked));
         // Built before the relay and filled in after, so the directions are stored once.
         let mut relayed = Relayed {
             end: RelayEnd::Ended { delivered: false },
             to_upstream,
             to_client,
         };
-        // Only the two streams live on through the relay: every setup buffer is freed here, so
-        // an idle session costs little more than its sockets, TLS state and relay state.
-        drop((
-            self.hello.params,
-            self.hello.principal,
-            self.logged_in.to_client,
-        ));
-        let streams = Streams {
-            client: self.hello.stream,
-            upstream: self.logged_in.stream,
-        };
         let dirs = (&mut relayed.to_upstream, &mut relayed.to_client);
-        let (end, mut upstream) = streams.relay(scope, out, dirs, &self.life).await;
+        let head = std::mem::take(&mut self.head);
+        let (end, mut upstream) = self.streams.relay(scope, head, dirs, &self.life).await;
         if let Some(how) = end.end_reason() {
             tracked.ended(how);
         }
         relayed.end = end;
-        let upstream_key = cancel_target(&self.database, self.logged_in.cancel_key);
+        let upstream_key = cancel_target(&self.database, self.cancel_key);
         let (db, metrics) = (&self.database.config.name, &state.metrics);
         let key = upstream_key.as_ref();
         let closed = Box::pin(close::close(&mut upstream, &mut relayed, key, db, metrics)).await;
@@ -180,7 +229,7 @@ impl Streams {
     pub(super) async fn relay(
         self,
         session: Scope<'_>,
-        out: bytes::BytesMut,
+        out: BytesMut,
         (to_upstream, to_client): (&mut Direction, &mut Direction),
         life: &Lifetime,
     ) -> (RelayEnd, UpstreamStream) {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::handshake::ClientHello;
-use super::relaying::Relay;
+use super::relaying::Ready;
 use super::{Session, lifetime};
 use crate::error::SessionError;
 use crate::limits::Permit;
@@ -38,7 +38,7 @@ impl<'a> Session<'a> {
         database: &Arc<Database>,
         permit: Permit,
         tracked: Registered,
-    ) -> Result<Relay<'a>, SessionError> {
+    ) -> Result<Ready<'a>, SessionError> {
         let Warm {
             lease,
             guard,
@@ -53,7 +53,7 @@ impl<'a> Session<'a> {
         tracked.credential(&lease.username, &lease.id, left);
         let life = lifetime(&lease, remaining, database, &hello.role, &tracked);
         drop(lease);
-        Ok(Relay {
+        Ok(Ready {
             scope: self.scope(true),
             hello,
             logged_in,
