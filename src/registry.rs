@@ -101,10 +101,11 @@ pub(crate) struct Tracked {
     pub started: SystemTime,
     /// Written at the credential and at each renewal, read by listings.
     lease: Mutex<LeaseFacts>,
-    /// Client → upstream, stored by the relay.
-    pub to_upstream: Arc<Traffic>,
+    /// Client → upstream, stored by the relay (which shares this entry, so the counters
+    /// need no allocation of their own).
+    pub to_upstream: Traffic,
     /// Upstream → client, stored by the relay.
-    pub to_client: Arc<Traffic>,
+    pub to_client: Traffic,
     /// Relaying (after the client got its ReadyForQuery); before: setup.
     relaying: AtomicBool,
     /// The session's own stop token (a child of the sessions' token).
@@ -307,8 +308,8 @@ impl Registry {
             facts,
             started: SystemTime::now(),
             lease: Mutex::default(),
-            to_upstream: Arc::default(),
-            to_client: Arc::default(),
+            to_upstream: Traffic::default(),
+            to_client: Traffic::default(),
             relaying: AtomicBool::new(false),
             stop,
             cause: OnceLock::new(),

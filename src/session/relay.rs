@@ -119,7 +119,7 @@ pub(crate) struct Direction {
     pub counter: Option<prometheus_client::metrics::counter::Counter>,
     /// What `sessions list` reads of this direction (bytes, messages, status), stored after
     /// each chunk written.
-    pub shared: Option<Arc<Traffic>>,
+    pub shared: Option<Shared>,
     /// Bytes written and not yet added to `counter`.
     uncounted: u64,
 }
@@ -157,8 +157,8 @@ impl Direction {
         }
     }
 
-    /// Also stores what it does into `traffic`, for `sessions list`.
-    pub(crate) fn sharing(mut self, traffic: Arc<Traffic>) -> Self {
+    /// Also stores what it does into the registry entry, for `sessions list`.
+    pub(crate) fn sharing(mut self, traffic: Shared) -> Self {
         self.shared = Some(traffic);
         self
     }
@@ -179,7 +179,8 @@ impl Direction {
         }
         if let Some(t) = &self.shared {
             let f = &self.framer;
-            t.store(self.bytes, f.count(), f.last_counted_byte(), f.pending());
+            t.traffic()
+                .store(self.bytes, f.count(), f.last_counted_byte(), f.pending());
         }
     }
 
@@ -236,7 +237,7 @@ pub(crate) fn directions(
     metrics: &Metrics,
     leftover: BytesMut,
     status: u8,
-    tracked: Option<&Tracked>,
+    tracked: Option<&Arc<Tracked>>,
 ) -> (Direction, Direction) {
     let up = Direction::to_upstream(Some(metrics.relayed(RelayDirection::ToUpstream)));
     let down = Direction::to_client(Some(metrics.relayed(RelayDirection::ToClient)), leftover);
@@ -244,11 +245,39 @@ pub(crate) fn directions(
         None => (up, down),
         Some(t) => {
             t.to_client.store(0, 0, status, false);
-            (
-                up.sharing(t.to_upstream.clone()),
-                down.sharing(t.to_client.clone()),
-            )
+            let shared = |up| Shared {
+                tracked: t.clone(),
+                up,
+            };
+            (up.sharing(shared(true)), down.sharing(shared(false)))
         }
+    }
+}
+
+/// One direction's counters in a registry entry.
+pub(crate) struct Shared {
+    /// The entry.
+    tracked: Arc<Tracked>,
+    /// Client → upstream (else upstream → client).
+    up: bool,
+}
+
+impl Shared {
+    /// This direction's counters.
+    fn traffic(&self) -> &Traffic {
+        match self.up {
+            true => &self.tracked.to_upstream,
+            false => &self.tracked.to_client,
+        }
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("session", &self.tracked.id)
+            .field("up", &self.up)
+            .finish()
     }
 }
 

@@ -168,7 +168,7 @@ impl<'a> Relay<'a> {
     pub(super) async fn run(mut self: Box<Self>) {
         // The fields are used in place (moved out one by one where needed): destructuring
         // would copy them into this future beside the box.
-        let scope = self.scope;
+        let scope = &self.scope;
         let tracked: &Tracked = &self.tracked;
         let (state, live) = (scope.state, scope.live);
         let registration = cancel_target(&self.database, self.cancel_key).map(|t| {
@@ -181,8 +181,12 @@ impl<'a> Relay<'a> {
         let key = registration.as_ref().map(|r| r.key);
         startup_tail(&mut self.head, key, self.status);
         let leftover = std::mem::take(&mut self.leftover);
-        let (to_upstream, to_client) =
-            relay::directions(&state.metrics, leftover, self.status, Some(tracked));
+        let (to_upstream, to_client) = relay::directions(
+            &state.metrics,
+            leftover,
+            self.status,
+            Some(&self.tracked.handle()),
+        );
         // Built before the relay and filled in after, so the directions are stored once.
         let mut relayed = Relayed {
             end: RelayEnd::Ended { delivered: false },
@@ -227,31 +231,28 @@ impl Streams {
     /// Writes the startup reply `out`, then relays with the watcher beside it until either
     /// side ends; closes the client's side and gives back how it ended and the upstream.
     pub(super) async fn relay(
-        self,
-        session: Scope<'_>,
+        mut self,
+        session: &Scope<'_>,
         out: BytesMut,
         (to_upstream, to_client): (&mut Direction, &mut Direction),
         life: &Lifetime,
     ) -> (RelayEnd, UpstreamStream) {
-        let Streams {
-            mut client,
-            upstream,
-        } = self;
+        // The fields are moved out where needed, not destructured: no second copy of them.
         let write = async {
-            client.write_all(&out).await?;
-            client.flush().await
+            self.client.write_all(&out).await?;
+            self.client.flush().await
         };
         let written = write.await;
         drop(out);
         if let Err(e) = written {
-            return (RelayEnd::ClientGone(Some(e)), upstream);
+            return (RelayEnd::ClientGone(Some(e)), self.upstream);
         }
         if let Some(t) = &life.tracked {
             t.relaying();
         }
         let state = session.state;
-        let (mut cr, mut cw) = split(client);
-        let (mut ur, mut uw) = split(upstream);
+        let (mut cr, mut cw) = split(self.client);
+        let (mut ur, mut uw) = split(self.upstream);
         let (tx, mut control) = relay::control_channel();
         let end = tokio::select! {
             end = relay::relay(
