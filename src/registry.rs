@@ -101,10 +101,11 @@ pub(crate) struct Tracked {
     pub started: SystemTime,
     /// Written at the credential and at each renewal, read by listings.
     lease: Mutex<LeaseFacts>,
-    /// Client → upstream, stored by the relay.
-    pub to_upstream: Arc<Traffic>,
+    /// Client → upstream, stored by the relay (which shares this entry, so the counters
+    /// need no allocation of their own).
+    pub to_upstream: Traffic,
     /// Upstream → client, stored by the relay.
-    pub to_client: Arc<Traffic>,
+    pub to_client: Traffic,
     /// Relaying (after the client got its ReadyForQuery); before: setup.
     relaying: AtomicBool,
     /// The session's own stop token (a child of the sessions' token).
@@ -126,6 +127,12 @@ impl Tracked {
         lease.upstream_user = Some(user.to_owned());
         lease.lease_id = Some(lease_id.to_owned());
         lease.expires = left.map(|d| SystemTime::now() + d);
+    }
+
+    /// The upstream user and the lease, once the credential arrived (for audit lines).
+    pub(crate) fn lease_ids(&self) -> (Option<String>, Option<String>) {
+        let lease = self.lease();
+        (lease.upstream_user.clone(), lease.lease_id.clone())
     }
 
     /// A renewal granted `ttl` from now (zero: no expiry).
@@ -301,8 +308,8 @@ impl Registry {
             facts,
             started: SystemTime::now(),
             lease: Mutex::default(),
-            to_upstream: Arc::default(),
-            to_client: Arc::default(),
+            to_upstream: Traffic::default(),
+            to_client: Traffic::default(),
             relaying: AtomicBool::new(false),
             stop,
             cause: OnceLock::new(),

@@ -8,23 +8,24 @@ use super::handshake::ClientHello;
 use crate::protocol::messages;
 use crate::upstream::LoggedIn;
 
-/// What the client gets to complete its startup: NegotiateProtocolVersion if needed,
-/// AuthenticationOk, the upstream's ParameterStatus and notices, leasegate's cancel key,
-/// ReadyForQuery.
-pub(super) fn startup_reply(
-    hello: &ClientHello,
-    logged_in: &LoggedIn,
-    key: Option<(i32, i32)>,
-) -> BytesMut {
+/// What the client gets to complete its startup, up to leasegate's cancel key:
+/// NegotiateProtocolVersion if needed, AuthenticationOk, the upstream's ParameterStatus and
+/// notices. [`startup_tail`] adds the rest.
+pub(super) fn startup_head(hello: &ClientHello, logged_in: &LoggedIn) -> BytesMut {
     let mut out = BytesMut::with_capacity(1024);
     negotiate_protocol(&mut out, hello);
     messages::authentication_ok(&mut out);
     out.extend_from_slice(&logged_in.to_client);
-    if let Some((pid, secret)) = key {
-        messages::backend_key_data(&mut out, pid, secret);
-    }
-    messages::ready_for_query(&mut out, logged_in.ready_status);
     out
+}
+
+/// The end of the startup reply: leasegate's cancel key (when the upstream gave one), then
+/// ReadyForQuery with the upstream's transaction `status`.
+pub(super) fn startup_tail(out: &mut BytesMut, key: Option<(i32, i32)>, status: u8) {
+    if let Some((pid, secret)) = key {
+        messages::backend_key_data(out, pid, secret);
+    }
+    messages::ready_for_query(out, status);
 }
 
 /// NegotiateProtocolVersion when the client asked for a newer minor version or `_pq_.`

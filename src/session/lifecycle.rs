@@ -119,7 +119,7 @@ pub(crate) const FORCE_AFTER: Duration = Duration::from_secs(4);
 pub(crate) async fn watch(
     vault: &VaultClient,
     metrics: &Metrics,
-    life: Lifetime,
+    life: &Lifetime,
     stop: &CancellationToken,
     control: ControlSender,
 ) {
@@ -130,13 +130,14 @@ pub(crate) async fn watch(
 async fn watch_with(
     vault: &dyn LeaseApi,
     metrics: &Metrics,
-    life: Lifetime,
+    life: &Lifetime,
     stop: &CancellationToken,
     control: ControlSender,
     jitter: fn() -> Jitter,
 ) {
-    let clock = SessionClock::new(Instant::now(), life.terms(), jitter);
-    if let Watched::EndSent = watch_inner(vault, metrics, &life, clock, stop, &control).await {
+    let mut clock = SessionClock::new(Instant::now(), life.terms(), jitter);
+    let watched = watch_inner(vault, metrics, life, &mut clock, stop, &control).await;
+    if let Watched::EndSent = watched {
         tokio::select! {
             _ = tokio::time::sleep(FORCE_AFTER) => return,
             _ = control.closed() => {}
@@ -152,7 +153,7 @@ async fn watch_inner(
     vault: &dyn LeaseApi,
     metrics: &Metrics,
     life: &Lifetime,
-    mut clock: SessionClock,
+    clock: &mut SessionClock,
     stop: &CancellationToken,
     control: &ControlSender,
 ) -> Watched {
@@ -169,7 +170,7 @@ async fn watch_inner(
                 }
                 // Boxed: the renewal's Vault call is the largest state of the watcher, and
                 // only exists while it runs (an idle session keeps the watcher small).
-                Due::Renew => Box::pin(renew(vault, metrics, life, &mut clock)).await,
+                Due::Renew => Box::pin(renew(vault, metrics, life, clock)).await,
             }
         }
         tokio::select! {

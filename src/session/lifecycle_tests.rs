@@ -68,7 +68,7 @@ fn watching(vault: &Arc<ScriptedVault>, life: Lifetime) -> Watcher {
     let (vault, stopped) = (vault.clone(), stop.clone());
     let task = tokio::spawn(async move {
         let metrics = Metrics::new();
-        watch_with(&*vault, &metrics, life, &stopped, tx, || Jitter::NONE).await;
+        watch_with(&*vault, &metrics, &life, &stopped, tx, || Jitter::NONE).await;
     });
     Watcher {
         start: Instant::now(),

@@ -13,6 +13,7 @@ mod greeting;
 pub(crate) mod handshake;
 pub(crate) mod lifecycle;
 pub(crate) mod relay;
+mod relaying;
 pub(crate) mod unix;
 mod warm;
 
@@ -20,28 +21,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, split};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditEvent;
-use crate::cancel::CancelTarget;
 use crate::error::SessionError;
 use crate::escape::logged;
-use crate::metrics::labels::{SessionOutcome, SetupPhase};
+use crate::metrics::labels::SetupPhase;
 use crate::net::ClientAddr;
 use crate::policy::Denial;
-use crate::registry::{NewSession, Registered};
+use crate::registry::{NewSession, Registered, Tracked};
 use crate::state::{AppState, Live};
 use crate::upstream::{self, Database, LoggedIn, UpstreamError};
 use crate::vault::Lease;
-use greeting::startup_reply;
 use handshake::{Accepted, ClientHello, ClientStream, report};
 use lifecycle::Lifetime;
-use relay::{RelayEnd, Relayed};
+use relaying::{CLIENT_CLOSE_WAIT, Ready, Relay, Scope};
 
-/// How long the close phase waits for the client's socket to shut down.
-const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// Longest a relaying session takes to end once its stop token is cancelled: the watcher's
 /// FATAL, delivered or cut after [`lifecycle::FORCE_AFTER`], then the client's close and the
 /// upstream's (a busy one cancelled first: [`close::CLOSE_WITHIN`]). A session still waiting
@@ -60,46 +57,46 @@ pub(crate) async fn run(
     let live = state.live.load_full();
     let started = Instant::now();
     let mut peer = peer;
-    let accepted = setup(&live, &stop, accept(tcp, &mut peer, &live)).await;
-    finish(
-        &state,
-        &live,
-        accepted,
-        ClientAddr::Tcp(peer),
-        started,
-        &stop,
-    )
-    .await;
+    let accepted = setup(&live, &stop, Box::pin(accept(tcp, &mut peer, &live))).await;
+    let peer = ClientAddr::Tcp(peer);
+    let ready = Box::pin(finish(&state, &live, accepted, peer, started, &stop)).await;
+    if let Some(relay) = ready {
+        relay.run().await;
+    }
 }
 
-/// The pre-authentication phase under `login_timeout`, given up at shutdown.
+/// The pre-authentication phase under `login_timeout`, given up at shutdown. Callers pass the
+/// handshake boxed: it is the largest state of a session's setup, and inline it would size the
+/// whole session task (an idle session would carry it to its end).
 async fn setup(
     live: &Live,
     stop: &CancellationToken,
     handshake: impl Future<Output = Result<Accepted, SessionError>>,
 ) -> Result<Accepted, SessionError> {
     tokio::select! {
-        r = tokio::time::timeout(live.login_timeout, Box::pin(handshake)) => {
+        r = tokio::time::timeout(live.login_timeout, handshake) => {
             r.unwrap_or(Err(SessionError::LoginTimeout))
         }
         _ = stop.cancelled() => Err(SessionError::Shutdown),
     }
 }
 
-/// A connection after its handshake (TLS or Unix socket), to its end: the cancel path, or the
-/// session; metrics, logs and audit lines.
-async fn finish(
-    state: &Arc<AppState>,
-    live: &Live,
+/// A connection after its handshake (TLS or Unix socket): the cancel path, or the session's
+/// setup; metrics, logs and audit lines of a refusal. A session ready to relay is handed back
+/// (the caller runs [`Relay::run`] outside this future, so the session task does not keep the
+/// setup's state).
+async fn finish<'a>(
+    state: &'a Arc<AppState>,
+    live: &'a Live,
     accepted: Result<Accepted, SessionError>,
     peer: ClientAddr,
     started: Instant,
-    stop: &CancellationToken,
-) {
-    let result = match accepted {
+    stop: &'a CancellationToken,
+) -> Option<Box<Relay<'a>>> {
+    let e = match accepted {
         Ok(Accepted::Cancel(request)) => {
             cancel_request::handle(state, live, request, &peer).await;
-            return;
+            return None;
         }
         Ok(Accepted::Session(hello)) => {
             state
@@ -116,7 +113,10 @@ async fn finish(
                 audit,
                 started,
             };
-            session.serve(*hello).await
+            match session.serve(*hello).await {
+                Ok(ready) => return Some(Box::new(Relay::new(ready))),
+                Err(e) => e,
+            }
         }
         Err(e) => {
             if let Some(reason) = e.tls_failure_reason() {
@@ -125,21 +125,17 @@ async fn finish(
             state
                 .audit
                 .record(AuditEvent::client("refused", &peer).error(&e));
-            Err(e)
+            e
         }
     };
-    match result {
-        Ok(()) => state.metrics.session_finished(SessionOutcome::Ok),
-        Err(e) => {
-            if let Some(reason) = e.auth_failure_reason() {
-                state.metrics.auth_failure(reason);
-                tracing::info!(%peer, reason = reason.as_str(), error = %e, "client refused");
-            } else {
-                tracing::warn!(%peer, error = %e, "session failed");
-            }
-            state.metrics.session_finished(e.outcome());
-        }
+    if let Some(reason) = e.auth_failure_reason() {
+        state.metrics.auth_failure(reason);
+        tracing::info!(%peer, reason = reason.as_str(), error = %e, "client refused");
+    } else {
+        tracing::warn!(%peer, error = %e, "session failed");
     }
+    state.metrics.session_finished(e.outcome());
+    None
 }
 
 /// The PROXY header of a trusted load balancer (`peer` becomes the client address it gives),
@@ -172,10 +168,14 @@ struct Session<'a> {
     started: Instant,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     /// Tells the client, writes the audit line (`refused` for the client's fault, `failed`
     /// otherwise), and returns the error.
-    async fn fail(&self, stream: &mut ClientStream, err: SessionError) -> Result<(), SessionError> {
+    async fn fail<T>(
+        &self,
+        stream: &mut ClientStream,
+        err: SessionError,
+    ) -> Result<T, SessionError> {
         report(stream, &err).await;
         let kind = if err.auth_failure_reason().is_some() {
             "refused"
@@ -219,6 +219,17 @@ impl Session<'_> {
         }
     }
 
+    /// What the relay phase refers to; `warm`: the upstream session was logged in ahead.
+    fn scope(&self, warm: bool) -> Scope<'a> {
+        Scope {
+            state: self.state,
+            live: self.live,
+            stop: self.stop,
+            peer: self.peer,
+            warm,
+        }
+    }
+
     /// Lists the session (in setup) until the guard drops; `sessions end` stops it with
     /// `stop`.
     fn register(&self, hello: &ClientHello) -> Registered {
@@ -232,7 +243,9 @@ impl Session<'_> {
         self.state.sessions.register(facts, self.stop.clone())
     }
 
-    async fn serve(mut self, mut hello: ClientHello) -> Result<(), SessionError> {
+    /// Setup after the handshake: the grant, the limits, the credential and the upstream login
+    /// (or a warm session); what the relay phase needs, or the refusal (told to the client).
+    async fn serve(mut self, mut hello: ClientHello) -> Result<Ready<'a>, SessionError> {
         let (database, identity) = match self.authorize(&hello) {
             Ok(d) => d,
             Err(e) => return self.fail(&mut hello.stream, e).await,
@@ -254,7 +267,7 @@ impl Session<'_> {
         };
         let tracked = self.register(&hello);
         if let Some(w) = self.warm(&database, &hello.role, &settings) {
-            return self.serve_warm(hello, w, &database, permit, tracked).await;
+            return Box::pin(self.serve_warm(hello, w, &database, permit, tracked)).await;
         }
         let vault_started = Instant::now();
         let credential = Box::pin(self.credential(&database, &hello.role, &tracked)).await;
@@ -264,83 +277,63 @@ impl Session<'_> {
         };
         let metrics = &self.state.metrics;
         metrics.setup_phase(SetupPhase::Vault, vault_started.elapsed().as_secs_f64());
-        let login_started = Instant::now();
         self.audit.upstream_user = Some(lease.username.clone());
         self.audit.lease_id = Some(lease.id.clone());
         tracing::debug!(peer = %self.peer, identity = %logged(&hello.principal.display_name()),
             database = %logged(&hello.database), role = %logged(&hello.role), username = %lease.username,
             lease_id = %guard.id(), "credential issued");
         let life = lifetime(&lease, remaining, &database, &hello.role, &tracked);
+        let login = self.login(&mut hello.stream, &database, &lease, &settings, &tracked);
+        let logged_in = login.await?;
+        drop((lease, settings));
+        Ok(Ready {
+            scope: self.scope(false),
+            hello,
+            logged_in,
+            database,
+            life,
+            guard,
+            permit,
+            tracked,
+        })
+    }
+
+    /// Connects and logs in upstream, given up when the session is stopped; a failure is told
+    /// to the client (the upstream's own ErrorResponse when it sent one) and audited.
+    async fn login(
+        &self,
+        stream: &mut ClientStream,
+        database: &Database,
+        lease: &Lease,
+        settings: &[(String, String)],
+        tracked: &Tracked,
+    ) -> Result<LoggedIn, SessionError> {
+        let login_started = Instant::now();
         let logged_in = tokio::select! {
-            r = Box::pin(login_upstream(&database, &lease, &settings)) => r,
+            r = Box::pin(login_upstream(database, lease, settings)) => r,
             _ = self.stop.cancelled() => Err(tracked.stopped()),
         };
-        drop((lease, settings));
+        let metrics = &self.state.metrics;
         if let Err(SessionError::Upstream(e)) = &logged_in {
             metrics.upstream_error(&database.config.name, e.kind());
         }
-        let logged_in = match logged_in {
+        match logged_in {
             Ok(l) => {
                 let login = login_started.elapsed().as_secs_f64();
                 metrics.setup_phase(SetupPhase::UpstreamLogin, login);
                 metrics.setup_phase(SetupPhase::Total, self.started.elapsed().as_secs_f64());
-                l
+                Ok(l)
             }
             Err(SessionError::Upstream(e)) if e.raw_error().is_some() => {
-                forward_raw(&mut hello.stream, e.raw_error()).await;
+                forward_raw(stream, e.raw_error()).await;
                 let e = SessionError::Upstream(e);
                 self.state
                     .audit
                     .record(self.audit.again("failed").error(&e));
-                return Err(e);
+                Err(e)
             }
-            Err(e) => return self.fail(&mut hello.stream, e).await,
-        };
-        self.relay(hello, logged_in, &database, life).await;
-        drop(guard); // the upstream is closed: revoke now
-        drop(permit);
-        drop(tracked); // deregistered once the lease is on its way out
-        Ok(())
-    }
-
-    async fn relay(
-        &self,
-        hello: ClientHello,
-        logged_in: LoggedIn,
-        database: &Arc<Database>,
-        life: Lifetime,
-    ) {
-        let registration = cancel_target(database, logged_in.cancel_key).map(|target| {
-            let id = self
-                .live
-                .cluster
-                .as_ref()
-                .and_then(crate::cluster::Cluster::id);
-            self.state.cancels.register(target, id)
-        });
-        self.state.audit.record(self.audit.again("session_start"));
-        let started = Instant::now();
-        self.state.metrics.sessions_active.inc();
-        let key = registration.as_ref().map(|r| r.key);
-        let tracked = life.tracked.clone();
-        let (relayed, closed) =
-            relay_session(self.state, hello, logged_in, key, database, life, self.stop).await;
-        self.state.metrics.sessions_active.dec();
-        self.state
-            .metrics
-            .session_duration
-            .observe(started.elapsed().as_secs_f64());
-        drop(registration);
-        let mut end = self.audit.again("session_end");
-        end.duration_ms = Some(started.elapsed().as_millis() as u64);
-        end.bytes_to_upstream = Some(relayed.to_upstream.bytes);
-        end.bytes_to_client = Some(relayed.to_client.bytes);
-        end.reason = Some(relayed.end.audit_reason(tracked.as_deref()));
-        tracing::info!(peer = %self.peer, transport = self.peer.transport().as_str(), end = relayed.end.label(), detail = relayed.end.detail(),
-            upstream_close = closed.label(),
-            bytes_to_upstream = relayed.to_upstream.bytes, bytes_to_client = relayed.to_client.bytes,
-            duration_ms = started.elapsed().as_millis() as u64, "session ended");
-        self.state.audit.record(end);
+            Err(e) => self.fail(stream, e).await,
+        }
     }
 }
 
@@ -402,80 +395,6 @@ async fn forward_raw(stream: &mut ClientStream, raw: Option<&bytes::Bytes>) {
     .await;
 }
 
-/// Where a cancel for the upstream backend goes: its own key on its database entry.
-fn cancel_target(database: &Arc<Database>, key: Option<(i32, i32)>) -> Option<CancelTarget> {
-    key.map(|(pid, secret)| CancelTarget {
-        database: database.clone(),
-        pid,
-        secret,
-    })
-}
-
-/// Startup completion as the client sees it, then the relay, then the close of the upstream
-/// connection (cancelling first when it is busy).
-async fn relay_session(
-    state: &AppState,
-    hello: ClientHello,
-    logged_in: LoggedIn,
-    key: Option<(i32, i32)>,
-    database: &Arc<Database>,
-    life: Lifetime,
-    stop: &CancellationToken,
-) -> (Relayed, close::Closed) {
-    let out = startup_reply(&hello, &logged_in, key);
-    let upstream_key = cancel_target(database, logged_in.cancel_key);
-    let tracked = life.tracked.clone();
-    let status = logged_in.ready_status;
-    let (mut to_upstream, mut to_client) = relay::directions(
-        &state.metrics,
-        logged_in.leftover,
-        status,
-        tracked.as_deref(),
-    );
-    // Only the two streams live on through the relay: every setup buffer is freed here, so an
-    // idle session costs little more than its sockets, TLS state and relay buffers.
-    let mut client = hello.stream;
-    let upstream = logged_in.stream;
-    drop((hello.params, hello.principal, logged_in.to_client));
-    let write = async {
-        client.write_all(&out).await?;
-        client.flush().await
-    };
-    let written = write.await;
-    drop(out);
-    let (end, mut upstream) = match written {
-        Err(e) => (RelayEnd::ClientGone(Some(e)), upstream),
-        Ok(()) => {
-            if let Some(t) = &tracked {
-                t.relaying();
-            }
-            let (mut cr, mut cw) = split(client);
-            let (mut ur, mut uw) = split(upstream);
-            let (tx, mut control) = relay::control_channel();
-            let end = tokio::select! {
-                end = relay::relay(
-                    &mut cr, &mut cw, &mut ur, &mut uw, &mut control, &mut to_upstream, &mut to_client,
-                ) => end,
-                // The watcher asked the relay to end the session and the relay could not (a
-                // client that stopped reading): cut it.
-                () = lifecycle::watch(&state.vault, &state.metrics, life, stop, tx) => {
-                    RelayEnd::Ended { delivered: false }
-                }
-            };
-            let mut client = cr.unsplit(cw);
-            let _ = tokio::time::timeout(CLIENT_CLOSE_WAIT, client.shutdown()).await;
-            (end, ur.unsplit(uw))
-        }
-    };
-    if let (Some(t), Some(how)) = (&tracked, end.end_reason()) {
-        t.ended(how);
-    }
-    let mut relayed = Relayed {
-        end,
-        to_upstream,
-        to_client,
-    };
-    let (db, key, metrics) = (&database.config.name, upstream_key.as_ref(), &state.metrics);
-    let closed = Box::pin(close::close(&mut upstream, &mut relayed, key, db, metrics)).await;
-    (relayed, closed)
-}
+#[cfg(test)]
+#[path = "size_tests.rs"]
+mod size_tests;

@@ -3,12 +3,14 @@
 //! counters, and message-boundary tracking so that leasegate can end a session with its own
 //! ErrorResponse without cutting a message in half.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::time::Instant;
+use tokio::time::Sleep;
 
 use super::bufpool::{self, Buf as Lent};
 pub(crate) use super::control::{
@@ -117,7 +119,7 @@ pub(crate) struct Direction {
     pub counter: Option<prometheus_client::metrics::counter::Counter>,
     /// What `sessions list` reads of this direction (bytes, messages, status), stored after
     /// each chunk written.
-    pub shared: Option<Arc<Traffic>>,
+    pub shared: Option<Shared>,
     /// Bytes written and not yet added to `counter`.
     uncounted: u64,
 }
@@ -155,8 +157,8 @@ impl Direction {
         }
     }
 
-    /// Also stores what it does into `traffic`, for `sessions list`.
-    pub(crate) fn sharing(mut self, traffic: Arc<Traffic>) -> Self {
+    /// Also stores what it does into the registry entry, for `sessions list`.
+    pub(crate) fn sharing(mut self, traffic: Shared) -> Self {
         self.shared = Some(traffic);
         self
     }
@@ -177,7 +179,8 @@ impl Direction {
         }
         if let Some(t) = &self.shared {
             let f = &self.framer;
-            t.store(self.bytes, f.count(), f.last_counted_byte(), f.pending());
+            t.traffic()
+                .store(self.bytes, f.count(), f.last_counted_byte(), f.pending());
         }
     }
 
@@ -234,7 +237,7 @@ pub(crate) fn directions(
     metrics: &Metrics,
     leftover: BytesMut,
     status: u8,
-    tracked: Option<&Tracked>,
+    tracked: Option<&Arc<Tracked>>,
 ) -> (Direction, Direction) {
     let up = Direction::to_upstream(Some(metrics.relayed(RelayDirection::ToUpstream)));
     let down = Direction::to_client(Some(metrics.relayed(RelayDirection::ToClient)), leftover);
@@ -242,11 +245,39 @@ pub(crate) fn directions(
         None => (up, down),
         Some(t) => {
             t.to_client.store(0, 0, status, false);
-            (
-                up.sharing(t.to_upstream.clone()),
-                down.sharing(t.to_client.clone()),
-            )
+            let shared = |up| Shared {
+                tracked: t.clone(),
+                up,
+            };
+            (up.sharing(shared(true)), down.sharing(shared(false)))
         }
+    }
+}
+
+/// One direction's counters in a registry entry.
+pub(crate) struct Shared {
+    /// The entry.
+    tracked: Arc<Tracked>,
+    /// Client → upstream (else upstream → client).
+    up: bool,
+}
+
+impl Shared {
+    /// This direction's counters.
+    fn traffic(&self) -> &Traffic {
+        match self.up {
+            true => &self.tracked.to_upstream,
+            false => &self.tracked.to_client,
+        }
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("session", &self.tracked.id)
+            .field("up", &self.up)
+            .finish()
     }
 }
 
@@ -351,6 +382,14 @@ async fn at_boundary<W: AsyncWrite>(
     })
 }
 
+/// The deadline of an End waiting for a message boundary (pending while there is none).
+fn end_deadline(ending: &mut Option<(BytesMut, Pin<Box<Sleep>>)>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match ending {
+        Some((_, deadline)) => deadline.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+}
+
 /// Upstream → client, with injected messages written only at message boundaries.
 async fn pump_down<R, W>(
     reader: &mut ReadHalf<R>,
@@ -363,7 +402,9 @@ where
     W: AsyncWrite,
 {
     let mut control_open = true;
-    let mut ending: Option<(BytesMut, Instant)> = None;
+    // The End message and its deadline, boxed: the timer exists only while ending, so an idle
+    // session's future does not carry one.
+    let mut ending: Option<(BytesMut, Pin<Box<Sleep>>)> = None;
     let mut notices: Vec<BytesMut> = Vec::new();
     loop {
         if dir.framer.at_boundary() {
@@ -374,19 +415,18 @@ where
             }
         }
         let (buf, n) = if dir.unsent.is_empty() {
-            let end_at = ending.as_ref().map(|(_, at)| *at);
             tokio::select! {
                 biased;
                 ctl = control.recv(), if control_open && ending.is_none() => {
                     match ctl {
                         // Delivered at the next boundary (at once when idle).
                         Some(Control::Notice(msg)) => notices.push(msg),
-                        Some(Control::End(msg)) => ending = Some((msg, Instant::now() + END_WAIT)),
+                        Some(Control::End(msg)) => ending = Some((msg, Box::pin(tokio::time::sleep(END_WAIT)))),
                         None => control_open = false,
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(end_at.unwrap_or_else(Instant::now)), if end_at.is_some() => {
+                () = end_deadline(&mut ending), if ending.is_some() => {
                     return DownEnd::Ended { delivered: false };
                 }
                 r = dir.read(reader) => match r {

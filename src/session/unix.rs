@@ -38,8 +38,11 @@ pub(crate) async fn run(state: Arc<AppState>, mut stream: UnixStream, stop: Canc
     };
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
     let peer = ClientAddr::Unix { uid, pid };
-    let accepted = super::setup(&live, &stop, accept(stream, uid, gid, pid)).await;
-    super::finish(&state, &live, accepted, peer, started, &stop).await;
+    let accepted = super::setup(&live, &stop, Box::pin(accept(stream, uid, gid, pid))).await;
+    let ready = Box::pin(super::finish(&state, &live, accepted, peer, started, &stop)).await;
+    if let Some(relay) = ready {
+        relay.run().await;
+    }
 }
 
 /// The peer's identity and the pre-startup exchange. The caller bounds the time.

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use super::handshake::ClientHello;
+use super::relaying::Ready;
 use super::{Session, lifetime};
 use crate::error::SessionError;
 use crate::limits::Permit;
@@ -16,7 +17,7 @@ use crate::prefetch::warm::Warm;
 use crate::registry::Registered;
 use crate::upstream::Database;
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     /// A warm session for this client, if one is waiting for its entry, role and settings.
     pub(super) fn warm(
         &self,
@@ -31,13 +32,13 @@ impl Session<'_> {
     /// Relays `hello` over the warm session `warm`; the lease is revoked once the upstream is
     /// closed, then the limit slot `permit` is released.
     pub(super) async fn serve_warm(
-        mut self,
+        self,
         hello: ClientHello,
         warm: Warm,
         database: &Arc<Database>,
         permit: Permit,
         tracked: Registered,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Ready<'a>, SessionError> {
         let Warm {
             lease,
             guard,
@@ -51,19 +52,21 @@ impl Session<'_> {
             .map_err(crate::upstream::UpstreamError::Io)?;
         let elapsed = self.started.elapsed().as_secs_f64();
         self.state.metrics.setup_phase(SetupPhase::Total, elapsed);
-        self.audit.upstream_user = Some(lease.username.clone());
-        self.audit.lease_id = Some(lease.id.clone());
-        self.audit.warm = Some(true);
         tracing::debug!(peer = %self.peer, username = %lease.username, lease_id = %guard.id(),
             "warm session handed over");
         let left = (!remaining.is_zero()).then_some(remaining);
         tracked.credential(&lease.username, &lease.id, left);
         let life = lifetime(&lease, remaining, database, &hello.role, &tracked);
         drop(lease);
-        self.relay(hello, logged_in, database, life).await;
-        drop(guard); // the upstream is closed: revoke now
-        drop(permit);
-        drop(tracked); // deregistered once the lease is on its way out
-        Ok(())
+        Ok(Ready {
+            scope: self.scope(true),
+            hello,
+            logged_in,
+            database: database.clone(),
+            life,
+            guard,
+            permit,
+            tracked,
+        })
     }
 }
