@@ -132,13 +132,16 @@ def collect(d, logs=()):
     doc["steady_runs"] = runs
     # LG_ALT_THREADS=N: a second leasegate with N session threads, steady state only (informational).
     doc["targets"] = TARGETS + (["leasegate_alt"] if any(r["target"] == "leasegate_alt" for r in runs) else [])
-    for name in ("setup", "floor", "ceiling", "ceiling_login", "idle", "churn", "churn_fresh", "leftovers"):
+    for name in ("setup", "setup_b2b", "floor", "ceiling", "ceiling_login", "ceiling_after", "ceiling_login_after",
+                 "idle", "churn", "churn_fresh", "leftovers"):
         doc[name] = load(os.path.join(d, name + ".json"))
     for phase, key, count in (("setup", ("setup", 0, "all", "setup"), None),
                               ("churn", ("churn", 0, "leasegate", "churn"), "sessions"),
                               ("churn_fresh", ("churn_fresh", 0, "leasegate", "churn"), "sessions"),
                               ("ceiling", ("ceiling", 0, "openbao", "ceiling"), "pairs"),
                               ("ceiling_login", ("ceiling_login", 0, "openbao", "ceiling"), "pairs"),
+                              ("ceiling_after", ("ceiling_after", 0, "openbao", "ceiling"), "pairs"),
+                              ("ceiling_login_after", ("ceiling_login_after", 0, "openbao", "ceiling"), "pairs"),
                               ("idle", ("idle", 0, "leasegate", "idle"), None)):
         c = cpu.get(key)
         if c and doc.get(phase) is not None:
@@ -260,16 +263,26 @@ def analyse(doc):
               f"<= {min(0.6 * direct, pgb):.2f} ms", None if warm is None else warm <= min(0.6 * direct, pgb), "ms")
     except (KeyError, TypeError):
         check("session setup p50, warm sessions", None, "<= 0.6 x direct and <= pgbouncer", None, "ms")
+    b2b = (doc.get("setup_b2b") or {}).get("targets") or {}
+    try:
+        warm, direct = b2b["leasegate_warm"]["ms"]["p50"], b2b["direct"]["ms"]["p50"]
+        check("session setup p50, warm sessions, back to back: leasegate_warm / direct (informational)",
+              warm / direct, "(no target)", None)
+    except (KeyError, TypeError, ZeroDivisionError):
+        pass
     idle = doc.get("idle") or {}
     b = idle.get("bytes_per_idle_session")
     n = idle.get("sessions_at_max")
     check(f"bytes per idle TLS session (at {n} sessions)", b, "<= 16384 (16 KiB)", None if b is None else b <= 16 * KIB, "B")
     ch = doc.get("churn") or {}
     check("churn errors", ch.get("errors"), "0", None if ch.get("errors") is None else ch["errors"] == 0)
-    ce = doc.get("ceiling") or {}
+    # The ceilings measured in the same state as the churn they are compared with (after the
+    # memory test: its 5,000+ roles created and dropped slow PostgreSQL down for everyone).
+    ce = doc.get("ceiling_after") or doc.get("ceiling") or {}
     r = ratio(ch.get("sessions_per_s"), ce.get("pairs_per_s"))
-    check("churn: sessions/s through leasegate / OpenBao creds+revoke ceiling", r, ">= 0.90", None if r is None else r >= 0.9)
-    cl = doc.get("ceiling_login") or {}
+    check("churn: sessions/s through leasegate / OpenBao creds+revoke ceiling (same cluster state)", r, ">= 0.90",
+          None if r is None else r >= 0.9)
+    cl = doc.get("ceiling_login_after") or doc.get("ceiling_login") or {}
     r = ratio(ch.get("sessions_per_s"), cl.get("pairs_per_s"))
     check("churn: sessions/s through leasegate / the same sessions without a proxy (creds + login + revoke; informational)",
           r, "(no target)", None)
@@ -445,6 +458,17 @@ def render(doc):
         add(f"| … of which PUT revoke | {f(fl['revoke_ms']['p50'], 2)} | {f(fl['revoke_ms']['p90'], 2)} | "
             f"{f(fl['revoke_ms']['p99'], 2)} | {f(fl['revoke_ms']['mean'], 2)} | |")
     add("")
+    b2b = (doc.get("setup_b2b") or {}).get("targets") or {}
+    if b2b:
+        add("The same back to back (informational: no pause, half the iterations), p50 / p90 ms: "
+            + "; ".join(f"{tg} {f(b2b[tg]['ms']['p50'], 2)} / {f(b2b[tg]['ms']['p90'], 2)}"
+                        for tg in SETUP_TARGETS if tg in b2b)
+            + ". A single client opening sessions back to back asks for more than a warm pool's refill (a "
+            "credential and a login per session, in the background on the same 2 cores) sustains, so "
+            "warm hits turn into misses and cold setups; the idle gap between iterations also lets the "
+            "machine's cores sleep, which makes every round trip of a login slower (more of them for "
+            "SCRAM: direct and pgbouncer).")
+        add("")
     if doc.get("setup_target_ms") is not None:
         add(f"Target for leasegate's p50: (direct p50 + floor p50) × 1.10 = **{doc['setup_target_ms']:.2f} ms**.")
         add("")
@@ -509,24 +533,25 @@ def render(doc):
     add("")
     add("| run | seconds | sessions | sessions/s | p50 ms | p99 ms | errors | CPU ms/session: leasegate | OpenBao | PostgreSQL | client | foreign cores |")
     add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    ce = doc.get("ceiling") or {}
-    if ce:
-        per = ce.get("cpu_ms_per_session") or {}
-        lat = ce.get("latency_ms") or {}
-        add(f"| OpenBao ceiling: {ce.get('clients')} loops of creds + revoke, no proxy, no PostgreSQL login | "
-            f"{f(ce.get('seconds'), 1)} | {ce.get('pairs')} | **{f(ce.get('pairs_per_s'), 1)}** | {f(lat.get('p50'), 1)} | "
-            f"{f(lat.get('p99'), 1)} | {ce.get('errors')} | | {f(per.get('openbao'), 2)} | {f(per.get('postgres'), 2)} | | "
-            f"{f((ce.get('cpu_s') or {}).get('foreign_cores'), 2)} |")
-    cl = doc.get("ceiling_login") or {}
-    if cl:
-        per = cl.get("cpu_ms_per_session") or {}
-        lat = cl.get("latency_ms") or {}
-        add(f"| no proxy: {cl.get('clients')} loops of creds + PostgreSQL login (plaintext, SCRAM) + `select 1` + revoke | "
-            f"{f(cl.get('seconds'), 1)} | {cl.get('pairs')} | **{f(cl.get('pairs_per_s'), 1)}** | {f(lat.get('p50'), 1)} | "
-            f"{f(lat.get('p99'), 1)} | {cl.get('errors')} | | {f(per.get('openbao'), 2)} | {f(per.get('postgres'), 2)} | "
-            f"{f(per.get('client'), 2)} | {f((cl.get('cpu_s') or {}).get('foreign_cores'), 2)} |")
-    for label, c in (("before memory test", doc.get("churn_fresh")), ("after memory test", ch)):
+    def ceiling_row(label, c):
+        per = c.get("cpu_ms_per_session") or {}
+        lat = c.get("latency_ms") or {}
+        add(f"| {label} | {f(c.get('seconds'), 1)} | {c.get('pairs')} | **{f(c.get('pairs_per_s'), 1)}** | "
+            f"{f(lat.get('p50'), 1)} | {f(lat.get('p99'), 1)} | {c.get('errors')} | | {f(per.get('openbao'), 2)} | "
+            f"{f(per.get('postgres'), 2)} | {f(per.get('client'), 2)} | {f((c.get('cpu_s') or {}).get('foreign_cores'), 2)} |")
+
+    rows = (("fresh: OpenBao ceiling, {n} loops of creds + revoke (no proxy, no PostgreSQL login)", "ceiling"),
+            ("fresh: no proxy, {n} loops of creds + PostgreSQL login (plaintext, SCRAM) + `select 1` + revoke", "ceiling_login"),
+            ("fresh: through leasegate (before the memory test)", "churn_fresh"),
+            ("after the memory test: OpenBao ceiling (creds + revoke)", "ceiling_after"),
+            ("after the memory test: no proxy, creds + login + `select 1` + revoke", "ceiling_login_after"),
+            ("after the memory test: through leasegate (the official figure)", "churn"))
+    for label, key in rows:
+        c = doc.get(key) or {}
         if not c:
+            continue
+        if key.startswith("ceiling"):
+            ceiling_row(label.format(n=c.get("clients")), c)
             continue
         per = c.get("cpu_ms_per_session") or {}
         lat = c.get("latency_ms") or {}

@@ -539,27 +539,43 @@ timeout 900 python3 "$HERE/lgbench.py" setup "${SETUP_ARGS[@]}" --n "$SETUP_N" -
     || die "session-setup measurement failed (see $T/logs/setup.log)"
 cpu_record setup 0 all setup "$c0"
 show setup "$T/out/setup.json"
+if [[ "$SETUP_GAP_MS" != 0 ]]; then
+    # The same back to back (informational): a single client opening sessions as fast as it can
+    # outruns what the warm pool's refill (a credential and a login each) can sustain.
+    say "   the same back to back: $((SETUP_N / 2)) x connect/select 1/disconnect per target, no pause"
+    timeout 900 python3 "$HERE/lgbench.py" setup "${SETUP_ARGS[@]}" --n "$((SETUP_N / 2))" --block "$SETUP_BLOCK" \
+        --gap-ms 0 --out "$T/out/setup_b2b.json" >"$T/logs/setup_b2b.log" 2>&1 \
+        || die "back-to-back session-setup measurement failed (see $T/logs/setup_b2b.log)"
+    show setup "$T/out/setup_b2b.json"
+fi
 say "   credential floor: $FLOOR_N x (GET $MOUNT/creds/readonly + PUT sys/leases/revoke)"
 timeout 300 python3 "$HERE/lgbench.py" floor --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
     --mount "$MOUNT" --n "$FLOOR_N" --out "$T/out/floor.json" >"$T/logs/floor.log" 2>&1 \
     || die "credential-floor measurement failed"
 show floor "$T/out/floor.json"
-say "   credential ceiling: $CHURN_CLIENTS loops of (creds + revoke) straight to OpenBao for ${CEILING_SECONDS}s"
-c0="$(cpu_snap)"
-timeout $((CEILING_SECONDS + 120)) python3 "$HERE/lgbench.py" ceiling --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
-    --mount "$MOUNT" --clients "$CHURN_CLIENTS" --seconds "$CEILING_SECONDS" --out "$T/out/ceiling.json" >"$T/logs/ceiling.log" 2>&1 \
-    || die "credential-ceiling measurement failed (see $T/logs/ceiling.log)"
-cpu_record ceiling 0 openbao ceiling "$c0"
-show ceiling "$T/out/ceiling.json"
-say "   the same with a login: $CHURN_CLIENTS loops of (creds + PostgreSQL login + select 1 + revoke), no proxy, for ${CEILING_SECONDS}s"
-c0="$(cpu_snap)"
-timeout $((CEILING_SECONDS + 120)) python3 "$HERE/lgbench.py" ceiling --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
-    --mount "$MOUNT" --clients "$CHURN_CLIENTS" --seconds "$CEILING_SECONDS" \
-    --login "host=127.0.0.1 port=$PG_PORT dbname=$DB sslmode=disable gssencmode=disable" \
-    --out "$T/out/ceiling_login.json" >"$T/logs/ceiling_login.log" 2>&1 \
-    || die "login-ceiling measurement failed (see $T/logs/ceiling_login.log)"
-cpu_record ceiling_login 0 openbao ceiling "$c0"
-show ceiling "$T/out/ceiling_login.json"
+# ceilings SUFFIX: what OpenBao sustains without a proxy, 8 loops of creds + revoke, then the same
+# loops logging in to PostgreSQL with each credential; measured on a fresh cluster (SUFFIX empty)
+# and again right before the official churn (SUFFIX _after), in the state that churn runs in.
+ceilings() {
+    local sfx="$1"
+    say "   credential ceiling$sfx: $CHURN_CLIENTS loops of (creds + revoke) straight to OpenBao for ${CEILING_SECONDS}s"
+    c0="$(cpu_snap)"
+    timeout $((CEILING_SECONDS + 120)) python3 "$HERE/lgbench.py" ceiling --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
+        --mount "$MOUNT" --clients "$CHURN_CLIENTS" --seconds "$CEILING_SECONDS" --out "$T/out/ceiling$sfx.json" >"$T/logs/ceiling$sfx.log" 2>&1 \
+        || die "credential-ceiling measurement failed (see $T/logs/ceiling$sfx.log)"
+    cpu_record "ceiling$sfx" 0 openbao ceiling "$c0"
+    show ceiling "$T/out/ceiling$sfx.json"
+    say "   the same with a login$sfx: $CHURN_CLIENTS loops of (creds + PostgreSQL login + select 1 + revoke), no proxy, for ${CEILING_SECONDS}s"
+    c0="$(cpu_snap)"
+    timeout $((CEILING_SECONDS + 120)) python3 "$HERE/lgbench.py" ceiling --vault "$VAULT_ADDR" --token "$(cat "$DEVENV_TOKEN_FILE")" \
+        --mount "$MOUNT" --clients "$CHURN_CLIENTS" --seconds "$CEILING_SECONDS" \
+        --login "host=127.0.0.1 port=$PG_PORT dbname=$DB sslmode=disable gssencmode=disable" \
+        --out "$T/out/ceiling_login$sfx.json" >"$T/logs/ceiling_login$sfx.log" 2>&1 \
+        || die "login-ceiling measurement failed (see $T/logs/ceiling_login$sfx.log)"
+    cpu_record "ceiling_login$sfx" 0 openbao ceiling "$c0"
+    show ceiling "$T/out/ceiling_login$sfx.json"
+}
+ceilings ""
 
 # ---------------------------------------------------------------------------------------------
 CLIENT_ARGS=(--port "$LG_PORT" --ca "$DEVENV_CA" --cert "$DEVENV_CLIENT_CERT" --key "$DEVENV_CLIENT_KEY"
@@ -587,6 +603,7 @@ show idle "$T/out/idle.json"
 
 # ---------------------------------------------------------------------------------------------
 check_alive
+ceilings _after
 say "4. churn after the memory test: $CHURN_CLIENTS clients connect/select 1/disconnect for ${CHURN_SECONDS}s through leasegate"
 c0="$(cpu_snap)"
 timeout $((CHURN_SECONDS + 120)) python3 "$HERE/lgbench.py" churn "${CLIENT_ARGS[@]}" --clients "$CHURN_CLIENTS" \
