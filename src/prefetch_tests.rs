@@ -12,8 +12,9 @@ use crate::vault::testing::{Called, ScriptedVault, unreachable};
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
-/// One database `app` whose role `readonly` keeps one lease waiting.
-fn config(max_idle: &str) -> Config {
+/// A configuration whose only database is `app` on 127.0.0.1 with role `readonly` (mount
+/// `database`), with `extra` lines added to its entry.
+pub(super) fn app_config(extra: &str) -> Config {
     let text = format!(
         r#"
 [listen]
@@ -31,11 +32,17 @@ name = "app"
 host = "127.0.0.1"
 mount = "database"
 roles = ["readonly"]
-prefetch = {{ readonly = 1 }}
-prefetch_max_idle = "{max_idle}"
+{extra}
 "#
     );
     Config::parse(&text).expect("config")
+}
+
+/// One database `app` whose role `readonly` keeps one lease waiting.
+fn config(max_idle: &str) -> Config {
+    app_config(&format!(
+        "prefetch = {{ readonly = 1 }}\nprefetch_max_idle = \"{max_idle}\""
+    ))
 }
 
 struct Running {

@@ -22,28 +22,7 @@ fn settings(pairs: &[(&str, &str)]) -> Settings {
 }
 
 fn config(port: u16) -> Config {
-    let text = format!(
-        r#"
-[listen]
-address = "127.0.0.1:6432"
-cert = "/etc/lg/server.pem"
-key = "/etc/lg/server-key.pem"
-client_ca = "/etc/lg/ca.pem"
-[vault]
-address = "http://127.0.0.1:8200"
-[vault.auth]
-method = "token"
-token = "s.one"
-[[databases]]
-name = "app"
-host = "127.0.0.1"
-port = {port}
-mount = "database"
-roles = ["readonly"]
-warm = {{ readonly = 2 }}
-"#
-    );
-    Config::parse(&text).expect("config")
+    crate::prefetch::tests::app_config(&format!("port = {port}\nwarm = {{ readonly = 2 }}"))
 }
 
 struct Setup {
