@@ -61,6 +61,7 @@ mod shutdown;
 mod unix_socket;
 mod unix_socket_ops;
 mod upstream_errors;
+mod upstream_tls;
 mod vault_auth;
 mod warm;
 mod warm_params;

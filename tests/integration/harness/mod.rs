@@ -49,6 +49,9 @@ pub struct Root {
 pub struct Env {
     pub pg: pg::Pg,
     pub bao: bao::Bao,
+    /// The CA of the shared cluster's server certificate (it accepts TLS and plaintext; the
+    /// certificate names localhost, 127.0.0.1 and ::1).
+    pub pg_ca: std::path::PathBuf,
 }
 
 static ROOT: OnceLock<Result<Root, String>> = OnceLock::new();
@@ -68,11 +71,18 @@ pub fn env() -> &'static Env {
         let root = root();
         let opts = devenv::stack::Options {
             pg_settings: pg::test_settings(),
+            pg_tls: true,
             ..Default::default()
         };
         let stack =
             devenv::stack::start(&root.path, &opts, &root.registry).map_err(|e| e.to_string())?;
+        let pg_ca = stack
+            .pki
+            .as_ref()
+            .map(|p| p.ca.clone())
+            .ok_or("the dev environment wrote no PKI")?;
         Ok(Env {
+            pg_ca,
             pg: pg::Pg::of(&stack.pg),
             bao: bao::Bao {
                 addr: stack.bao.addr.clone(),
