@@ -9,13 +9,14 @@
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::error::UpstreamError;
+use super::scram::{Binding, Scram};
 use super::stream::UpstreamStream;
 use crate::config::{DatabaseConfig, UpstreamTls};
 use crate::tls::upstream::server_end_point;
@@ -110,7 +111,7 @@ async fn authenticate(
     password: &SecretString,
 ) -> Result<(), UpstreamError> {
     let mut out = BytesMut::new();
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<Scram> = None;
     loop {
         let (raw, msg) = read_message(stream, buf).await?;
         out.clear();
@@ -138,7 +139,7 @@ async fn authenticate(
             }
             Message::AuthenticationSaslFinal(body) => {
                 let mut s = scram.take().ok_or_else(|| unexpected("SASL final"))?;
-                s.finish(body.data())
+                s.verify(body.data())
                     .map_err(|e| UpstreamError::Scram(e.to_string()))?;
                 // Verified: the next AuthenticationOk is genuine.
                 return expect_ok(stream, buf).await;
@@ -191,32 +192,33 @@ fn sasl_start(
     mechanisms: &[String],
     password: &SecretString,
     out: &mut BytesMut,
-) -> Result<ScramSha256, UpstreamError> {
+) -> Result<Scram, UpstreamError> {
     let (mechanism, binding) = choose_mechanism(stream, mechanisms)?;
-    let scram = ScramSha256::new(password.expose_secret().as_bytes(), binding);
-    frontend::sasl_initial_response(mechanism, scram.message(), out)?;
+    let (scram, first) = Scram::start(password.expose_secret().as_bytes(), binding);
+    frontend::sasl_initial_response(mechanism, first.as_bytes(), out)?;
     Ok(scram)
 }
 
 /// The client-final message of SCRAM for the server-first message `data`.
 async fn sasl_continue(
-    mut scram: ScramSha256,
+    mut scram: Scram,
     data: Vec<u8>,
     out: &mut BytesMut,
-) -> Result<ScramSha256, UpstreamError> {
+) -> Result<Scram, UpstreamError> {
     // PBKDF2 with thousands of rounds: keep it off the async worker threads.
-    let scram = tokio::task::spawn_blocking(move || scram.update(&data).map(|()| scram))
-        .await
-        .map_err(|e| UpstreamError::Scram(e.to_string()))?
-        .map_err(|e| UpstreamError::Scram(e.to_string()))?;
-    frontend::sasl_response(scram.message(), out)?;
+    let (scram, last) =
+        tokio::task::spawn_blocking(move || scram.client_final(&data).map(|last| (scram, last)))
+            .await
+            .map_err(|e| UpstreamError::Scram(e.to_string()))?
+            .map_err(|e| UpstreamError::Scram(e.to_string()))?;
+    frontend::sasl_response(last.as_bytes(), out)?;
     Ok(scram)
 }
 
 fn choose_mechanism(
     stream: &UpstreamStream,
     mechanisms: &[String],
-) -> Result<(&'static str, ChannelBinding), UpstreamError> {
+) -> Result<(&'static str, Binding), UpstreamError> {
     let cert = match stream {
         UpstreamStream::Tls(tls) => tls
             .get_ref()
@@ -228,12 +230,11 @@ fn choose_mechanism(
     };
     let offers = |m: &str| mechanisms.iter().any(|x| x == m);
     match cert {
-        Some(hash) if offers(SCRAM_SHA_256_PLUS) => Ok((
-            SCRAM_SHA_256_PLUS,
-            ChannelBinding::tls_server_end_point(hash),
-        )),
-        Some(_) if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, ChannelBinding::unrequested())),
-        None if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, ChannelBinding::unsupported())),
+        Some(hash) if offers(SCRAM_SHA_256_PLUS) => {
+            Ok((SCRAM_SHA_256_PLUS, Binding::EndPoint(hash)))
+        }
+        Some(_) if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, Binding::Unrequested)),
+        None if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, Binding::Unsupported)),
         _ => Err(UpstreamError::AuthMethod(format!(
             "SASL ({})",
             mechanisms.join(", ")

@@ -7,6 +7,7 @@ pub(crate) mod database;
 pub(crate) mod error;
 pub(crate) mod login;
 pub mod params;
+pub(crate) mod scram;
 pub(crate) mod stream;
 
 pub(crate) use database::Database;
