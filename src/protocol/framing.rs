@@ -49,6 +49,12 @@ pub struct Framer {
     /// First body byte of the last counted message that had one (for ReadyForQuery: the
     /// transaction status, `I`, `T` or `E`).
     counted_first: u8,
+    /// Type whose bodies' first byte [`Framer::take_watched_body`] reports (0: none).
+    watch: u8,
+    /// The body of a watched message (at least 4 bytes long) starts with the next byte.
+    at_watched_body: bool,
+    /// Where such a body began in the slice of the last [`Framer::advance`] call.
+    watched_body: Option<usize>,
 }
 
 impl Framer {
@@ -60,6 +66,19 @@ impl Framer {
             opening,
             ..Framer::default()
         }
+    }
+
+    /// Also reports where the bodies of `watch` messages that are at least 4 bytes long begin
+    /// ([`Framer::take_watched_body`]).
+    pub fn watching(mut self, watch: u8) -> Framer {
+        self.watch = watch;
+        self
+    }
+
+    /// Offset, in the slice given to the last [`Framer::advance`] call, where the body of a
+    /// watched message began (at most one per call: a call ends at the first boundary).
+    pub fn take_watched_body(&mut self) -> Option<usize> {
+        self.watched_body.take()
     }
 
     /// Messages of the counted types started so far (a message counts from its header on).
@@ -99,6 +118,10 @@ impl Framer {
                     self.at_counted_body = false;
                     self.counted_first = data[pos];
                 }
+                if self.at_watched_body {
+                    self.at_watched_body = false;
+                    self.watched_body = Some(pos);
+                }
                 let take = self.remaining.min(data.len() - pos);
                 self.remaining -= take;
                 pos += take;
@@ -129,6 +152,8 @@ impl Framer {
                 // message as header-only so tracking never underflows.
                 self.remaining = len.saturating_sub(4);
                 self.at_counted_body = self.remaining > 0 && self.counted.contains(self.last_type);
+                self.at_watched_body =
+                    self.watch != 0 && self.last_type == self.watch && self.remaining >= 4;
                 if self.remaining == 0 {
                     return pos;
                 }
@@ -161,6 +186,28 @@ mod tests {
         assert_eq!(f.last_type(), b'X');
         f.feed(&msg[..7]);
         assert!(!f.at_boundary());
+    }
+
+    #[test]
+    fn reports_where_watched_bodies_begin_in_each_slice() {
+        let mut f = Framer::default().watching(b'A');
+        // An 'A' with an 8-byte body after a 'Z', in one slice: the body begins at 11.
+        let two = b"Z\0\0\0\x05IA\0\0\0\x0c\0\0\0\x07x\0\0\0";
+        assert_eq!(f.advance(two), 6);
+        assert_eq!(f.take_watched_body(), None);
+        assert_eq!(f.advance(&two[6..]), 13);
+        assert_eq!(f.take_watched_body(), Some(5));
+        assert_eq!(f.take_watched_body(), None);
+        // Header in one slice, body in the next: offset 0 of the next.
+        let mut f = Framer::default().watching(b'A');
+        assert_eq!(f.advance(&two[6..11]), 5);
+        assert_eq!(f.take_watched_body(), None);
+        assert_eq!(f.advance(&two[11..]), 8);
+        assert_eq!(f.take_watched_body(), Some(0));
+        // A body shorter than 4 bytes is not reported.
+        let mut f = Framer::default().watching(b'A');
+        f.feed(b"A\0\0\0\x06xy");
+        assert_eq!(f.take_watched_body(), None);
     }
 
     #[test]

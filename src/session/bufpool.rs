@@ -39,8 +39,20 @@ impl Buf {
     }
 
     /// The first `n` bytes.
+    #[cfg(test)]
     pub(crate) fn get(&self, n: usize) -> &[u8] {
         self.0.as_deref().map_or(&[][..], |b| &b[..n.min(b.len())])
+    }
+
+    /// The first `n` bytes, to change in place.
+    pub(crate) fn get_mut(&mut self, n: usize) -> &mut [u8] {
+        match self.0.as_deref_mut() {
+            Some(b) => {
+                let n = n.min(b.len());
+                &mut b[..n]
+            }
+            None => &mut [],
+        }
     }
 }
 

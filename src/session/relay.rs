@@ -39,6 +39,8 @@ const REQUESTS: TypeSet = TypeSet::of(b"QSF");
 const UNSYNCED: TypeSet = TypeSet::of(b"PBDECH");
 /// ReadyForQuery.
 const READY: TypeSet = TypeSet::of(b"Z");
+/// NotificationResponse: its body starts with the notifying backend's pid.
+const NOTIFICATION: u8 = b'A';
 
 /// Why the relay stopped.
 #[derive(Debug)]
@@ -122,6 +124,9 @@ pub(crate) struct Direction {
     pub shared: Option<Shared>,
     /// Bytes written and not yet added to `counter`.
     uncounted: u64,
+    /// Upstream → client: the upstream backend's pid and the one leasegate's BackendKeyData
+    /// gave the client, big-endian ([`Direction::showing_pid`]).
+    pid_swap: Option<([u8; 4], [u8; 4])>,
 }
 
 impl Direction {
@@ -137,6 +142,7 @@ impl Direction {
             unsent: BytesMut::new(),
             uncounted: 0,
             shared: None,
+            pid_swap: None,
         }
     }
 
@@ -146,7 +152,7 @@ impl Direction {
         unsent: BytesMut,
     ) -> Self {
         Direction {
-            framer: Framer::counting(READY, TypeSet::default()),
+            framer: Framer::counting(READY, TypeSet::default()).watching(NOTIFICATION),
             // Copied out (normally it is empty): the login's read buffer stays behind.
             unsent: BytesMut::from(&unsent[..]),
             counter,
@@ -154,7 +160,19 @@ impl Direction {
             torn: false,
             uncounted: 0,
             shared: None,
+            pid_swap: None,
         }
+    }
+
+    /// Rewrites the pid of NotificationResponses that the session's own backend sent from
+    /// `upstream` to `shown`, the pid of leasegate's BackendKeyData: a client tells its own
+    /// notifications from others' by comparing the two (libpq's `be_pid` with
+    /// `PQbackendPID`), and would otherwise take its own for another session's. The four
+    /// bytes are rewritten in place when they arrive in one read (a read boundary inside them
+    /// leaves that one notification as the server sent it).
+    pub(crate) fn showing_pid(mut self, upstream: i32, shown: i32) -> Self {
+        self.pid_swap = Some((upstream.to_be_bytes(), shown.to_be_bytes()));
+        self
     }
 
     /// Also stores what it does into the registry entry, for `sessions list`.
@@ -163,10 +181,25 @@ impl Direction {
         self
     }
 
-    /// Bytes about to be written to the far side.
-    fn took(&mut self, chunk: &[u8]) {
+    /// Bytes about to be written to the far side (rewritten in place where
+    /// [`Direction::showing_pid`] says).
+    fn took(&mut self, chunk: &mut [u8]) {
         self.torn = true;
-        self.framer.feed(chunk);
+        let Some((upstream, shown)) = self.pid_swap else {
+            self.framer.feed(chunk);
+            return;
+        };
+        let mut pos = 0;
+        while pos < chunk.len() {
+            let n = self.framer.advance(&chunk[pos..]);
+            if let Some(at) = self.framer.take_watched_body().map(|at| pos + at)
+                && let Some(pid) = chunk.get_mut(at..at + 4)
+                && *pid == upstream
+            {
+                pid.copy_from_slice(&shown);
+            }
+            pos += n;
+        }
     }
 
     /// The bytes last taken are written.
@@ -348,13 +381,14 @@ where
     W: AsyncWrite,
 {
     loop {
-        let (buf, n) = match dir.read(reader).await {
+        let (mut buf, n) = match dir.read(reader).await {
             Ok(None) => return PumpEnd::Read(None),
             Ok(Some(read)) => read,
             Err(e) => return PumpEnd::Read(Some(e)),
         };
-        dir.took(buf.get(n));
-        if let Err(e) = write_out(writer, buf.get(n)).await {
+        let chunk = buf.get_mut(n);
+        dir.took(chunk);
+        if let Err(e) = write_out(writer, chunk).await {
             return PumpEnd::Write(e);
         }
         dir.sent(n);
@@ -414,7 +448,7 @@ where
                 Ok(None) => {}
             }
         }
-        let (buf, n) = if dir.unsent.is_empty() {
+        let (mut buf, n) = if dir.unsent.is_empty() {
             tokio::select! {
                 biased;
                 ctl = control.recv(), if control_open && ending.is_none() => {
@@ -440,7 +474,7 @@ where
             let n = dir.take_unsent(buf.bytes_mut());
             (buf, n)
         };
-        let chunk = buf.get(n);
+        let chunk = buf.get_mut(n);
         // While ending, forward only up to the next boundary; the rest waits in `unsent`
         // (counted at the end, never relayed) and the closing message goes out first.
         let cut = match ending {
@@ -452,7 +486,7 @@ where
             rest.extend_from_slice(&dir.unsent);
             dir.unsent = rest;
         }
-        dir.took(&chunk[..cut]);
+        dir.took(&mut chunk[..cut]);
         if let Err(e) = write_out(writer, &chunk[..cut]).await {
             return DownEnd::Pump(PumpEnd::Write(e));
         }

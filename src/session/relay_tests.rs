@@ -316,3 +316,61 @@ async fn written_bytes_are_flushed_both_ways() {
     drop((app_w, app_r));
     let _ = task.await;
 }
+
+/// A NotificationResponse from backend `pid` on channel `c` with payload `p`.
+fn notification(pid: i32) -> Vec<u8> {
+    let mut m = vec![b'A'];
+    m.extend_from_slice(&12u32.to_be_bytes());
+    m.extend_from_slice(&pid.to_be_bytes());
+    m.extend_from_slice(b"c\0p\0");
+    m
+}
+
+#[test]
+fn own_notifications_show_the_pid_of_leasegates_key_however_the_reads_cut_them() {
+    let (own, shown, other) = (4242, 77, 5151);
+    let mut stream = b"Z\0\0\0\x05I".to_vec();
+    let mut pids = Vec::new();
+    for pid in [own, other, own] {
+        pids.push((stream.len() + 5, pid));
+        stream.extend_from_slice(&notification(pid));
+    }
+    for cut in 0..=stream.len() {
+        let mut dir = Direction::to_client(None, BytesMut::new()).showing_pid(own, shown);
+        let mut bytes = stream.clone();
+        let (a, b) = bytes.split_at_mut(cut);
+        dir.took(a);
+        dir.took(b);
+        assert!(dir.framer.at_boundary(), "cut {cut}");
+        for &(at, pid) in &pids {
+            let got = i32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+            // A read boundary inside the pid leaves it as the server sent it.
+            let split = cut > at && cut < at + 4;
+            let want = if pid == own && !split { shown } else { pid };
+            assert_eq!(got, want, "cut {cut}, pid at {at}");
+        }
+        assert_eq!(bytes.len(), stream.len());
+    }
+}
+
+#[test]
+fn without_a_key_or_in_other_messages_the_pid_bytes_are_left_alone() {
+    let own = 4242;
+    let mut stream = notification(own);
+    // A DataRow whose value is the pid's bytes, and a malformed 'A' too short for a pid
+    // followed by a message that starts with them.
+    stream.extend_from_slice(b"D\0\0\0\x0e\0\x01\0\0\0\x04");
+    stream.extend_from_slice(&own.to_be_bytes());
+    stream.extend_from_slice(b"A\0\0\0\x05x");
+    stream.extend_from_slice(&own.to_be_bytes()[..1]);
+    let mut plain = Direction::to_client(None, BytesMut::new());
+    let mut bytes = stream.clone();
+    plain.took(&mut bytes);
+    assert_eq!(bytes, stream, "no key: nothing rewritten");
+
+    let mut dir = Direction::to_client(None, BytesMut::new()).showing_pid(own, 77);
+    let mut bytes = stream.clone();
+    dir.took(&mut bytes);
+    assert_eq!(&bytes[5..9], &77i32.to_be_bytes(), "the notification");
+    assert_eq!(&bytes[12..], &stream[12..], "the rest as it was");
+}

@@ -181,12 +181,16 @@ impl<'a> Relay<'a> {
         let key = registration.as_ref().map(|r| r.key);
         startup_tail(&mut self.head, key, self.status);
         let leftover = std::mem::take(&mut self.leftover);
-        let (to_upstream, to_client) = relay::directions(
+        let (to_upstream, mut to_client) = relay::directions(
             &state.metrics,
             leftover,
             self.status,
             Some(&self.tracked.handle()),
         );
+        // The client knows its backend by the pid of leasegate's key: so do its notifications.
+        if let (Some((upstream, _)), Some((shown, _))) = (self.cancel_key, key) {
+            to_client = to_client.showing_pid(upstream, shown);
+        }
         // Built before the relay and filled in after, so the directions are stored once.
         let mut relayed = Relayed {
             end: RelayEnd::Ended { delivered: false },

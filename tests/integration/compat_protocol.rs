@@ -334,3 +334,57 @@ async fn cancel_request_inside_tls_cancels_and_closes_with_close_notify() {
     );
     w.terminate().await;
 }
+
+/// The notifying backend's pid in a NotificationResponse.
+fn notification_pid(msgs: &[Msg]) -> Option<i32> {
+    msgs.iter()
+        .find(|m| m.tag == b'A')
+        .and_then(|m| m.body.get(..4))
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_be_bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_notifications_carry_the_pid_of_leasegates_key_others_their_backends() {
+    let mut row = row("protocol-6-notify-pid");
+    let f = Fixture::start("compat-proto-notify-pid").await;
+    let mut listener = tls_wire(&f).await;
+    let login = listener
+        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+        .await
+        .expect("startup");
+    let (shown, _) = login.key.clone().expect("BackendKeyData");
+    let real: i32 = listener.query_column("select pg_backend_pid()").await[0]
+        .as_deref()
+        .and_then(|p| p.parse().ok())
+        .expect("pg_backend_pid");
+    assert_ne!(shown, real, "leasegate's key is its own");
+
+    row.step("own NOTIFY → NotificationResponse with the pid of BackendKeyData");
+    let msgs = listener
+        .simple_query("listen lg_chan; notify lg_chan, 'self'")
+        .await
+        .expect("listen and notify");
+    assert_eq!(notification_pid(&msgs), Some(shown), "{msgs:?}");
+
+    row.step("another session's NOTIFY → that backend's pid");
+    let mut other = f.raw_session("readonly").await;
+    let other_pid = other.query_column("select pg_backend_pid()").await[0].clone();
+    other
+        .simple_query("notify lg_chan, 'other'")
+        .await
+        .expect("notify from the other session");
+    let msg = listener
+        .recv_within(Duration::from_secs(5))
+        .await
+        .expect("read")
+        .expect("the other session's notification");
+    assert_eq!(
+        notification_pid(std::slice::from_ref(&msg)).map(|p| p.to_string()),
+        other_pid,
+        "{msg:?}"
+    );
+    other.terminate().await;
+    listener.terminate().await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+}
