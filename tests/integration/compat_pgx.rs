@@ -68,7 +68,7 @@ const FEATURES: &[(&str, &str)] = &[
     ("listen_notify", "LISTEN/NOTIFY (WaitForNotification)"),
     (
         "pool",
-        "pgxpool (pool_max_conns=4): 16 concurrent queries on ≤ 4 connections",
+        "pgxpool (pool_max_conns=4): connection closed by a deadline replaced, 16 concurrent queries on ≤ 4 connections",
     ),
 ];
 
@@ -149,10 +149,12 @@ async fn pgx_url_binary_statements_copy_cancel_batch_notify_and_pool() {
     cmd.env("LG_WRONG_CA", other_ca.ca_pem());
     let run = run_script(cmd, "pgx_compat.go", Duration::from_secs(120)).await;
     row.set_version(&format!(
-        "pgx {}, pgconn {}, {}",
+        "pgx {}, pgconn {} (Debian), Go {}",
         debian_version("golang-github-jackc-pgx-v4-dev"),
         debian_version("golang-github-jackc-pgconn-dev"),
-        run.result["go"].as_str().unwrap_or("Go ?"),
+        run.result["go"]
+            .as_str()
+            .map_or("?", |v| v.trim_start_matches("go")),
     ));
     let checks = run.report(&mut row, FEATURES);
     assert!(
@@ -161,10 +163,12 @@ async fn pgx_url_binary_statements_copy_cancel_batch_notify_and_pool() {
             .is_some_and(|u| u.starts_with(&f.mount.prefix)),
         "the session ran as a dynamic role of this mount"
     );
-    // Both cancels reached leasegate as plaintext CancelRequests and went upstream.
+    // Every cancel (explicit, and pgconn's on a context deadline: in context_deadline and in
+    // the pool) reached leasegate as a plaintext CancelRequest and went upstream.
     let sent = checks["cancel_request"]["cancels_sent"]
         .as_f64()
-        .unwrap_or(0.0);
+        .unwrap_or(0.0)
+        + checks["pool"]["cancels_sent"].as_f64().unwrap_or(0.0);
     let labels = [("result", "forwarded")];
     wait_counter(
         &f.proxy,

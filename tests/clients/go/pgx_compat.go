@@ -553,6 +553,13 @@ func pool(ctx context.Context) (details, error) {
 	if p.Stat().MaxConns() != 4 {
 		return nil, fmt.Errorf("MaxConns %d", p.Stat().MaxConns())
 	}
+	// A deadline closes the pooled connection (cancel first); the pool replaces it.
+	dctx, dcancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err = p.Exec(dctx, "select pg_sleep(30)")
+	dcancel()
+	if !pgconn.Timeout(err) {
+		return nil, fmt.Errorf("pg_sleep(30) under a 0.3 s deadline: %v", err)
+	}
 	var mu sync.Mutex
 	pids := map[uint32]bool{}
 	users := map[string]bool{}
@@ -598,7 +605,7 @@ func pool(ctx context.Context) (details, error) {
 		names = append(names, u)
 	}
 	sort.Strings(names)
-	return details{"backends": len(pids), "roles": names}, nil
+	return details{"backends": len(pids), "roles": names, "cancels_sent": 1}, nil
 }
 
 func main() {
