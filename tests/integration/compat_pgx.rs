@@ -3,10 +3,11 @@
 //! connection string a Go user writes (`postgres://readonly@host:port/myapp?sslmode=verify-full
 //! &sslrootcert=…&sslcert=…&sslkey=…`): another CA refused, simple and parameterised queries,
 //! `Prepare`, transactions with savepoints, `*pgconn.PgError` codes, binary `CopyFrom` and
-//! `CopyTo`, a CancelRequest and a context deadline (pgconn sends a plaintext CancelRequest on
+//! `CopyTo`, a CancelRequest and context deadlines (pgconn sends a plaintext CancelRequest on
 //! a new connection), runtime parameters in the URL, `SendBatch`, LISTEN/NOTIFY and a
-//! `pgxpool`. The program is `tests/clients/go/pgx_compat.go`, built offline against Debian's
-//! packaged Go sources (`golang-go`, `golang-github-jackc-pgx-v4-dev`) in GOPATH mode.
+//! `pgxpool`. The program is `tests/clients/go/` (`pgx_compat.go`, `pgx_session.go`), built
+//! offline in GOPATH mode against Debian's packaged Go sources (`golang-go`,
+//! `golang-github-jackc-pgx-v4-dev`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,8 +23,8 @@ use crate::harness::security::wait_counter;
 const GOPATH: &str = "/usr/share/gocode";
 /// The Debian packages the program needs.
 const PACKAGES: &str = "golang-go golang-github-jackc-pgx-v4-dev";
-/// The program, relative to the repository.
-const PROGRAM: &str = "tests/clients/go/pgx_compat.go";
+/// The program (package main: every `.go` file of the directory), relative to the repository.
+const PROGRAM: &str = "tests/clients/go";
 
 /// Check name in the program's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -105,12 +106,18 @@ fn debian_version(package: &str) -> String {
 /// kept under cargo's target directory so later runs only link.
 async fn build_client(dir: &Path) -> PathBuf {
     let out = dir.join("pgx_compat");
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(repo().join(PROGRAM))
+        .expect("read tests/clients/go")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "go"))
+        .collect();
+    sources.sort();
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("go-build-cache");
     let mut cmd = tokio::process::Command::new("go");
     cmd.arg("build")
         .arg("-o")
         .arg(&out)
-        .arg(repo().join(PROGRAM))
+        .args(&sources)
         .current_dir(dir)
         .env("GO111MODULE", "off")
         .env("GOPATH", GOPATH)
@@ -120,7 +127,7 @@ async fn build_client(dir: &Path) -> PathBuf {
         .env("GOPROXY", "off")
         .env("GOTOOLCHAIN", "local");
     let started = Instant::now();
-    let run = run_script(cmd, "go build pgx_compat.go", Duration::from_secs(300)).await;
+    let run = run_script(cmd, "go build tests/clients/go", Duration::from_secs(300)).await;
     assert!(
         run.success,
         "go build {PROGRAM} ({}): {}\n{}\n(needs {PACKAGES})",
@@ -136,7 +143,7 @@ async fn pgx_url_binary_statements_copy_cancel_batch_notify_and_pool() {
     row.phase("go or golang-github-jackc-pgx-v4-dev not installed");
     require_go_pgx();
     let build = root().tempdir("pgx-build-");
-    row.phase("go build tests/clients/go/pgx_compat.go");
+    row.phase("go build tests/clients/go");
     let program = build_client(build.path()).await;
     let f = Fixture::start("compat-pgx").await;
     let other_ca = Pki::new();
