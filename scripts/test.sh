@@ -82,6 +82,21 @@ if ! command -v java >/dev/null || [[ ! -f /usr/share/java/postgresql.jar ]]; th
     fi
     [[ -f /usr/share/java/postgresql.jar ]] || die "pgjdbc not found: apt-get install default-jdk-headless libpostgresql-jdbc-java"
 fi
+# Go pgx (compat_pgx): Debian's Go and pgx v4 sources; the test builds tests/clients/go/pgx_compat.go
+# offline against /usr/share/gocode (GOPATH mode, no module proxy).
+if ! command -v go >/dev/null || [[ ! -d /usr/share/gocode/src/github.com/jackc/pgx/v4/pgxpool ]]; then
+    if is_root && command -v apt-get >/dev/null; then
+        echo "installing Go and pgx (Debian packages golang-go, golang-github-jackc-pgx-v4-dev)"
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -qq --no-install-recommends golang-go golang-github-jackc-pgx-v4-dev >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+                golang-go golang-github-jackc-pgx-v4-dev >/dev/null; }; } \
+            || die "apt-get install golang-go golang-github-jackc-pgx-v4-dev failed"
+    fi
+    if ! command -v go >/dev/null || [[ ! -d /usr/share/gocode/src/github.com/jackc/pgx/v4/pgxpool ]]; then
+        die "Go or pgx v4 not found: apt-get install golang-go golang-github-jackc-pgx-v4-dev"
+    fi
+fi
 # The Unix-socket tests run clients as this unprivileged OS user.
 id nobody >/dev/null 2>&1 || die "the OS user 'nobody' is needed by the Unix-socket tests"
 

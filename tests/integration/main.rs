@@ -15,6 +15,7 @@ mod compat_asyncpg;
 mod compat_cluster;
 mod compat_jdbc;
 mod compat_node;
+mod compat_pgx;
 mod compat_protocol;
 mod compat_psql;
 mod compat_psycopg;
