@@ -66,7 +66,10 @@ const FEATURES: &[(&str, &str)] = &[
         "batch",
         "SendBatch (52 pipelined queries, error in the batch)",
     ),
-    ("listen_notify", "LISTEN/NOTIFY (WaitForNotification)"),
+    (
+        "listen_notify",
+        "LISTEN/NOTIFY (WaitForNotification): own notification with the key's pid",
+    ),
     (
         "pool",
         "pgxpool (pool_max_conns=4): connection closed by a deadline replaced, 16 concurrent queries on ≤ 4 connections",

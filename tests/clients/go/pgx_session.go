@@ -171,8 +171,7 @@ func listenNotify(ctx context.Context) (details, error) {
 			return nil, err
 		}
 		return withConn(ctx, "", func(other *pgx.Conn) (details, error) {
-			// The pid in a notification is the sender's backend (pg_backend_pid()), not the
-			// pid of its BackendKeyData (PgConn().PID()): that key is leasegate's own.
+			// Another session's notification names its backend (pg_backend_pid()).
 			var sender uint32
 			if err := other.QueryRow(ctx, "select pg_backend_pid()::int8 from pg_notify($1, $2)", "lg_compat", "hello").Scan(&sender); err != nil {
 				return nil, err
@@ -186,12 +185,24 @@ func listenNotify(ctx context.Context) (details, error) {
 			if n.Channel != "lg_compat" || n.Payload != "hello" || n.PID != sender {
 				return nil, fmt.Errorf("notification %+v (sender's backend pid %d)", n, sender)
 			}
+			// Its own notification carries the pid of its BackendKeyData: pgx's way of
+			// telling its own from others'.
+			if _, err := conn.Exec(ctx, "notify lg_compat, 'self'"); err != nil {
+				return nil, err
+			}
+			own, err := conn.WaitForNotification(wctx)
+			if err != nil {
+				return nil, err
+			}
+			if own.Payload != "self" || own.PID != conn.PgConn().PID() {
+				return nil, fmt.Errorf("own notification %+v (key pid %d)", own, conn.PgConn().PID())
+			}
 			var x int
 			if err := conn.QueryRow(ctx, "select 5").Scan(&x); err != nil || x != 5 {
 				return nil, fmt.Errorf("after the notification: %d %v", x, err)
 			}
 			return details{"payload": n.Payload, "notification_pid": n.PID,
-				"sender_key_pid": other.PgConn().PID()}, nil
+				"sender_key_pid": other.PgConn().PID(), "own_pid": own.PID}, nil
 		})
 	})
 }
