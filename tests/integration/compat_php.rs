@@ -1,14 +1,15 @@
 //! PHP's `pgsql` extension and PDO_pgsql (Debian `php-cli php-pgsql`, both on the system
 //! libpq) through leasegate with `sslmode=verify-full` and a client certificate (a CA that did
-//! not sign leasegate's certificate is refused): `pg_query` (multi-statement),
-//! `pg_query_params`, `pg_prepare`/`pg_execute` (a server-side statement), a transaction with
-//! an error inside a savepoint rolled back to, SQLSTATEs from `pg_result_error_field`
-//! (23505, 22012 simple and extended, 42601), `pg_copy_from`/`pg_copy_to`, `pg_cancel_query`
-//! of a `pg_sleep` (libpq's PQrequestCancel), `application_name` and `options=-c …`,
-//! LISTEN/`pg_get_notify`; and PDO with `ERRMODE_EXCEPTION`: native prepares (server-side
-//! statements through the proxy) and emulated ones, `PDOException::getCode()` 23505 and
-//! 22012, a transaction rolled back and one committed. No password anywhere on the client.
-//! The script is `tests/clients/php/pg_compat.php`.
+//! not sign leasegate's certificate is refused), `pg_connection_reset` (a new login),
+//! `pg_query` (multi-statement), `pg_query_params`, `pg_prepare`/`pg_execute` (a server-side
+//! statement), a transaction with an error inside a savepoint rolled back to, SQLSTATEs from
+//! `pg_result_error_field` (23505, 22012 simple and extended, 42601), `pg_copy_from` and
+//! `pg_copy_to`, `pg_cancel_query` of a `pg_sleep` (libpq's PQrequestCancel),
+//! `application_name` and `options=-c …`, LISTEN/`pg_get_notify`; and PDO with
+//! `ERRMODE_EXCEPTION`: native prepares (server-side statements through the proxy) and
+//! emulated ones, `PDOException::getCode()` 23505 and 22012, a transaction rolled back and one
+//! committed. No password anywhere on the client. The script is
+//! `tests/clients/php/pg_compat.php`.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use crate::harness::compat::{CompatRow, client_fixture, run_client};
 const FEATURES: &[(&str, &str)] = &[
     (
         "verify_full_tls",
-        "pg_connect verify-full (untrusted CA refused), no password",
+        "pg_connect verify-full (untrusted CA refused), no password; pg_connection_reset → new role",
     ),
     (
         "queries",

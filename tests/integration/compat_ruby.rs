@@ -5,8 +5,9 @@
 //! SQLSTATEs (23505, 22012, 42601) and the session usable after, COPY FROM STDIN and TO STDOUT,
 //! `Connection#cancel` (pg's own plaintext CancelRequest) and `#sync_cancel` (libpq's
 //! PQcancel) of a `pg_sleep`, `application_name` and `options=-c search_path=…`, the async API
-//! (`send_query`/`get_result`) and LISTEN/NOTIFY (`wait_for_notify`); the session runs as a
-//! dynamic role and the client never sends or is asked for a password. The script is
+//! (`send_query`/`get_result`), LISTEN/NOTIFY (`wait_for_notify`), libpq's pipeline mode and
+//! `reset` (a new login); the session runs as a dynamic role and the client never sends or is
+//! asked for a password. The script is
 //! `tests/clients/ruby/pg_compat.rb`.
 
 use std::process::Stdio;
@@ -47,6 +48,10 @@ const FEATURES: &[(&str, &str)] = &[
     (
         "async_and_notify",
         "send_query/get_result; LISTEN/NOTIFY (wait_for_notify)",
+    ),
+    (
+        "pipeline_and_reset",
+        "pipeline mode (error mid-pipeline, PIPELINE_ABORTED), reset → new dynamic role",
     ),
 ];
 

@@ -120,6 +120,11 @@ check('verify_full_tls', function () {
         $details = ['session_user' => $r['u'], 'libpq' => $v['client'], 'server' => $v['server'] ?? null,
             'password_in_conninfo' => str_contains(conninfo(), 'password')];
         expect(!$details['password_in_conninfo'], 'no password in the connection string');
+        // pg_connection_reset: a new connection with the same parameters, so a new login.
+        expect(pg_connection_reset($c), 'pg_connection_reset');
+        $after = one($c, 'select current_user');
+        expect($after !== $r['u'] && $after !== env('LG_USER'), "after reset: {$r['u']} → $after");
+        $details['role_after_reset'] = $after;
     } finally {
         pg_close($c);
     }

@@ -296,6 +296,35 @@ check('async_and_notify') do
   end
 end
 
+check('pipeline_and_reset') do
+  with_conn do |c|
+    # libpq 14+ pipeline mode: several extended-protocol queries sent before one Sync, one
+    # failing; the queries after the error are skipped until the Sync.
+    c.enter_pipeline_mode
+    c.send_query_params('select $1::int', [1])
+    c.send_query_params('select $1::int / 0', [1])
+    c.send_query_params('select $1::int', [3])
+    c.pipeline_sync
+    statuses = []
+    loop do
+      r = c.get_result
+      next if r.nil?
+
+      statuses << r.res_status(r.result_status)
+      break if r.result_status == PG::PGRES_PIPELINE_SYNC
+    end
+    c.exit_pipeline_mode
+    want = %w[PGRES_TUPLES_OK PGRES_FATAL_ERROR PGRES_PIPELINE_ABORTED PGRES_PIPELINE_SYNC]
+    expect(statuses == want, "pipeline results #{statuses}")
+    # reset: a new connection with the same parameters, so a new login through leasegate.
+    before = c.exec('select current_user').getvalue(0, 0)
+    c.reset
+    after = c.exec('select current_user').getvalue(0, 0)
+    expect(after != before && after != env('LG_USER'), "after reset: #{before} → #{after}")
+    { pipeline: statuses, roles: [before, after] }
+  end
+end
+
 RESULT[:ok] = RESULT[:checks].values.all? { |c| c[:ok] }
 puts JSON.generate(RESULT)
 exit(RESULT[:ok] ? 0 : 1)
