@@ -250,6 +250,15 @@ check('cancel') do
         details[name] = { sqlstate: state, cancel_to_error_ms: ms }
       end
       details[:sqlstate] = details[:cancel][:sqlstate]
+      # A cancel with nothing running: answered by closing the connection, as PostgreSQL does
+      # (pg's cancel waits for that close), and the session is not disturbed.
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      Timeout.timeout(10) do
+        expect(c.cancel.nil?, 'cancel while idle')
+        expect(c.sync_cancel.nil?, 'sync_cancel while idle')
+      end
+      details[:idle_cancel_ms] = ((Process.clock_gettime(Process::CLOCK_MONOTONIC) - started) * 1000).round
+      expect(c.exec('select 43').getvalue(0, 0) == '43', 'session usable after idle cancels')
       details
     end
   end
