@@ -4,11 +4,11 @@
 //! `prepare`/`exec_prepared`, a transaction with a savepoint rolled back to, errors with their
 //! SQLSTATEs (23505, 22012, 42601) and the session usable after, COPY FROM STDIN and TO STDOUT,
 //! `Connection#cancel` (pg's own plaintext CancelRequest) and `#sync_cancel` (libpq's
-//! PQcancel) of a `pg_sleep`, `application_name` and `options=-c search_path=…`, the async API
-//! (`send_query`/`get_result`), LISTEN/NOTIFY (`wait_for_notify`), libpq's pipeline mode and
-//! `reset` (a new login); the session runs as a dynamic role and the client never sends or is
-//! asked for a password. The script is
-//! `tests/clients/ruby/pg_compat.rb`.
+//! PQcancel) of a `pg_sleep` and with nothing running, `application_name` and
+//! `options=-c search_path=…`, `target_session_attrs`, the async API (`send_query` and
+//! `get_result`), LISTEN/NOTIFY (`wait_for_notify`), libpq's pipeline mode and `reset` (a new
+//! login); the session runs as a dynamic role and the client never sends or is asked for a
+//! password. The script is `tests/clients/ruby/pg_compat.rb`.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -44,6 +44,10 @@ const FEATURES: &[(&str, &str)] = &[
     (
         "startup_settings",
         "application_name, options=-c search_path=… -c statement_timeout=…",
+    ),
+    (
+        "target_session_attrs",
+        "target_session_attrs=read-write, primary",
     ),
     (
         "async_and_notify",

@@ -260,6 +260,9 @@ check('cancel', function () {
         expect(pg_transaction_status($c) === PGSQL_TRANSACTION_INERROR, 'the cancelled statement failed');
         pg_query($c, 'rollback');
         expect(one($c, 'select 42') === '42', 'usable after the cancel');
+        // With nothing running: returns at once, and the session is not disturbed.
+        expect(pg_cancel_query($c), 'pg_cancel_query while idle');
+        expect(one($c, 'select 43') === '43', 'usable after an idle cancel');
         return ['cancel_to_end_ms' => $ms];
     } finally {
         pg_close($c);

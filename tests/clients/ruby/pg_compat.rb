@@ -278,6 +278,17 @@ check('startup_settings') do
   end
 end
 
+check('target_session_attrs') do
+  # libpq checks the server it reached (ParameterStatus, or a SHOW) before accepting it.
+  %w[read-write primary].map do |attrs|
+    with_conn(target_session_attrs: attrs) do |c|
+      expect(c.exec('select 1').getvalue(0, 0) == '1', "target_session_attrs=#{attrs}")
+      [attrs, { in_hot_standby: c.parameter_status('in_hot_standby'),
+                default_transaction_read_only: c.parameter_status('default_transaction_read_only') }]
+    end
+  end.to_h
+end
+
 check('async_and_notify') do
   with_conn do |listener|
     with_conn do |notifier|
