@@ -8,8 +8,8 @@
 //! `application_name` and `options=-c …`, LISTEN/`pg_get_notify`; and PDO with
 //! `ERRMODE_EXCEPTION`: native prepares (server-side statements through the proxy) and
 //! emulated ones, `PDOException::getCode()` 23505 and 22012, a transaction rolled back and one
-//! committed. No password anywhere on the client. The script is
-//! `tests/clients/php/pg_compat.php`.
+//! committed, COPY and LISTEN through PDO's pgsql methods. No password anywhere on the
+//! client. The script is `tests/clients/php/pg_compat.php`.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -46,6 +46,10 @@ const FEATURES: &[(&str, &str)] = &[
     (
         "pdo",
         "PDO verify-full: native (server-side) and emulated prepares, getCode() 23505/22012, rollBack/commit",
+    ),
+    (
+        "pdo_copy_and_notify",
+        "PDO pgsqlCopyFromArray/pgsqlCopyToArray, LISTEN/pgsqlGetNotify",
     ),
 ];
 

@@ -358,6 +358,22 @@ check('pdo', function () {
     return $details;
 });
 
+check('pdo_copy_and_notify', function () {
+    $db = pdo();
+    $other = pdo();
+    $db->exec('create temp table pc (a int, b text)');
+    $rows = array_map(fn ($i) => "$i\tr$i", range(1, 300));
+    expect($db->pgsqlCopyFromArray('pc', $rows), 'pgsqlCopyFromArray');
+    $out = $db->pgsqlCopyToArray('pc');
+    expect(is_array($out) && count($out) === 300 && $out[0] === "1\tr1\n", 'pgsqlCopyToArray');
+    $db->exec('listen compat_pdo');
+    $other->exec("notify compat_pdo, 'from pdo'");
+    $msg = $db->pgsqlGetNotify(PDO::FETCH_ASSOC, 10000);
+    expect(is_array($msg) && $msg['message'] === 'compat_pdo' && $msg['payload'] === 'from pdo',
+        'pgsqlGetNotify ' . json_encode($msg));
+    return ['rows_out' => count($out), 'notification' => $msg['payload']];
+});
+
 $RESULT['ok'] = count($RESULT['checks']) > 0
     && array_reduce($RESULT['checks'], fn ($ok, $c) => $ok && $c['ok'] === true, true);
 echo json_encode($RESULT, JSON_UNESCAPED_UNICODE | JSON_UNESCAPED_SLASHES), "\n";
