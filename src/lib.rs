@@ -70,7 +70,8 @@
 //!    verifier, [`identity::Principal::from_certificate`], then the StartupMessage
 //!    ([`protocol::startup::read_initial_packet`]). A CancelRequest instead goes to the cancel
 //!    path: admitted by [`cancel::gate::CancelGate::admit`], routed by [`cancel::route`],
-//!    sent by [`cancel::forward`] or [`cluster::Cluster::forward`]; nothing is answered.
+//!    sent by [`cancel::forward`] or [`cluster::Cluster::forward`]; nothing is answered, and
+//!    the connection closes once the upstream (or the peer) has closed its own.
 //! 3. `Session::authorize` asks [`policy::Policy::decide`]; a denial is FATAL 28000
 //!    ([`session::handshake::report`] writes it), before any Vault call.
 //! 4. `startup_settings` checks the client's startup parameters

@@ -50,10 +50,20 @@ impl Pki {
         usage: ExtendedKeyUsagePurpose,
         trusted: bool,
     ) -> (PathBuf, PathBuf) {
+        let san = SanType::DnsName(dns.try_into().expect("dns"));
+        self.cert_for(file, san, usage, trusted)
+    }
+
+    /// As [`Pki::cert`], for any subject alternative name.
+    fn cert_for(
+        &self,
+        file: &str,
+        san: SanType,
+        usage: ExtendedKeyUsagePurpose,
+        trusted: bool,
+    ) -> (PathBuf, PathBuf) {
         let mut params = CertificateParams::default();
-        params
-            .subject_alt_names
-            .push(SanType::DnsName(dns.try_into().expect("dns")));
+        params.subject_alt_names.push(san);
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("key");
         let issuer = if trusted { &self.ca } else { &self.other_ca };
@@ -300,4 +310,84 @@ async fn a_cancel_goes_to_the_owning_peer_only_and_unnamed_peers_get_the_rest() 
         [7000, 7001, 7002, 7100],
         "no ids here: everyone"
     );
+}
+
+/// A peer closes the cancel connection once it has forwarded the cancel upstream (which waits
+/// for PostgreSQL's close); the client's cancel connection is closed after [`Cluster::forward`]
+/// returns, so `forward` waits for the peer's close too.
+#[tokio::test]
+async fn a_peer_forward_returns_only_once_the_peer_closed_the_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = Pki::new();
+    let (cert, key) = pki.cert(
+        "peer",
+        "leasegate-peer",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        true,
+    );
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let (server, server_key) = pki.cert_for(
+        "server",
+        SanType::IpAddress(loopback),
+        ExtendedKeyUsagePurpose::ServerAuth,
+        true,
+    );
+    let listen: ListenConfig = toml::from_str(&format!(
+        "address = \"127.0.0.1:0\"\ncert = {server:?}\nkey = {server_key:?}\nclient_ca = {:?}\n",
+        pki.ca_pem
+    ))
+    .expect("[listen]");
+    let acceptor = crate::tls::server::acceptor(&listen).expect("acceptor");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let closed = Arc::new(AtomicBool::new(false));
+    let peer = tokio::spawn({
+        let closed = closed.clone();
+        async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            let mut ssl_request = [0u8; 8];
+            tcp.read_exact(&mut ssl_request).await.expect("SSLRequest");
+            tcp.write_all(b"S").await.expect("S");
+            let mut tls = acceptor.accept(tcp).await.expect("TLS");
+            let mut packet = vec![0u8; 12 + 4];
+            tls.read_exact(&mut packet)
+                .await
+                .expect("PeerCancelRequest");
+            // Forwarding upstream takes a while; the peer closes once it is done.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            closed.store(true, Ordering::SeqCst);
+            let _ = tls.shutdown().await;
+            packet
+        }
+    });
+    let peer_address = format!("127.0.0.1:{port}");
+    let config = cluster_config(
+        &[&peer_address],
+        "dns:leasegate-peer",
+        &cert,
+        &key,
+        &pki.ca_pem,
+    );
+    let tracker = tokio_util::task::TaskTracker::new();
+    let tasks = crate::tasks::Tasks::new(tracker, tokio_util::sync::CancellationToken::new());
+    let cluster = Cluster::new(&config, &pki.listen(), &tasks).expect("cluster");
+    let cancel = CancelKey {
+        pid: 77,
+        secret: vec![1, 2, 3, 4],
+    };
+    let done = cluster.forward(&cancel).await;
+    assert_eq!((done.sent, done.failed), (1, 0));
+    assert!(
+        closed.load(Ordering::SeqCst),
+        "forward returned before the peer had forwarded the cancel"
+    );
+    let packet = tokio::time::timeout(Duration::from_secs(10), peer)
+        .await
+        .expect("the fake peer ends")
+        .expect("fake peer");
+    assert_eq!(packet, peer_cancel_packet(&cancel));
 }
