@@ -9,6 +9,7 @@ mod client_stream;
 pub(crate) mod close;
 mod control;
 mod credential;
+mod direction;
 mod greeting;
 pub(crate) mod handshake;
 pub(crate) mod lifecycle;
