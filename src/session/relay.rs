@@ -282,6 +282,11 @@ where
             PumpEnd::Write(e) => RelayEnd::UpstreamGone(Some(e)),
         },
         down = pump_down(upstream_r, client_w, to_client, control) => match down {
+            // The server closed because the client's Terminate reached it, before the relay
+            // saw the client's own close: the client ended the session.
+            DownEnd::Pump(PumpEnd::Read(None)) if to_upstream.framer.at_boundary() && to_upstream.framer.last_type() == b'X' => {
+                RelayEnd::ClientTerminated
+            }
             DownEnd::Pump(PumpEnd::Read(err)) => RelayEnd::UpstreamGone(err),
             DownEnd::Pump(PumpEnd::Write(e)) => RelayEnd::ClientGone(Some(e)),
             DownEnd::Ended { delivered } => RelayEnd::Ended { delivered },

@@ -374,3 +374,20 @@ fn without_a_key_or_in_other_messages_the_pid_bytes_are_left_alone() {
     assert_eq!(&bytes[5..9], &77i32.to_be_bytes(), "the notification");
     assert_eq!(&bytes[12..], &stream[12..], "the rest as it was");
 }
+
+#[tokio::test]
+async fn the_server_closing_after_the_clients_terminate_is_the_clients_end() {
+    let (client_app, upstream_db, _tx, task) = relay_between();
+    let (_app_r, mut app_w) = split(client_app);
+    let (mut db_r, db_w) = split(upstream_db);
+    app_w.write_all(b"X\0\0\0\x04").await.expect("write");
+    let mut got = [0u8; 5];
+    db_r.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"X\0\0\0\x04");
+    // The server closes at once, before the client closes its side.
+    drop((db_r, db_w));
+    let r = task.await.expect("join");
+    assert_eq!(r.end.label(), "client_terminate");
+    assert!(r.upstream_idle(), "nothing was left unanswered");
+    assert!(!r.can_terminate(), "the Terminate went through already");
+}
