@@ -1,7 +1,9 @@
 //! pgjdbc (Java, no libpq) through leasegate with `sslmode=verify-full`: the client key as
 //! PKCS#8 DER (`sslkey=….pk8`) and as PKCS#12 (`sslkey=….p12`, alias `user`, `sslpassword`),
 //! one PreparedStatement run 10 times (past pgjdbc's `prepareThreshold` of 5, so it becomes a
-//! named server-side statement), and a transaction (rollback, then commit). The program is
+//! named server-side statement), a transaction (rollback, then commit), SQLSTATEs, a batch, a
+//! query timeout (a CancelRequest on a new connection), CopyManager, LISTEN/NOTIFY, startup
+//! settings and DatabaseMetaData. The program is
 //! `tests/clients/java/LgJdbc.java`, run by single-file source launch against Debian's
 //! `libpostgresql-jdbc-java` (`/usr/share/java/postgresql.jar`).
 
@@ -33,6 +35,24 @@ const FEATURES: &[(&str, &str)] = &[
         "PreparedStatement ×10, server-prepared past prepareThreshold",
     ),
     ("transaction", "transaction: rollback, commit"),
+    (
+        "errors",
+        "SQLSTATEs 23505/22012 (getSQLState), connection usable after",
+    ),
+    ("batch", "executeBatch of 100 inserts"),
+    (
+        "query_timeout",
+        "setQueryTimeout → CancelRequest (new connection) → 57014, usable",
+    ),
+    ("copy", "CopyManager copyIn/copyOut"),
+    (
+        "notify",
+        "LISTEN/NOTIFY: own notification's getPID() = getBackendPID()",
+    ),
+    (
+        "settings",
+        "ApplicationName, options=-c search_path=…; DatabaseMetaData.getTables",
+    ),
 ];
 
 /// Panics unless java and the pgjdbc jar are installed, naming the packages.
@@ -65,7 +85,7 @@ fn pkcs12(cert: &Path, key: &Path, out: &Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgjdbc_pk8_and_p12_keys_prepared_statements_and_a_transaction() {
+async fn pgjdbc_keys_statements_errors_timeout_copy_notify_and_settings() {
     let mut row = CompatRow::new("pgjdbc", 45, "pgjdbc (Java)", "?");
     row.phase("java or libpostgresql-jdbc-java not installed");
     require_jdbc();
