@@ -26,7 +26,10 @@ const FEATURES: &[(&str, &str)] = &[
         "transaction",
         "transaction: commit, rollback, 23505 → 25P02 → rollback",
     ),
-    ("listen_notify", "LISTEN/NOTIFY"),
+    (
+        "listen_notify",
+        "LISTEN/NOTIFY (own notification: processId = processID)",
+    ),
     (
         "error_then_usable",
         "syntax error 42601, then session usable",

@@ -25,6 +25,10 @@ const FEATURES: &[(&str, &str)] = &[
         "cancel() from another thread → QueryCanceled",
     ),
     ("cancel_safe", "cancel_safe() (libpq 17+ cancel inside TLS)"),
+    (
+        "listen_notify",
+        "LISTEN/NOTIFY: own Notify.pid = info.backend_pid, others' their backend's",
+    ),
     ("direct_tls", "sslnegotiation=direct (ALPN postgresql)"),
     (
         "protocol_3_2_request",

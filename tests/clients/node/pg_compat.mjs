@@ -201,7 +201,16 @@ await check('listen_notify', async () => {
     await notifier.query("select pg_notify('compat_node', $1)", ['payload from node ✓']);
     const msg = await withTimeout(received, 10000, 'notification');
     expect(msg.payload === 'payload from node ✓', `payload ${msg.payload}`);
-    return { channel: msg.channel, payload: msg.payload };
+    // Its own notification names the pid of its BackendKeyData (client.processID).
+    const own = new Promise((resolve) => {
+      listener.on('notification', (m) => {
+        if (m.channel === 'compat_node' && m.payload === 'own') resolve(m);
+      });
+    });
+    await listener.query("NOTIFY compat_node, 'own'");
+    const mine = await withTimeout(own, 10000, 'own notification');
+    expect(mine.processId === listener.processID, `own pid ${mine.processId} vs key ${listener.processID}`);
+    return { channel: msg.channel, payload: msg.payload, own_pid: mine.processId };
   } finally {
     await listener.end();
     await notifier.end();

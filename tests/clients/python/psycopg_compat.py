@@ -268,6 +268,23 @@ def _():
     return cancel_with("cancel_safe")
 
 
+@check("listen_notify")
+def _():
+    # Another session's notification, then its own: Notify.pid is then conn.info.backend_pid
+    # (PQbackendPID, the pid of leasegate's key), the way an app skips its own notifications.
+    with connect() as conn, connect() as other:
+        conn.execute("listen lg_psycopg")
+        other_pid = other.execute("select pg_backend_pid()").fetchone()[0]
+        other.execute("notify lg_psycopg, 'theirs'")
+        conn.execute("notify lg_psycopg, 'mine'")
+        got = {}
+        for n in conn.notifies(timeout=10, stop_after=2):
+            got[n.payload] = n.pid
+        expect(got.get("theirs") == other_pid, f"their pid {got} vs {other_pid}")
+        expect(got.get("mine") == conn.info.backend_pid, f"own pid {got} vs {conn.info.backend_pid}")
+        return {"own_pid": got["mine"], "their_pid": got["theirs"]}
+
+
 if psycopg.pq.version() >= 170000:
 
     @check("direct_tls")
