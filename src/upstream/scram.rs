@@ -214,11 +214,16 @@ fn tag(key: &hmac::Key, data: &[u8]) -> [u8; 32] {
 /// The password as PostgreSQL hashes it: SASLprep when the password is valid UTF-8 and
 /// SASLprep accepts it, the bytes as they are otherwise (PostgreSQL does the same).
 fn saslprep(password: &[u8]) -> Zeroizing<Vec<u8>> {
+    use std::borrow::Cow;
     let prepared = std::str::from_utf8(password)
         .ok()
-        .and_then(|p| stringprep::saslprep(p).ok())
-        .map(|p| p.as_bytes().to_vec());
-    Zeroizing::new(prepared.unwrap_or_else(|| password.to_vec()))
+        .and_then(|p| stringprep::saslprep(p).ok());
+    Zeroizing::new(match prepared {
+        // A mapped password is a new string: moved, not copied, so the one copy is zeroized.
+        Some(Cow::Owned(mapped)) => mapped.into_bytes(),
+        Some(Cow::Borrowed(same)) => same.as_bytes().to_vec(),
+        None => password.to_vec(),
+    })
 }
 
 /// The attributes of a server-first message.
