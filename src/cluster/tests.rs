@@ -54,6 +54,17 @@ impl Pki {
         self.cert_for(file, san, usage, trusted)
     }
 
+    /// The peer certificate most tests use: DNS SAN `leasegate-peer`, client auth, issued by
+    /// the trusted CA (file `peer`).
+    fn peer(&self) -> (PathBuf, PathBuf) {
+        self.cert(
+            "peer",
+            "leasegate-peer",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            true,
+        )
+    }
+
     /// As [`Pki::cert`], for any subject alternative name.
     fn cert_for(
         &self,
@@ -109,12 +120,7 @@ fn a_cluster_certificate_peers_would_refuse_is_refused_at_load() {
     let pki = Pki::new();
     let listen = pki.listen();
     let ca = pki.ca_pem.as_path();
-    let (good, good_key) = pki.cert(
-        "peer",
-        "leasegate-peer",
-        ExtendedKeyUsagePurpose::ClientAuth,
-        true,
-    );
+    let (good, good_key) = pki.peer();
     let ok = cluster_config(
         &["127.0.0.1:6432"],
         "dns:leasegate-peer",
@@ -178,12 +184,7 @@ fn a_cluster_certificate_peers_would_refuse_is_refused_at_load() {
 #[tokio::test]
 async fn peers_are_resolved_in_the_background_until_the_cluster_is_dropped() {
     let pki = Pki::new();
-    let (cert, key) = pki.cert(
-        "peer",
-        "leasegate-peer",
-        ExtendedKeyUsagePurpose::ClientAuth,
-        true,
-    );
+    let (cert, key) = pki.peer();
     let ca = pki.ca_pem.as_path();
     let config = cluster_config(
         &["127.0.0.1:7001", "localhost:7002"],
@@ -248,12 +249,7 @@ fn a_replica_id_rides_in_the_pid_and_names_the_owner() {
 #[tokio::test]
 async fn a_cancel_goes_to_the_owning_peer_only_and_unnamed_peers_get_the_rest() {
     let pki = Pki::new();
-    let (cert, key) = pki.cert(
-        "peer",
-        "leasegate-peer",
-        ExtendedKeyUsagePurpose::ClientAuth,
-        true,
-    );
+    let (cert, key) = pki.peer();
     let mut config = cluster_config(&[], "dns:leasegate-peer", &cert, &key, &pki.ca_pem);
     use crate::config::schema::{Peer, PeerWithId};
     let with_id = |id, address: &str| {
@@ -321,12 +317,7 @@ async fn a_peer_forward_returns_only_once_the_peer_closed_the_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let pki = Pki::new();
-    let (cert, key) = pki.cert(
-        "peer",
-        "leasegate-peer",
-        ExtendedKeyUsagePurpose::ClientAuth,
-        true,
-    );
+    let (cert, key) = pki.peer();
     let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
     let (server, server_key) = pki.cert_for(
         "server",

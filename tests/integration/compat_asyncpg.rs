@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::harness::compat::{CompatRow, client_fixture, run_client};
+use crate::harness::compat::{CompatRow, assert_dynamic_role, client_fixture, run_client};
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -72,11 +72,6 @@ async fn asyncpg_transactions_copy_cancel_notify_and_pool() {
         r["python"].as_str().unwrap_or("?"),
     ));
     let checks = run.report(&mut row, FEATURES);
-    assert!(
-        checks["verify_full_tls"]["session_user"]
-            .as_str()
-            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
-        "the session ran as a dynamic role of this mount"
-    );
+    assert_dynamic_role(checks, "verify_full_tls", &f);
     f.wait_all_revoked(Duration::from_secs(15)).await;
 }

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use crate::harness::compat::{CompatRow, client_fixture, require_node_pg, run_client};
+use crate::harness::compat::{
+    CompatRow, assert_dynamic_role, client_fixture, require_node_pg, run_client,
+};
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -59,11 +61,6 @@ async fn node_pg_queries_transaction_notify_and_errors() {
     ));
     let checks = run.report(&mut row, FEATURES);
     assert_eq!(checks["error_then_usable"]["sqlstate"], "42601");
-    assert!(
-        checks["verify_full_tls"]["session_user"]
-            .as_str()
-            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
-        "the session ran as a dynamic role of this mount"
-    );
+    assert_dynamic_role(checks, "verify_full_tls", &f);
     f.wait_all_revoked(Duration::from_secs(15)).await;
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::harness::compat::{CompatRow, client_env, repo, run_script};
+use crate::harness::compat::{CompatRow, assert_dynamic_role, client_env, repo, run_script};
 use crate::harness::fixture::Fixture;
 use crate::harness::pki::Pki;
 use crate::harness::root;
@@ -167,12 +167,7 @@ async fn pgx_url_binary_statements_copy_cancel_batch_notify_and_pool() {
             .map_or("?", |v| v.trim_start_matches("go")),
     ));
     let checks = run.report(&mut row, FEATURES);
-    assert!(
-        checks["verify_full_tls"]["session_user"]
-            .as_str()
-            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
-        "the session ran as a dynamic role of this mount"
-    );
+    assert_dynamic_role(checks, "verify_full_tls", &f);
     // Every cancel (explicit, and pgconn's on a context deadline: in context_deadline and in
     // the pool) reached leasegate as a plaintext CancelRequest and went upstream.
     let sent = checks["cancel_request"]["cancels_sent"]

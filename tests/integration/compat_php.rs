@@ -14,7 +14,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::harness::compat::{CompatRow, client_fixture, run_client};
+use crate::harness::compat::{CompatRow, assert_dynamic_role, client_fixture, run_client};
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -102,13 +102,7 @@ async fn php_pgsql_and_pdo_queries_copy_cancel_notify_and_errors() {
         checks["pdo"]
     );
     for name in ["verify_full_tls", "pdo"] {
-        assert!(
-            checks[name]["session_user"]
-                .as_str()
-                .is_some_and(|u| u.starts_with(&f.mount.prefix)),
-            "{name}: the session ran as a dynamic role of this mount: {:#}",
-            checks[name]
-        );
+        assert_dynamic_role(checks, name, &f);
     }
     f.wait_all_revoked(Duration::from_secs(15)).await;
 }

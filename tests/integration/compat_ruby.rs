@@ -13,7 +13,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::harness::compat::{CompatRow, client_fixture, run_client};
+use crate::harness::compat::{CompatRow, assert_dynamic_role, client_fixture, run_client};
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -100,12 +100,6 @@ async fn ruby_pg_queries_copy_cancel_notify_and_errors() {
     for how in ["cancel", "sync_cancel"] {
         assert_eq!(checks["cancel"][how]["sqlstate"], "57014", "{how}");
     }
-    assert!(
-        checks["verify_full_tls"]["session_user"]
-            .as_str()
-            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
-        "the session ran as a dynamic role of this mount: {:#}",
-        checks["verify_full_tls"]
-    );
+    assert_dynamic_role(checks, "verify_full_tls", &f);
     f.wait_all_revoked(Duration::from_secs(15)).await;
 }

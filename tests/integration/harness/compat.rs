@@ -318,8 +318,19 @@ impl ScriptRun {
     }
 }
 
-/// Runs a client script to completion (`timeout` bounds it). The caller checks the outcome:
-/// records versions from the JSON line first, then calls [`ScriptRun::assert_ok`].
+/// Panics unless check `name` of a script's report names a dynamic role of `f`'s mount as its
+/// `session_user` (the client logged in as the grant name and ran as a role leasegate got).
+#[track_caller]
+pub fn assert_dynamic_role(checks: &serde_json::Map<String, Value>, name: &str, f: &Fixture) {
+    assert!(
+        checks[name]["session_user"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&f.mount.prefix)),
+        "{name}: the session ran as a dynamic role of this mount: {:#}",
+        checks[name]
+    );
+}
+
 /// A fixture whose test client (the `GOOD_URI` certificate) may use role `readwrite` on
 /// `myapp`: what every client script connects as.
 pub async fn client_fixture(name: &str) -> Fixture {
@@ -341,6 +352,8 @@ pub async fn run_client(f: &Fixture, program: &str, script: &str, limit: Duratio
     run_script(cmd, name, limit).await
 }
 
+/// Runs a client script to completion (`timeout` bounds it). The caller checks the outcome:
+/// records versions from the JSON line first, then calls [`ScriptRun::assert_ok`].
 pub async fn run_script(
     mut cmd: tokio::process::Command,
     what: &str,
