@@ -31,7 +31,7 @@ const FEATURES: &[(&str, &str)] = &[
     ),
     (
         "settings_and_notify",
-        "server_settings (application_name, search_path); LISTEN/NOTIFY",
+        "server_settings (application_name, search_path); LISTEN/NOTIFY, own pid = get_server_pid()",
     ),
     (
         "pool",

@@ -41,7 +41,7 @@ const FEATURES: &[(&str, &str)] = &[
     ),
     (
         "startup_settings_and_notify",
-        "application_name, options=-c search_path=…; LISTEN/pg_get_notify",
+        "application_name, options=-c search_path=…; LISTEN/pg_get_notify, own pid = pg_get_pid()",
     ),
     (
         "pdo",

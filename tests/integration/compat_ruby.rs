@@ -51,7 +51,7 @@ const FEATURES: &[(&str, &str)] = &[
     ),
     (
         "async_and_notify",
-        "send_query/get_result; LISTEN/NOTIFY (wait_for_notify)",
+        "send_query/get_result; LISTEN/NOTIFY (wait_for_notify), own pid = backend_pid",
     ),
     (
         "pipeline_and_reset",

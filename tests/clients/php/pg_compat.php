@@ -292,6 +292,11 @@ check('startup_settings_and_notify', function () {
         }
         expect($msg['message'] === 'compat_php' && $msg['payload'] === 'payload from php ✓',
             'notification ' . json_encode($msg));
+        // Its own notification carries pg_get_pid() (the pid of leasegate's key).
+        pg_query($c, "notify compat_php, 'own'");
+        $own = pg_get_notify($c, PGSQL_ASSOC);
+        expect(is_array($own) && $own['payload'] === 'own' && (int) $own['pid'] === pg_get_pid($c),
+            'own notification ' . json_encode($own) . ' vs pg_get_pid ' . pg_get_pid($c));
         return ['application_name' => $app, 'search_path' => $path, 'notification' => $msg['payload']];
     } finally {
         pg_close($c);

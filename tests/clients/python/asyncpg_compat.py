@@ -201,7 +201,14 @@ async def settings_and_notify():
         await other.execute("notify lg_compat, 'hello'")
         payload = await asyncio.wait_for(got, 10)
         expect(payload == "hello", f"notification payload {payload}")
-        return {"application_name": app, "notification": payload}
+        # Its own notification: the listener callback's pid is get_server_pid() (the pid of
+        # the BackendKeyData leasegate sent).
+        mine = asyncio.get_running_loop().create_future()
+        await conn.add_listener("lg_own", lambda _c, pid, _ch, _p: mine.done() or mine.set_result(pid))
+        await conn.execute("notify lg_own, 'mine'")
+        own_pid = await asyncio.wait_for(mine, 10)
+        expect(own_pid == conn.get_server_pid(), f"own pid {own_pid} vs {conn.get_server_pid()}")
+        return {"application_name": app, "notification": payload, "own_pid": own_pid}
     finally:
         await conn.close()
         await other.close()

@@ -310,6 +310,12 @@ check('async_and_notify') do
       expect(got[0] == 'compat_ruby' && got[2] == 'payload from ruby ✓', "notification #{got}")
       notifier_pid = notifier.exec('select pg_backend_pid()').getvalue(0, 0).to_i
       expect(got[1] == notifier_pid, "notifying backend pid #{got[1]}, not #{notifier_pid}")
+      # Its own notification carries its backend_pid (the pid of leasegate's key).
+      listener.exec("notify compat_ruby, 'own'")
+      own = nil
+      listener.wait_for_notify(10) { |_channel, pid, payload| own = [pid, payload] }
+      expect(own && own[1] == 'own' && own[0] == listener.backend_pid,
+             "own notification #{own.inspect}, backend_pid #{listener.backend_pid}")
       { results: results, channel: got[0], payload: got[2], key_data_pid: notifier.backend_pid,
         backend_pid: notifier_pid }
     end
