@@ -119,12 +119,21 @@ pub fn client_params(name: &str, id: &Identity) -> Result<CertificateParams> {
     Ok(params)
 }
 
-/// Issues `params` from `issuer` with a fresh key.
+/// Issues `params` from `issuer` with a fresh key (ECDSA P-256).
 pub fn sign(
     params: &CertificateParams,
     issuer: &Issuer<'_, &KeyPair>,
 ) -> Result<(Certificate, KeyPair)> {
     let key = KeyPair::generate().context(|| "generate a key".into())?;
+    sign_key(params, issuer, key)
+}
+
+/// Issues `params` from `issuer` for `key` (any algorithm rcgen can generate).
+pub fn sign_key(
+    params: &CertificateParams,
+    issuer: &Issuer<'_, &KeyPair>,
+    key: KeyPair,
+) -> Result<(Certificate, KeyPair)> {
     let cert = params
         .signed_by(&key, issuer)
         .context(|| "sign a certificate".into())?;

@@ -1,8 +1,9 @@
 //! Certificates and identities an attacker might try: a certificate that is not valid yet, one
 //! revoked through a CRL, a CA certificate or a server-only certificate presented as a client
 //! certificate, a chain through an intermediate CA (accepted), a CN that looks like a URI,
-//! and names that a glob must not match across `/` or `.`. (Expired certificates and
-//! untrusted CAs are covered in `rejections.rs`.)
+//! and names that a glob must not match across `/` or `.`; and client keys other than ECDSA
+//! P-256 (RSA, P-384, Ed25519), accepted. (Expired certificates and untrusted CAs are covered
+//! in `rejections.rs`.)
 //!
 //! Every refusal is checked exactly (TLS alert, or SQLSTATE and message), and no creds request
 //! may have reached Vault: no lease, no role.
@@ -343,4 +344,73 @@ async fn glob_star_does_not_cross_slash_or_dot() {
         "one creds request per granted session"
     );
     f.wait_all_revoked(std::time::Duration::from_secs(10)).await;
+}
+
+/// A fresh Ed25519 key, and the same as PKCS#8 v1 PEM: the form `openssl genpkey` writes and
+/// OpenSSL 3.0 reads (rcgen writes v2, with the public key, which libpq's OpenSSL 3.0 refuses
+/// as "unsupported").
+fn ed25519_with_v1_pem() -> (rcgen::KeyPair, String) {
+    use base64::Engine;
+    const V1_HEAD: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("an Ed25519 key");
+    let der = key.serialize_der();
+    // v2: SEQUENCE, version 1, the same algorithm and seed, then the public key.
+    assert_eq!(
+        der[5..16],
+        V1_HEAD[5..],
+        "an Ed25519 PKCS#8 key: {der:02x?}"
+    );
+    let mut v1 = V1_HEAD.to_vec();
+    v1.extend_from_slice(&der[16..48]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&v1);
+    (
+        key,
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n"),
+    )
+}
+
+/// Client certificates with the keys PKIs hand out besides ECDSA P-256 (RSA from a corporate
+/// CA or Vault's PKI engine with `key_type = "rsa"`, P-384, Ed25519): accepted from libpq
+/// (OpenSSL) and from rustls, each session as a dynamic role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_p384_and_ed25519_client_certificates_are_accepted() {
+    let f = Fixture::start("sec-certs-key-types").await;
+    let rsa = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048);
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384);
+    let (ed25519, v1_pem) = ed25519_with_v1_pem();
+    let keys = [
+        ("rsa2048", rsa.expect("an RSA key")),
+        ("p384", p384.expect("a P-384 key")),
+        ("ed25519", ed25519),
+    ];
+    for (name, key) in keys {
+        let cert = f
+            .pki
+            .client_with_key(name, Identity::Uri(GOOD_URI.into()), key);
+        if name == "ed25519" {
+            std::fs::write(&cert.key, &v1_pem).expect("the key as PKCS#8 v1");
+        }
+        let out = psql(
+            &conninfo(f.proxy.port, &f.pki, Some(&cert), "readonly", "myapp"),
+            "select current_user",
+        )
+        .await;
+        let user = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success() && user.starts_with(&f.mount.prefix),
+            "{name} via psql: {user} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = pg_connect(f.proxy.port, &f.pki, Some(&cert), "readonly", "myapp")
+            .await
+            .unwrap_or_else(|e| panic!("{name} via rustls: {e}"));
+        assert!(
+            current_user(&s).await.starts_with(&f.mount.prefix),
+            "{name}"
+        );
+    }
+    f.wait_all_revoked(std::time::Duration::from_secs(15)).await;
 }

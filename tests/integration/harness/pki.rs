@@ -222,9 +222,27 @@ impl Pki {
         chain: Vec<CertificateDer<'static>>,
         customize: impl FnOnce(&mut CertificateParams),
     ) -> ClientCert {
+        let key = KeyPair::generate().expect("generate a key");
+        self.issue_key_by(name, id, issuer, chain, customize, key)
+    }
+
+    /// A client certificate for `key` (RSA, ECDSA P-384, Ed25519...), signed by the trusted CA.
+    pub fn client_with_key(&self, name: &str, id: Identity, key: KeyPair) -> ClientCert {
+        self.issue_key_by(name, id, &self.0.ca.issuer(), Vec::new(), |_| {}, key)
+    }
+
+    fn issue_key_by(
+        &self,
+        name: &str,
+        id: Identity,
+        issuer: &Issuer<'_, &KeyPair>,
+        chain: Vec<CertificateDer<'static>>,
+        customize: impl FnOnce(&mut CertificateParams),
+        key: KeyPair,
+    ) -> ClientCert {
         let mut params = client_params(name, &id).expect("client certificate parameters");
         customize(&mut params);
-        let (cert, key) = devenv::pki::sign(&params, issuer).expect("sign client cert");
+        let (cert, key) = devenv::pki::sign_key(&params, issuer, key).expect("sign client cert");
         let mut pem = cert.pem();
         for der in &chain {
             pem.push_str(&pem_certificate(der));
