@@ -151,7 +151,7 @@ impl Pki {
         id: Identity,
         customize: impl FnOnce(&mut CertificateParams),
     ) -> ClientCert {
-        self.issue_by(name, id, &self.0.ca.issuer(), Vec::new(), customize)
+        self.issue_by(name, id, &self.0.ca.issuer(), Vec::new(), customize, None)
     }
 
     /// A CA certificate (basicConstraints cA=true, keyCertSign) with the identity and the
@@ -177,7 +177,7 @@ impl Pki {
             .signed_by(&intermediate.key, &self.0.ca.issuer())
             .expect("sign intermediate CA");
         let chain = vec![inter_cert.der().clone()];
-        self.issue_by(name, id, &intermediate.issuer(), chain, |_| {})
+        self.issue_by(name, id, &intermediate.issuer(), chain, |_| {}, None)
     }
 
     /// A CRL (PEM, written into the PKI directory) of the trusted CA revoking `revoked`.
@@ -209,11 +209,17 @@ impl Pki {
     }
 
     fn issue(&self, name: &str, id: Identity, ca: &Ca, expired: bool) -> ClientCert {
-        self.issue_by(name, id, &ca.issuer(), Vec::new(), |params| {
-            set_validity(params, expired)
-        })
+        let validity = |params: &mut CertificateParams| set_validity(params, expired);
+        self.issue_by(name, id, &ca.issuer(), Vec::new(), validity, None)
     }
 
+    /// A client certificate for `key` (RSA, ECDSA P-384, Ed25519...), signed by the trusted CA.
+    pub fn client_with_key(&self, name: &str, id: Identity, key: KeyPair) -> ClientCert {
+        self.issue_by(name, id, &self.0.ca.issuer(), Vec::new(), |_| {}, Some(key))
+    }
+
+    /// Signs a client certificate for `id` from `issuer` (`key`: a fresh P-256 key when `None`),
+    /// `customize` applied to the parameters last; writes the certificate (with `chain`) and key.
     fn issue_by(
         &self,
         name: &str,
@@ -221,25 +227,9 @@ impl Pki {
         issuer: &Issuer<'_, &KeyPair>,
         chain: Vec<CertificateDer<'static>>,
         customize: impl FnOnce(&mut CertificateParams),
+        key: Option<KeyPair>,
     ) -> ClientCert {
-        let key = KeyPair::generate().expect("generate a key");
-        self.issue_key_by(name, id, issuer, chain, customize, key)
-    }
-
-    /// A client certificate for `key` (RSA, ECDSA P-384, Ed25519...), signed by the trusted CA.
-    pub fn client_with_key(&self, name: &str, id: Identity, key: KeyPair) -> ClientCert {
-        self.issue_key_by(name, id, &self.0.ca.issuer(), Vec::new(), |_| {}, key)
-    }
-
-    fn issue_key_by(
-        &self,
-        name: &str,
-        id: Identity,
-        issuer: &Issuer<'_, &KeyPair>,
-        chain: Vec<CertificateDer<'static>>,
-        customize: impl FnOnce(&mut CertificateParams),
-        key: KeyPair,
-    ) -> ClientCert {
+        let key = key.unwrap_or_else(|| KeyPair::generate().expect("generate a key"));
         let mut params = client_params(name, &id).expect("client certificate parameters");
         customize(&mut params);
         let (cert, key) = devenv::pki::sign_key(&params, issuer, key).expect("sign client cert");
