@@ -1,7 +1,9 @@
-//! The relay: bytes both ways with no per-message parsing or allocation, a buffer per direction
-//! lent only while bytes are in flight ([`super::bufpool`]: an idle session holds none), byte
-//! counters, and message-boundary tracking so that leasegate can end a session with its own
-//! ErrorResponse without cutting a message in half.
+//! The relay: bytes both ways with no per-message allocation and no parsing beyond message
+//! headers ([`super::direction`]: boundaries, counts, and the pid of the session's own
+//! notifications rewritten in place), a buffer per direction lent only while bytes are in
+//! flight ([`super::bufpool`]: an idle session holds none), byte counters, and message-boundary
+//! tracking so that leasegate can end a session with its own ErrorResponse without cutting a
+//! message in half.
 
 use std::pin::Pin;
 use std::task::Poll;
