@@ -107,7 +107,7 @@ fn debian_version(package: &str) -> String {
 
 /// Builds the program into `dir` offline (GOPATH mode, no module proxy). The build cache is
 /// kept under cargo's target directory so later runs only link.
-async fn build_client(dir: &Path) -> PathBuf {
+pub(crate) async fn build_client(dir: &Path) -> PathBuf {
     let out = dir.join("pgx_compat");
     let mut sources: Vec<PathBuf> = std::fs::read_dir(repo().join(PROGRAM))
         .expect("read tests/clients/go")

@@ -1,5 +1,5 @@
 //! The local Unix-socket listener (`listen.unix_socket_dir`), its clients: psql, psycopg,
-//! SQLAlchemy and node-postgres connect with `host=<dir>` and no certificate, as a granted OS
+//! SQLAlchemy, node-postgres and pgx connect with `host=<dir>` and no certificate, as a granted OS
 //! user and as an ungranted one (run as another OS user: FATAL 28000 naming `unix:user=…`, no
 //! Vault call); a `unix:group=` grant; the socket file's mode keeps out users outside its
 //! group; an SSLRequest is answered `N`; a CancelRequest over the socket cancels a query;
@@ -17,6 +17,7 @@ use crate::harness::fixture::Fixture;
 use crate::harness::metrics::value_or_zero;
 use crate::harness::pg::dynamic_roles;
 use crate::harness::proxy::set;
+use crate::harness::root;
 use crate::harness::security::wait_auth_failures;
 use crate::harness::unix::{
     OUTSIDER, audit_events, psql_as, run, socket_dir, socket_path, start, text,
@@ -60,6 +61,18 @@ async fn node_over(dir: &Path, port: u16) -> String {
         .env("LG_SOCKET_DIR", dir)
         .env("LG_PORT", port.to_string());
     let run = run_script(cmd, "node pg over the socket", Duration::from_secs(60)).await;
+    run.assert_ok();
+    run.result["user"].as_str().unwrap_or("").to_string()
+}
+
+/// current_user through pgx (tests/clients/go, its Unix-socket mode) over the socket.
+async fn pgx_over(dir: &Path, port: u16) -> String {
+    let build = root().tempdir("pgx-unix-");
+    let program = crate::compat_pgx::build_client(build.path()).await;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.env("LG_SOCKET_DIR", dir)
+        .env("LG_PORT", port.to_string());
+    let run = run_script(cmd, "pgx over the socket", Duration::from_secs(60)).await;
     run.assert_ok();
     run.result["user"].as_str().unwrap_or("").to_string()
 }
@@ -134,6 +147,15 @@ async fn psql_and_psycopg_over_the_socket_as_a_granted_and_an_ungranted_os_user(
         assert!(
             user.starts_with(&f.mount.prefix),
             "node pg over the socket: {user}"
+        );
+    }
+    {
+        let mut pgx_row = CompatRow::new("pgx-unix", 47, "pgx (Go, pure protocol)", "");
+        pgx_row.step("Unix socket: host=<dir> sslmode=disable, no certificate");
+        let user = pgx_over(dir.path(), port).await;
+        assert!(
+            user.starts_with(&f.mount.prefix),
+            "pgx over the socket: {user}"
         );
     }
     f.wait_all_revoked(Duration::from_secs(15)).await;

@@ -361,7 +361,31 @@ func copyInOut(ctx context.Context) (details, error) {
 	})
 }
 
+// overSocket connects through leasegate's Unix socket (LG_SOCKET_DIR, no TLS, no
+// certificate: the kernel vouches for the OS user) and prints the session user.
+func overSocket(dir string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dsn := fmt.Sprintf("host=%s port=%s dbname=myapp user=readonly sslmode=disable", dir, os.Getenv("LG_PORT"))
+	conn, err := pgx.Connect(ctx, dsn)
+	if err == nil {
+		var user string
+		err = conn.QueryRow(ctx, "select current_user::text").Scan(&user)
+		conn.Close(ctx)
+		if err == nil {
+			fmt.Printf("{\"user\": %q}\n", user)
+			return
+		}
+	}
+	fmt.Printf("{\"error\": %q}\n", err.Error())
+	os.Exit(1)
+}
+
 func main() {
+	if dir := os.Getenv("LG_SOCKET_DIR"); dir != "" {
+		overSocket(dir)
+		return
+	}
 	result := map[string]interface{}{"client": "pgx", "go": runtime.Version()}
 	checks := map[string]interface{}{}
 	ok := true
