@@ -1,5 +1,6 @@
 //! The local Unix-socket listener (`listen.unix_socket_dir`), its clients: psql, psycopg,
-//! SQLAlchemy, node-postgres and pgx connect with `host=<dir>` and no certificate, as a granted OS
+//! SQLAlchemy, node-postgres, pgx, asyncpg, Ruby `pg` and PHP pgsql connect with `host=<dir>`
+//! and no certificate, as a granted OS
 //! user and as an ungranted one (run as another OS user: FATAL 28000 naming `unix:user=…`, no
 //! Vault call); a `unix:group=` grant; the socket file's mode keeps out users outside its
 //! group; an SSLRequest is answered `N`; a CancelRequest over the socket cancels a query;
@@ -64,6 +65,36 @@ async fn node_over(dir: &Path, port: u16) -> String {
     run.assert_ok();
     run.result["user"].as_str().unwrap_or("").to_string()
 }
+
+/// current_user through a one-line client program (`program -e|-r|-c code`) over the socket:
+/// the code reads the directory and port from `LG_SOCKET_DIR` and `LG_PORT` and prints
+/// `{"user": …}`.
+async fn one_liner_over(dir: &Path, port: u16, program: &str, flag: &str, code: &str) -> String {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg(flag)
+        .arg(code)
+        .env("LG_SOCKET_DIR", dir)
+        .env("LG_PORT", port.to_string());
+    let run = run_script(cmd, program, Duration::from_secs(60)).await;
+    run.assert_ok();
+    run.result["user"].as_str().unwrap_or("").to_string()
+}
+
+/// Ruby `pg`, PHP pgsql and asyncpg: host is the directory, no certificate.
+const RUBY_OVER_SOCKET: &str = "require 'pg'; require 'json'; \
+    c = PG.connect(host: ENV['LG_SOCKET_DIR'], port: ENV['LG_PORT'].to_i, dbname: 'myapp', user: 'readonly'); \
+    puts({user: c.exec('select current_user').getvalue(0, 0)}.to_json); c.close";
+const PHP_OVER_SOCKET: &str = "$c = pg_connect('host=' . getenv('LG_SOCKET_DIR') . ' port=' . getenv('LG_PORT') \
+    . ' dbname=myapp user=readonly'); \
+    echo json_encode(['user' => pg_fetch_result(pg_query($c, 'select current_user'), 0, 0)]), \"\\n\";";
+const ASYNCPG_OVER_SOCKET: &str = "import asyncio, json, os, asyncpg
+async def main():
+    c = await asyncpg.connect(host=os.environ['LG_SOCKET_DIR'], port=int(os.environ['LG_PORT']),
+                              database='myapp', user='readonly')
+    print(json.dumps({'user': await c.fetchval('select current_user')}))
+    await c.close()
+asyncio.run(main())
+";
 
 /// current_user through pgx (tests/clients/go, its Unix-socket mode) over the socket.
 async fn pgx_over(dir: &Path, port: u16) -> String {
@@ -147,6 +178,40 @@ async fn psql_and_psycopg_over_the_socket_as_a_granted_and_an_ungranted_os_user(
         assert!(
             user.starts_with(&f.mount.prefix),
             "node pg over the socket: {user}"
+        );
+    }
+    for (slug, order, client, program, flag, code) in [
+        (
+            "ruby-unix",
+            55,
+            "Ruby `pg` (libpq)",
+            "ruby",
+            "-e",
+            RUBY_OVER_SOCKET,
+        ),
+        (
+            "php-unix",
+            56,
+            "PHP pgsql + PDO_pgsql (libpq)",
+            "php",
+            "-r",
+            PHP_OVER_SOCKET,
+        ),
+        (
+            "asyncpg-unix",
+            42,
+            "asyncpg (Python, pure protocol)",
+            "python3",
+            "-c",
+            ASYNCPG_OVER_SOCKET,
+        ),
+    ] {
+        let mut row = CompatRow::new(slug, order, client, "");
+        row.step("Unix socket: host=<dir>, no certificate");
+        let user = one_liner_over(dir.path(), port, program, flag, code).await;
+        assert!(
+            user.starts_with(&f.mount.prefix),
+            "{program} over the socket: {user}"
         );
     }
     {
