@@ -7,6 +7,7 @@ pub mod upstream;
 
 use std::path::Path;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Problems loading TLS material or building a TLS config.
@@ -38,7 +39,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// Reads every certificate from a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let data = read(path)?;
-    let certs = rustls_pemfile::certs(&mut data.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
@@ -53,9 +54,12 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// Reads the first private key from a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let data = read(path)?;
-    rustls_pemfile::private_key(&mut data.as_slice())
-        .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?
-        .ok_or_else(|| TlsError::Invalid(format!("{}: no PEM private key found", path.display())))
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| match e {
+        pem::Error::NoItemsFound => {
+            TlsError::Invalid(format!("{}: no PEM private key found", path.display()))
+        }
+        e => TlsError::Invalid(format!("{}: {e}", path.display())),
+    })
 }
 
 /// A root store holding every certificate of a PEM bundle.
@@ -97,3 +101,6 @@ pub fn check_validity(path: &Path) -> Result<(), TlsError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod pem_tests;

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateRevocationListDer;
+use rustls::pki_types::pem::PemObject;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
@@ -128,7 +129,7 @@ fn load_crls(
     if !data.starts_with(b"-----") {
         return Ok(vec![CertificateRevocationListDer::from(data)]);
     }
-    rustls_pemfile::crls(&mut data.as_slice())
+    CertificateRevocationListDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))
 }

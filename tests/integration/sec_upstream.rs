@@ -165,20 +165,13 @@ where
 
 /// A TLS acceptor with the test PKI's server certificate and key.
 fn fake_tls(pki: &Pki) -> tokio_rustls::TlsAcceptor {
-    let certs = rustls_pemfile::certs(
-        &mut std::fs::read(pki.server_cert())
-            .expect("read cert")
-            .as_slice(),
-    )
-    .collect::<Result<Vec<_>, _>>()
-    .expect("server cert PEM");
-    let key = rustls_pemfile::private_key(
-        &mut std::fs::read(pki.server_key())
-            .expect("read key")
-            .as_slice(),
-    )
-    .expect("server key PEM")
-    .expect("a server key");
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(pki.server_cert())
+        .expect("read cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("server cert PEM");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(pki.server_key()).expect("a server key");
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

@@ -125,7 +125,8 @@ pub async fn presented_cert(f: &Fixture) -> CertificateDer<'static> {
 /// The first certificate of a PEM file.
 pub fn pem_cert(path: &Path) -> CertificateDer<'static> {
     let pem = std::fs::read(path).expect("read PEM");
-    rustls_pemfile::certs(&mut pem.as_slice())
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(&pem)
         .next()
         .expect("a certificate")
         .expect("PEM certificate")
