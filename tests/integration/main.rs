@@ -48,6 +48,8 @@ mod sec_cancel;
 mod sec_certs;
 mod sec_cluster;
 mod sec_files;
+mod sec_hostile;
+mod sec_hostile_relay;
 mod sec_identity;
 mod sec_input;
 mod sec_keying;
