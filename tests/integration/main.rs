@@ -50,6 +50,7 @@ mod sec_cluster;
 mod sec_files;
 mod sec_hostile;
 mod sec_hostile_relay;
+mod sec_hostile_slow;
 mod sec_identity;
 mod sec_input;
 mod sec_keying;
