@@ -147,6 +147,12 @@ async fn bad_lengths_and_cut_messages_end_the_session_and_revoke() {
             None,
         ),
         (
+            "a flood of TLS KeyUpdate requests",
+            Vec::new(),
+            "keyupdate",
+            None,
+        ),
+        (
             "garbage after Terminate",
             [&b"X\0\0\0\x04"[..], &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2][..]].concat(),
             "wait",
@@ -162,6 +168,21 @@ async fn bad_lengths_and_cut_messages_end_the_session_and_revoke() {
             "drop" => drop(w),
             "close_notify" => {
                 w.stream.shutdown().await.expect("close_notify");
+                let seen = until_closed(&mut w, Duration::from_secs(10)).await;
+                eprintln!("{what}: {seen:?}");
+                assert!(seen.is_ok(), "{what}: closed");
+            }
+            "keyupdate" => {
+                for _ in 0..1_000 {
+                    w.stream
+                        .get_mut()
+                        .1
+                        .refresh_traffic_keys()
+                        .expect("KeyUpdate");
+                    if w.stream.flush().await.is_err() {
+                        break;
+                    }
+                }
                 let seen = until_closed(&mut w, Duration::from_secs(10)).await;
                 eprintln!("{what}: {seen:?}");
                 assert!(seen.is_ok(), "{what}: closed");

@@ -149,3 +149,72 @@ async fn stalled_connections_filling_max_connections_delay_others_until_login_ti
     f.wait_all_revoked(Duration::from_secs(10)).await;
     f.assert_good_client_works().await;
 }
+
+/// A client that never reads while its session must end (`max_session_duration`): the
+/// closing FATAL cannot be delivered, so leasegate cuts the session (`lifecycle`'s
+/// FORCE_AFTER), closes the backend and revokes the lease; the client, once it reads, finds
+/// the connection closed after what the kernel buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_must_end_is_cut_even_when_its_client_never_reads() {
+    let f = Fixture::start_edited(
+        "sec-hostile-end-unread",
+        |cfg| cfg,
+        |t| set(t, "databases.0.max_session_duration", "3s"),
+    )
+    .await;
+    let mut w = f.raw_session("readonly").await;
+    let opened = Instant::now();
+    let pid: i32 = w.query_column("select pg_backend_pid()::text").await[0]
+        .as_deref()
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    // Results of 64 MiB each, never read.
+    let query = crate::harness::wire::query_message(
+        "select repeat('x', 1048576) from generate_series(1, 64)",
+    );
+    w.send(&query.repeat(50)).await.expect("send the pipeline");
+    let (mount, su) = (&f.mount, crate::harness::env().pg.superuser().await);
+    let su = &su;
+    crate::harness::poll_until(
+        Duration::from_secs(20),
+        "backend gone, lease revoked, role dropped",
+        || async move {
+            let n: i64 = su
+                .query_one(
+                    "select count(*) from pg_stat_activity where pid = $1",
+                    &[&pid],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            let roles = crate::harness::pg::dynamic_roles(&mount.prefix).await;
+            let leases = crate::harness::bao::all_leases(mount).await;
+            if n == 0 && roles.is_empty() && leases.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("backend {n}, roles {roles:?}, leases {leases:?}"))
+            }
+        },
+    )
+    .await;
+    let gone = opened.elapsed();
+    eprintln!("session that never read ended, backend, role and lease gone {gone:?} after login");
+    // max_session_duration, FORCE_AFTER (4 s), and the close (at most 5 s).
+    assert!(
+        gone < Duration::from_secs(3 + 4 + 5 + 5),
+        "ended after {gone:?}"
+    );
+    // The client finds EOF after the buffered bytes.
+    let mut sink = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match w.stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the client's connection is closed");
+    f.assert_good_client_works().await;
+}
