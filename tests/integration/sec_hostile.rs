@@ -416,3 +416,71 @@ async fn hostile_startup_parameters_are_refused_before_vault_or_read_as_postgres
     wire.terminate().await;
     f.wait_all_revoked(Duration::from_secs(10)).await;
 }
+
+/// A direct TLS connection (no SSLRequest, as `sslnegotiation=direct`) offering `alpn`.
+async fn direct_tls(f: &Fixture, alpn: &[&[u8]]) -> std::io::Result<crate::harness::wire::Tls> {
+    let mut config = (*tls_config(&f.pki, Some(&f.good))).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(("127.0.0.1", f.proxy.port)).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_needs_alpn_postgresql_and_no_second_negotiation() {
+    let f = Fixture::start("sec-hostile-direct").await;
+    let startup = startup_packet(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")]);
+    // Without ALPN: refused inside TLS with 08P01, as PostgreSQL 17 refuses it.
+    let tls = direct_tls(&f, &[]).await.expect("direct TLS without ALPN");
+    let mut wire = Wire::new(tls);
+    wire.send(&startup).await.expect("send");
+    let seen = wire
+        .closed_within(Duration::from_secs(5))
+        .await
+        .expect("closed");
+    assert_refused(
+        "direct TLS without ALPN",
+        &seen,
+        "08P01",
+        "ALPN protocol \"postgresql\"",
+    );
+    // Offering only another protocol: the handshake fails (no_application_protocol).
+    let answer = direct_tls(&f, &[b"http/1.1"]).await;
+    let text = format!("{:?}", answer.as_ref().err());
+    eprintln!("direct TLS offering http/1.1: {text}");
+    assert!(
+        answer.is_err() && text.contains("NoApplicationProtocol"),
+        "{text}"
+    );
+    // With ALPN, an SSLRequest inside TLS is a protocol violation.
+    let tls = direct_tls(&f, &[b"postgresql"]).await.expect("direct TLS");
+    let mut wire = Wire::new(tls);
+    wire.send(&SSL_REQUEST).await.expect("send");
+    let seen = wire
+        .closed_within(Duration::from_secs(5))
+        .await
+        .expect("closed");
+    assert_refused("SSLRequest inside direct TLS", &seen, "08P01", "inside TLS");
+    // And a proper direct TLS session works.
+    let tls = direct_tls(&f, &[b"postgresql"]).await.expect("direct TLS");
+    let mut wire = Wire::new(tls);
+    let login = wire
+        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+        .await
+        .expect("startup");
+    assert_eq!(
+        login.messages.last().map(|m| m.tag),
+        Some(b'Z'),
+        "{:?}",
+        login.messages
+    );
+    wire.terminate().await;
+    assert_eq!(
+        creds_requests(&f.proxy).await,
+        1.0,
+        "only the proper session asked Vault"
+    );
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+}
