@@ -51,6 +51,7 @@ mod sec_files;
 mod sec_hostile;
 mod sec_hostile_relay;
 mod sec_hostile_slow;
+mod sec_hostile_startup;
 mod sec_hostile_unix;
 mod sec_identity;
 mod sec_input;
