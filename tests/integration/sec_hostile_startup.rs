@@ -213,3 +213,22 @@ async fn direct_tls_needs_alpn_postgresql_and_no_second_negotiation() {
     );
     f.wait_all_revoked(Duration::from_secs(10)).await;
 }
+
+/// psql without TLS (`sslmode=disable`) is told why, as a FATAL error (28000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_without_tls_is_told_tls_with_a_certificate_is_required() {
+    let f = Fixture::start("sec-hostile-psql-plain").await;
+    let info = format!(
+        "host=127.0.0.1 port={} dbname=myapp user=readonly sslmode=disable",
+        f.proxy.port
+    );
+    let out = crate::harness::client::psql(&info, "select 1").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("psql: {stderr}");
+    assert!(!out.status.success(), "psql without TLS must fail");
+    assert!(
+        stderr.contains("FATAL:  SSL with a client certificate is required"),
+        "psql says: {stderr}"
+    );
+    f.assert_nothing_issued().await;
+}
