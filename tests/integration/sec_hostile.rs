@@ -3,7 +3,8 @@
 //! `gssencmode=prefer` order), SSLRequest with plaintext pipelined behind it, an HTTP request,
 //! a TLS record that is no ClientHello, and every kind of protocol version (3.1 to 3.99 are
 //! negotiated down to 3.0 with NegotiateProtocolVersion's full version code, as PostgreSQL
-//! does; other majors get FATAL 0A000). Each answer is PostgreSQL's (an ErrorResponse with its
+//! does; other majors get FATAL 0A000; "1234.5678" is CancelRequest's code, so such a packet is
+//! a cancel with an unknown key, dropped unanswered). Each answer is PostgreSQL's (an ErrorResponse with its
 //! SQLSTATE where PostgreSQL sends one, else a closed connection), nothing reaches Vault, and
 //! a good client is served afterwards.
 
@@ -14,8 +15,10 @@ use tokio::net::TcpStream;
 
 use crate::harness::client::tls_config;
 use crate::harness::fixture::Fixture;
-use crate::harness::security::{creds_requests, wait_auth_failures};
-use crate::harness::wire::{Msg, PROTOCOL_3_0, Wire, first_error, startup_packet, tls_connect};
+use crate::harness::security::{counter, creds_requests, wait_auth_failures, wait_counter};
+use crate::harness::wire::{
+    Msg, PROTOCOL_3_0, TlsClose, Wire, first_error, send_tls_packet, startup_packet, tls_connect,
+};
 
 pub(crate) const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
@@ -279,10 +282,50 @@ async fn protocol_versions_are_negotiated_or_refused_as_postgres_does() {
         let want = format!("unsupported frontend protocol {}.{}", version.0, version.1);
         assert!(fields[&'M'].contains(&want), "{version:?}: {fields:?}");
     }
+    // "Version" 1234.5678 is CancelRequest's code: such a StartupMessage is read as a cancel
+    // with an unknown key (its parameters as the key), dropped unanswered as PostgreSQL does.
+    let cancels = "leasegate_cancel_requests_total";
+    let unknown = counter(&f.proxy, cancels, &[("result", "unknown_key")]).await;
+    let packet = startup_packet((1234, 5678), &[("user", "readonly"), ("database", "myapp")]);
+    let close = send_tls_packet(f.proxy.port, tls_config(&f.pki, Some(&f.good)), &packet)
+        .await
+        .expect("send");
+    assert_eq!(close, TlsClose::CloseNotify, "closed without an answer");
+    wait_counter(
+        &f.proxy,
+        cancels,
+        &[("result", "unknown_key")],
+        unknown + 1.0,
+    )
+    .await;
+    // 1234.5679 with parameters is an SSLRequest with a body, inside TLS.
+    let packet = startup_packet((1234, 5679), &[("user", "readonly")]);
+    let msgs = answer_to(&f, &packet).await;
+    let fields = msgs.last().map(Msg::fields).unwrap_or_default();
+    assert_eq!(
+        fields.get(&'C').map(String::as_str),
+        Some("08P01"),
+        "{msgs:?}"
+    );
     assert_eq!(
         creds_requests(&f.proxy).await,
         after_negotiated,
         "no refused version asks Vault"
     );
     f.wait_all_revoked(Duration::from_secs(10)).await;
+}
+
+/// Sends `packet` inside TLS; the messages up to a FATAL error (or ReadyForQuery).
+async fn answer_to(f: &Fixture, packet: &[u8]) -> Vec<Msg> {
+    let tls = tls_connect(f.proxy.port, tls_config(&f.pki, Some(&f.good)))
+        .await
+        .expect("TLS");
+    let mut wire = Wire::new(tls);
+    wire.send(packet).await.expect("send");
+    let msgs = wire
+        .recv_until_ready(Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    wire.terminate().await;
+    msgs
 }
