@@ -28,6 +28,10 @@ pub(crate) const CLOSE_WITHIN: Duration = CANCEL_WAIT.saturating_add(UPSTREAM_CL
 /// While a busy backend has not closed, the cancel is repeated this often: PostgreSQL ignores
 /// a cancel that arrives while it reads the next command, e.g. between pipelined statements.
 const CANCEL_REPEAT: Duration = Duration::from_secs(1);
+/// Least time between two cancels of one close. A client that pipelined thousands of short
+/// statements and vanished would otherwise have one cancel sent per ReadyForQuery, each a
+/// new connection (a forked process) on the server: over a thousand in the close's wait.
+const CANCEL_GAP: Duration = Duration::from_millis(100);
 /// The Terminate message.
 const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
@@ -121,37 +125,33 @@ async fn send_cancel(target: &CancelTarget) {
 }
 
 /// Reads (and discards) until the server closes. What it still sends keeps counting, so a
-/// pipelined statement that starts after the cancelled one is cancelled too: at once when
-/// its predecessor's ReadyForQuery arrives, and every [`CANCEL_REPEAT`] while still busy.
+/// pipelined statement that starts after the cancelled one is cancelled too: when its
+/// predecessor's ReadyForQuery arrives (at least [`CANCEL_GAP`] after the last cancel), and
+/// every [`CANCEL_REPEAT`] while still busy.
 async fn drain(stream: &mut UpstreamStream, relayed: &mut Relayed, cancel: Option<&CancelTarget>) {
-    enum Event {
-        Read(usize),
-        Tick,
-    }
     let mut sink = vec![0u8; 4096];
-    let mut next_cancel = Instant::now() + CANCEL_REPEAT;
+    // `close` has just sent the first cancel (when there is one).
+    let mut last_cancel = Instant::now();
+    let mut next_cancel = last_cancel + CANCEL_REPEAT;
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             r = stream.read(&mut sink) => match r {
                 Ok(0) | Err(_) => return,
-                Ok(n) => Event::Read(n),
+                Ok(n) => {
+                    let answered = relayed.to_client.framer.count();
+                    relayed.to_client.framer.feed(&sink[..n]);
+                    if relayed.to_client.framer.count() > answered {
+                        next_cancel = next_cancel.min(last_cancel + CANCEL_GAP);
+                    }
+                }
             },
-            _ = tokio::time::sleep_until(next_cancel), if cancel.is_some() => Event::Tick,
-        };
-        let again = match event {
-            Event::Tick => true,
-            Event::Read(n) => {
-                let answered = relayed.to_client.framer.count();
-                relayed.to_client.framer.feed(&sink[..n]);
-                relayed.to_client.framer.count() > answered
+            _ = tokio::time::sleep_until(next_cancel), if cancel.is_some() => {
+                if let Some(target) = cancel.filter(|_| !relayed.upstream_idle()) {
+                    send_cancel(target).await;
+                }
+                last_cancel = Instant::now();
+                next_cancel = last_cancel + CANCEL_REPEAT;
             }
-        };
-        if !again {
-            continue;
-        }
-        next_cancel = Instant::now() + CANCEL_REPEAT;
-        if let Some(target) = cancel.filter(|_| !relayed.upstream_idle()) {
-            send_cancel(target).await;
         }
     }
 }
