@@ -54,16 +54,16 @@ if is_root; then
     id postgres >/dev/null 2>&1 || die "running as root needs the OS user 'postgres' (created by the postgresql-15 package)"
 fi
 
-# Clients the compatibility tests drive: psycopg 3, SQLAlchemy, asyncpg (Python) and
-# node-postgres (Node.js).
-if ! python3 -c 'import psycopg, sqlalchemy, asyncpg' 2>/dev/null; then
-    echo "installing the Python client test requirements (psycopg, SQLAlchemy, asyncpg)"
+# Clients the compatibility tests drive: psycopg 3, SQLAlchemy, asyncpg, pg8000 (Python) and
+# node-postgres, Postgres.js (Node.js).
+if ! python3 -c 'import psycopg, sqlalchemy, asyncpg, pg8000' 2>/dev/null; then
+    echo "installing the Python client test requirements (psycopg, SQLAlchemy, asyncpg, pg8000)"
     python3 -m pip install -q -r tests/clients/python/requirements.txt \
         || die "pip install -r tests/clients/python/requirements.txt failed"
 fi
 if command -v npm >/dev/null; then
-    if [[ ! -d tests/clients/node/node_modules/pg ]]; then
-        echo "installing the Node.js client test requirements (pg)"
+    if [[ ! -d tests/clients/node/node_modules/pg || ! -d tests/clients/node/node_modules/postgres ]]; then
+        echo "installing the Node.js client test requirements (pg, postgres)"
         npm ci --prefix tests/clients/node --no-audit --no-fund --loglevel=error \
             || die "npm ci --prefix tests/clients/node failed"
     fi
