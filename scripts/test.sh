@@ -98,6 +98,15 @@ if ! command -v go >/dev/null || [[ ! -d /usr/share/gocode/src/github.com/jackc/
         die "Go or pgx v4 not found: apt-get install golang-go golang-github-jackc-pgx-v4-dev"
     fi
 fi
+# Go lib/pq (compat_libpq_go): Debian's sources, built the same way (tests/clients/go-libpq/).
+if [[ ! -f /usr/share/gocode/src/github.com/lib/pq/conn.go ]] && is_root && command -v apt-get >/dev/null; then
+    echo "installing lib/pq (Debian package golang-github-lib-pq-dev)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq --no-install-recommends golang-github-lib-pq-dev >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+            golang-github-lib-pq-dev >/dev/null; }; } \
+        || echo "apt-get install golang-github-lib-pq-dev failed: compat_libpq_go will skip lib/pq"
+fi
 # Ruby pg and PHP pgsql/PDO_pgsql (compat_ruby, compat_php): Debian's packages, on the system libpq.
 ruby_php_ok() {
     ruby -e 'require "pg"' >/dev/null 2>&1 \

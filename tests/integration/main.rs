@@ -14,6 +14,7 @@ mod client_cert;
 mod compat_asyncpg;
 mod compat_cluster;
 mod compat_jdbc;
+mod compat_libpq_go;
 mod compat_node;
 mod compat_pg8000;
 mod compat_pgx;
