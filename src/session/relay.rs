@@ -17,7 +17,7 @@ use super::bufpool::Buf as Lent;
 pub(crate) use super::control::{
     Control, ControlReceiver, ControlSender, channel as control_channel,
 };
-pub(crate) use super::direction::{Direction, directions};
+pub(crate) use super::direction::{Direction, Took, directions};
 use crate::metrics::labels::SessionEndReason;
 use crate::registry::Tracked;
 
@@ -136,6 +136,18 @@ async fn write_out<W: AsyncWrite>(writer: &mut WriteHalf<W>, bytes: &[u8]) -> st
     writer.flush().await
 }
 
+/// Writes what [`Direction::took`] released of `chunk` (held-back bytes first) and flushes.
+async fn write_took<W: AsyncWrite>(
+    writer: &mut WriteHalf<W>,
+    took: Took,
+    chunk: &[u8],
+) -> std::io::Result<()> {
+    if !took.head().is_empty() {
+        writer.write_all(took.head()).await?;
+    }
+    write_out(writer, &chunk[..took.len]).await
+}
+
 async fn pump<R, W>(
     reader: &mut ReadHalf<R>,
     writer: &mut WriteHalf<W>,
@@ -152,11 +164,11 @@ where
             Err(e) => return PumpEnd::Read(Some(e)),
         };
         let chunk = buf.get_mut(n);
-        dir.took(chunk);
-        if let Err(e) = write_out(writer, chunk).await {
+        let took = dir.took(chunk);
+        if let Err(e) = write_took(writer, took, chunk).await {
             return PumpEnd::Write(e);
         }
-        dir.sent(n);
+        dir.sent(took.total());
     }
 }
 
@@ -251,11 +263,11 @@ where
             rest.extend_from_slice(&dir.unsent);
             dir.unsent = rest;
         }
-        dir.took(&mut chunk[..cut]);
-        if let Err(e) = write_out(writer, &chunk[..cut]).await {
+        let took = dir.took(&mut chunk[..cut]);
+        if let Err(e) = write_took(writer, took, chunk).await {
             return DownEnd::Pump(PumpEnd::Write(e));
         }
-        dir.sent(cut);
+        dir.sent(took.total());
     }
 }
 

@@ -42,6 +42,10 @@ const FEATURES: &[(&str, &str)] = &[
         "LISTEN/NOTIFY: own notification's pid = BackendKeyData pid, another session's = its backend",
     ),
     (
+        "notify_burst",
+        "20000 own notifications at one commit, every one with the BackendKeyData pid",
+    ),
+    (
         "startup_settings",
         "application_name, startup_params (search_path, TimeZone), ParameterStatus after SET",
     ),

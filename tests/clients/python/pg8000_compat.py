@@ -12,6 +12,7 @@ Prints one JSON line {"ok": ..., "checks": {...}, versions...} and exits 0 only 
 check passed. Install: pip install -r tests/clients/python/requirements.txt
 """
 
+import collections
 import datetime
 import decimal
 import io
@@ -302,6 +303,28 @@ def listen_notify():
         other.close()
 
 
+def notify_burst():
+    """20000 own notifications delivered at one commit: the server writes them back to back,
+    so leasegate's reads of the upstream end at every offset of a NotificationResponse, pid
+    included. Every one must carry the key's pid."""
+    con = connect()
+    try:
+        con.notifications = collections.deque()  # pg8000 keeps the last 100 by default
+        con.run("listen lg_burst")
+        con.run("begin")
+        con.run("select count(pg_notify('lg_burst', repeat('x', g % 13) || g)) from generate_series(1, 20000) g")
+        con.run("commit")
+        end = time.monotonic() + 20
+        while len(con.notifications) < 20000 and time.monotonic() < end:
+            con.run("select 1")
+        pids = collections.Counter(n[0] for n in con.notifications)
+        expect(len(con.notifications) == 20000, f"{len(con.notifications)} of 20000 notifications")
+        expect(set(pids) == {key_pid(con)}, f"pids {dict(pids)}, key pid {key_pid(con)}")
+        return {"notifications": len(con.notifications)}
+    finally:
+        con.close()
+
+
 def startup_settings():
     con = connect(application_name="pg8000-compat",
                   startup_params={"search_path": "pg_catalog,public", "TimeZone": "UTC"})
@@ -322,7 +345,8 @@ def startup_settings():
 for name, fn in (("verify_full_tls", verify_full_tls), ("queries", queries),
                  ("prepared_statements", prepared_statements),
                  ("errors_and_transactions", errors_and_transactions), ("copy", copy),
-                 ("listen_notify", listen_notify), ("startup_settings", startup_settings)):
+                 ("listen_notify", listen_notify), ("notify_burst", notify_burst),
+                 ("startup_settings", startup_settings)):
     check(name, fn)
 
 RESULT["ok"] = all(c.get("ok") for c in RESULT["checks"].values())
