@@ -52,6 +52,10 @@ const FEATURES: &[(&str, &str)] = &[
         "listen_notify",
         "pq.NewListener; ConnectorWithNotificationHandler: own notification's BePid = BackendKeyData pid",
     ),
+    (
+        "binary_parameters",
+        "binary_parameters=yes: Parse/Bind/Execute/Sync in one round trip, binary bytea, error 22012",
+    ),
 ];
 
 /// Whether `go` runs and Debian's lib/pq sources are installed.

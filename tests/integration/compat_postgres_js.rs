@@ -41,6 +41,10 @@ const FEATURES: &[(&str, &str)] = &[
         ".cancel() of a pending pg_sleep (CancelRequest inside TLS) → 57014, session usable",
     ),
     ("listen_notify", "sql.listen / sql.notify and pg_notify"),
+    (
+        "direct_tls",
+        "sslnegotiation: 'direct' (TLS at once, ALPN postgresql), its cancel too → 57014",
+    ),
 ];
 
 /// Whether `node` runs and `tests/clients/node/node_modules/postgres` is installed.
@@ -85,12 +89,12 @@ async fn postgres_js_queries_transactions_copy_cancel_and_listen() {
     assert_eq!(codes["unique_violation"], "23505");
     assert_eq!(codes["division_by_zero"], "22012");
     assert_dynamic_role(checks, "verify_full_tls", &f);
-    // The cancel came in as a CancelRequest (inside TLS) and went upstream.
+    // Both cancels came in as CancelRequests (inside TLS) and went upstream.
     wait_counter(
         &f.proxy,
         "leasegate_cancel_requests_total",
         &[("result", "forwarded")],
-        1.0,
+        2.0,
     )
     .await;
     f.wait_all_revoked(Duration::from_secs(15)).await;

@@ -377,6 +377,39 @@ func listen(ctx context.Context) (details, error) {
 	}
 }
 
+// binaryParameters: with binary_parameters=yes lib/pq sends Parse, Bind (bytea values in
+// binary), Describe, Execute and Sync in one go, without a round trip for the statement.
+func binaryParameters(ctx context.Context) (details, error) {
+	db, err := sql.Open("postgres", goodDSN()+" binary_parameters=yes")
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	var n int
+	var b []byte
+	var s string
+	blob := []byte{0, 1, 2, 255, 254}
+	if err := db.QueryRowContext(ctx, "select length($1::bytea), $1::bytea, $2::text", blob, "ü").Scan(&n, &b, &s); err != nil {
+		return nil, err
+	}
+	if n != len(blob) || string(b) != string(blob) || s != "ü" {
+		return nil, fmt.Errorf("binary parameters: %d %x %q", n, b, s)
+	}
+	var pipelined int
+	for i := 0; i < 20; i++ {
+		var v int
+		if err := db.QueryRowContext(ctx, "select $1::int + 1", i).Scan(&v); err != nil || v != i+1 {
+			return nil, fmt.Errorf("run %d: %d %v", i, v, err)
+		}
+		pipelined++
+	}
+	_, err = db.ExecContext(ctx, "select 1/$1::int", 0)
+	if sqlstate(err) != "22012" {
+		return nil, fmt.Errorf("an error in a one-round-trip query: %v", err)
+	}
+	return details{"queries": pipelined}, nil
+}
+
 func main() {
 	result := map[string]interface{}{"client": "lib/pq", "go": runtime.Version()}
 	checks := map[string]interface{}{}
@@ -388,6 +421,7 @@ func main() {
 		{"verify_full_tls", verifyFullTLS}, {"queries", queries}, {"prepared", prepared},
 		{"errors_and_transactions", errorsAndTransactions}, {"copy_in", copyIn},
 		{"context_cancel", contextCancel}, {"listen_notify", listen},
+		{"binary_parameters", binaryParameters},
 	} {
 		started := time.Now()
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

@@ -269,6 +269,22 @@ async function listenNotify() {
   });
 }
 
+async function directTls() {
+  // sslnegotiation: 'direct': TLS at once (ALPN postgresql), no SSLRequest; its cancel
+  // connection negotiates the same way.
+  return withSql({ sslnegotiation: 'direct' }, async (sql) => {
+    const [row] = await sql`select current_user::text as u`;
+    expect(row.u !== env('LG_USER'), `session user ${row.u}`);
+    const q = sql`select pg_sleep(30)`;
+    q.execute();
+    await new Promise((r) => setTimeout(r, 300));
+    await q.cancel();
+    const err = await expectError(q, 'pg_sleep(30) after cancel() over direct TLS');
+    expect(err.code === '57014', `cancel over direct TLS: ${err.code} ${err.message}`);
+    return { session_user: row.u, cancel: err.code };
+  });
+}
+
 for (const [name, fn] of [
   ['verify_full_tls', verifyFullTls],
   ['queries', queries],
@@ -277,6 +293,7 @@ for (const [name, fn] of [
   ['copy', copy],
   ['cancel', cancel],
   ['listen_notify', listenNotify],
+  ['direct_tls', directTls],
 ]) {
   await check(name, fn);
 }
