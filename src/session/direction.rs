@@ -100,7 +100,7 @@ impl Direction {
         counter: Option<prometheus_client::metrics::counter::Counter>,
     ) -> Self {
         Direction {
-            framer: Framer::counting(REQUESTS, UNSYNCED),
+            framer: Framer::counting(REQUESTS, UNSYNCED).copy_in_aware(),
             counter,
             bytes: 0,
             torn: false,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::harness::compat::{
     CompatRow, assert_dynamic_role, client_fixture, python_module, run_client,
 };
+use crate::harness::security::counter;
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -83,4 +84,21 @@ async fn pg8000_queries_prepared_copy_errors_and_notify() {
     assert_eq!(notify["own_pid"], notify["key_pid"]);
     assert_dynamic_role(checks, "verify_full_tls", &f);
     f.wait_all_revoked(Duration::from_secs(15)).await;
+    // pg8000 closed every connection at ReadyForQuery: leasegate saw each upstream idle, so
+    // none was cancelled on the way out (its COPY sends a Sync in copy-in mode, which the
+    // server ignores: one ReadyForQuery fewer than the Syncs).
+    let busy = counter(
+        &f.proxy,
+        "leasegate_upstream_closes_total",
+        &[("how", "busy")],
+    )
+    .await;
+    let idle = counter(
+        &f.proxy,
+        "leasegate_upstream_closes_total",
+        &[("how", "idle")],
+    )
+    .await;
+    assert_eq!(busy, 0.0, "upstream closes while busy ({idle} idle)");
+    assert!(idle >= 10.0, "{idle} idle upstream closes");
 }

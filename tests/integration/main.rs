@@ -14,6 +14,7 @@ mod client_cert;
 mod compat_asyncpg;
 mod compat_cluster;
 mod compat_dbd_pg;
+mod compat_extended_copy;
 mod compat_jdbc;
 mod compat_libpq_go;
 mod compat_node;
