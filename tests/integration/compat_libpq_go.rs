@@ -20,7 +20,7 @@ use crate::harness::compat::{
 use crate::harness::fixture::Fixture;
 use crate::harness::pki::Pki;
 use crate::harness::root;
-use crate::harness::security::wait_counter;
+use crate::harness::security::{counter, wait_counter};
 
 /// The Debian packages the program needs.
 const PACKAGES: &str = "golang-go golang-github-lib-pq-dev";
@@ -122,4 +122,13 @@ async fn libpq_go_queries_copy_cancel_and_listen() {
     )
     .await;
     f.wait_all_revoked(Duration::from_secs(15)).await;
+    // Every connection was closed at ReadyForQuery (the cancelled queries had ended): none
+    // was closed as busy.
+    let busy = counter(
+        &f.proxy,
+        "leasegate_upstream_closes_total",
+        &[("how", "busy")],
+    )
+    .await;
+    assert_eq!(busy, 0.0, "upstream connections closed while busy");
 }
