@@ -20,7 +20,7 @@ use crate::harness::security::counter;
 const FEATURES: &[(&str, &str)] = &[
     (
         "verify_full_tls",
-        "ssl_context: CA + host name + client certificate (untrusted CA refused)",
+        "ssl_context: CA + host name + client certificate, TLS 1.3 and 1.2 (untrusted CA refused)",
     ),
     (
         "queries",

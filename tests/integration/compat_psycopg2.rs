@@ -29,6 +29,10 @@ const FEATURES: &[(&str, &str)] = &[
     ),
     ("cancel", "conn.cancel() (PQcancel) of pg_sleep → 57014"),
     (
+        "large_object",
+        "lobject write/read 1 MiB, unlink (libpq lo_*: FunctionCall messages)",
+    ),
+    (
         "listen_notify",
         "LISTEN/NOTIFY: own pid = conn.info.backend_pid",
     ),

@@ -100,6 +100,15 @@ def verify_full_tls():
                    "password_asked": False}
     finally:
         con.close()
+    # TLS 1.2 works too (leasegate offers 1.2 and 1.3).
+    tls12 = tls()
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    con = pg8000.native.Connection(**conn_args(ssl_context=tls12))
+    try:
+        expect(con.run("select 1") == [[1]], "a query over TLS 1.2")
+        details["tls12"] = con._usock.version()
+    finally:
+        con.close()
     # Negative control: a CA that did not sign leasegate's certificate is refused.
     untrusted = ssl.create_default_context()
     untrusted.load_cert_chain(lgconn.env("LG_SSLCERT"), lgconn.env("LG_SSLKEY"))

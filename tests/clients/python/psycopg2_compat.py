@@ -142,6 +142,31 @@ def cancel():
         conn.close()
 
 
+def large_object():
+    # libpq's lo_* functions: the FunctionCall message (fastpath), one ReadyForQuery each.
+    conn = connect()
+    try:
+        lob = conn.lobject(0, "wb")
+        data = bytes(range(256)) * 4096  # 1 MiB
+        lob.write(data)
+        oid = lob.oid
+        lob.close()
+        conn.commit()
+        lob = conn.lobject(oid, "rb")
+        back = lob.read()
+        lob.close()
+        expect(back == data, f"large object read back {len(back)} bytes")
+        conn.lobject(oid).unlink()
+        conn.commit()
+        cur = conn.cursor()
+        cur.execute("select count(*) from pg_largeobject_metadata where oid = %s", (oid,))
+        expect(cur.fetchone() == (0,), "unlinked")
+        conn.commit()
+        return {"bytes": len(back)}
+    finally:
+        conn.close()
+
+
 def listen_notify():
     conn = connect()
     try:
@@ -162,7 +187,8 @@ def listen_notify():
 
 
 for name, fn in (("verify_full_tls", verify_full_tls), ("queries", queries), ("copy", copy),
-                 ("cancel", cancel), ("listen_notify", listen_notify)):
+                 ("cancel", cancel), ("large_object", large_object),
+                 ("listen_notify", listen_notify)):
     check(name, fn)
 
 RESULT["ok"] = all(c.get("ok") for c in RESULT["checks"].values())
