@@ -30,6 +30,7 @@ mod compat_ruby;
 mod compat_sqlalchemy;
 mod compat_sqlx;
 mod compat_tokio_postgres;
+mod compat_warm_clients;
 mod concurrency;
 mod faults;
 mod lb_cancel;
