@@ -69,6 +69,7 @@ mod selftest;
 mod session;
 mod shutdown;
 mod unix_socket;
+mod unix_socket_clients;
 mod unix_socket_ops;
 mod upstream_errors;
 mod upstream_tls;

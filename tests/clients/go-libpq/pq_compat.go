@@ -410,7 +410,31 @@ func binaryParameters(ctx context.Context) (details, error) {
 	return details{"queries": pipelined}, nil
 }
 
+// overSocket connects over leasegate's Unix socket in `dir` (no TLS, no certificate: lib/pq
+// takes a directory as host) and prints {"user": current_user}.
+func overSocket(dir string) {
+	db, err := sql.Open("postgres", fmt.Sprintf("host=%s port=%s dbname=myapp user=readonly sslmode=disable",
+		dir, env("LG_PORT")))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer db.Close()
+	var user string
+	if err := db.QueryRow("select current_user::text").Scan(&user); err != nil {
+		fmt.Println(`{"ok": false}`)
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	line, _ := json.Marshal(map[string]string{"user": user})
+	fmt.Println(string(line))
+}
+
 func main() {
+	if dir := os.Getenv("LG_SOCKET_DIR"); dir != "" {
+		overSocket(dir)
+		return
+	}
 	result := map[string]interface{}{"client": "lib/pq", "go": runtime.Version()}
 	checks := map[string]interface{}{}
 	ok := true
