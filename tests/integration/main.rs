@@ -19,6 +19,7 @@ mod compat_jdbc;
 mod compat_libpq_go;
 mod compat_node;
 mod compat_pg8000;
+mod compat_pg_dump;
 mod compat_pgx;
 mod compat_php;
 mod compat_postgres_js;
