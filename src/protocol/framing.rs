@@ -2,7 +2,8 @@
 //! a type byte and a 4-byte length; the tracker reads only those five bytes and skips bodies,
 //! so the relay can stop (or inject a message) exactly between two messages without copying
 //! or allocating per message. It can also count messages of chosen types (the relay counts
-//! requests one way and ReadyForQuery the other, to know whether the server is idle).
+//! requests one way and ReadyForQuery the other, to know whether the server is idle), leaving
+//! out the Syncs a server ignores in copy-in mode ([`Framer::copy_in_aware`]).
 
 /// A set of message type bytes, as a bitmask (type bytes are ASCII letters; a byte of 128 or
 /// more is never a member).
