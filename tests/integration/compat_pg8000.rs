@@ -48,7 +48,7 @@ const FEATURES: &[(&str, &str)] = &[
     ),
     (
         "startup_settings",
-        "application_name, startup_params (search_path, TimeZone), ParameterStatus after SET",
+        "application_name (non-ASCII too), startup_params (search_path, a quoted name with space and comma; TimeZone), ParameterStatus after SET",
     ),
 ];
 

@@ -346,9 +346,18 @@ def startup_settings():
         con.run("set application_name = 'renamed'")
         expect(con.parameter_statuses.get("application_name") == "renamed",
                f"ParameterStatus after SET: {con.parameter_statuses.get('application_name')}")
-        return {"application_name": app}
     finally:
         con.close()
+    # Values as PostgreSQL takes them: non-ASCII (application_name keeps printable ASCII only,
+    # '?' for each other byte) and a quoted schema name with a space, a comma and a 'ü'.
+    con = connect(application_name="pg8000-ünï", startup_params={"search_path": '"my schema, ü", public'})
+    try:
+        app2, path2 = con.run("select current_setting('application_name'), current_setting('search_path')")[0]
+        expect(app2 == "pg8000-??n??", f"non-ASCII application_name {app2!r}")
+        expect(path2 == '"my schema, ü", public', f"quoted search_path {path2!r}")
+    finally:
+        con.close()
+    return {"application_name": app, "non_ascii_application_name": app2}
 
 
 for name, fn in (("verify_full_tls", verify_full_tls), ("queries", queries),
