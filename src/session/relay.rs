@@ -1,10 +1,9 @@
 //! The relay: bytes both ways with no per-message allocation and no parsing beyond message
 //! headers ([`super::direction`]: boundaries, counts, and the pid of the session's own
-//! notifications rewritten in place, its bytes held back when a read ends inside it), a buffer per direction lent only while bytes are in
-//! flight ([`super::bufpool`]: an idle session holds none), byte counters, and message-boundary
-//! tracking so that leasegate can end a session with its own ErrorResponse without cutting a
-//! message in half.
-
+//! notifications rewritten in place, its bytes held back when a read ends inside it), a
+//! buffer per direction lent only while bytes are in flight ([`super::bufpool`]: an idle
+//! session holds none), byte counters, and message-boundary tracking so that leasegate can
+//! end a session with its own ErrorResponse without cutting a message in half.
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
