@@ -4,6 +4,7 @@
 //! buffer per direction lent only while bytes are in flight ([`super::bufpool`]: an idle
 //! session holds none), byte counters, and message-boundary tracking so that leasegate can
 //! end a session with its own ErrorResponse without cutting a message in half.
+
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
