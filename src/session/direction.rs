@@ -56,6 +56,42 @@ pub(crate) struct Direction {
     /// Upstream → client: the upstream backend's pid and the one leasegate's BackendKeyData
     /// gave the client, big-endian ([`Direction::showing_pid`]).
     pid_swap: Option<([u8; 4], [u8; 4])>,
+    /// Upstream → client: the first bytes of a NotificationResponse's pid when a read ended
+    /// inside it, held back (not yet written) until the rest arrives and the whole pid can be
+    /// compared and rewritten; the count is how many of the four are there.
+    pid_head: ([u8; 4], usize),
+}
+
+/// What [`Direction::took`] says to write: `head` (bytes held back from earlier reads, to go
+/// out first), then the first `len` bytes of the chunk; the chunk's other bytes are held.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Took {
+    /// Held-back bytes released now, written before the chunk.
+    head: [u8; 4],
+    /// How many bytes of `head` are meant.
+    head_len: usize,
+    /// Bytes of the chunk to write now.
+    pub len: usize,
+}
+
+impl Took {
+    /// The whole chunk of `len` bytes, nothing held.
+    fn all(len: usize) -> Took {
+        Took {
+            len,
+            ..Took::default()
+        }
+    }
+
+    /// The held-back bytes to write before the chunk.
+    pub(crate) fn head(&self) -> &[u8] {
+        &self.head[..self.head_len]
+    }
+
+    /// Bytes written in all.
+    pub(crate) fn total(&self) -> usize {
+        self.head_len + self.len
+    }
 }
 
 impl Direction {
@@ -64,7 +100,7 @@ impl Direction {
         counter: Option<prometheus_client::metrics::counter::Counter>,
     ) -> Self {
         Direction {
-            framer: Framer::counting(REQUESTS, UNSYNCED),
+            framer: Framer::counting(REQUESTS, UNSYNCED).copy_in_aware(),
             counter,
             bytes: 0,
             torn: false,
@@ -72,6 +108,7 @@ impl Direction {
             uncounted: 0,
             shared: None,
             pid_swap: None,
+            pid_head: ([0; 4], 0),
         }
     }
 
@@ -90,6 +127,7 @@ impl Direction {
             uncounted: 0,
             shared: None,
             pid_swap: None,
+            pid_head: ([0; 4], 0),
         }
     }
 
@@ -97,8 +135,8 @@ impl Direction {
     /// `upstream` to `shown`, the pid of leasegate's BackendKeyData: a client tells its own
     /// notifications from others' by comparing the two (libpq's `be_pid` with
     /// `PQbackendPID`), and would otherwise take its own for another session's. The four
-    /// bytes are rewritten in place when they arrive in one read (a read boundary inside them
-    /// leaves that one notification as the server sent it).
+    /// bytes are rewritten in place; when a read ends inside them, the bytes read so far are
+    /// held back until the rest arrives ([`Direction::took`]).
     pub(crate) fn showing_pid(mut self, upstream: i32, shown: i32) -> Self {
         self.pid_swap = Some((upstream.to_be_bytes(), shown.to_be_bytes()));
         self
@@ -111,24 +149,69 @@ impl Direction {
     }
 
     /// Bytes about to be written to the far side (rewritten in place where
-    /// [`Direction::showing_pid`] says).
-    pub(crate) fn took(&mut self, chunk: &mut [u8]) {
+    /// [`Direction::showing_pid`] says). Returns what to write: everything, unless a
+    /// notification's pid is split between reads; then its first bytes are held back and
+    /// come out as the `head` of the call whose bytes complete it.
+    pub(crate) fn took(&mut self, chunk: &mut [u8]) -> Took {
         self.torn = true;
         let Some((upstream, shown)) = self.pid_swap else {
             self.framer.feed(chunk);
-            return;
+            return Took::all(chunk.len());
         };
+        let mut took = Took::all(chunk.len());
+        if self.pid_head.1 > 0 {
+            match self.complete_pid(chunk, upstream, shown) {
+                Some(head) => (took.head, took.head_len) = head,
+                None => {
+                    // Still not the whole pid: all of it stays held.
+                    self.framer.feed(chunk);
+                    return Took::all(0);
+                }
+            }
+        }
         let mut pos = 0;
         while pos < chunk.len() {
             let n = self.framer.advance(&chunk[pos..]);
-            if let Some(at) = self.framer.take_watched_body().map(|at| pos + at)
-                && let Some(pid) = chunk.get_mut(at..at + 4)
-                && *pid == upstream
-            {
-                pid.copy_from_slice(&shown);
+            if let Some(at) = self.framer.take_watched_body().map(|at| pos + at) {
+                match chunk.get_mut(at..at + 4) {
+                    Some(pid) if *pid == upstream => pid.copy_from_slice(&shown),
+                    Some(_) => {}
+                    None => {
+                        // The read ends inside the pid: hold its bytes back.
+                        let part = &chunk[at..];
+                        self.pid_head.0[..part.len()].copy_from_slice(part);
+                        self.pid_head.1 = part.len();
+                        took.len = at;
+                    }
+                }
             }
             pos += n;
         }
+        took
+    }
+
+    /// Adds the first bytes of `chunk` to the held part of a pid. When that completes it,
+    /// rewrites it if it is `upstream`'s (the held bytes, and the chunk's in place) and
+    /// returns the held bytes to write first; `None` while the pid is still incomplete.
+    fn complete_pid(
+        &mut self,
+        chunk: &mut [u8],
+        upstream: [u8; 4],
+        shown: [u8; 4],
+    ) -> Option<([u8; 4], usize)> {
+        let (mut pid, had) = self.pid_head;
+        let take = (4 - had).min(chunk.len());
+        pid[had..had + take].copy_from_slice(&chunk[..take]);
+        if had + take < 4 {
+            self.pid_head = (pid, had + take);
+            return None;
+        }
+        self.pid_head = ([0; 4], 0);
+        if pid == upstream {
+            pid = shown;
+            chunk[..take].copy_from_slice(&shown[had..]);
+        }
+        Some((pid, had))
     }
 
     /// The bytes last taken are written.

@@ -1,9 +1,9 @@
 //! The relay: bytes both ways with no per-message allocation and no parsing beyond message
 //! headers ([`super::direction`]: boundaries, counts, and the pid of the session's own
-//! notifications rewritten in place), a buffer per direction lent only while bytes are in
-//! flight ([`super::bufpool`]: an idle session holds none), byte counters, and message-boundary
-//! tracking so that leasegate can end a session with its own ErrorResponse without cutting a
-//! message in half.
+//! notifications rewritten in place, its bytes held back when a read ends inside it), a
+//! buffer per direction lent only while bytes are in flight ([`super::bufpool`]: an idle
+//! session holds none), byte counters, and message-boundary tracking so that leasegate can
+//! end a session with its own ErrorResponse without cutting a message in half.
 
 use std::pin::Pin;
 use std::task::Poll;
@@ -17,7 +17,7 @@ use super::bufpool::Buf as Lent;
 pub(crate) use super::control::{
     Control, ControlReceiver, ControlSender, channel as control_channel,
 };
-pub(crate) use super::direction::{Direction, directions};
+pub(crate) use super::direction::{Direction, Took, directions};
 use crate::metrics::labels::SessionEndReason;
 use crate::registry::Tracked;
 
@@ -136,6 +136,18 @@ async fn write_out<W: AsyncWrite>(writer: &mut WriteHalf<W>, bytes: &[u8]) -> st
     writer.flush().await
 }
 
+/// Writes what [`Direction::took`] released of `chunk` (held-back bytes first) and flushes.
+async fn write_took<W: AsyncWrite>(
+    writer: &mut WriteHalf<W>,
+    took: Took,
+    chunk: &[u8],
+) -> std::io::Result<()> {
+    if !took.head().is_empty() {
+        writer.write_all(took.head()).await?;
+    }
+    write_out(writer, &chunk[..took.len]).await
+}
+
 async fn pump<R, W>(
     reader: &mut ReadHalf<R>,
     writer: &mut WriteHalf<W>,
@@ -152,11 +164,11 @@ where
             Err(e) => return PumpEnd::Read(Some(e)),
         };
         let chunk = buf.get_mut(n);
-        dir.took(chunk);
-        if let Err(e) = write_out(writer, chunk).await {
+        let took = dir.took(chunk);
+        if let Err(e) = write_took(writer, took, chunk).await {
             return PumpEnd::Write(e);
         }
-        dir.sent(n);
+        dir.sent(took.total());
     }
 }
 
@@ -251,11 +263,11 @@ where
             rest.extend_from_slice(&dir.unsent);
             dir.unsent = rest;
         }
-        dir.took(&mut chunk[..cut]);
-        if let Err(e) = write_out(writer, &chunk[..cut]).await {
+        let took = dir.took(&mut chunk[..cut]);
+        if let Err(e) = write_took(writer, took, chunk).await {
             return DownEnd::Pump(PumpEnd::Write(e));
         }
-        dir.sent(cut);
+        dir.sent(took.total());
     }
 }
 

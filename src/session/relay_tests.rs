@@ -326,31 +326,79 @@ fn notification(pid: i32) -> Vec<u8> {
     m
 }
 
+/// What the client gets when the upstream's `stream` arrives in reads cut at `cuts`: each
+/// read goes through `took`, and what it releases is written (held-back bytes first).
+fn relayed_in_reads(dir: &mut Direction, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(stream.len());
+    for w in bounds.windows(2) {
+        let mut read = stream[w[0]..w[1]].to_vec();
+        let took = dir.took(&mut read);
+        out.extend_from_slice(took.head());
+        out.extend_from_slice(&read[..took.len]);
+        dir.sent(took.total());
+    }
+    out
+}
+
 #[test]
 fn own_notifications_show_the_pid_of_leasegates_key_however_the_reads_cut_them() {
     let (own, shown, other) = (4242, 77, 5151);
     let mut stream = b"Z\0\0\0\x05I".to_vec();
-    let mut pids = Vec::new();
+    let mut want = stream.clone();
     for pid in [own, other, own] {
-        pids.push((stream.len() + 5, pid));
         stream.extend_from_slice(&notification(pid));
+        want.extend_from_slice(&notification(if pid == own { shown } else { pid }));
     }
-    for cut in 0..=stream.len() {
-        let mut dir = Direction::to_client(None, BytesMut::new()).showing_pid(own, shown);
-        let mut bytes = stream.clone();
-        let (a, b) = bytes.split_at_mut(cut);
-        dir.took(a);
-        dir.took(b);
-        assert!(dir.framer.at_boundary(), "cut {cut}");
-        for &(at, pid) in &pids {
-            let got = i32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-            // A read boundary inside the pid leaves it as the server sent it.
-            let split = cut > at && cut < at + 4;
-            let want = if pid == own && !split { shown } else { pid };
-            assert_eq!(got, want, "cut {cut}, pid at {at}");
+    // Every way to cut the stream into two reads, and into three (the pid split three ways
+    // too): the client gets every byte once, in order, each own pid rewritten.
+    for a in 0..=stream.len() {
+        for b in a..=stream.len() {
+            let mut dir = Direction::to_client(None, BytesMut::new()).showing_pid(own, shown);
+            let got = relayed_in_reads(&mut dir, &stream, &[a, b]);
+            assert_eq!(got, want, "reads cut at {a} and {b}");
+            assert!(dir.framer.at_boundary(), "cuts {a} {b}");
+            assert_eq!(dir.bytes, stream.len() as u64, "cuts {a} {b}");
         }
-        assert_eq!(bytes.len(), stream.len());
     }
+    // One byte per read.
+    let mut dir = Direction::to_client(None, BytesMut::new()).showing_pid(own, shown);
+    let cuts: Vec<usize> = (1..stream.len()).collect();
+    assert_eq!(
+        relayed_in_reads(&mut dir, &stream, &cuts),
+        want,
+        "byte by byte"
+    );
+}
+
+#[test]
+fn a_pid_split_between_reads_is_held_back_until_it_is_whole() {
+    let own = 4242;
+    let stream = notification(own);
+    let mut dir = Direction::to_client(None, BytesMut::new()).showing_pid(own, 77);
+    let mut first = stream[..7].to_vec();
+    let took = dir.took(&mut first);
+    assert_eq!(
+        (took.head(), took.len),
+        (&[][..], 5),
+        "the pid's first 2 bytes wait"
+    );
+    let mut rest = stream[7..].to_vec();
+    let took = dir.took(&mut rest);
+    assert_eq!(
+        took.head(),
+        &77i32.to_be_bytes()[..2],
+        "then go out, rewritten"
+    );
+    assert_eq!(&rest[..2], &77i32.to_be_bytes()[2..]);
+    assert_eq!(took.len, rest.len());
+    // Another backend's pid split the same way comes out as it was.
+    let other = notification(5151);
+    let mut dir = Direction::to_client(None, BytesMut::new()).showing_pid(own, 77);
+    let got = relayed_in_reads(&mut dir, &other, &[6, 8]);
+    assert_eq!(got, other);
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::harness::root;
 use crate::harness::security::wait_counter;
 
 /// Where Debian installs Go library sources (`/usr/share/gocode/src/github.com/jackc/…`).
-const GOPATH: &str = "/usr/share/gocode";
+pub(crate) const GOPATH: &str = "/usr/share/gocode";
 /// The Debian packages the program needs.
 const PACKAGES: &str = "golang-go golang-github-jackc-pgx-v4-dev";
 /// The program (package main: every `.go` file of the directory), relative to the repository.
@@ -93,7 +93,7 @@ fn require_go_pgx() {
 }
 
 /// The Debian version of `package`, or "?".
-fn debian_version(package: &str) -> String {
+pub(crate) fn debian_version(package: &str) -> String {
     std::process::Command::new("dpkg-query")
         .args(["-W", "-f", "${Version}", package])
         .stdin(Stdio::null())
@@ -108,9 +108,14 @@ fn debian_version(package: &str) -> String {
 /// Builds the program into `dir` offline (GOPATH mode, no module proxy). The build cache is
 /// kept under cargo's target directory so later runs only link.
 pub(crate) async fn build_client(dir: &Path) -> PathBuf {
-    let out = dir.join("pgx_compat");
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(repo().join(PROGRAM))
-        .expect("read tests/clients/go")
+    build_go(PROGRAM, &dir.join("pgx_compat"), PACKAGES).await
+}
+
+/// Builds every `.go` file of `program` (a directory of the repository, package main) into
+/// `out` offline against Debian's Go sources (`packages` named if it fails).
+pub(crate) async fn build_go(program: &str, out: &Path, packages: &str) -> PathBuf {
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(repo().join(program))
+        .unwrap_or_else(|e| panic!("read {program}: {e}"))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "go"))
         .collect();
@@ -119,9 +124,9 @@ pub(crate) async fn build_client(dir: &Path) -> PathBuf {
     let mut cmd = tokio::process::Command::new("go");
     cmd.arg("build")
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .args(&sources)
-        .current_dir(dir)
+        .current_dir(out.parent().unwrap_or(Path::new(".")))
         .env("GO111MODULE", "off")
         .env("GOPATH", GOPATH)
         .env("GOCACHE", &cache)
@@ -130,14 +135,15 @@ pub(crate) async fn build_client(dir: &Path) -> PathBuf {
         .env("GOPROXY", "off")
         .env("GOTOOLCHAIN", "local");
     let started = Instant::now();
-    let run = run_script(cmd, "go build tests/clients/go", Duration::from_secs(300)).await;
+    let what = format!("go build {program}");
+    let run = run_script(cmd, &what, Duration::from_secs(300)).await;
     assert!(
         run.success,
-        "go build {PROGRAM} ({}): {}\n{}\n(needs {PACKAGES})",
+        "{what} ({}): {}\n{}\n(needs {packages})",
         run.status, run.stdout, run.stderr
     );
-    eprintln!("go build {PROGRAM}: {:?}", started.elapsed());
-    out
+    eprintln!("{what}: {:?}", started.elapsed());
+    out.to_path_buf()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

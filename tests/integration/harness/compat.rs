@@ -435,3 +435,42 @@ pub fn require_node_pg() {
         pg.display()
     );
 }
+
+/// Whether a client a test needs is installed. When it is not, prints why and how to install
+/// it and returns false, so the test skips that client (scripts/test.sh installs every client;
+/// with `LEASEGATE_COMPAT_STRICT=1` a missing client fails the test instead).
+pub fn client_available(client: &str, probe: std::io::Result<Output>, install: &str) -> bool {
+    let why = match &probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
+            "{}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => e.to_string(),
+    };
+    let message = format!("{client} is not installed ({why}); install it with: {install}");
+    assert!(
+        std::env::var_os("LEASEGATE_COMPAT_STRICT").is_none(),
+        "{message}"
+    );
+    eprintln!("SKIPPED: {message}");
+    false
+}
+
+/// The `__version__` of Python module `module` for `python3`, or None (the test skips, see
+/// [`client_available`]) when it cannot be imported.
+pub fn python_module(module: &str, install: &str) -> Option<String> {
+    let probe = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!("import {module}; print({module}.__version__)"),
+        ])
+        .stdin(Stdio::null())
+        .output();
+    let version = probe
+        .as_ref()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    client_available(&format!("Python module {module}"), probe, install).then_some(version)
+}
