@@ -79,8 +79,7 @@ pub(crate) async fn close(
     relayed.to_client.count_unsent();
     let gone = matches!(relayed.end, RelayEnd::UpstreamGone(_));
     let busy = !gone && !relayed.upstream_idle();
-    let cancel = cancel.filter(|_| busy);
-    if let Some(target) = cancel {
+    if let Some(target) = cancel.filter(|_| busy) {
         tracing::debug!(
             database,
             end = relayed.end.label(),
@@ -95,11 +94,13 @@ pub(crate) async fn close(
             let _ = stream.write_all(TERMINATE).await;
         }
         let _ = stream.shutdown().await;
-        drain(stream, relayed, cancel).await;
+        drain(stream, relayed, cancel).await
     };
-    let closed = tokio::time::timeout(UPSTREAM_CLOSE_WAIT, closing)
-        .await
-        .is_ok();
+    let (closed, cancelled_later) = match tokio::time::timeout(UPSTREAM_CLOSE_WAIT, closing).await {
+        Ok(cancelled) => (true, cancelled),
+        Err(_) => (false, false),
+    };
+    let busy = busy || cancelled_later;
     let how = match (closed, gone, busy) {
         (false, _, _) => Closed::Timeout,
         (true, true, _) => Closed::Gone,
@@ -126,31 +127,44 @@ async fn send_cancel(target: &CancelTarget) {
 
 /// Reads (and discards) until the server closes. What it still sends keeps counting, so a
 /// pipelined statement that starts after the cancelled one is cancelled too: when its
-/// predecessor's ReadyForQuery arrives (at least [`CANCEL_GAP`] after the last cancel), and
-/// every [`CANCEL_REPEAT`] while still busy.
-async fn drain(stream: &mut UpstreamStream, relayed: &mut Relayed, cancel: Option<&CancelTarget>) {
+/// predecessor's ReadyForQuery arrives (at least [`CANCEL_GAP`] after the last cancel) if the
+/// counts say busy, and every [`CANCEL_REPEAT`] whatever they say. An idle backend closes at
+/// once after Terminate, so one still open a second later is running something; and the
+/// counts come from the client's messages, which a hostile client can make look idle (a Sync
+/// followed by a CopyData outside COPY is uncounted as if the server had ignored it).
+/// Returns whether it sent a cancel.
+async fn drain(
+    stream: &mut UpstreamStream,
+    relayed: &mut Relayed,
+    cancel: Option<&CancelTarget>,
+) -> bool {
     let mut sink = vec![0u8; 4096];
     // `close` has just sent the first cancel (when there is one).
     let mut last_cancel = Instant::now();
     let mut next_cancel = last_cancel + CANCEL_REPEAT;
+    // The next cancel was brought forward by a ReadyForQuery (sent only if the counts say busy).
+    let mut early = false;
+    let mut cancelled = false;
     loop {
         tokio::select! {
             r = stream.read(&mut sink) => match r {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return cancelled,
                 Ok(n) => {
                     let answered = relayed.to_client.framer.count();
                     relayed.to_client.framer.feed(&sink[..n]);
-                    if relayed.to_client.framer.count() > answered {
-                        next_cancel = next_cancel.min(last_cancel + CANCEL_GAP);
+                    let sooner = last_cancel + CANCEL_GAP;
+                    if relayed.to_client.framer.count() > answered && sooner < next_cancel {
+                        (next_cancel, early) = (sooner, true);
                     }
                 }
             },
             _ = tokio::time::sleep_until(next_cancel), if cancel.is_some() => {
-                if let Some(target) = cancel.filter(|_| !relayed.upstream_idle()) {
+                if let Some(target) = cancel.filter(|_| !early || !relayed.upstream_idle()) {
                     send_cancel(target).await;
+                    cancelled = true;
                 }
                 last_cancel = Instant::now();
-                next_cancel = last_cancel + CANCEL_REPEAT;
+                (next_cancel, early) = (last_cancel + CANCEL_REPEAT, false);
             }
         }
     }
@@ -257,6 +271,39 @@ mod tests {
         assert_eq!(read_to_end(backend).await, TERMINATE);
         assert_eq!(closing.await.expect("join"), Closed::Idle);
         assert!(listener.accept().now_or_never().is_none(), "no cancel");
+    }
+
+    #[tokio::test]
+    async fn a_backend_still_open_after_terminate_is_cancelled_whatever_the_counts_say() {
+        // A client sent a query, a Sync and a CopyData outside COPY (uncounted as if the
+        // server had ignored the Sync, which it did not), then a long query: the counts say
+        // idle while the backend runs it.
+        let mut up = b"Q\0\0\0\x06x\0S\0\0\0\x04d\0\0\0\x04".to_vec();
+        up.extend_from_slice(QUERY);
+        let down = b"Z\0\0\0\x05IZ\0\0\0\x05I";
+        let (listener, mut stream, backend, target) = fake_backend().await;
+        let mut r = relayed(RelayEnd::ClientGone(None), &up, down);
+        assert!(r.upstream_idle(), "the counts are fooled");
+        let metrics = Metrics::new();
+        let closing = tokio::spawn(async move {
+            close(&mut stream, &mut r, Some(&target), "myapp", &metrics).await
+        });
+        // The backend reads Terminate but, busy, does not close: the cancel comes anyway.
+        let (mut backend_r, backend_w) = backend.into_split();
+        let mut got = Vec::new();
+        backend_r.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, TERMINATE);
+        // Like PostgreSQL, close the cancel connection once the request is read.
+        let (mut cancel, _) = listener.accept().await.expect("cancel connection");
+        let mut request = [0u8; 16];
+        cancel
+            .read_exact(&mut request)
+            .await
+            .expect("cancel request");
+        assert_eq!(request[4..8], 80_877_102u32.to_be_bytes());
+        drop(cancel);
+        drop((backend_r, backend_w));
+        assert_eq!(closing.await.expect("join"), Closed::Busy);
     }
 
     #[tokio::test]

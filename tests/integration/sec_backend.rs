@@ -141,6 +141,28 @@ async fn terminate_pipelined_behind_a_running_query_leaves_no_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_fools_the_idle_bookkeeping_still_has_its_statement_cancelled() {
+    let f = Fixture::start("sec-backend-fooled").await;
+    Target::shared()
+        .set_role_without_terminate(&f.mount, "readonly")
+        .await;
+    let mut w = f.raw_session("readonly").await;
+    let (pid, _) = backend_of(&mut w).await;
+    // A Sync and then a CopyData outside COPY: leasegate uncounts the Sync as if the server
+    // had ignored it (as it does in copy-in mode), but the server answers it, so the counts
+    // say idle while the long query runs.
+    let mut fool = query_message("select 1");
+    fool.extend_from_slice(b"S\0\0\0\x04d\0\0\0\x04");
+    fool.extend_from_slice(&query_message("select pg_sleep(300)"));
+    w.send(&fool).await.expect("send");
+    wait_running(pid, "pg_sleep").await;
+    let vanished = vanish(w);
+    wait_backend_gone(pid, BACKEND_GONE_WITHIN, vanished).await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    assert_eq!(closes(&f, "timeout").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readwrite_backend_holding_a_lock_is_gone_and_the_lock_free_after_the_client_vanished() {
     let f = Fixture::start_with("sec-backend-rw", |mut cfg| {
         cfg.grants[0].roles.push("readwrite".into());
