@@ -26,6 +26,8 @@ mod compat_sqlx;
 mod compat_tokio_postgres;
 mod concurrency;
 mod faults;
+mod faults_postgres;
+mod faults_vault;
 mod lb_cancel;
 mod lb_crash;
 mod lb_proxy_protocol;

@@ -1,0 +1,408 @@
+//! OpenBao failing behind leasegate the way an operator meets it: leasegate's token revoked
+//! while a session is open (then a new token put in `token_file`), a policy edit that refuses
+//! revocations for a while, a dev server restarted empty, a Vault that answers every call
+//! after 2 s while sessions churn, and a creds answer far larger than any credential (a
+//! local fake stands in for the last two). New sessions fail fast with 08006 and never hang,
+//! leasegate recovers by itself, and nothing it was issued is left behind.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::harness::bao::{Mount, OwnBao, Target};
+use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
+use crate::harness::fake_vault::{FakeVault, Reply, Request, lookup_self_ok};
+use crate::harness::fixture::{Fixture, messages_until_closed};
+use crate::harness::metrics::value_or_zero;
+use crate::harness::pg::{Pg, dynamic_roles};
+use crate::harness::pki::Pki;
+use crate::harness::proxy::{Proxy, write_secret};
+use crate::harness::security::{assert_fatal, counter};
+use crate::harness::{env, poll_until};
+
+/// The good client's startup as `readonly` on `myapp`.
+async fn attempt(f: &Fixture) -> Raw {
+    raw_startup(
+        f.proxy.port,
+        Transport::Tls(tls_config(&f.pki, Some(&f.good))),
+        "readonly",
+        "myapp",
+    )
+    .await
+}
+
+/// What leasegate needs of Vault for `mount` (deploy/leasegate-policy.hcl's paths).
+fn policy_hcl(mount: &Mount, revoke: bool) -> String {
+    let mut hcl = format!(
+        r#"path "{}/creds/*" {{ capabilities = ["read"] }}
+path "sys/leases/renew" {{ capabilities = ["update"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+"#,
+        mount.name
+    );
+    if revoke {
+        hcl.push_str("path \"sys/leases/revoke\" { capabilities = [\"update\"] }\n");
+    }
+    hcl
+}
+
+/// A new token on the shared server with `policy`.
+async fn token_with(policy: &str) -> String {
+    Target::shared()
+        .write(
+            Method::POST,
+            "auth/token/create",
+            &json!({"policies": [policy], "ttl": "1h"}),
+        )
+        .await["auth"]["client_token"]
+        .as_str()
+        .expect("client_token")
+        .to_string()
+}
+
+/// Polls `/readyz` until it answers `status`.
+async fn wait_readyz(proxy: &Proxy, status: u16, within: Duration) {
+    poll_until(within, &format!("/readyz {status}"), || async move {
+        match proxy.get("/readyz").await {
+            Ok((s, _)) if s == status => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+/// Polls until no revocation is queued or being retried; returns the revocations counted
+/// `(ok, error)`.
+async fn wait_no_revocation_pending(proxy: &Proxy, within: Duration) -> (f64, f64) {
+    poll_until(within, "no revocation pending", || async move {
+        let m = proxy.metrics().await;
+        match value_or_zero(&m, "leasegate_revocations_pending", &[]) {
+            0.0 => Ok(()),
+            n => Err(format!("{n} pending")),
+        }
+    })
+    .await;
+    let m = proxy.metrics().await;
+    let result = |r| value_or_zero(&m, "leasegate_lease_revocations_total", &[("result", r)]);
+    (result("ok"), result("error"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_token_fails_new_sessions_fast_and_a_new_token_file_recovers() {
+    let mount = Target::shared()
+        .fresh_mount(&env().pg, "vault-token-revoked")
+        .await;
+    let policy = format!("lg-{}", mount.name);
+    Target::shared()
+        .put_policy(&policy, &policy_hcl(&mount, true))
+        .await;
+    let token = token_with(&policy).await;
+    let leasegates = token.clone();
+    let f = Fixture::with_mount(
+        mount,
+        Pki::new(),
+        |mut cfg| {
+            cfg.vault_token = leasegates;
+            cfg
+        },
+        |_| {},
+    )
+    .await;
+    let mut open = f.raw_session("readonly").await;
+    assert_eq!(dynamic_roles(&f.mount.prefix).await.len(), 1);
+
+    // Revoking a token revokes its leases: OpenBao's revocation statements end the backend,
+    // and the client gets PostgreSQL's 57P01.
+    Target::shared()
+        .write(
+            Method::POST,
+            "auth/token/revoke",
+            &json!({ "token": token }),
+        )
+        .await;
+    let seen = messages_until_closed(&mut open, Instant::now(), Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|seen| panic!("session still open: {seen:?}"));
+    let codes: Vec<_> = seen.iter().filter_map(|(_, m)| m.sqlstate()).collect();
+    assert_eq!(codes, ["57P01"], "PostgreSQL's error relayed: {seen:?}");
+
+    // New sessions fail at once with 08006; nothing is issued.
+    let before = f.issued().await;
+    let asked = Instant::now();
+    let answer = attempt(&f).await;
+    assert_fatal(
+        &answer,
+        "08006",
+        &["could not obtain credentials", "HTTP 403"],
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(f.issued().await.leases, before.leases, "no lease issued");
+    wait_readyz(&f.proxy, 503, Duration::from_secs(25)).await;
+
+    // A valid token in the file: leasegate takes it, turns ready and serves again.
+    let fresh = token_with(&policy).await;
+    write_secret(&f.proxy.token_file(), &format!("{fresh}\n"));
+    wait_readyz(&f.proxy, 200, Duration::from_secs(15)).await;
+    f.assert_good_client_works().await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    let (ok, error) = wait_no_revocation_pending(&f.proxy, Duration::from_secs(30)).await;
+    eprintln!("token-revoked: revocations ok {ok}, error {error}");
+    assert_eq!(ok + error, 3.0, "the three revocations finished");
+    f.assert_nothing_outstanding().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_refused_for_a_while_are_retried_until_they_succeed() {
+    let mount = Target::shared()
+        .fresh_mount(&env().pg, "vault-revoke-403")
+        .await;
+    let policy = format!("lg-{}", mount.name);
+    let shared = Target::shared();
+    shared.put_policy(&policy, &policy_hcl(&mount, true)).await;
+    let token = token_with(&policy).await;
+    let f = Fixture::with_mount(
+        mount,
+        Pki::new(),
+        |mut cfg| {
+            cfg.vault_token = token;
+            cfg
+        },
+        |_| {},
+    )
+    .await;
+    let open = f.raw_session("readonly").await;
+    let roles = dynamic_roles(&f.mount.prefix).await;
+    assert_eq!(roles.len(), 1);
+
+    // An operator's policy edit drops sys/leases/revoke; the session ends meanwhile.
+    shared
+        .put_policy(&policy, &policy_hcl(&f.mount, false))
+        .await;
+    open.terminate().await;
+    let proxy = &f.proxy;
+    poll_until(
+        Duration::from_secs(10),
+        "revocations refused",
+        || async move {
+            let refused = counter(
+                proxy,
+                "leasegate_vault_requests_total",
+                &[("op", "revoke"), ("status", "4xx")],
+            )
+            .await;
+            if refused >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{refused} refused revoke calls"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        dynamic_roles(&f.mount.prefix).await,
+        roles,
+        "the role lives on"
+    );
+
+    // The policy is put right within the retry window: the lease is revoked after all.
+    shared
+        .put_policy(&policy, &policy_hcl(&f.mount, true))
+        .await;
+    f.wait_all_revoked(Duration::from_secs(20)).await;
+    let (ok, error) = wait_no_revocation_pending(&f.proxy, Duration::from_secs(5)).await;
+    assert_eq!((ok, error), (1.0, 0.0), "one revocation, no failure");
+}
+
+/// Sets `mount` up on `bao` (a server that lost it) as `Target::fresh_mount` did.
+async fn configure_mount(bao: &Target, pg: &Pg, mount: &Mount) {
+    bao.write(
+        Method::POST,
+        &format!("sys/mounts/{}", mount.name),
+        &json!({"type": "database"}),
+    )
+    .await;
+    let config = devenv::contract::connection_config(&pg.conn(), &mount.prefix);
+    bao.write(Method::POST, &format!("{}/config/pg", mount.name), &config)
+        .await;
+    for role in devenv::contract::ROLES {
+        bao.set_role_ttl(mount, role, "5m", "1h").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_openbao_restarted_empty_blocks_nothing_and_serves_once_set_up_again() {
+    let mut own = OwnBao::dev().await;
+    let pg = &env().pg;
+    let mount = own.target.fresh_mount(pg, "bao-dev-restart").await;
+    let addr = own.target.addr.clone();
+    let f = Fixture::with_mount(
+        mount,
+        Pki::new(),
+        |mut cfg| {
+            cfg.vault_address = addr;
+            cfg.vault_timeout = Some("2s".into());
+            cfg
+        },
+        |_| {},
+    )
+    .await;
+    let mut open = f.raw_session("readonly").await;
+    let lost = open.query_column("select current_user").await[0]
+        .clone()
+        .expect("current_user");
+
+    own.restart().await;
+    // The open session does not need Vault; when it ends, its lease is unknown to the server.
+    assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
+    open.terminate().await;
+    // The mount is gone: 08006 at once, not a wait behind the revocation.
+    let asked = Instant::now();
+    let answer = attempt(&f).await;
+    assert_fatal(&answer, "08006", &["could not obtain credentials"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    let (ok, error) = wait_no_revocation_pending(&f.proxy, Duration::from_secs(30)).await;
+    eprintln!("bao-dev-restart: revocations ok {ok}, error {error}");
+    assert_eq!(ok + error, 1.0, "the lost lease's revocation finished");
+
+    // Set up again, the server serves at once.
+    configure_mount(&own.target, pg, &f.mount).await;
+    f.assert_good_client_works().await;
+    poll_until(Duration::from_secs(10), "the new lease revoked", || async {
+        let leases = own.target.all_leases(&f.mount).await;
+        let roles = dynamic_roles(&f.mount.prefix).await;
+        if leases.is_empty() && roles == [lost.clone()] {
+            Ok(())
+        } else {
+            Err(format!("leases {leases:?}, roles {roles:?}"))
+        }
+    })
+    .await;
+    // The role of the lease the restart lost stays (its VALID UNTIL ends its logins); only
+    // the database's superuser can drop it now.
+    env()
+        .pg
+        .superuser()
+        .await
+        .batch_execute(&format!("drop role \"{lost}\""))
+        .await
+        .expect("drop the lost role");
+}
+
+/// Forwards `req` to the shared OpenBao.
+async fn forward(bao: &Target, req: &Request) -> Reply {
+    let method = Method::from_bytes(req.method.as_bytes()).expect("method");
+    let mut out = reqwest::Client::new().request(method, format!("{}{}", bao.addr, req.path));
+    for name in ["x-vault-token", "x-vault-request", "content-type"] {
+        if let Some(v) = req.header(name) {
+            out = out.header(name, v);
+        }
+    }
+    let resp = out.body(req.body.clone()).send().await.expect("forward");
+    let status = resp.status().as_u16();
+    Reply::Json(status, resp.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_answering_after_two_seconds_slows_sessions_but_fails_none() {
+    let bao = Target::shared();
+    let fake = FakeVault::start(move |req: Request| {
+        let bao = bao.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            forward(&bao, &req).await
+        }
+    })
+    .await;
+    let address = fake.addr();
+    let f = Fixture::start_with("vault-slow", |mut cfg| {
+        cfg.vault_address = address;
+        cfg.vault_timeout = Some("5s".into());
+        cfg
+    })
+    .await;
+    wait_readyz(&f.proxy, 200, Duration::from_secs(20)).await;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (port, pki, good) = (f.proxy.port, f.pki.clone(), f.good.clone());
+        clients.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..3 {
+                let config = tls_config(&pki, Some(&good));
+                answers.push(raw_startup(port, Transport::Tls(config), "readonly", "myapp").await);
+            }
+            answers
+        }));
+    }
+    for client in clients {
+        for answer in client.await.expect("client task") {
+            assert!(matches!(answer, Raw::Ready), "session failed: {answer:?}");
+        }
+    }
+    eprintln!("vault-slow: 12 sessions in {:?}", started.elapsed());
+    let (ok, error) = wait_no_revocation_pending(&f.proxy, Duration::from_secs(60)).await;
+    assert_eq!((ok, error), (12.0, 0.0), "every lease revoked");
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    let m = f.proxy.metrics().await;
+    let timeouts = value_or_zero(
+        &m,
+        "leasegate_vault_requests_total",
+        &[("status", "timeout")],
+    );
+    assert_eq!(timeouts, 0.0, "no Vault call timed out:\n{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_answer_of_four_mebibytes_gives_08006_and_its_lease_is_revoked() {
+    const LEASE: &str = "t-huge/creds/readonly/HUGE0123456789";
+    let fake = FakeVault::start(|req: Request| async move {
+        match (req.method.as_str(), req.path.as_str()) {
+            (_, "/v1/auth/token/lookup-self") => lookup_self_ok(),
+            ("PUT", "/v1/sys/leases/revoke") => Reply::Json(204, String::new()),
+            ("GET", p) if p.contains("/creds/") => Reply::Json(
+                200,
+                format!(
+                    r#"{{"lease_id":"{LEASE}","renewable":true,"lease_duration":300,"data":{{"username":"u","password":"p","pad":"{}"}}}}"#,
+                    "A".repeat(4 << 20)
+                ),
+            ),
+            _ => Reply::Json(404, r#"{"errors":[]}"#.into()),
+        }
+    })
+    .await;
+    let address = fake.addr();
+    let f = Fixture::start_with("vault-huge", |mut cfg| {
+        cfg.vault_address = address;
+        cfg.vault_timeout = Some("3s".into());
+        cfg
+    })
+    .await;
+    wait_readyz(&f.proxy, 200, Duration::from_secs(20)).await;
+    let answer = attempt(&f).await;
+    assert_fatal(
+        &answer,
+        "08006",
+        &[
+            "could not obtain credentials",
+            "Vault sent an unexpected answer",
+        ],
+    );
+    let revoke = fake
+        .wait_request("PUT", "/v1/sys/leases/revoke", Duration::from_secs(10))
+        .await;
+    assert_eq!(revoke.body_text(), json!({ "lease_id": LEASE }).to_string());
+    let (ok, error) = wait_no_revocation_pending(&f.proxy, Duration::from_secs(10)).await;
+    assert_eq!((ok, error), (1.0, 0.0));
+    assert_eq!(counter(&f.proxy, "leasegate_leases_active", &[]).await, 0.0);
+    f.assert_nothing_outstanding().await;
+}
