@@ -6,7 +6,8 @@
 //! Lines are queued to one writer thread. The queue is bounded ([`QUEUE_CAPACITY`]): when the
 //! sink stalls (a full disk, a blocked stderr pipe), further events are dropped and counted in
 //! `leasegate_audit_events_dropped_total`, with a rate-limited warning, rather than growing
-//! memory at the rate clients connect. The file is created with mode 0600.
+//! memory at the rate clients connect. The file is created with mode 0600, and again at its
+//! path when it was removed or renamed away (`file`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -22,6 +23,9 @@ use crate::escape::printable;
 use crate::identity::Principal;
 use crate::net::ClientAddr;
 use crate::tasks::Tasks;
+use file::AuditFile;
+
+mod file;
 
 /// Audit events waiting for the writer at most; further ones are dropped (and counted).
 pub(crate) const QUEUE_CAPACITY: usize = 10_000;
@@ -207,7 +211,7 @@ impl AuditLog {
         tasks: &Tasks,
     ) -> std::io::Result<AuditLog> {
         let out: Box<dyn Write + Send> = match path.as_ref().filter(|p| p.as_os_str() != "-") {
-            Some(p) => Box::new(open_file(p)?),
+            Some(p) => Box::new(AuditFile::open(p)?),
             None => Box::new(std::io::stderr()),
         };
         Ok(AuditLog::with_writer(out, QUEUE_CAPACITY, dropped, tasks))
@@ -275,33 +279,6 @@ impl AuditLog {
     pub(crate) fn queued(&self) -> usize {
         self.shared.tx.max_capacity() - self.shared.tx.capacity()
     }
-}
-
-/// Opens the audit file for appending, creating it with mode 0600. An existing file that its
-/// group or every user may write is refused (its lines could be forged or removed); one they
-/// may read is used with a warning.
-fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
-    let mode = file.metadata()?.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{}: writable by its group or by every user (mode {mode:o}); run chmod 600",
-                path.display()
-            ),
-        ));
-    }
-    if mode & 0o044 != 0 {
-        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
-            "the audit log is readable by other users than leasegate's (chmod 600)");
-    }
-    Ok(file)
 }
 
 #[cfg(test)]
@@ -422,21 +399,6 @@ mod tests {
         let w = written.lock().unwrap_or_else(|e| e.into_inner());
         assert_eq!(w.iter().filter(|b| **b == b'\n').count(), 3);
         drop(log);
-    }
-
-    #[test]
-    fn the_file_is_created_0600_and_a_writable_one_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("audit.log");
-        open_file(&path).expect("created");
-        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o620)).expect("chmod");
-        let err = open_file(&path).expect_err("group-writable refused");
-        assert!(err.to_string().contains("chmod 600"), "{err}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        open_file(&path).expect("group-readable: used, with a warning");
     }
 
     #[test]

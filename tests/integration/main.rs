@@ -27,6 +27,7 @@ mod compat_tokio_postgres;
 mod concurrency;
 mod faults;
 mod faults_postgres;
+mod faults_process;
 mod faults_vault;
 mod lb_cancel;
 mod lb_crash;
