@@ -224,3 +224,27 @@ async fn audit_log_removed_or_rotated_away_is_created_anew_at_its_path() {
     );
     f.wait_all_revoked(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_never_answers_the_login_gives_08006_within_connect_timeout() {
+    let (port, _read) = silent_upstream().await;
+    let f = Fixture::start_with("upstream-silent", |mut cfg| {
+        cfg.databases[0].port = port;
+        cfg.databases[0].connect_timeout = Some("1s".into());
+        cfg
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    let answer = start_client(&f).await.expect("client task");
+    let took = asked.elapsed();
+    assert_fatal(&answer, "08006", &["did not answer in time"]);
+    assert!(took < Duration::from_secs(4), "08006 after {took:?}");
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    let timeouts = crate::harness::security::counter(
+        &f.proxy,
+        "leasegate_upstream_errors_total",
+        &[("database", "myapp"), ("kind", "timeout")],
+    )
+    .await;
+    assert_eq!(timeouts, 1.0, "counted as an upstream timeout");
+}

@@ -28,6 +28,7 @@ mod concurrency;
 mod faults;
 mod faults_postgres;
 mod faults_process;
+mod faults_renewal;
 mod faults_vault;
 mod lb_cancel;
 mod lb_crash;
