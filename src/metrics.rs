@@ -14,9 +14,9 @@ use prometheus_client::registry::Registry;
 
 use labels::{
     AdminCommand, AdminResult, AuthFailureReason, CancelResult, DatabaseLabel, FixedLabel,
-    LeaseResult, PeerForwardResult, RelayDirection, RoleLabel, SessionEndReason, SessionOutcome,
-    SetupPhase, TlsFailureReason, UpstreamClose, UpstreamErrorKind, VaultAuthResult, VaultOp,
-    VaultStatus, VersionLabel, WarmResult,
+    LeaseResult, PeerForwardResult, RelayDirection, ReloadResult, RoleLabel, SessionEndReason,
+    SessionOutcome, SetupPhase, TlsFailureReason, UpstreamClose, UpstreamErrorKind,
+    VaultAuthResult, VaultOp, VaultStatus, VersionLabel, WarmResult,
 };
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -178,6 +178,14 @@ metrics! {
     admin_requests_total: Family<(AdminCommand, AdminResult), Counter> = Family::default()
         => "leasegate_admin_requests",
            "Requests on the admin socket, by command and result";
+    /// Reloads (SIGHUP, the file watch) by result.
+    config_reloads_total: Family<ReloadResult, Counter> = Family::default()
+        => "leasegate_config_reloads",
+           "Configuration reloads (SIGHUP or the file watch), by result (ok, error)";
+    /// 1 while the last reload succeeded (or none was tried), 0 after a refused one.
+    config_last_reload_successful: Gauge = Gauge::default()
+        => "leasegate_config_last_reload_successful",
+           "1 when the last configuration reload succeeded or none was tried, 0 when it was refused";
     /// Constant 1 with the version label.
     build_info: Family<VersionLabel, Gauge> = Family::default()
         => "leasegate_build_info", "Build information (constant 1)";
@@ -202,6 +210,7 @@ impl Metrics {
         let m = Metrics::registered();
         let version = VersionLabel(env!("CARGO_PKG_VERSION").to_owned());
         m.build_info.get_or_create(&version).set(1);
+        m.config_last_reload_successful.set(1);
         m.zero_known_series();
         m
     }
@@ -220,6 +229,7 @@ impl Metrics {
         zero(&self.upstream_closes_total);
         zero(&self.warm_sessions_total);
         zero(&self.sessions_ended_total);
+        zero(&self.config_reloads_total);
     }
 
     /// Sets the warm sessions waiting for `database` and `role`.
@@ -336,6 +346,13 @@ impl Metrics {
     /// Counts how a session's upstream connection was closed.
     pub(crate) fn upstream_closed(&self, how: UpstreamClose) {
         self.upstream_closes_total.get_or_create(&how).inc();
+    }
+
+    /// Counts a reload and remembers whether it succeeded.
+    pub(crate) fn config_reload(&self, result: ReloadResult) {
+        self.config_reloads_total.get_or_create(&result).inc();
+        let ok = matches!(result, ReloadResult::Ok);
+        self.config_last_reload_successful.set(i64::from(ok));
     }
 
     /// Counts a finished revocation.

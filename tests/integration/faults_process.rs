@@ -2,7 +2,8 @@
 //! setup, waiting for OpenBao (slowed down by a forwarding stand-in) or for an upstream that
 //! accepted the connection and never answers the login (a stand-in too, as PostgreSQL cannot
 //! be made to stall on demand); after the exit no lease is left in OpenBao and no role in
-//! PostgreSQL. And the audit log file removed while leasegate runs.
+//! PostgreSQL. An upstream that never answers the login, the audit log file removed or
+//! rotated away while leasegate runs, and a SIGHUP with a broken configuration file.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +16,8 @@ use crate::harness::bao::Target;
 use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
 use crate::harness::fake_vault::{FakeVault, Reply, Request};
 use crate::harness::fixture::Fixture;
+use crate::harness::metrics::value_or_zero;
+use crate::harness::ops::{config_path, reload, write_config_text};
 use crate::harness::pg::{backend_titles, dynamic_roles};
 use crate::harness::proxy::set;
 use crate::harness::security::assert_fatal;
@@ -247,4 +250,37 @@ async fn upstream_that_never_answers_the_login_gives_08006_within_connect_timeou
     )
     .await;
     assert_eq!(timeouts, 1.0, "counted as an upstream timeout");
+}
+
+/// `leasegate_config_reloads_total{result}` and `leasegate_config_last_reload_successful`.
+async fn reload_metrics(f: &Fixture) -> (f64, f64, f64) {
+    let m = f.proxy.metrics().await;
+    let reloads = |r| value_or_zero(&m, "leasegate_config_reloads_total", &[("result", r)]);
+    let last = value_or_zero(&m, "leasegate_config_last_reload_successful", &[]);
+    (reloads("ok"), reloads("error"), last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_reload_shows_in_the_metrics_and_leaves_open_sessions_alone() {
+    let f = Fixture::start("reload-refused-metric").await;
+    assert_eq!(reload_metrics(&f).await, (0.0, 0.0, 1.0), "fresh instance");
+    let mut open = f.raw_session("readonly").await;
+    let good = std::fs::read_to_string(config_path(&f.proxy)).expect("read config");
+
+    write_config_text(&f.proxy, "[listen\naddress = \"not TOML\n");
+    reload(&f.proxy, "reload refused").await;
+    assert_eq!(
+        reload_metrics(&f).await,
+        (0.0, 1.0, 0.0),
+        "refused, counted"
+    );
+    assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
+    f.assert_good_client_works().await;
+
+    write_config_text(&f.proxy, &good);
+    reload(&f.proxy, "configuration reloaded").await;
+    assert_eq!(reload_metrics(&f).await, (1.0, 1.0, 1.0), "in force again");
+    assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
+    open.terminate().await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
 }
