@@ -27,6 +27,7 @@ mod compat_tokio_postgres;
 mod concurrency;
 mod faults;
 mod faults_postgres;
+mod faults_postgres_server;
 mod faults_process;
 mod faults_renewal;
 mod faults_vault;
