@@ -30,6 +30,7 @@ mod faults_postgres;
 mod faults_postgres_server;
 mod faults_process;
 mod faults_renewal;
+mod faults_slow_vault;
 mod faults_vault;
 mod lb_cancel;
 mod lb_crash;
