@@ -1,8 +1,9 @@
 //! A whole PostgreSQL server failing behind leasegate, on a cluster of the test's own: out of
 //! connection slots for ordinary roles, a `pg_hba.conf` that rejects the dynamic roles, and
-//! the server stopped while sessions are open and new ones arrive. The client gets
-//! PostgreSQL's own error, or 08006 within `vault.timeout`; every lease issued is revoked once
-//! the server lets OpenBao drop the role, and no role is left.
+//! the server stopped while sessions are open and new ones arrive, and SIGTERM while it is
+//! down. The client gets PostgreSQL's own error, or 08006 within `vault.timeout`; every lease
+//! issued is revoked once the server lets OpenBao drop the role, and no role is left; a drain
+//! that cannot revoke ends within its bound and names each lease it leaves.
 
 use std::time::{Duration, Instant};
 
@@ -259,4 +260,68 @@ async fn pg_hba_rejecting_the_dynamic_roles_gives_28000_and_revokes_the_fresh_le
     assert_eq!(rejected, 1.0, "the refused login counted:\n{m}");
     drop(f);
     drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_server_is_down_exits_in_time_and_names_the_leases_left() {
+    let (cluster, mut f) = own_cluster("pg-down-sigterm", &[]).await;
+    let pg = cluster.pg.clone();
+    let mut open = vec![
+        f.raw_session("readonly").await,
+        f.raw_session("readonly").await,
+    ];
+    let leases: Vec<String> = Target::shared().leases(&f.mount, "readonly").await;
+    assert_eq!(leases.len(), 2);
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        cluster.stop_fast(Duration::from_secs(30)).map(|()| cluster)
+    })
+    .await
+    .expect("stop task")
+    .unwrap_or_else(|e| panic!("stop: {e}"));
+    for w in &mut open {
+        let errors = relayed_errors(w).await;
+        assert_one_fatal(
+            &errors,
+            "57P01",
+            "terminating connection due to administrator",
+        );
+    }
+
+    // The revocations cannot succeed while the server is down: the drain waits at most
+    // 4 × vault.timeout (3 s here) for them, then exits 0 naming each lease left.
+    let signalled = Instant::now();
+    f.proxy.signal("TERM");
+    let status = f
+        .proxy
+        .wait_exit(Duration::from_secs(4 * 3 + 10))
+        .await
+        .expect("leasegate exits within its bound");
+    assert!(status.success(), "exit status {status:?}");
+    eprintln!(
+        "pg-down-sigterm: exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    let log = f.proxy.log_text();
+    for id in &leases {
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains("lease left unrevoked at exit")
+                && l.contains(id.as_str())),
+            "lease {id} named at ERROR"
+        );
+    }
+
+    // What is left is what the log said: revoked by hand once the server is back.
+    let mut cluster = tokio::task::spawn_blocking(move || cluster.restart_fast().map(|()| cluster))
+        .await
+        .expect("start task")
+        .unwrap_or_else(|e| panic!("start again: {e}"));
+    assert_eq!(Target::shared().leases(&f.mount, "readonly").await.len(), 2);
+    Target::shared().revoke_mount_leases(&f.mount).await;
+    wait_all_revoked_on(&Target::shared(), &pg, &f.mount, Duration::from_secs(15)).await;
+    tokio::task::spawn_blocking(move || cluster.stop_fast(Duration::from_secs(10)))
+        .await
+        .expect("stop task")
+        .expect("stop the dedicated cluster");
 }

@@ -1,7 +1,7 @@
-//! Renewals that fail for longer than the lease lives: OpenBao down past the credential's
-//! TTL while a session is open. The client is warned (01000) and then ended with 57P01 before
-//! the credential dies, as README's failure table promises, and once OpenBao is back nothing
-//! is left.
+//! Credentials that cannot live as long as their session: OpenBao down past the credential's
+//! TTL while a session is open, and a role whose TTL is shorter than `expiry_warning`. The
+//! client is warned (01000) and then ended with 57P01 before the credential dies, as README's
+//! failure table promises, and nothing is left.
 
 use std::time::{Duration, Instant};
 
@@ -73,4 +73,33 @@ async fn vault_down_past_the_lease_ttl_warns_then_ends_the_session_before_it_exp
 
     own.restart().await;
     wait_all_revoked_on(&own.target, pg, &f.mount, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_ttl_shorter_than_the_expiry_warning_warns_at_once_and_ends_in_time() {
+    // An operator's typo: a 4 s TTL and max_ttl under the default 60 s expiry_warning.
+    let f = Fixture::start("renew-tiny-ttl").await;
+    crate::harness::bao::Target::shared()
+        .set_role_ttl(&f.mount, "readonly", "4s", "4s")
+        .await;
+    let asked = Instant::now();
+    let mut w = f.raw_session("readonly").await;
+    let events = messages_until_closed(&mut w, asked, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|seen| panic!("session still open past the TTL: {seen:?}"));
+    eprintln!("renew-tiny-ttl: {events:?}");
+    let tags: Vec<u8> = events.iter().map(|(_, m)| m.tag).collect();
+    assert_eq!(
+        tags, b"NE",
+        "a notice, then the error, then the close: {events:?}"
+    );
+    assert_eq!(
+        severity_code(&events[1].1),
+        ("FATAL".into(), "57P01".into())
+    );
+    assert!(
+        events[1].0 < Duration::from_secs(4),
+        "ended before the credential died"
+    );
+    f.wait_all_revoked(Duration::from_secs(10)).await;
 }
