@@ -1,7 +1,8 @@
 //! OpenBao failing behind leasegate the way an operator meets it: leasegate's token revoked
 //! while a session is open (then a new token put in `token_file`), a policy edit that refuses
-//! revocations for a while, a dev server restarted empty, and a creds answer far larger than
-//! any credential (a local fake stands in). A slow Vault is in `faults_slow_vault`. New sessions fail fast with 08006 and never hang,
+//! revocations for a while, a server sealed and unsealed, a dev server restarted empty, and a
+//! creds answer far larger than any credential (a local fake stands in). A slow Vault is in
+//! `faults_slow_vault`. New sessions fail fast with 08006 and never hang,
 //! leasegate recovers by itself, and nothing it was issued is left behind.
 
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use serde_json::json;
 use crate::harness::bao::{Mount, OwnBao, Target};
 use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
 use crate::harness::fake_vault::{FakeVault, Reply, Request, lookup_self_ok};
-use crate::harness::fixture::{Fixture, messages_until_closed};
+use crate::harness::fixture::{Fixture, messages_until_closed, wait_all_revoked_on};
 use crate::harness::metrics::value_or_zero;
 use crate::harness::pg::{Pg, dynamic_roles};
 use crate::harness::pki::Pki;
@@ -340,4 +341,77 @@ async fn creds_answer_of_four_mebibytes_gives_08006_and_its_lease_is_revoked() {
     assert_eq!((ok, error), (1.0, 0.0));
     assert_eq!(counter(&f.proxy, "leasegate_leases_active", &[]).await, 0.0);
     f.assert_nothing_outstanding().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_openbao_refuses_new_sessions_fast_and_catches_up_once_unsealed() {
+    let mut own = OwnBao::persistent().await;
+    let pg = &env().pg;
+    let mount = own.target.fresh_mount(pg, "bao-sealed").await;
+    let (addr, token) = (own.target.addr.clone(), own.target.token.clone());
+    let f = Fixture::with_mount(
+        mount,
+        Pki::new(),
+        move |mut cfg| {
+            cfg.vault_address = addr;
+            cfg.vault_token = token;
+            cfg.vault_timeout = Some("2s".into());
+            cfg
+        },
+        |_| {},
+    )
+    .await;
+    let mut open = f.raw_session("readonly").await;
+    let closing = f.raw_session("readonly").await;
+
+    own.seal().await;
+    // Open sessions go on; a new one gets 08006 at once; /readyz turns 503.
+    assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
+    let asked = Instant::now();
+    let answer = attempt(&f).await;
+    assert_fatal(
+        &answer,
+        "08006",
+        &["could not obtain credentials", "HTTP 503"],
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    wait_readyz(&f.proxy, 503, Duration::from_secs(25)).await;
+    // Closed while sealed (late in the outage, so that the unseal comes within the
+    // revocation's retries).
+    closing.terminate().await;
+    let proxy = &f.proxy;
+    poll_until(
+        Duration::from_secs(10),
+        "revocation refused while sealed",
+        || async move {
+            let refused = counter(
+                proxy,
+                "leasegate_vault_requests_total",
+                &[("op", "revoke"), ("status", "5xx")],
+            )
+            .await;
+            if refused >= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{refused} refused revoke calls"))
+            }
+        },
+    )
+    .await;
+
+    own.unseal().await;
+    wait_readyz(&f.proxy, 200, Duration::from_secs(25)).await;
+    let (ok, error) = wait_no_revocation_pending(&f.proxy, Duration::from_secs(30)).await;
+    assert_eq!(
+        (ok, error),
+        (1.0, 0.0),
+        "the revocation went through once unsealed"
+    );
+    assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
+    open.terminate().await;
+    wait_all_revoked_on(&own.target, pg, &f.mount, Duration::from_secs(15)).await;
 }

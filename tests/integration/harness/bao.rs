@@ -425,7 +425,22 @@ impl OwnBao {
         }
     }
 
-    async fn unseal(&mut self) {
+    /// Seals a persistent server (`sys/seal`, as `bao operator seal` does): it answers 503
+    /// until [`OwnBao::unseal`].
+    pub async fn seal(&mut self) {
+        assert_eq!(
+            self.kind,
+            Kind::Persistent,
+            "only a persistent server seals"
+        );
+        self.target
+            .write(reqwest::Method::PUT, "sys/seal", &json!({}))
+            .await;
+        self.wait_for(&[503], "sealed").await;
+    }
+
+    /// Unseals a sealed persistent server; returns when it is active.
+    pub async fn unseal(&mut self) {
         self.wait_for(&[503], "answering (sealed)").await;
         let key = self
             .unseal_key
