@@ -1,7 +1,7 @@
 //! PostgreSQL failing behind leasegate the way an operator meets it, in one database: the
-//! session's backend killed with `pg_terminate_backend`, its database closed to connections
-//! (`ALLOW_CONNECTIONS false`) and then dropped `WITH (FORCE)`, a Vault role whose creation
-//! statements fail. The client gets PostgreSQL's own error (or 08006 without Vault internals),
+//! session's backend killed with `pg_terminate_backend` (idle or mid-statement), its database
+//! closed to connections (`ALLOW_CONNECTIONS false`) and then dropped `WITH (FORCE)`, a Vault
+//! role whose creation statements fail. The client gets PostgreSQL's own error (or 08006 without Vault internals),
 //! every lease issued is revoked and no role is left, and leasegate keeps serving. Faults of
 //! the whole server are in `faults_postgres_server`.
 
@@ -11,9 +11,9 @@ use crate::harness::bao;
 use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
 use crate::harness::fixture::{Fixture, Issued, messages_until_closed};
 use crate::harness::metrics::value_or_zero;
-use crate::harness::pg::dynamic_roles;
+use crate::harness::pg::{dynamic_roles, wait_one_active};
 use crate::harness::security::{assert_fatal, counter};
-use crate::harness::wire::{Msg, Tls, Wire};
+use crate::harness::wire::{Msg, Tls, Wire, query_message};
 use crate::harness::{env, next_id, poll_until};
 
 /// The good client's startup as `role` on `myapp`.
@@ -87,12 +87,19 @@ pub(crate) async fn wait_revocations_ok(f: &Fixture, n: f64) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminated_backend_relays_57p01_and_the_lease_is_revoked() {
-    let f = Fixture::start("pg-terminate").await;
+/// `pg_terminate_backend` on the session's backend, idle or in the middle of a statement:
+/// PostgreSQL's FATAL 57P01 reaches the client, the lease is revoked, the role dropped.
+async fn terminated_backend(name: &str, busy: bool) {
+    let f = Fixture::start(name).await;
     let mut w = f.raw_session("readonly").await;
     let pid = backend_pid(&mut w).await;
     assert_eq!(dynamic_roles(&f.mount.prefix).await.len(), 1);
+    if busy {
+        w.send(&query_message("select pg_sleep(30)"))
+            .await
+            .expect("send the statement");
+        wait_one_active(&f.mount.prefix, "pg_sleep").await;
+    }
 
     let su = env().pg.superuser().await;
     let row = su
@@ -118,6 +125,16 @@ async fn terminated_backend_relays_57p01_and_the_lease_is_revoked() {
     assert_eq!(ended, 1.0, "the session counted as ended by the upstream");
     f.assert_good_client_works().await;
     f.wait_all_revoked(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_backend_relays_57p01_and_the_lease_is_revoked() {
+    terminated_backend("pg-terminate", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_terminated_mid_statement_relays_57p01_and_the_lease_is_revoked() {
+    terminated_backend("pg-terminate-busy", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
