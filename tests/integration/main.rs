@@ -26,6 +26,7 @@ mod compat_sqlx;
 mod compat_tokio_postgres;
 mod concurrency;
 mod faults;
+mod faults_openbao_server;
 mod faults_pools;
 mod faults_postgres;
 mod faults_postgres_server;
