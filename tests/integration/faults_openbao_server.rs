@@ -11,8 +11,7 @@ use serde_json::json;
 
 use crate::faults_vault::{attempt, wait_no_revocation_pending, wait_readyz};
 use crate::harness::bao::{Mount, OwnBao, Target};
-use crate::harness::fixture::Fixture;
-use crate::harness::fixture::wait_all_revoked_on;
+use crate::harness::fixture::{Fixture, wait_all_revoked_on};
 use crate::harness::pg::{Pg, dynamic_roles};
 use crate::harness::pki::Pki;
 use crate::harness::security::{assert_fatal, counter};

@@ -63,6 +63,11 @@ async fn vault_down_past_the_lease_ttl_warns_then_ends_the_session_before_it_exp
     );
     let (fatal_at, fatal) = &events[1];
     assert_eq!(severity_code(fatal), ("FATAL".into(), "57P01".into()));
+    let message = fatal.fields().get(&'M').cloned().unwrap_or_default();
+    assert!(
+        message.contains("could not be renewed") && message.contains("\"readonly\""),
+        "the FATAL says the renewals failed: {message:?}"
+    );
     assert!(
         *fatal_at < TTL,
         "ended {fatal_at:?} after the credential was asked for, its TTL is {TTL:?}"
