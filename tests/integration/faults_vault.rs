@@ -1,7 +1,7 @@
 //! Vault refusing leasegate or answering nonsense, the way an operator meets it: leasegate's
 //! token revoked while a session is open (then a new token put in `token_file`), a policy
-//! edit that refuses revocations for a while, and a creds answer far larger than any
-//! credential (a local fake stands in). New sessions fail fast with 08006 and never hang,
+//! edit that refuses revocations for a while, and a 200 creds answer that is no credential:
+//! far larger than any, or without a username (a local fake stands in). New sessions fail fast with 08006 and never hang,
 //! leasegate recovers by itself, and nothing it was issued is left behind. The OpenBao server
 //! itself failing is in `faults_openbao_server`, a slow one in `faults_slow_vault`.
 use std::time::{Duration, Instant};
@@ -218,26 +218,30 @@ async fn revocations_refused_for_a_while_are_retried_until_they_succeed() {
     assert_eq!((ok, error), (1.0, 0.0), "one revocation, no failure");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn creds_answer_of_four_mebibytes_gives_08006_and_its_lease_is_revoked() {
-    const LEASE: &str = "t-huge/creds/readonly/HUGE0123456789";
-    let fake = FakeVault::start(|req: Request| async move {
-        match (req.method.as_str(), req.path.as_str()) {
-            (_, "/v1/auth/token/lookup-self") => lookup_self_ok(),
-            ("PUT", "/v1/sys/leases/revoke") => Reply::Json(204, String::new()),
-            ("GET", p) if p.contains("/creds/") => Reply::Json(
-                200,
-                format!(
-                    r#"{{"lease_id":"{LEASE}","renewable":true,"lease_duration":300,"data":{{"username":"u","password":"p","pad":"{}"}}}}"#,
-                    "A".repeat(4 << 20)
+/// A fake Vault whose creds answer is 200 with `data` (JSON text) under a lease id: the
+/// client gets 08006 naming no Vault internals, and the lease in the answer is revoked.
+async fn broken_creds_answer_is_revoked(name: &str, data: String) {
+    const LEASE: &str = "t-broken/creds/readonly/BROKEN0123456789";
+    let data = std::sync::Arc::new(data);
+    let fake = FakeVault::start(move |req: Request| {
+        let data = data.clone();
+        async move {
+            match (req.method.as_str(), req.path.as_str()) {
+                (_, "/v1/auth/token/lookup-self") => lookup_self_ok(),
+                ("PUT", "/v1/sys/leases/revoke") => Reply::Json(204, String::new()),
+                ("GET", p) if p.contains("/creds/") => Reply::Json(
+                    200,
+                    format!(
+                        r#"{{"lease_id":"{LEASE}","renewable":true,"lease_duration":300,"data":{data}}}"#
+                    ),
                 ),
-            ),
-            _ => Reply::Json(404, r#"{"errors":[]}"#.into()),
+                _ => Reply::Json(404, r#"{"errors":[]}"#.into()),
+            }
         }
     })
     .await;
     let address = fake.addr();
-    let f = Fixture::start_with("vault-huge", |mut cfg| {
+    let f = Fixture::start_with(name, |mut cfg| {
         cfg.vault_address = address;
         cfg.vault_timeout = Some("3s".into());
         cfg
@@ -245,13 +249,17 @@ async fn creds_answer_of_four_mebibytes_gives_08006_and_its_lease_is_revoked() {
     .await;
     wait_readyz(&f.proxy, 200, Duration::from_secs(20)).await;
     let answer = attempt(&f).await;
-    assert_fatal(
+    let message = assert_fatal(
         &answer,
         "08006",
         &[
             "could not obtain credentials",
             "Vault sent an unexpected answer",
         ],
+    );
+    assert!(
+        !message.contains("BROKEN") && !message.contains("AAAA"),
+        "{message:?}"
     );
     let revoke = fake
         .wait_request("PUT", "/v1/sys/leases/revoke", Duration::from_secs(10))
@@ -261,4 +269,16 @@ async fn creds_answer_of_four_mebibytes_gives_08006_and_its_lease_is_revoked() {
     assert_eq!((ok, error), (1.0, 0.0));
     assert_eq!(counter(&f.proxy, "leasegate_leases_active", &[]).await, 0.0);
     f.assert_nothing_outstanding().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_answer_of_four_mebibytes_gives_08006_and_its_lease_is_revoked() {
+    let pad = "A".repeat(4 << 20);
+    let data = format!(r#"{{"username":"u","password":"p","pad":"{pad}"}}"#);
+    broken_creds_answer_is_revoked("vault-huge", data).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_answer_without_a_username_gives_08006_and_its_lease_is_revoked() {
+    broken_creds_answer_is_revoked("vault-no-user", r#"{"password":"p"}"#.into()).await;
 }
