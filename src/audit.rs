@@ -4,9 +4,10 @@
 //! event types have no field that could hold one.
 //!
 //! Lines are queued to one writer thread. The queue is bounded ([`QUEUE_CAPACITY`]): when the
-//! sink stalls (a full disk, a blocked stderr pipe), further events are dropped and counted in
+//! sink stalls (a blocked stderr pipe), further events are dropped and counted in
 //! `leasegate_audit_events_dropped_total`, with a rate-limited warning, rather than growing
-//! memory at the rate clients connect. The file is created with mode 0600, and again at its
+//! memory at the rate clients connect; a line the sink refuses (a full disk) is counted there
+//! too, with a rate-limited error. The file is created with mode 0600, and again at its
 //! path when it was removed or renamed away (`file`).
 
 use std::io::Write;
@@ -196,7 +197,8 @@ pub(crate) struct AuditLog {
 struct Shared {
     /// The bounded queue to the writer thread; `None` tells it to stop.
     tx: mpsc::Sender<Option<AuditEvent>>,
-    /// `leasegate_audit_events_dropped_total`.
+    /// `leasegate_audit_events_dropped_total`: events a full queue refused (the writer counts
+    /// those it could not write).
     dropped: Counter,
     /// When the last "dropped" warning was logged, for rate limiting.
     last_warning: Mutex<Option<Instant>>,
@@ -232,14 +234,23 @@ impl AuditLog {
             stop.cancelled().await;
             let _ = closer.send(None).await;
         });
+        let lost = dropped.clone();
         tasks.spawn_blocking(move || {
+            let mut last_error: Option<Instant> = None;
             while let Some(Some(event)) = rx.blocking_recv() {
                 let Ok(mut line) = serde_json::to_vec(&event) else {
                     continue;
                 };
                 line.push(b'\n');
                 if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
-                    tracing::error!(error = %e, "cannot write the audit log");
+                    // A full disk fails every line: each is counted, the error logged at most
+                    // every 10 s.
+                    lost.inc();
+                    if last_error.is_none_or(|t| t.elapsed() >= DROP_WARNING_EVERY) {
+                        last_error = Some(Instant::now());
+                        tracing::error!(error = %e, dropped_total = lost.get(),
+                            "cannot write the audit log: audit events dropped");
+                    }
                 }
             }
         });
@@ -398,6 +409,40 @@ mod tests {
             .expect("the writer ended");
         let w = written.lock().unwrap_or_else(|e| e.into_inner());
         assert_eq!(w.iter().filter(|b| **b == b'\n').count(), 3);
+        drop(log);
+    }
+
+    /// A sink that refuses every write, as a full disk does.
+    struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(28))
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_the_sink_refuses_are_counted_as_dropped() {
+        let tracker = tokio_util::task::TaskTracker::new();
+        let tasks = Tasks::new(tracker.clone(), tokio_util::sync::CancellationToken::new());
+        let dropped = Counter::default();
+        let log = AuditLog::with_writer(Box::new(Full), 100, dropped.clone(), &tasks);
+        for _ in 0..3 {
+            log.record(AuditEvent::new(
+                "refused",
+                "127.0.0.1:5000".parse().expect("addr"),
+            ));
+        }
+        tasks.stop().cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(60), tracker.wait())
+            .await
+            .expect("the writer ended");
+        assert_eq!(dropped.get(), 3);
         drop(log);
     }
 

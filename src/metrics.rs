@@ -165,10 +165,11 @@ metrics! {
         => "leasegate_warm_sessions",
            "Clients of roles with warm sessions, by result (hit, miss: cold path), and warm \
             sessions found closed by the server (gone)";
-    /// Audit events dropped because the writer fell behind (the queue was full).
+    /// Audit events dropped because the writer fell behind (the queue was full) or the sink
+    /// refused the line (a full disk).
     audit_events_dropped_total: Counter = Counter::default()
         => "leasegate_audit_events_dropped",
-           "Audit events dropped because the audit log writer fell behind";
+           "Audit events dropped because the audit log writer fell behind or could not write them";
     /// Sessions that passed the grant check, by why they ended (each once).
     sessions_ended_total: Family<SessionEndReason, Counter> = Family::default()
         => "leasegate_sessions_ended",
