@@ -4,9 +4,11 @@
 //! event types have no field that could hold one.
 //!
 //! Lines are queued to one writer thread. The queue is bounded ([`QUEUE_CAPACITY`]): when the
-//! sink stalls (a full disk, a blocked stderr pipe), further events are dropped and counted in
+//! sink stalls (a blocked stderr pipe), further events are dropped and counted in
 //! `leasegate_audit_events_dropped_total`, with a rate-limited warning, rather than growing
-//! memory at the rate clients connect. The file is created with mode 0600.
+//! memory at the rate clients connect; a line the sink refuses (a full disk) is counted there
+//! too, with a rate-limited error. The file is created with mode 0600, and again at its
+//! path when it was removed or renamed away (`file`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -22,6 +24,9 @@ use crate::escape::printable;
 use crate::identity::Principal;
 use crate::net::ClientAddr;
 use crate::tasks::Tasks;
+use file::AuditFile;
+
+mod file;
 
 /// Audit events waiting for the writer at most; further ones are dropped (and counted).
 pub(crate) const QUEUE_CAPACITY: usize = 10_000;
@@ -192,7 +197,8 @@ pub(crate) struct AuditLog {
 struct Shared {
     /// The bounded queue to the writer thread; `None` tells it to stop.
     tx: mpsc::Sender<Option<AuditEvent>>,
-    /// `leasegate_audit_events_dropped_total`.
+    /// `leasegate_audit_events_dropped_total`: events a full queue refused (the writer counts
+    /// those it could not write).
     dropped: Counter,
     /// When the last "dropped" warning was logged, for rate limiting.
     last_warning: Mutex<Option<Instant>>,
@@ -207,7 +213,7 @@ impl AuditLog {
         tasks: &Tasks,
     ) -> std::io::Result<AuditLog> {
         let out: Box<dyn Write + Send> = match path.as_ref().filter(|p| p.as_os_str() != "-") {
-            Some(p) => Box::new(open_file(p)?),
+            Some(p) => Box::new(AuditFile::open(p)?),
             None => Box::new(std::io::stderr()),
         };
         Ok(AuditLog::with_writer(out, QUEUE_CAPACITY, dropped, tasks))
@@ -228,14 +234,23 @@ impl AuditLog {
             stop.cancelled().await;
             let _ = closer.send(None).await;
         });
+        let lost = dropped.clone();
         tasks.spawn_blocking(move || {
+            let mut last_error: Option<Instant> = None;
             while let Some(Some(event)) = rx.blocking_recv() {
                 let Ok(mut line) = serde_json::to_vec(&event) else {
                     continue;
                 };
                 line.push(b'\n');
                 if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
-                    tracing::error!(error = %e, "cannot write the audit log");
+                    // A full disk fails every line: each is counted, the error logged at most
+                    // every 10 s.
+                    lost.inc();
+                    if last_error.is_none_or(|t| t.elapsed() >= DROP_WARNING_EVERY) {
+                        last_error = Some(Instant::now());
+                        tracing::error!(error = %e, dropped_total = lost.get(),
+                            "cannot write the audit log: audit events dropped");
+                    }
                 }
             }
         });
@@ -275,33 +290,6 @@ impl AuditLog {
     pub(crate) fn queued(&self) -> usize {
         self.shared.tx.max_capacity() - self.shared.tx.capacity()
     }
-}
-
-/// Opens the audit file for appending, creating it with mode 0600. An existing file that its
-/// group or every user may write is refused (its lines could be forged or removed); one they
-/// may read is used with a warning.
-fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
-    let mode = file.metadata()?.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{}: writable by its group or by every user (mode {mode:o}); run chmod 600",
-                path.display()
-            ),
-        ));
-    }
-    if mode & 0o044 != 0 {
-        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
-            "the audit log is readable by other users than leasegate's (chmod 600)");
-    }
-    Ok(file)
 }
 
 #[cfg(test)]
@@ -424,19 +412,38 @@ mod tests {
         drop(log);
     }
 
-    #[test]
-    fn the_file_is_created_0600_and_a_writable_one_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("audit.log");
-        open_file(&path).expect("created");
-        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o620)).expect("chmod");
-        let err = open_file(&path).expect_err("group-writable refused");
-        assert!(err.to_string().contains("chmod 600"), "{err}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        open_file(&path).expect("group-readable: used, with a warning");
+    /// A sink that refuses every write, as a full disk does.
+    struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(28))
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_the_sink_refuses_are_counted_as_dropped() {
+        let tracker = tokio_util::task::TaskTracker::new();
+        let tasks = Tasks::new(tracker.clone(), tokio_util::sync::CancellationToken::new());
+        let dropped = Counter::default();
+        let log = AuditLog::with_writer(Box::new(Full), 100, dropped.clone(), &tasks);
+        for _ in 0..3 {
+            log.record(AuditEvent::new(
+                "refused",
+                "127.0.0.1:5000".parse().expect("addr"),
+            ));
+        }
+        tasks.stop().cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(60), tracker.wait())
+            .await
+            .expect("the writer ended");
+        assert_eq!(dropped.get(), 3);
+        drop(log);
     }
 
     #[test]

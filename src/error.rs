@@ -137,6 +137,15 @@ pub(crate) enum SessionError {
         /// The role of the credential.
         role: String,
     },
+    /// Renewals of the credential kept failing (Vault unreachable, sealed or refusing) until
+    /// its end: leasegate ends the live session before the credential expires.
+    #[error(
+        "terminating connection: the database credential for role \"{role}\" could not be renewed and is about to expire"
+    )]
+    CredentialUnrenewed {
+        /// The role of the credential.
+        role: String,
+    },
     /// The database entry's `max_session_duration` passed: leasegate ends the live session.
     #[error(
         "terminating connection: the session reached max_session_duration ({})",
@@ -262,6 +271,7 @@ impl SessionError {
             E::Shutdown | E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => {
                 SqlState::AdminShutdown
             }
+            E::CredentialUnrenewed { .. } => SqlState::AdminShutdown,
             E::Terminated(_) => SqlState::AdminShutdown,
         }
     }
@@ -319,6 +329,7 @@ impl SessionError {
             E::Limited { hit, .. } => hit.label(),
             E::Vault { .. } | E::Upstream(_) | E::Shutdown | E::PeerCredentials(_) => return None,
             E::CredentialLifetime { .. } | E::MaxSessionDuration(_) => return None,
+            E::CredentialUnrenewed { .. } => return None,
             E::Terminated(_) => return None,
         })
     }
@@ -373,7 +384,8 @@ impl SessionError {
 /// session; the session goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SessionNotice {
-    /// The credential cannot be renewed further ([`SessionError::CredentialLifetime`] follows).
+    /// The credential cannot be renewed further ([`SessionError::CredentialLifetime`] or
+    /// [`SessionError::CredentialUnrenewed`] follows).
     CredentialEnding {
         /// The role of the credential.
         role: String,

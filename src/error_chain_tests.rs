@@ -144,6 +144,9 @@ fn session_errors() -> Vec<SessionError> {
         SessionError::CredentialLifetime {
             role: "readonly".into(),
         },
+        SessionError::CredentialUnrenewed {
+            role: "readonly".into(),
+        },
         SessionError::MaxSessionDuration(std::time::Duration::from_secs(60)),
     ];
     all.extend(packet_errors().into_iter().map(SessionError::Packet));

@@ -165,6 +165,16 @@ fn leasegate_ending_a_session_is_57p01_after_a_01000_warning() {
         "terminating connection: the database credential for role \"readonly\" reached its \
          maximum lifetime"
     );
+    let e = SessionError::CredentialUnrenewed {
+        role: "readonly".into(),
+    };
+    assert_eq!(code(&e), "57P01");
+    assert_eq!(
+        e.client_message(),
+        "terminating connection: the database credential for role \"readonly\" could not be \
+         renewed and is about to expire"
+    );
+    assert_eq!(reason(&e), None);
     let e = SessionError::MaxSessionDuration(Duration::from_secs(90));
     assert_eq!(
         e.client_message(),

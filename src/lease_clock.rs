@@ -316,6 +316,11 @@ pub(crate) struct SessionClock {
 }
 
 impl SessionClock {
+    /// Whether the last renewal failed: an end due now is the failures', not Vault's cap.
+    pub(crate) fn renewals_failing(&self) -> bool {
+        self.term.failing
+    }
+
     /// The clock of a session that got its credential at `now`.
     pub(crate) fn new(now: Instant, terms: SessionTerms, jitter: fn() -> Jitter) -> SessionClock {
         let expires = (!terms.ttl.is_zero()).then(|| later(now, terms.remaining));

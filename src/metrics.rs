@@ -14,9 +14,9 @@ use prometheus_client::registry::Registry;
 
 use labels::{
     AdminCommand, AdminResult, AuthFailureReason, CancelResult, DatabaseLabel, FixedLabel,
-    LeaseResult, PeerForwardResult, RelayDirection, RoleLabel, SessionEndReason, SessionOutcome,
-    SetupPhase, TlsFailureReason, UpstreamClose, UpstreamErrorKind, VaultAuthResult, VaultOp,
-    VaultStatus, VersionLabel, WarmResult,
+    LeaseResult, PeerForwardResult, RelayDirection, ReloadResult, RoleLabel, SessionEndReason,
+    SessionOutcome, SetupPhase, TlsFailureReason, UpstreamClose, UpstreamErrorKind,
+    VaultAuthResult, VaultOp, VaultStatus, VersionLabel, WarmResult,
 };
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -165,10 +165,11 @@ metrics! {
         => "leasegate_warm_sessions",
            "Clients of roles with warm sessions, by result (hit, miss: cold path), and warm \
             sessions found closed by the server (gone)";
-    /// Audit events dropped because the writer fell behind (the queue was full).
+    /// Audit events dropped because the writer fell behind (the queue was full) or the sink
+    /// refused the line (a full disk).
     audit_events_dropped_total: Counter = Counter::default()
         => "leasegate_audit_events_dropped",
-           "Audit events dropped because the audit log writer fell behind";
+           "Audit events dropped because the audit log writer fell behind or could not write them";
     /// Sessions that passed the grant check, by why they ended (each once).
     sessions_ended_total: Family<SessionEndReason, Counter> = Family::default()
         => "leasegate_sessions_ended",
@@ -178,6 +179,14 @@ metrics! {
     admin_requests_total: Family<(AdminCommand, AdminResult), Counter> = Family::default()
         => "leasegate_admin_requests",
            "Requests on the admin socket, by command and result";
+    /// Reloads (SIGHUP, the file watch) by result.
+    config_reloads_total: Family<ReloadResult, Counter> = Family::default()
+        => "leasegate_config_reloads",
+           "Configuration reloads (SIGHUP or the file watch), by result (ok, error)";
+    /// 1 while the last reload succeeded (or none was tried), 0 after a refused one.
+    config_last_reload_successful: Gauge = Gauge::default()
+        => "leasegate_config_last_reload_successful",
+           "1 when the last configuration reload succeeded or none was tried, 0 when it was refused";
     /// Constant 1 with the version label.
     build_info: Family<VersionLabel, Gauge> = Family::default()
         => "leasegate_build_info", "Build information (constant 1)";
@@ -202,6 +211,7 @@ impl Metrics {
         let m = Metrics::registered();
         let version = VersionLabel(env!("CARGO_PKG_VERSION").to_owned());
         m.build_info.get_or_create(&version).set(1);
+        m.config_last_reload_successful.set(1);
         m.zero_known_series();
         m
     }
@@ -220,6 +230,7 @@ impl Metrics {
         zero(&self.upstream_closes_total);
         zero(&self.warm_sessions_total);
         zero(&self.sessions_ended_total);
+        zero(&self.config_reloads_total);
     }
 
     /// Sets the warm sessions waiting for `database` and `role`.
@@ -336,6 +347,13 @@ impl Metrics {
     /// Counts how a session's upstream connection was closed.
     pub(crate) fn upstream_closed(&self, how: UpstreamClose) {
         self.upstream_closes_total.get_or_create(&how).inc();
+    }
+
+    /// Counts a reload and remembers whether it succeeded.
+    pub(crate) fn config_reload(&self, result: ReloadResult) {
+        self.config_reloads_total.get_or_create(&result).inc();
+        let ok = matches!(result, ReloadResult::Ok);
+        self.config_last_reload_successful.set(i64::from(ok));
     }
 
     /// Counts a finished revocation.

@@ -227,6 +227,24 @@ impl Prefetcher {
         })
     }
 
+    /// Revokes every credential waiting for (database, role) and lets the pool fill again:
+    /// one of them was refused upstream, so those issued with it most likely died with it
+    /// (which ones is not known: a revocation outside leasegate leaves no trace here).
+    /// Returns how many were discarded.
+    pub(crate) fn discard(&self, db: &DatabaseConfig, role: &str) -> usize {
+        let mut pools = self.lock();
+        let Some(pool) = pools.get_mut(&(db.name.clone(), role.to_owned())) else {
+            return 0;
+        };
+        let discarded = pool.ready.len();
+        // Their guards revoke them as they drop.
+        pool.ready.clear();
+        self.set_gauge(&db.name, role, 0);
+        drop(pools);
+        self.wake.notify_one();
+        discarded
+    }
+
     /// Every credential waiting now, for `sessions list`.
     pub(crate) fn waiting(&self) -> Vec<Waiting> {
         let pools = self.lock();

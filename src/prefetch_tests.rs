@@ -1,6 +1,7 @@
 //! Prefetch in paused time, against a scripted Vault: waiting leases renewed before they
 //! expire, revoked and replaced once idle past `prefetch_max_idle`, replaced when a renewal
-//! is capped, dropped before they expire when renewals fail, revoked at the stop.
+//! is capped, dropped before they expire when renewals fail, revoked at the stop, a
+//! discarded pool revoked and filled again.
 
 use tokio::task::JoinHandle;
 
@@ -196,4 +197,22 @@ async fn the_stop_revokes_every_waiting_lease() {
     let revoked = vault.calls_of("revoke");
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0].lease_id, FIRST);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_discarded_pool_is_revoked_and_filled_again() {
+    let vault = Arc::new(ScriptedVault::new(S(300)));
+    let run = start(&vault, "1h");
+    tokio::time::sleep(S(1)).await;
+    let db = &config("1h").reloadable.databases[0];
+    assert_eq!(run.prefetcher.discard(db, "readonly"), 1);
+    tokio::time::sleep(S(1)).await;
+    let revoked = vault.calls_of("revoke");
+    assert_eq!(revoked.len(), 1, "{:?}", vault.calls());
+    assert_eq!(revoked[0].lease_id, FIRST);
+    let taken = run.prefetcher.take(db, "readonly").expect("filled again");
+    assert_eq!(taken.lease.id, SECOND);
+    assert_eq!(run.prefetcher.discard(db, "other"), 0, "no such pool");
+    run.stop.cancel();
+    run.task.await.expect("prefetch task");
 }

@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::signals::Signals;
 use crate::config::{Config, ReloadableConfig, StaticConfig};
 use crate::error::EndReason;
+use crate::metrics::labels::ReloadResult;
 use crate::registry::Tracked;
 use crate::state::{AppState, Live};
 use crate::tasks::Tasks;
@@ -25,17 +26,21 @@ use crate::tasks::Tasks;
 /// the static settings kept at their running values), or `running` when the new file does
 /// not load. A new cluster resolves its peers on `cluster`.
 pub(crate) fn reload(state: &AppState, running: Config, path: &Path, cluster: &Tasks) -> Config {
+    let refused = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "reload refused: keeping the running configuration");
+        state.metrics.config_reload(ReloadResult::Error);
+    };
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "reload refused: keeping the running configuration");
+            refused(&e);
             return running;
         }
     };
     let live = match Live::build(&new.reloadable, cluster) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(error = %e, "reload refused: keeping the running configuration");
+            refused(&e);
             return running;
         }
     };
@@ -49,6 +54,7 @@ pub(crate) fn reload(state: &AppState, running: Config, path: &Path, cluster: &T
         grants = config.reloadable.grants.len(),
         "configuration reloaded"
     );
+    state.metrics.config_reload(ReloadResult::Ok);
     if config.reloadable.listen.end_sessions_on_revoke {
         end_revoked(state);
     }

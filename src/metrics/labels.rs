@@ -266,6 +266,16 @@ label_set! {
 }
 
 label_set! {
+    /// `leasegate_config_reloads_total{result}`: what became of a reload.
+    ReloadResult = "result" {
+        /// The new configuration is in force.
+        Ok => "ok",
+        /// Refused (it does not load or validate); the running one stays.
+        Error => "error",
+    }
+}
+
+label_set! {
     /// `leasegate_lease_renewals_total{result}` and `leasegate_lease_revocations_total{result}`.
     LeaseResult = "result" {
         /// Done.

@@ -72,12 +72,16 @@ impl Lifetime {
             .map_or(SessionError::Shutdown, |t| t.stopped())
     }
 
-    /// Why leasegate ends the session, as the client is told (FATAL 57P01).
-    fn ended(&self, ending: Ending) -> SessionError {
+    /// Why leasegate ends the session, as the client is told (FATAL 57P01); `failing`: the
+    /// credential ends because its renewals failed, not at Vault's cap.
+    fn ended(&self, ending: Ending, failing: bool) -> SessionError {
         if let Some(t) = &self.tracked {
             t.ending(EndReason::MaxLifetime);
         }
         match ending {
+            Ending::Credential if failing => SessionError::CredentialUnrenewed {
+                role: self.role.clone(),
+            },
             Ending::Credential => SessionError::CredentialLifetime {
                 role: self.role.clone(),
             },
@@ -165,7 +169,8 @@ async fn watch_inner(
                     let _ = control.send(Control::Notice(notice(&warning))).await;
                 }
                 Due::End(ending) => {
-                    let _ = control.send(Control::End(fatal(&life.ended(ending)))).await;
+                    let end = life.ended(ending, clock.renewals_failing());
+                    let _ = control.send(Control::End(fatal(&end))).await;
                     return Watched::EndSent;
                 }
                 // Boxed: the renewal's Vault call is the largest state of the watcher, and

@@ -224,6 +224,11 @@ async fn failing_renewals_are_retried_and_the_session_ends_before_the_credential
     assert_eq!(sent[0].at, S(20));
     assert!(sent[0].message.ends_with("will be ended in 7s"), "{sent:?}");
     assert_eq!(sent[1].at, S(27), "3 s before the credential expires");
+    assert_eq!(
+        sent[1].message,
+        "terminating connection: the database credential for role \"readonly\" could not be renewed and is about to expire",
+        "the end names the failing renewals, not a maximum lifetime"
+    );
     let tries = renewal_times(&vault, w.start);
     assert!(tries.len() >= 4, "retried: {tries:?}");
     let gaps: Vec<Duration> = tries.windows(2).map(|w| w[1] - w[0]).collect();

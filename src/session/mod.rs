@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditEvent;
 use crate::error::SessionError;
-use crate::escape::logged;
 use crate::metrics::labels::SetupPhase;
 use crate::net::ClientAddr;
 use crate::policy::Denial;
@@ -272,21 +271,26 @@ impl<'a> Session<'a> {
         }
         let vault_started = Instant::now();
         let credential = Box::pin(self.credential(&database, &hello.role, &tracked)).await;
-        let (lease, guard, remaining) = match credential {
+        let issued = match credential {
             Ok(c) => c,
             Err(e) => return self.fail(&mut hello.stream, e).await,
         };
         let metrics = &self.state.metrics;
         metrics.setup_phase(SetupPhase::Vault, vault_started.elapsed().as_secs_f64());
-        self.audit.upstream_user = Some(lease.username.clone());
-        self.audit.lease_id = Some(lease.id.clone());
-        tracing::debug!(peer = %self.peer, identity = %logged(&hello.principal.display_name()),
-            database = %logged(&hello.database), role = %logged(&hello.role), username = %lease.username,
-            lease_id = %guard.id(), "credential issued");
-        let life = lifetime(&lease, remaining, &database, &hello.role, &tracked);
-        let login = self.login(&mut hello.stream, &database, &lease, &settings, &tracked);
-        let logged_in = login.await?;
-        drop((lease, settings));
+        let login = self.log_in_with(issued, &hello, &database, &settings, &tracked);
+        let (issued, logged_in) = match Box::pin(login).await {
+            Ok(l) => l,
+            Err(e) => return self.report_login(&mut hello.stream, e).await,
+        };
+        let life = lifetime(
+            &issued.lease,
+            issued.remaining,
+            &database,
+            &hello.role,
+            &tracked,
+        );
+        let guard = issued.guard;
+        drop((issued.lease, settings));
         Ok(Ready {
             scope: self.scope(false),
             hello,
@@ -299,11 +303,10 @@ impl<'a> Session<'a> {
         })
     }
 
-    /// Connects and logs in upstream, given up when the session is stopped; a failure is told
-    /// to the client (the upstream's own ErrorResponse when it sent one) and audited.
-    async fn login(
+    /// Connects and logs in upstream, given up when the session is stopped; the failure is
+    /// counted, not yet told to the client.
+    async fn attempt_login(
         &self,
-        stream: &mut ClientStream,
         database: &Database,
         lease: &Lease,
         settings: &[(String, String)],
@@ -315,17 +318,29 @@ impl<'a> Session<'a> {
             _ = self.stop.cancelled() => Err(tracked.stopped()),
         };
         let metrics = &self.state.metrics;
-        if let Err(SessionError::Upstream(e)) = &logged_in {
-            metrics.upstream_error(&database.config.name, e.kind());
-        }
-        match logged_in {
-            Ok(l) => {
+        match &logged_in {
+            Ok(_) => {
                 let login = login_started.elapsed().as_secs_f64();
                 metrics.setup_phase(SetupPhase::UpstreamLogin, login);
                 metrics.setup_phase(SetupPhase::Total, self.started.elapsed().as_secs_f64());
-                Ok(l)
             }
-            Err(SessionError::Upstream(e)) if e.raw_error().is_some() => {
+            Err(SessionError::Upstream(e)) => {
+                metrics.upstream_error(&database.config.name, e.kind())
+            }
+            Err(_) => {}
+        }
+        logged_in
+    }
+
+    /// Tells the client why the credential or the login failed (the upstream's own
+    /// ErrorResponse when it sent one) and audits it.
+    async fn report_login<T>(
+        &self,
+        stream: &mut ClientStream,
+        err: SessionError,
+    ) -> Result<T, SessionError> {
+        match err {
+            SessionError::Upstream(e) if e.raw_error().is_some() => {
                 forward_raw(stream, e.raw_error()).await;
                 let e = SessionError::Upstream(e);
                 self.state
@@ -333,7 +348,7 @@ impl<'a> Session<'a> {
                     .record(self.audit.again("failed").error(&e));
                 Err(e)
             }
-            Err(e) => self.fail(stream, e).await,
+            e => self.fail(stream, e).await,
         }
     }
 }

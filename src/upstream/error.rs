@@ -93,6 +93,12 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the upstream refused the login as a wrong password (28P01): PostgreSQL's
+    /// answer for a role that no longer exists, or whose password expired, too.
+    pub(crate) fn password_refused(&self) -> bool {
+        matches!(self, UpstreamError::Rejected { code, .. } if code == "28P01")
+    }
+
     /// The upstream's own ErrorResponse, to forward as-is.
     pub(crate) fn raw_error(&self) -> Option<&Bytes> {
         match self {

@@ -289,6 +289,8 @@ enum Kind {
     Persistent,
     /// Dev server (in memory, root token `root`) with a TLS listener and generated CA.
     DevTls,
+    /// Dev server (in memory, root token `root`) over plain HTTP: a restart loses its state.
+    Dev,
 }
 
 /// An OpenBao server of one test (killed when dropped): [`OwnBao::persistent`] keeps its
@@ -338,6 +340,14 @@ impl OwnBao {
         bao
     }
 
+    /// A dev server (in memory, root token `root`) over plain HTTP; [`OwnBao::restart`]
+    /// brings it back empty, as a dev server that crashed comes back.
+    pub async fn dev() -> OwnBao {
+        let mut bao = OwnBao::spawn_new(Kind::Dev);
+        bao.wait_for(&[200], "active").await;
+        bao
+    }
+
     fn spawn_new(kind: Kind) -> OwnBao {
         let dir = root().tempdir("bao-");
         let port = devenv::ports::free_pair().unwrap_or_else(|e| panic!("OpenBao port: {e}"));
@@ -374,6 +384,7 @@ impl OwnBao {
             Kind::Persistent => Mode::write_raft_config(dir, self.port)
                 .unwrap_or_else(|e| panic!("OpenBao config: {e}")),
             Kind::DevTls => Mode::DevTls,
+            Kind::Dev => Mode::Dev,
         };
         let child = devenv::bao::spawn(&bin, dir, self.port, &mode, &self.target.log, false)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -414,7 +425,22 @@ impl OwnBao {
         }
     }
 
-    async fn unseal(&mut self) {
+    /// Seals a persistent server (`sys/seal`, as `bao operator seal` does): it answers 503
+    /// until [`OwnBao::unseal`].
+    pub async fn seal(&mut self) {
+        assert_eq!(
+            self.kind,
+            Kind::Persistent,
+            "only a persistent server seals"
+        );
+        self.target
+            .write(reqwest::Method::PUT, "sys/seal", &json!({}))
+            .await;
+        self.wait_for(&[503], "sealed").await;
+    }
+
+    /// Unseals a sealed persistent server; returns when it is active.
+    pub async fn unseal(&mut self) {
         self.wait_for(&[503], "answering (sealed)").await;
         let key = self
             .unseal_key
@@ -434,16 +460,17 @@ impl OwnBao {
         }
     }
 
-    /// Starts a killed persistent server again and unseals it; returns when it is active.
+    /// Starts a killed persistent server again and unseals it, or a plain dev server again
+    /// (empty: its state was in memory); returns when it is active.
     pub async fn restart(&mut self) {
-        assert_eq!(
-            self.kind,
-            Kind::Persistent,
-            "only a persistent server restarts"
-        );
+        assert_ne!(self.kind, Kind::DevTls, "a TLS dev server does not restart");
         self.kill();
         self.spawn();
-        self.unseal().await;
+        if self.kind == Kind::Persistent {
+            self.unseal().await;
+        } else {
+            self.wait_for(&[200], "active").await;
+        }
     }
 }
 

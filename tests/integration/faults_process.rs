@@ -1,0 +1,286 @@
+//! leasegate's own process under faults an operator causes: SIGTERM while a session is in
+//! setup, waiting for OpenBao (slowed down by a forwarding stand-in) or for an upstream that
+//! accepted the connection and never answers the login (a stand-in too, as PostgreSQL cannot
+//! be made to stall on demand); after the exit no lease is left in OpenBao and no role in
+//! PostgreSQL. An upstream that never answers the login, the audit log file removed or
+//! rotated away while leasegate runs, and a SIGHUP with a broken configuration file.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::Method;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::bao::Target;
+use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
+use crate::harness::fake_vault::{FakeVault, Reply, Request};
+use crate::harness::fixture::Fixture;
+use crate::harness::metrics::value_or_zero;
+use crate::harness::ops::{config_path, reload, write_config_text};
+use crate::harness::pg::{backend_titles, dynamic_roles};
+use crate::harness::proxy::set;
+use crate::harness::security::assert_fatal;
+use crate::harness::{env, poll_until};
+
+/// A stand-in upstream that accepts connections, reads what they send and never answers;
+/// returns its port and how many bytes it has read.
+async fn silent_upstream() -> (u16, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind silent upstream");
+    let port = listener.local_addr().expect("address").port();
+    let read = Arc::new(Mutex::new(0usize));
+    let counted = read.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = sock.read(&mut buf).await {
+                    *counted.lock().expect("count") += n;
+                }
+                drop::<TcpStream>(sock);
+            });
+        }
+    });
+    (port, read)
+}
+
+/// Starts the good client's session in the background.
+fn start_client(f: &Fixture) -> tokio::task::JoinHandle<Raw> {
+    let (port, config) = (f.proxy.port, tls_config(&f.pki, Some(&f.good)));
+    tokio::spawn(
+        async move { raw_startup(port, Transport::Tls(config), "readonly", "myapp").await },
+    )
+}
+
+/// SIGTERM, the client's 57P01, exit 0, and then nothing left in OpenBao or PostgreSQL.
+async fn terminate_and_check(f: &mut Fixture, client: tokio::task::JoinHandle<Raw>) {
+    f.proxy.signal("TERM");
+    let answer = client.await.expect("client task");
+    assert_fatal(&answer, "57P01", &["terminating connection"]);
+    let status = f
+        .proxy
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("leasegate exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    // leasegate is gone: whatever it was issued must already be revoked.
+    f.assert_nothing_outstanding().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_upstream_login_hangs_revokes_the_lease_before_exit() {
+    let (port, read) = silent_upstream().await;
+    let mut f = Fixture::start_edited(
+        "sigterm-mid-login",
+        |mut cfg| {
+            cfg.databases[0].port = port;
+            cfg.databases[0].connect_timeout = Some("60s".into());
+            cfg
+        },
+        |t| set(t, "listen.shutdown_grace", "1s"),
+    )
+    .await;
+    let client = start_client(&f);
+    // The credential is issued and the startup packet sent: the login waits on the upstream.
+    let prefix = f.mount.prefix.clone();
+    poll_until(
+        Duration::from_secs(10),
+        "startup packet at the silent upstream",
+        || {
+            let (read, prefix) = (read.clone(), prefix.clone());
+            async move {
+                let n = *read.lock().expect("count");
+                let roles = dynamic_roles(&prefix).await;
+                if n > 0 && roles.len() == 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} bytes read, roles {roles:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    terminate_and_check(&mut f, client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_openbao_creates_the_role_revokes_it_before_exit() {
+    let bao = Target::shared();
+    let fake = FakeVault::start(move |req: Request| {
+        let bao = bao.clone();
+        async move {
+            if req.path.contains("/creds/") {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            forward(&bao, &req).await
+        }
+    })
+    .await;
+    let address = fake.addr();
+    let mut f = Fixture::start_edited(
+        "sigterm-mid-creds",
+        |mut cfg| {
+            cfg.vault_address = address;
+            cfg
+        },
+        |t| set(t, "listen.shutdown_grace", "200ms"),
+    )
+    .await;
+    let client = start_client(&f);
+    fake.wait_request(
+        "GET",
+        &format!("/v1/{}/creds/readonly", f.mount.name),
+        Duration::from_secs(10),
+    )
+    .await;
+    terminate_and_check(&mut f, client).await;
+    assert!(
+        backend_titles(&env().pg, &f.mount.prefix).is_empty(),
+        "no backend of the mount's roles is left"
+    );
+}
+
+/// Forwards `req` to the shared OpenBao, as it came.
+async fn forward(bao: &Target, req: &Request) -> Reply {
+    let method = Method::from_bytes(req.method.as_bytes()).expect("method");
+    let mut out = reqwest::Client::new().request(method, format!("{}{}", bao.addr, req.path));
+    for name in ["x-vault-token", "x-vault-request", "content-type"] {
+        if let Some(v) = req.header(name) {
+            out = out.header(name, v);
+        }
+    }
+    let resp = out.body(req.body.clone()).send().await.expect("forward");
+    let status = resp.status().as_u16();
+    Reply::Json(status, resp.text().await.unwrap_or_default())
+}
+
+/// The audit lines of `path` (none when the file is missing).
+fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+        .collect()
+}
+
+/// Polls until `path` holds `n` `session_end` lines.
+async fn wait_session_ends(path: &std::path::Path, n: usize) {
+    poll_until(
+        Duration::from_secs(10),
+        &format!("{n} session_end lines in {}", path.display()),
+        || async move {
+            let ends = audit_lines(path)
+                .iter()
+                .filter(|l| l["event"] == "session_end")
+                .count();
+            if ends == n {
+                Ok(())
+            } else {
+                Err(format!("{ends} session_end lines"))
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_removed_or_rotated_away_is_created_anew_at_its_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::harness::root().tempdir("audit-");
+    let path = dir.path().join("audit.log");
+    let configured = path.display().to_string();
+    let f = Fixture::start_edited(
+        "audit-removed",
+        |cfg| cfg,
+        |t| set(t, "audit.path", configured),
+    )
+    .await;
+    let open = f.raw_session("readonly").await;
+    f.assert_good_client_works().await;
+    wait_session_ends(&path, 2).await;
+
+    // Removed (as by a clean-up job): the next line creates the file again, mode 0600.
+    std::fs::remove_file(&path).expect("remove the audit log");
+    f.assert_good_client_works().await;
+    wait_session_ends(&path, 2).await;
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "created anew with mode 0600");
+
+    // Rotated (renamed away, as logrotate does without copytruncate): the old file keeps
+    // what it had, the new one gets what follows, the open session's end among it.
+    let rotated = dir.path().join("audit.log.1");
+    std::fs::rename(&path, &rotated).expect("rotate the audit log");
+    open.terminate().await;
+    wait_session_ends(&path, 1).await;
+    let ended = audit_lines(&path);
+    assert_eq!(ended.len(), 1, "only the open session's end: {ended:?}");
+    assert_eq!(
+        audit_lines(&rotated)
+            .iter()
+            .filter(|l| l["event"] == "session_end")
+            .count(),
+        2,
+        "the rotated file keeps its lines"
+    );
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_never_answers_the_login_gives_08006_within_connect_timeout() {
+    let (port, _read) = silent_upstream().await;
+    let f = Fixture::start_with("upstream-silent", |mut cfg| {
+        cfg.databases[0].port = port;
+        cfg.databases[0].connect_timeout = Some("1s".into());
+        cfg
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    let answer = start_client(&f).await.expect("client task");
+    let took = asked.elapsed();
+    assert_fatal(&answer, "08006", &["did not answer in time"]);
+    assert!(took < Duration::from_secs(4), "08006 after {took:?}");
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+    let timeouts = crate::harness::security::counter(
+        &f.proxy,
+        "leasegate_upstream_errors_total",
+        &[("database", "myapp"), ("kind", "timeout")],
+    )
+    .await;
+    assert_eq!(timeouts, 1.0, "counted as an upstream timeout");
+}
+
+/// `leasegate_config_reloads_total{result}` and `leasegate_config_last_reload_successful`.
+async fn reload_metrics(f: &Fixture) -> (f64, f64, f64) {
+    let m = f.proxy.metrics().await;
+    let reloads = |r| value_or_zero(&m, "leasegate_config_reloads_total", &[("result", r)]);
+    let last = value_or_zero(&m, "leasegate_config_last_reload_successful", &[]);
+    (reloads("ok"), reloads("error"), last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_reload_shows_in_the_metrics_and_leaves_open_sessions_alone() {
+    let f = Fixture::start("reload-refused-metric").await;
+    assert_eq!(reload_metrics(&f).await, (0.0, 0.0, 1.0), "fresh instance");
+    let mut open = f.raw_session("readonly").await;
+    let good = std::fs::read_to_string(config_path(&f.proxy)).expect("read config");
+
+    write_config_text(&f.proxy, "[listen\naddress = \"not TOML\n");
+    reload(&f.proxy, "reload refused").await;
+    assert_eq!(
+        reload_metrics(&f).await,
+        (0.0, 1.0, 0.0),
+        "refused, counted"
+    );
+    assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
+    f.assert_good_client_works().await;
+
+    write_config_text(&f.proxy, &good);
+    reload(&f.proxy, "configuration reloaded").await;
+    assert_eq!(reload_metrics(&f).await, (1.0, 1.0, 1.0), "in force again");
+    assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
+    open.terminate().await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+}
