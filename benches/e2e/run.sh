@@ -629,15 +629,17 @@ if [[ "$PERF" == 1 ]]; then
         PERF_PID=$!
         "$@" || true
         stop_pid perf "$PERF_PID" INT; PERF_PID=""
+        # `head` closes its pipe early: the commands before it may die of SIGPIPE, which under
+        # pipefail would end the whole run here, after every figure was measured.
         { echo "### leasegate during $name: self time by shared object"
           timeout 300 perf report -i "$T/perf-$name.data" --stdio --no-children -g none --sort dso 2>/dev/null \
-              | grep -v '^#' | grep -v '^$' | head -n 8
+              | grep -v '^#' | grep -v '^$' | head -n 8 || true
           echo "### leasegate during $name: self time by symbol (>= 0.7 %)"
           timeout 300 perf report -i "$T/perf-$name.data" --stdio --no-children --percent-limit 0.7 -g none \
-              --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *$//' | head -n 40
+              --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *$//' | head -n 40 || true
           echo "### leasegate during $name: including callees (>= 5 %)"
           timeout 300 perf report -i "$T/perf-$name.data" --stdio --children --percent-limit 5 -g none \
-              --sort symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *$//' | head -n 40
+              --sort symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *$//' | head -n 40 || true
         } | sed -E 's/( +-)? +- *$//' >"$T/out/perf-$name.txt"
     }
     say "perf: profiling leasegate during pgbench -S (${PGBENCH_SECONDS}s) and during churn (10s)"
