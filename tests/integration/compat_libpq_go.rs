@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use crate::compat_pgx::{GOPATH, build_go, debian_version};
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, client_available, client_env, run_script,
+    CompatRow, assert_dynamic_role, assert_no_busy_closes, client_available, client_env, run_script,
 };
 use crate::harness::fixture::Fixture;
 use crate::harness::pki::Pki;
 use crate::harness::root;
-use crate::harness::security::{counter, wait_counter};
+use crate::harness::security::wait_counter;
 
 /// The Debian packages the program needs.
 const PACKAGES: &str = "golang-go golang-github-lib-pq-dev";
@@ -124,11 +124,5 @@ async fn libpq_go_queries_copy_cancel_and_listen() {
     f.wait_all_revoked(Duration::from_secs(15)).await;
     // Every connection was closed at ReadyForQuery (the cancelled queries had ended): none
     // was closed as busy.
-    let busy = counter(
-        &f.proxy,
-        "leasegate_upstream_closes_total",
-        &[("how", "busy")],
-    )
-    .await;
-    assert_eq!(busy, 0.0, "upstream connections closed while busy");
+    assert_no_busy_closes(&f).await;
 }

@@ -10,9 +10,10 @@
 use std::time::Duration;
 
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, client_available, client_fixture, repo, run_client,
+    CompatRow, assert_dynamic_role, assert_no_busy_closes, client_available, client_fixture, repo,
+    run_client,
 };
-use crate::harness::security::{counter, wait_counter};
+use crate::harness::security::wait_counter;
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -100,11 +101,5 @@ async fn postgres_js_queries_transactions_copy_cancel_and_listen() {
     f.wait_all_revoked(Duration::from_secs(15)).await;
     // Every connection was closed at ReadyForQuery (the cancelled queries had ended): none
     // was closed as busy.
-    let busy = counter(
-        &f.proxy,
-        "leasegate_upstream_closes_total",
-        &[("how", "busy")],
-    )
-    .await;
-    assert_eq!(busy, 0.0, "upstream connections closed while busy");
+    assert_no_busy_closes(&f).await;
 }

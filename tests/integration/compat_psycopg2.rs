@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, client_available, client_fixture, run_client,
+    CompatRow, assert_dynamic_role, assert_no_busy_closes, client_available, client_fixture,
+    run_client,
 };
-use crate::harness::security::{counter, wait_counter};
+use crate::harness::security::wait_counter;
 
 /// Debian's Python, the one `python3-psycopg2` installs into.
 const PYTHON: &str = "/usr/bin/python3";
@@ -84,11 +85,5 @@ async fn psycopg2_query_copy_cancel_and_errors() {
     f.wait_all_revoked(Duration::from_secs(15)).await;
     // Every connection was closed at ReadyForQuery (the cancelled queries had ended): none
     // was closed as busy.
-    let busy = counter(
-        &f.proxy,
-        "leasegate_upstream_closes_total",
-        &[("how", "busy")],
-    )
-    .await;
-    assert_eq!(busy, 0.0, "upstream connections closed while busy");
+    assert_no_busy_closes(&f).await;
 }

@@ -331,6 +331,15 @@ pub fn assert_dynamic_role(checks: &serde_json::Map<String, Value>, name: &str, 
     );
 }
 
+/// Every upstream connection of the fixture's sessions was closed at ReadyForQuery: none as
+/// busy (a busy close means a statement was still running, or leasegate's request and
+/// ReadyForQuery counts went wrong, e.g. after a COPY over the extended protocol).
+pub async fn assert_no_busy_closes(f: &Fixture) {
+    let how = [("how", "busy")];
+    let busy = super::security::counter(&f.proxy, "leasegate_upstream_closes_total", &how).await;
+    assert_eq!(busy, 0.0, "upstream connections closed while busy");
+}
+
 /// A fixture whose test client (the `GOOD_URI` certificate) may use role `readwrite` on
 /// `myapp`: what every client script connects as.
 pub async fn client_fixture(name: &str) -> Fixture {
