@@ -101,19 +101,7 @@ async fn sealed_openbao_refuses_new_sessions_fast_and_catches_up_once_unsealed()
     let mut own = OwnBao::persistent().await;
     let pg = &env().pg;
     let mount = own.target.fresh_mount(pg, "bao-sealed").await;
-    let (addr, token) = (own.target.addr.clone(), own.target.token.clone());
-    let f = Fixture::with_mount(
-        mount,
-        Pki::new(),
-        move |mut cfg| {
-            cfg.vault_address = addr;
-            cfg.vault_token = token;
-            cfg.vault_timeout = Some("2s".into());
-            cfg
-        },
-        |_| {},
-    )
-    .await;
+    let f = Fixture::on_own_bao(&own.target, mount, "2s", |_| {}).await;
     let mut open = f.raw_session("readonly").await;
     let closing = f.raw_session("readonly").await;
 
@@ -175,20 +163,8 @@ async fn leasegate_started_before_openbao_serves_once_openbao_is_up() {
     let pg = &env().pg;
     let mount = own.target.fresh_mount(pg, "bao-late").await;
     own.kill();
-    let (addr, token) = (own.target.addr.clone(), own.target.token.clone());
     // Started while OpenBao is down (a deploy where leasegate comes up first).
-    let f = Fixture::with_mount(
-        mount,
-        Pki::new(),
-        move |mut cfg| {
-            cfg.vault_address = addr;
-            cfg.vault_token = token;
-            cfg.vault_timeout = Some("2s".into());
-            cfg
-        },
-        |_| {},
-    )
-    .await;
+    let f = Fixture::on_own_bao(&own.target, mount, "2s", |_| {}).await;
     assert_eq!(f.proxy.get("/readyz").await.map(|(s, _)| s), Ok(503));
     let answer = attempt(&f).await;
     assert_fatal(&answer, "08006", &["could not obtain credentials"]);

@@ -9,7 +9,6 @@ use crate::harness::bao::OwnBao;
 use crate::harness::env;
 use crate::harness::fixture::{Fixture, messages_until_closed, wait_all_revoked_on};
 use crate::harness::metrics::value_or_zero;
-use crate::harness::pki::Pki;
 use crate::harness::proxy::set;
 use crate::harness::wire::Msg;
 
@@ -29,18 +28,9 @@ async fn vault_down_past_the_lease_ttl_warns_then_ends_the_session_before_it_exp
     own.target
         .set_role_ttl(&mount, "readonly", "15s", "1h")
         .await;
-    let (addr, token) = (own.target.addr.clone(), own.target.token.clone());
-    let f = Fixture::with_mount(
-        mount,
-        Pki::new(),
-        move |mut cfg| {
-            cfg.vault_address = addr;
-            cfg.vault_token = token;
-            cfg.vault_timeout = Some("1s".into());
-            cfg
-        },
-        |t| set(t, "databases.0.expiry_warning", "5s"),
-    )
+    let f = Fixture::on_own_bao(&own.target, mount, "1s", |t| {
+        set(t, "databases.0.expiry_warning", "5s")
+    })
     .await;
     // The credential is issued after this instant, so it dies no earlier than TTL after it.
     let asked = Instant::now();

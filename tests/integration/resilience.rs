@@ -199,19 +199,7 @@ async fn openbao_outage_spares_open_sessions_and_revocation_catches_up() {
     let mut own = OwnBao::persistent().await;
     let pg = &env().pg;
     let mount = own.target.fresh_mount(pg, "bao-down").await;
-    let (addr, token) = (own.target.addr.clone(), own.target.token.clone());
-    let f = Fixture::with_mount(
-        mount,
-        Pki::new(),
-        move |mut cfg| {
-            cfg.vault_address = addr;
-            cfg.vault_token = token;
-            cfg.vault_timeout = Some("2s".into());
-            cfg
-        },
-        |_| {},
-    )
-    .await;
+    let f = Fixture::on_own_bao(&own.target, mount, "2s", |_| {}).await;
     let s = pg_connect(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp")
         .await
         .expect("session while OpenBao is up");

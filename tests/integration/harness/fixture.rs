@@ -73,6 +73,29 @@ impl Fixture {
         }
     }
 
+    /// [`Fixture::with_mount`] on a `mount` of an OpenBao the test runs itself (`target`:
+    /// its address and root token), with `vault.timeout` = `timeout` (short, so that the
+    /// test's outages show quickly), then `edit`.
+    pub async fn on_own_bao(
+        target: &Target,
+        mount: Mount,
+        timeout: &str,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Fixture {
+        let (addr, token, timeout) = (
+            target.addr.clone(),
+            target.token.clone(),
+            timeout.to_string(),
+        );
+        let customize = move |mut cfg: ProxyConfig| {
+            cfg.vault_address = addr;
+            cfg.vault_token = token;
+            cfg.vault_timeout = Some(timeout);
+            cfg
+        };
+        Fixture::with_mount(mount, Pki::new(), customize, edit).await
+    }
+
     /// A raw protocol session of the good client as `role` on `myapp` (TLS, startup), ready
     /// for queries. Panics unless the login ends with ReadyForQuery.
     pub async fn raw_session(&self, role: &str) -> Wire<Tls> {
