@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::client::tls_config;
-use crate::harness::fixture::Fixture;
+use crate::harness::fixture::{Fixture, logged_in};
 use crate::harness::security::{counter, creds_requests, wait_auth_failures, wait_counter};
 use crate::harness::wire::{
     Msg, PROTOCOL_3_0, TlsClose, Wire, first_error, send_tls_packet, startup_packet, tls_connect,
@@ -185,17 +185,7 @@ async fn hostile_first_packets_get_postgres_answers_and_reach_nothing() {
     assert_eq!(answer[0], b'N');
     drop(tcp);
     let tls = gss_then_tls(&f).await;
-    let mut wire = Wire::new(tls);
-    let login = wire
-        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
-        .await
-        .expect("startup after N and S");
-    assert_eq!(
-        login.messages.last().map(|m| m.tag),
-        Some(b'Z'),
-        "{:?}",
-        login.messages
-    );
+    let wire = logged_in(tls, "readonly").await;
     wire.terminate().await;
     assert_eq!(
         creds_requests(&f.proxy).await,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::harness::client::tls_config;
-use crate::harness::fixture::Fixture;
+use crate::harness::fixture::{Fixture, logged_in};
 use crate::harness::security::creds_requests;
 use crate::harness::wire::{Msg, PROTOCOL_3_0, Wire, startup_packet, tls_connect};
 use crate::sec_hostile::{SSL_REQUEST, assert_refused};
@@ -194,17 +194,7 @@ async fn direct_tls_needs_alpn_postgresql_and_no_second_negotiation() {
     assert_refused("SSLRequest inside direct TLS", &seen, "08P01", "inside TLS");
     // And a proper direct TLS session works.
     let tls = direct_tls(&f, &[b"postgresql"]).await.expect("direct TLS");
-    let mut wire = Wire::new(tls);
-    let login = wire
-        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
-        .await
-        .expect("startup");
-    assert_eq!(
-        login.messages.last().map(|m| m.tag),
-        Some(b'Z'),
-        "{:?}",
-        login.messages
-    );
+    let wire = logged_in(tls, "readonly").await;
     wire.terminate().await;
     assert_eq!(
         creds_requests(&f.proxy).await,

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use crate::harness::fixture::logged_in;
 use crate::harness::security::{creds_requests, wait_auth_failures};
 use crate::harness::unix::{socket_dir, socket_path, start};
-use crate::harness::wire::{PROTOCOL_3_0, Wire, first_error};
+use crate::harness::wire::first_error;
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
@@ -85,17 +86,7 @@ async fn hostile_first_packets_on_the_unix_socket_get_postgres_answers() {
     let mut answers = [0u8; 2];
     s.read_exact(&mut answers).await.expect("answers");
     assert_eq!(&answers, b"NN");
-    let mut wire = Wire::new(s);
-    let login = wire
-        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
-        .await
-        .expect("startup");
-    assert_eq!(
-        login.messages.last().map(|m| m.tag),
-        Some(b'Z'),
-        "{:?}",
-        login.messages
-    );
+    let wire = logged_in(s, "readonly").await;
     wire.terminate().await;
 
     let mut buf = [0u8; 8];

@@ -103,19 +103,7 @@ impl Fixture {
         let stream = tls_connect(self.proxy.port, config)
             .await
             .expect("TLS connection to leasegate");
-        let mut wire = Wire::new(stream);
-        let login = wire
-            .startup(PROTOCOL_3_0, &[("user", role), ("database", "myapp")])
-            .await
-            .expect("startup through leasegate");
-        let last = login.messages.last().map(|m| m.tag);
-        assert_eq!(
-            last,
-            Some(b'Z'),
-            "login as {role} should end with ReadyForQuery: {:?}",
-            login.messages
-        );
-        wire
+        logged_in(stream, role).await
     }
 
     /// Asserts that leasegate issued nothing since it started: no creds request reached
@@ -316,4 +304,26 @@ pub async fn messages_until_closed(
             Err(_) => return Ok(seen),
         }
     }
+}
+
+/// Sends the startup packet as `role` on `myapp` over `stream` (already past SSL negotiation
+/// and TLS, or a Unix socket) and returns the session. Panics unless the login ends with
+/// ReadyForQuery.
+pub async fn logged_in<S>(stream: S, role: &str) -> Wire<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut wire = Wire::new(stream);
+    let login = wire
+        .startup(PROTOCOL_3_0, &[("user", role), ("database", "myapp")])
+        .await
+        .expect("startup through leasegate");
+    let last = login.messages.last().map(|m| m.tag);
+    assert_eq!(
+        last,
+        Some(b'Z'),
+        "login as {role} should end with ReadyForQuery: {:?}",
+        login.messages
+    );
+    wire
 }
