@@ -1,0 +1,2 @@
+//! Shared code of the experiment's binaries.
+pub mod hybrid;
