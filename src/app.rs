@@ -147,6 +147,9 @@ struct Started {
 /// Builds the state, logs in to Vault, starts prefetch, the admin server and the listener,
 /// and turns ready.
 async fn start(config: &Config, tree: &Shutdown, shards: Shards) -> Result<Started, StartError> {
+    let listen = &config.fixed.listen;
+    let pools = 1 + usize::from(listen.unix_socket_dir.is_some());
+    crate::fd_limit::raise_for(listen.max_connections.saturating_mul(pools) as u64);
     let state = build_state(config, tree)?;
     let (vault, auth) = (state.vault.clone(), config.fixed.vault.auth.clone());
     let vault_auth = tree

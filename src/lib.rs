@@ -52,6 +52,7 @@
 //!          escape        the one escaping rule for client- and certificate-supplied names
 //!          secret_files  permission checks of key, token and secret-ID files
 //!          net           socket options for client and upstream connections
+//!          fd_limit      the open-file limit raised at start for `max_connections`
 //!          proxy_header  the PROXY protocol header (v1, v2) of a trusted load balancer
 //!          runtime       the session threads (one current-thread runtime per core) and
 //!                        handing an accepted socket to the least-loaded one
@@ -118,6 +119,7 @@ pub mod config;
 pub mod console;
 pub(crate) mod error;
 pub(crate) mod escape;
+pub(crate) mod fd_limit;
 pub mod identity;
 pub(crate) mod lease_clock;
 pub(crate) mod limits;

@@ -3,7 +3,8 @@
 //! accepted the connection and never answers the login (a stand-in too, as PostgreSQL cannot
 //! be made to stall on demand); after the exit no lease is left in OpenBao and no role in
 //! PostgreSQL. An upstream that never answers the login, the audit log file removed or
-//! rotated away while leasegate runs, and a SIGHUP with a broken configuration file.
+//! rotated away while leasegate runs, a SIGHUP with a broken configuration file, and an
+//! open-file limit too low for the configured connections.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,14 +13,15 @@ use reqwest::Method;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::bao::Target;
-use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
+use crate::harness::bao::{Target, fresh_mount};
+use crate::harness::client::{Raw, Transport, current_user, pg_connect, raw_startup, tls_config};
 use crate::harness::fake_vault::{FakeVault, Reply, Request};
-use crate::harness::fixture::Fixture;
+use crate::harness::fixture::{Fixture, GOOD_URI, wait_all_revoked};
 use crate::harness::metrics::value_or_zero;
 use crate::harness::ops::{config_path, reload, write_config_text};
 use crate::harness::pg::{backend_titles, dynamic_roles};
-use crate::harness::proxy::set;
+use crate::harness::pki::{Identity, Pki};
+use crate::harness::proxy::{ProcessOptions, Proxy, ProxyConfig, set};
 use crate::harness::security::assert_fatal;
 use crate::harness::{env, poll_until};
 
@@ -283,4 +285,85 @@ async fn refused_reload_shows_in_the_metrics_and_leaves_open_sessions_alone() {
     assert_eq!(open.query_column("select 1").await, vec![Some("1".into())]);
     open.terminate().await;
     f.wait_all_revoked(Duration::from_secs(10)).await;
+}
+
+/// The open-file limit (soft, hard) of process `pid`, from `/proc/<pid>/limits`.
+fn open_file_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc/PID/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// A shell often hands out a soft open-file limit of 1024 or less, while every session holds
+/// two descriptors: leasegate raises the soft limit at start to what `max_connections` needs
+/// (two per connection and 128 for the rest), up to the hard limit. 40 sessions at once then
+/// work under a starting soft limit of 64; a hard limit too low for `max_connections` is
+/// raised to and warned about, with the number of sessions it allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_is_raised_at_start_and_a_short_hard_one_is_warned_about() {
+    let mount = fresh_mount("fd-limit").await;
+    let pki = Pki::new();
+    let good = pki.client("good", Identity::Uri(GOOD_URI.into()));
+    let cfg =
+        ProxyConfig::new(&pki, &mount).grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readonly"]);
+    let process = |soft, hard| ProcessOptions {
+        nofile: Some((soft, hard)),
+        ..ProcessOptions::default()
+    };
+    let proxy = Proxy::start_process(cfg.clone(), process(64, 4096), |t| {
+        set(t, "listen.max_connections", 60)
+    })
+    .await;
+    assert_eq!(
+        open_file_limit(proxy.pid()),
+        (60 * 2 + 128, 4096),
+        "soft limit raised"
+    );
+    assert!(
+        proxy.log_text().contains("raised the open-file limit"),
+        "{}",
+        proxy.log_text()
+    );
+
+    let opened = futures_util::future::join_all(
+        (0..40).map(|_| pg_connect(proxy.port, &pki, Some(&good), "readonly", "myapp")),
+    )
+    .await;
+    let mut sessions = Vec::new();
+    for (i, s) in opened.into_iter().enumerate() {
+        let s =
+            s.unwrap_or_else(|e| panic!("session {i} of 40 under a starting limit of 64: {e:?}"));
+        assert!(current_user(&s).await.starts_with(&mount.prefix));
+        sessions.push(s);
+    }
+    drop(sessions);
+    wait_all_revoked(&mount, Duration::from_secs(30)).await;
+
+    let short = Proxy::start_process(cfg, process(64, 200), |t| {
+        set(t, "listen.max_connections", 100)
+    })
+    .await;
+    assert_eq!(
+        open_file_limit(short.pid()),
+        (200, 200),
+        "raised to the hard limit"
+    );
+    let log = short.log_text();
+    let warning = log
+        .lines()
+        .find(|l| {
+            l.contains("the open-file limit allows fewer sessions than listen.max_connections")
+        })
+        .unwrap_or_else(|| panic!("no warning about the short limit; log:\n{log}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("sessions=36"),
+        "{warning}"
+    );
 }

@@ -122,6 +122,7 @@ async fn no_secret_in_logs_audit_or_metrics(format: &str) {
         ProcessOptions {
             env: vec![("RUST_LOG".into(), "trace".into())],
             args: vec!["--log-format".into(), format.into()],
+            ..ProcessOptions::default()
         },
         |config| set(config, "audit.path", audit_path),
     )

@@ -400,7 +400,7 @@ async fn vault_token_from_the_environment_is_not_left_in_the_process_environment
         .to_string();
     let process = ProcessOptions {
         env: vec![("VAULT_TOKEN".into(), token.clone())],
-        args: Vec::new(),
+        ..ProcessOptions::default()
     };
     let f = fixture_edited(
         "env-token",

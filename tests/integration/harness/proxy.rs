@@ -202,6 +202,9 @@ pub struct ProcessOptions {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments after `--config PATH` (e.g. `--log-format json`).
     pub args: Vec<String>,
+    /// The open-file limit (soft, hard) the process starts with (set by `prlimit`, which
+    /// then execs leasegate: the pid stays the same); default: the test's own.
+    pub nofile: Option<(u64, u64)>,
 }
 
 /// A `[cluster]` section: `peers` are loopback ports of the other instances (named by the
@@ -320,7 +323,15 @@ impl Proxy {
         let log = dir.path().join("leasegate.log");
         let stderr = std::fs::File::create(&log).expect("create leasegate.log");
         let stdout = stderr.try_clone().expect("dup log fd");
-        let child = Command::new(BIN)
+        let mut command = match process.nofile {
+            None => Command::new(BIN),
+            Some((soft, hard)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}")).arg("--").arg(BIN);
+                c
+            }
+        };
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .args(&process.args)

@@ -1,0 +1,117 @@
+//! The process's open-file limit. Every session holds two descriptors (the client's socket
+//! and the upstream's), so the soft `RLIMIT_NOFILE` a shell hands out (often 1024) would stop
+//! the proxy at a few hundred sessions, far below `listen.max_connections`. At start the soft
+//! limit is raised to what the configured connections need, up to the hard limit, and never
+//! lowered; when even the hard limit falls short, the start logs a warning that names the
+//! number of sessions it allows and how to raise it.
+
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+/// Descriptors a session holds while it relays: the client's socket and the upstream's.
+pub(crate) const PER_SESSION: u64 = 2;
+
+/// Descriptors for everything else: standard streams, the runtimes' pollers, the listeners,
+/// the admin server, Vault and peer connections, the audit file, cancel connections.
+pub(crate) const RESERVE: u64 = 128;
+
+/// The soft limit to ask for, given the current `soft` and `hard` limits (`None`: unlimited)
+/// and the descriptors `needed`: never below `soft`, never above `hard`.
+pub(crate) fn target(soft: Option<u64>, hard: Option<u64>, needed: u64) -> Option<u64> {
+    let soft = soft?; // unlimited already
+    let want = needed.max(soft);
+    Some(hard.map_or(want, |hard| want.min(hard.max(soft))))
+}
+
+/// Sessions a soft limit of `limit` descriptors leaves room for.
+pub(crate) fn sessions_allowed(limit: u64) -> u64 {
+    limit.saturating_sub(RESERVE) / PER_SESSION
+}
+
+/// Descriptors `max_sessions` sessions need, the reserve included.
+pub(crate) fn needed(max_sessions: u64) -> u64 {
+    max_sessions
+        .saturating_mul(PER_SESSION)
+        .saturating_add(RESERVE)
+}
+
+/// Raises the soft open-file limit for up to `max_sessions` sessions (TCP and Unix socket
+/// together) and logs what it did; a limit still too low is a warning, not a refusal.
+pub(crate) fn raise_for(max_sessions: u64) {
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    let needed = needed(max_sessions);
+    let Some(target) = target(current, maximum, needed) else {
+        return;
+    };
+    let mut now = current.unwrap_or(target);
+    if Some(target) != current {
+        let new = Rlimit {
+            current: Some(target),
+            maximum,
+        };
+        match setrlimit(Resource::Nofile, new) {
+            Ok(()) => {
+                tracing::info!(from = now, to = target, "raised the open-file limit");
+                now = target;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, limit = now, "could not raise the open-file limit")
+            }
+        }
+    }
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            sessions = sessions_allowed(now),
+            max_connections = max_sessions,
+            "the open-file limit allows fewer sessions than listen.max_connections: \
+             raise the hard limit (LimitNOFILE=, ulimit -Hn) or lower max_connections"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_low_soft_limit_is_raised_to_what_the_sessions_need() {
+        assert_eq!(
+            target(Some(1024), Some(1 << 20), needed(10_000)),
+            Some(20_128)
+        );
+    }
+
+    #[test]
+    fn the_hard_limit_caps_the_raise() {
+        assert_eq!(
+            target(Some(1024), Some(20_000), needed(10_000)),
+            Some(20_000)
+        );
+        assert_eq!(sessions_allowed(20_000), 9_936);
+    }
+
+    #[test]
+    fn a_limit_already_high_enough_is_never_lowered() {
+        assert_eq!(
+            target(Some(65_536), Some(65_536), needed(100)),
+            Some(65_536)
+        );
+        assert_eq!(target(Some(4096), None, needed(100)), Some(4096));
+    }
+
+    #[test]
+    fn an_unlimited_soft_limit_is_left_alone() {
+        assert_eq!(target(None, None, needed(10_000)), None);
+    }
+
+    #[test]
+    fn no_hard_limit_raises_to_exactly_what_is_needed() {
+        assert_eq!(target(Some(1024), None, needed(10_000)), Some(20_128));
+    }
+
+    #[test]
+    fn huge_settings_do_not_overflow() {
+        assert_eq!(needed(u64::MAX), u64::MAX);
+        assert_eq!(sessions_allowed(10), 0);
+    }
+}
