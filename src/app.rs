@@ -149,7 +149,7 @@ struct Started {
 async fn start(config: &Config, tree: &Shutdown, shards: Shards) -> Result<Started, StartError> {
     let listen = &config.fixed.listen;
     let pools = 1 + usize::from(listen.unix_socket_dir.is_some());
-    crate::fd_limit::raise_for(listen.max_connections.saturating_mul(pools) as u64);
+    let max = crate::fd_limit::raise_for(listen.max_connections, pools);
     let state = build_state(config, tree)?;
     let (vault, auth) = (state.vault.clone(), config.fixed.vault.auth.clone());
     let vault_auth = tree
@@ -175,8 +175,8 @@ async fn start(config: &Config, tree: &Shutdown, shards: Shards) -> Result<Start
         ));
     }
     let threads = shards.len();
-    let (accept, local) = start_accepting(listener, config, &state, tree, shards.clone())?;
-    let accept = start_unix_socket(accept, local.port(), config, &state, tree, shards)?;
+    let (accept, local) = start_accepting(listener, max, config, &state, tree, shards.clone())?;
+    let accept = start_unix_socket(accept, local.port(), max, config, &state, tree, shards)?;
     state.set_ready(true);
     tracing::info!(address = %local, session_threads = threads, "leasegate listening");
     Ok(Started {
@@ -209,9 +209,11 @@ async fn start_admin(
 }
 
 /// Starts the accept loop (every session runs on the session tracker, under a child of the
-/// sessions' token); returns it and the address it listens on.
+/// sessions' token), holding at most `max` sessions at once; returns it and the address it
+/// listens on.
 fn start_accepting(
     listener: TcpListener,
+    max: usize,
     config: &Config,
     state: &Arc<AppState>,
     tree: &Shutdown,
@@ -221,7 +223,7 @@ fn start_accepting(
     let local = listener
         .local_addr()
         .map_err(|e| StartError::Bind(address, e))?;
-    let (state, max) = (state.clone(), config.fixed.listen.max_connections);
+    let state = state.clone();
     let (session_tasks, sessions) = (tree.session_tasks.clone(), tree.sessions.clone());
     let accept = tree.accepting().run(|accepting| {
         crate::listener::accept_loop(
@@ -239,10 +241,11 @@ fn start_accepting(
 
 /// With `listen.unix_socket_dir`: binds the Unix socket (named after the TCP listener's
 /// `port`) and starts its accept loop beside the TCP one; returns the task that ends when
-/// both have stopped.
+/// both have stopped. It holds at most `max` sessions at once, besides the TCP ones.
 fn start_unix_socket(
     accept: JoinHandle<()>,
     port: u16,
+    max: usize,
     config: &Config,
     state: &Arc<AppState>,
     tree: &Shutdown,
@@ -255,7 +258,7 @@ fn start_unix_socket(
         return Ok(accept);
     };
     tracing::info!(path = %socket.path().display(), "leasegate listening on the unix socket");
-    let (state, max) = (state.clone(), config.fixed.listen.max_connections);
+    let state = state.clone();
     let (session_tasks, sessions) = (tree.session_tasks.clone(), tree.sessions.clone());
     let unix = tree.accepting().run(|accepting| {
         accept_loop(

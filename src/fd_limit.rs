@@ -22,9 +22,11 @@ pub(crate) fn target(soft: Option<u64>, hard: Option<u64>, needed: u64) -> Optio
     Some(hard.map_or(want, |hard| want.min(hard.max(soft))))
 }
 
-/// Sessions a soft limit of `limit` descriptors leaves room for.
+/// Sessions a soft limit of `limit` descriptors leaves room for: two each after the
+/// reserve, and never fewer than an eighth of the limit (a small limit is a misconfiguration
+/// to warn about, not a reason to serve next to nothing).
 pub(crate) fn sessions_allowed(limit: u64) -> u64 {
-    limit.saturating_sub(RESERVE) / PER_SESSION
+    (limit.saturating_sub(RESERVE) / PER_SESSION).max(limit / 8)
 }
 
 /// Descriptors `max_sessions` sessions need, the reserve included.
@@ -34,13 +36,25 @@ pub(crate) fn needed(max_sessions: u64) -> u64 {
         .saturating_add(RESERVE)
 }
 
-/// Raises the soft open-file limit for up to `max_sessions` sessions (TCP and Unix socket
-/// together) and logs what it did; a limit still too low is a warning, not a refusal.
-pub(crate) fn raise_for(max_sessions: u64) {
+/// The sessions each of `pools` listeners (TCP, and the Unix socket when it is on) may hold
+/// at once: `max_connections`, or less when the open-file limit `limit` (`None`: unlimited)
+/// has no room for that many; at least one.
+pub(crate) fn per_pool(max_connections: usize, pools: usize, limit: Option<u64>) -> usize {
+    let Some(limit) = limit else {
+        return max_connections;
+    };
+    let room = usize::try_from(sessions_allowed(limit) / pools.max(1) as u64).unwrap_or(usize::MAX);
+    max_connections.min(room).max(1)
+}
+
+/// Raises the soft open-file limit for `max_connections` sessions on each of `pools`
+/// listeners and returns how many each pool may then hold (see [`per_pool`]); logs what it
+/// did, and a warning when the hard limit leaves room for fewer.
+pub(crate) fn raise_for(max_connections: usize, pools: usize) -> usize {
     let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
-    let needed = needed(max_sessions);
+    let needed = needed((max_connections as u64).saturating_mul(pools as u64));
     let Some(target) = target(current, maximum, needed) else {
-        return;
+        return max_connections;
     };
     let mut now = current.unwrap_or(target);
     if Some(target) != current {
@@ -58,15 +72,18 @@ pub(crate) fn raise_for(max_sessions: u64) {
             }
         }
     }
-    if now < needed {
+    let per_pool = per_pool(max_connections, pools, Some(now));
+    if per_pool < max_connections {
         tracing::warn!(
             limit = now,
-            sessions = sessions_allowed(now),
-            max_connections = max_sessions,
-            "the open-file limit allows fewer sessions than listen.max_connections: \
-             raise the hard limit (LimitNOFILE=, ulimit -Hn) or lower max_connections"
+            sessions = per_pool,
+            max_connections,
+            "the open-file limit has room for fewer sessions than listen.max_connections: \
+             at most `sessions` at once, further connections wait in the accept queue; raise \
+             the hard limit (LimitNOFILE=, ulimit -Hn) or lower max_connections"
         );
     }
+    per_pool
 }
 
 #[cfg(test)]
@@ -112,6 +129,21 @@ mod tests {
     #[test]
     fn huge_settings_do_not_overflow() {
         assert_eq!(needed(u64::MAX), u64::MAX);
-        assert_eq!(sessions_allowed(10), 0);
+        assert_eq!(per_pool(usize::MAX, 2, None), usize::MAX);
+    }
+
+    #[test]
+    fn a_short_limit_caps_the_sessions_of_each_pool() {
+        assert_eq!(per_pool(10_000, 1, Some(20_000)), 9_936);
+        assert_eq!(per_pool(10_000, 2, Some(20_000)), 4_968);
+        assert_eq!(per_pool(60, 1, Some(228)), 50);
+        assert_eq!(per_pool(60, 1, Some(4096)), 60);
+    }
+
+    #[test]
+    fn a_tiny_limit_still_leaves_an_eighth_of_it_and_at_least_one_session() {
+        assert_eq!(sessions_allowed(100), 12);
+        assert_eq!(per_pool(10_000, 1, Some(100)), 12);
+        assert_eq!(per_pool(10_000, 2, Some(3)), 1);
     }
 }

@@ -13,14 +13,16 @@ use reqwest::Method;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::bao::{Target, fresh_mount};
-use crate::harness::client::{Raw, Transport, current_user, pg_connect, raw_startup, tls_config};
+use crate::harness::bao::{Mount, Target, fresh_mount};
+use crate::harness::client::{
+    PgSession, Raw, Transport, current_user, pg_connect, raw_startup, tls_config,
+};
 use crate::harness::fake_vault::{FakeVault, Reply, Request};
 use crate::harness::fixture::{Fixture, GOOD_URI, wait_all_revoked};
 use crate::harness::metrics::value_or_zero;
 use crate::harness::ops::{config_path, reload, write_config_text};
 use crate::harness::pg::{backend_titles, dynamic_roles};
-use crate::harness::pki::{Identity, Pki};
+use crate::harness::pki::{ClientCert, Identity, Pki};
 use crate::harness::proxy::{ProcessOptions, Proxy, ProxyConfig, set};
 use crate::harness::security::assert_fatal;
 use crate::harness::{env, poll_until};
@@ -301,26 +303,36 @@ fn open_file_limit(pid: u32) -> (u64, u64) {
     (numbers[0], numbers[1])
 }
 
-/// A shell often hands out a soft open-file limit of 1024 or less, while every session holds
-/// two descriptors: leasegate raises the soft limit at start to what `max_connections` needs
-/// (two per connection and 128 for the rest), up to the hard limit. 40 sessions at once then
-/// work under a starting soft limit of 64; a hard limit too low for `max_connections` is
-/// raised to and warned about, with the number of sessions it allows.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_low_open_file_limit_is_raised_at_start_and_a_short_hard_one_is_warned_about() {
-    let mount = fresh_mount("fd-limit").await;
+/// The standard grant and config for the open-file limit tests, on a fresh mount.
+async fn fd_limit_setup(name: &str) -> (Mount, Pki, ClientCert, ProxyConfig) {
+    let mount = fresh_mount(name).await;
     let pki = Pki::new();
     let good = pki.client("good", Identity::Uri(GOOD_URI.into()));
     let cfg =
         ProxyConfig::new(&pki, &mount).grant(&format!("uri:{GOOD_URI}"), &["myapp"], &["readonly"]);
-    let process = |soft, hard| ProcessOptions {
+    (mount, pki, good, cfg)
+}
+
+/// leasegate started with the open-file limit `soft`:`hard` and `max_connections`.
+async fn start_with_nofile(cfg: ProxyConfig, soft: u64, hard: u64, max_connections: i64) -> Proxy {
+    let process = ProcessOptions {
         nofile: Some((soft, hard)),
         ..ProcessOptions::default()
     };
-    let proxy = Proxy::start_process(cfg.clone(), process(64, 4096), |t| {
-        set(t, "listen.max_connections", 60)
+    Proxy::start_process(cfg, process, |t| {
+        set(t, "listen.max_connections", max_connections)
     })
-    .await;
+    .await
+}
+
+/// A shell often hands out a soft open-file limit of 1024 or less, while every session holds
+/// two descriptors: leasegate raises the soft limit at start to what `max_connections` needs
+/// (two per connection and 128 for the rest), up to the hard limit. 40 sessions at once then
+/// work under a starting soft limit of 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_is_raised_at_start() {
+    let (mount, pki, good, cfg) = fd_limit_setup("fd-limit").await;
+    let proxy = start_with_nofile(cfg, 64, 4096, 60).await;
     assert_eq!(
         open_file_limit(proxy.pid()),
         (60 * 2 + 128, 4096),
@@ -345,25 +357,74 @@ async fn a_low_open_file_limit_is_raised_at_start_and_a_short_hard_one_is_warned
     }
     drop(sessions);
     wait_all_revoked(&mount, Duration::from_secs(30)).await;
+}
 
-    let short = Proxy::start_process(cfg, process(64, 200), |t| {
-        set(t, "listen.max_connections", 100)
-    })
-    .await;
+/// A hard open-file limit too low for `max_connections` caps the sessions at what it has
+/// room for (here 50: (228 - 128) / 2), with a warning at start; further clients wait in the
+/// accept queue, as past `max_connections`, instead of failing halfway through their setup
+/// for want of a descriptor (before, they got 08006 "Vault is unreachable" or "could not
+/// connect to upstream"). When sessions close, the waiting ones get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_hard_limit_caps_the_sessions_and_the_rest_wait() {
+    let (mount, pki, good, cfg) = fd_limit_setup("fd-short").await;
+    let proxy = start_with_nofile(cfg, 64, 228, 60).await;
     assert_eq!(
-        open_file_limit(short.pid()),
-        (200, 200),
+        open_file_limit(proxy.pid()),
+        (228, 228),
         "raised to the hard limit"
     );
-    let log = short.log_text();
+    let log = proxy.log_text();
     let warning = log
         .lines()
-        .find(|l| {
-            l.contains("the open-file limit allows fewer sessions than listen.max_connections")
-        })
+        .find(|l| l.contains("room for fewer sessions than listen.max_connections"))
         .unwrap_or_else(|| panic!("no warning about the short limit; log:\n{log}"));
     assert!(
-        warning.contains("WARN") && warning.contains("sessions=36"),
+        warning.contains("WARN") && warning.contains("sessions=50"),
         "{warning}"
     );
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..60 {
+        let (tx, pki, good, port) = (tx.clone(), pki.clone(), good.clone(), proxy.port);
+        tokio::spawn(async move {
+            let _ = tx.send((
+                i,
+                pg_connect(port, &pki, Some(&good), "readonly", "myapp").await,
+            ));
+        });
+    }
+    let mut sessions = Vec::new();
+    for n in 0..50 {
+        let s = next_session(&mut rx, Duration::from_secs(20)).await;
+        sessions.push(s.unwrap_or_else(|| panic!("only {n} of the first 50 sessions")));
+    }
+    let extra = next_session(&mut rx, Duration::from_secs(1)).await;
+    assert!(extra.is_none(), "a 51st session while 50 are open");
+    sessions.truncate(40);
+    for n in 0..10 {
+        let s = next_session(&mut rx, Duration::from_secs(20)).await;
+        let s = s.unwrap_or_else(|| panic!("only {n} of the 10 waiting sessions got through"));
+        assert!(current_user(&s).await.starts_with(&mount.prefix));
+        sessions.push(s);
+    }
+    drop(sessions);
+    wait_all_revoked(&mount, Duration::from_secs(30)).await;
+    let log = proxy.log_text();
+    assert!(
+        !log.contains("Too many open files"),
+        "ran out of descriptors:\n{log}"
+    );
+}
+
+/// The next session the connecting tasks report within `within` (`None`: none did); panics
+/// on one that failed.
+async fn next_session(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(
+        usize,
+        Result<PgSession, tokio_postgres::Error>,
+    )>,
+    within: Duration,
+) -> Option<PgSession> {
+    let (i, s) = tokio::time::timeout(within, rx.recv()).await.ok()??;
+    Some(s.unwrap_or_else(|e| panic!("session {i} failed instead of waiting: {e:?}")))
 }
