@@ -254,6 +254,10 @@ impl SessionError {
             }
             E::PeerCredentials(_) => SqlState::ConnectionFailure,
             E::BadCertificate(_) | E::NoUser => SqlState::InvalidAuthorizationSpecification,
+            E::Vault {
+                error: VaultError::NoDescriptors(_),
+                ..
+            } => SqlState::TooManyConnections,
             E::Tls(_) | E::LoginTimeout | E::Vault { .. } => SqlState::ConnectionFailure,
             E::Packet(PacketError::UnsupportedVersion(..)) | E::Replication => {
                 SqlState::FeatureNotSupported

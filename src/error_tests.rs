@@ -270,3 +270,33 @@ fn a_unix_denial_names_the_local_user_and_uid() {
     assert_eq!(code(&SessionError::NegotiationTwice), "08P01");
     assert_eq!(reason(&SessionError::PeerCredentials("x".into())), None);
 }
+
+#[test]
+fn out_of_file_descriptors_is_53300_and_says_so_not_that_vault_or_postgres_failed() {
+    let emfile = || std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+    let vault = SessionError::Vault {
+        role: "readonly".into(),
+        error: VaultError::NoDescriptors("tcp open error: Too many open files".into()),
+    };
+    assert_eq!(code(&vault), "53300");
+    assert_eq!(
+        vault.client_message(),
+        "could not obtain credentials for role \"readonly\": leasegate has no file descriptor \
+         left (its open-file limit is reached)"
+    );
+    let upstream = SessionError::Upstream(crate::upstream::UpstreamError::Connect {
+        database: "myapp".into(),
+        error: emfile(),
+    });
+    assert_eq!(code(&upstream), "53300");
+    assert_eq!(
+        upstream.client_message(),
+        "leasegate has no file descriptor left to connect to upstream for database \"myapp\" \
+         (its open-file limit is reached)"
+    );
+    let refused = SessionError::Upstream(crate::upstream::UpstreamError::Connect {
+        database: "myapp".into(),
+        error: std::io::ErrorKind::ConnectionRefused.into(),
+    });
+    assert_eq!(code(&refused), "08006");
+}

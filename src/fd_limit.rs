@@ -5,6 +5,7 @@
 //! lowered; when even the hard limit falls short, the start logs a warning that names the
 //! number of sessions it allows and how to raise it.
 
+use rustix::io::Errno;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 /// Descriptors a session holds while it relays: the client's socket and the upstream's.
@@ -86,9 +87,44 @@ pub(crate) fn raise_for(max_connections: usize, pools: usize) -> usize {
     per_pool
 }
 
+/// Whether `error` is the process (EMFILE) or the system (ENFILE) out of file descriptors.
+pub(crate) fn exhausted(error: &std::io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(error),
+        Some(Errno::MFILE | Errno::NFILE)
+    )
+}
+
+/// Whether an `std::io::Error` somewhere in `error`'s source chain is [`exhausted`].
+pub(crate) fn exhausted_in_chain(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>().is_some_and(exhausted) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error wrapping another, as HTTP clients wrap the connect error.
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error")]
+    struct Wrapped(#[source] std::io::Error);
+
+    #[test]
+    fn emfile_and_enfile_are_exhaustion_anywhere_in_the_chain() {
+        let emfile = std::io::Error::from_raw_os_error(Errno::MFILE.raw_os_error());
+        let enfile = std::io::Error::from_raw_os_error(Errno::NFILE.raw_os_error());
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(exhausted(&emfile) && exhausted(&enfile) && !exhausted(&refused));
+        assert!(exhausted_in_chain(&Wrapped(emfile)));
+        assert!(!exhausted_in_chain(&Wrapped(refused)));
+    }
 
     #[test]
     fn a_low_soft_limit_is_raised_to_what_the_sessions_need() {

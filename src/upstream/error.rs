@@ -61,6 +61,9 @@ impl UpstreamError {
     /// SQLSTATE for the client.
     pub(crate) fn sqlstate(&self) -> SqlState {
         match self {
+            UpstreamError::Connect { error, .. } if crate::fd_limit::exhausted(error) => {
+                SqlState::TooManyConnections
+            }
             UpstreamError::AuthMethod(_) => SqlState::SqlserverRejectedEstablishmentOfSqlconnection,
             UpstreamError::Protocol(_) => SqlState::ProtocolViolation,
             // Rejected is forwarded verbatim; this is only its fallback.
@@ -71,6 +74,11 @@ impl UpstreamError {
     /// Client-visible message.
     pub(crate) fn client_message(&self) -> String {
         match self {
+            UpstreamError::Connect { database, error } if crate::fd_limit::exhausted(error) => {
+                format!(
+                    "leasegate has no file descriptor left to connect to upstream for database \"{database}\" (its open-file limit is reached)"
+                )
+            }
             UpstreamError::Connect { database, .. } => {
                 format!("could not connect to upstream for database \"{database}\"")
             }

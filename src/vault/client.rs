@@ -273,7 +273,11 @@ impl VaultClient {
                 text.push_str(&s.to_string());
                 source = s.source();
             }
-            VaultError::Unreachable(text)
+            if crate::fd_limit::exhausted_in_chain(&e) {
+                VaultError::NoDescriptors(text)
+            } else {
+                VaultError::Unreachable(text)
+            }
         }
     }
 

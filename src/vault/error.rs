@@ -22,6 +22,9 @@ pub enum VaultError {
     /// Connection refused, reset, DNS failure, TLS failure.
     #[error("Vault unreachable: {0}")]
     Unreachable(String),
+    /// leasegate itself had no file descriptor left for the connection (EMFILE, ENFILE).
+    #[error("no file descriptor left to connect to Vault: {0}")]
+    NoDescriptors(String),
     /// Vault answered with an error status.
     #[error("Vault answered {status}: {detail}")]
     Status {
@@ -54,6 +57,9 @@ impl VaultError {
         match self {
             VaultError::Timeout(d) => format!("Vault did not answer within {d:?}"),
             VaultError::Unreachable(_) => "Vault is unreachable".into(),
+            VaultError::NoDescriptors(_) => {
+                "leasegate has no file descriptor left (its open-file limit is reached)".into()
+            }
             VaultError::Status { status, .. } => {
                 format!("Vault refused the request (HTTP {})", status.as_u16())
             }
