@@ -19,16 +19,15 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use crate::bufring::{BUF, BufRing, NBUF};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-const BUF: usize = 16 * 1024;
-const NBUF: usize = 256; // power of two
 const BGID: u16 = 7;
 const CANCEL_UD: u64 = u64::MAX;
 
@@ -40,66 +39,6 @@ struct Op {
     buf: Option<Vec<u8>>,
     /// The stream went away: free on completion.
     orphan: bool,
-}
-
-struct BufRing {
-    ring: *mut types::BufRingEntry,
-    bufs: *mut u8,
-    tail: u16,
-}
-
-impl BufRing {
-    fn new() -> BufRing {
-        unsafe {
-            let rsz = NBUF * std::mem::size_of::<types::BufRingEntry>();
-            let ring = libc::mmap(
-                std::ptr::null_mut(),
-                rsz,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert!(ring != libc::MAP_FAILED);
-            let bufs = libc::mmap(
-                std::ptr::null_mut(),
-                NBUF * BUF,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert!(bufs != libc::MAP_FAILED);
-            let mut br = BufRing {
-                ring: ring as *mut _,
-                bufs: bufs as *mut u8,
-                tail: 0,
-            };
-            for bid in 0..NBUF as u16 {
-                br.put(bid);
-            }
-            br.publish();
-            br
-        }
-    }
-    fn put(&mut self, bid: u16) {
-        unsafe {
-            let e = &mut *self.ring.add((self.tail as usize) & (NBUF - 1));
-            e.set_addr(self.bufs.add(bid as usize * BUF) as u64);
-            e.set_len(BUF as u32);
-            e.set_bid(bid);
-        }
-        self.tail = self.tail.wrapping_add(1);
-    }
-    fn publish(&self) {
-        unsafe {
-            let t = types::BufRingEntry::tail(self.ring) as *const AtomicU16;
-            (*t).store(self.tail, Ordering::Release);
-        }
-    }
-    fn slice(&self, bid: u16, len: usize) -> &[u8] {
-        unsafe { std::slice::from_raw_parts(self.bufs.add(bid as usize * BUF), len) }
-    }
 }
 
 struct Inner {
@@ -188,10 +127,10 @@ pub fn install() -> impl std::future::Future<Output = ()> {
         b.setup_single_issuer().setup_defer_taskrun();
     }
     let ring: IoUring = b.setup_cqsize(4096).build(256).expect("io_uring");
-    let br = BufRing::new();
+    let br = BufRing::new(false);
     unsafe {
         ring.submitter()
-            .register_buf_ring_with_flags(br.ring as u64, NBUF as u16, BGID, 0)
+            .register_buf_ring_with_flags(br.ring_addr(), NBUF as u16, BGID, 0)
             .expect("register_buf_ring");
     }
     let fd = ring.as_raw_fd();

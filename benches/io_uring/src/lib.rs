@@ -1,2 +1,4 @@
 //! Shared code of the experiment's binaries.
+pub mod bufring;
 pub mod hybrid;
+pub mod tokio_relay;

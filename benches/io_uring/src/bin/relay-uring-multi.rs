@@ -8,10 +8,8 @@
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU16, Ordering};
+use uring_exp::bufring::{BufRing, NBUF};
 
-const BUF: usize = 16 * 1024;
-const NBUF: usize = 256; // power of two
 const BGID: u16 = 0;
 
 const K_ACCEPT: u64 = 1;
@@ -45,66 +43,6 @@ impl Conn {
     }
     fn dst(&self, d: usize) -> RawFd {
         if d == 0 { self.ufd } else { self.cfd }
-    }
-}
-
-struct BufRing {
-    ring: *mut types::BufRingEntry,
-    bufs: *mut u8,
-    tail: u16,
-}
-
-impl BufRing {
-    fn new() -> BufRing {
-        unsafe {
-            let rsz = NBUF * std::mem::size_of::<types::BufRingEntry>();
-            let ring = libc::mmap(
-                std::ptr::null_mut(),
-                rsz,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert!(ring != libc::MAP_FAILED);
-            let bufs = libc::mmap(
-                std::ptr::null_mut(),
-                NBUF * BUF,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            );
-            assert!(bufs != libc::MAP_FAILED);
-            let mut br = BufRing {
-                ring: ring as *mut _,
-                bufs: bufs as *mut u8,
-                tail: 0,
-            };
-            for bid in 0..NBUF as u16 {
-                br.put(bid);
-            }
-            br.publish();
-            br
-        }
-    }
-    fn put(&mut self, bid: u16) {
-        unsafe {
-            let e = &mut *self.ring.add((self.tail as usize) & (NBUF - 1));
-            e.set_addr(self.bufs.add(bid as usize * BUF) as u64);
-            e.set_len(BUF as u32);
-            e.set_bid(bid);
-        }
-        self.tail = self.tail.wrapping_add(1);
-    }
-    fn publish(&self) {
-        unsafe {
-            let t = types::BufRingEntry::tail(self.ring) as *const AtomicU16;
-            (*t).store(self.tail, Ordering::Release);
-        }
-    }
-    fn ptr(&self, bid: u16) -> *const u8 {
-        unsafe { self.bufs.add(bid as usize * BUF) }
     }
 }
 
@@ -355,10 +293,10 @@ fn main() {
     }
     let mut ring: IoUring = b.setup_cqsize(4096).build(256).expect("io_uring setup");
 
-    let br = BufRing::new();
+    let br = BufRing::new(true);
     unsafe {
         ring.submitter()
-            .register_buf_ring_with_flags(br.ring as u64, NBUF as u16, BGID, 0)
+            .register_buf_ring_with_flags(br.ring_addr(), NBUF as u16, BGID, 0)
             .expect("register_buf_ring");
     }
 
