@@ -191,6 +191,7 @@ cert      = "$DEVENV_SERVER_CERT"
 key       = "$DEVENV_SERVER_KEY"
 client_ca = "$DEVENV_CA"
 drain_delay = "0s"
+max_connections = 1000   # a demo's few sessions; also fits a shell's open-file limit
 
 [vault]
 address = "$VAULT_ADDR"
