@@ -326,16 +326,15 @@ async fn start_with_nofile(cfg: ProxyConfig, soft: u64, hard: u64, max_connectio
 }
 
 /// A shell often hands out a soft open-file limit of 1024 or less, while every session holds
-/// two descriptors: leasegate raises the soft limit at start to what `max_connections` needs
-/// (two per connection and 128 for the rest), up to the hard limit. 40 sessions at once then
-/// work under a starting soft limit of 64.
+/// two descriptors: leasegate raises the soft limit at start to the hard limit. 40 sessions at
+/// once then work under a starting soft limit of 64.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_open_file_limit_is_raised_at_start() {
     let (mount, pki, good, cfg) = fd_limit_setup("fd-limit").await;
     let proxy = start_with_nofile(cfg, 64, 4096, 60).await;
     assert_eq!(
         open_file_limit(proxy.pid()),
-        (60 * 2 + 128, 4096),
+        (4096, 4096),
         "soft limit raised"
     );
     assert!(
