@@ -14,7 +14,7 @@ use crate::harness::metrics::value_or_zero;
 use crate::harness::pg::{dynamic_roles, wait_one_active};
 use crate::harness::security::{assert_fatal, counter};
 use crate::harness::wire::{Msg, Tls, Wire, query_message};
-use crate::harness::{env, next_id, poll_until};
+use crate::harness::{env, next_id};
 
 /// The good client's startup as `role` on `myapp`.
 pub(crate) async fn attempt(f: &Fixture, role: &str) -> Raw {
@@ -63,30 +63,6 @@ pub(crate) fn assert_one_fatal(errors: &[Msg], code: &str, needle: &str) {
     assert!(message.contains(needle), "{message:?} contains {needle:?}");
 }
 
-/// Polls until `leasegate_lease_revocations_total{result="ok"}` is `n` and no lease is held
-/// or being revoked.
-pub(crate) async fn wait_revocations_ok(f: &Fixture, n: f64) {
-    let proxy = &f.proxy;
-    poll_until(
-        Duration::from_secs(15),
-        "revocations finished",
-        || async move {
-            let m = proxy.metrics().await;
-            let ok = value_or_zero(&m, "leasegate_lease_revocations_total", &[("result", "ok")]);
-            let active = value_or_zero(&m, "leasegate_leases_active", &[]);
-            let pending = value_or_zero(&m, "leasegate_revocations_pending", &[]);
-            if ok == n && pending == 0.0 {
-                Ok(())
-            } else {
-                Err(format!(
-                    "revocations ok {ok}, leases active {active}, pending {pending}"
-                ))
-            }
-        },
-    )
-    .await;
-}
-
 /// `pg_terminate_backend` on the session's backend, idle or in the middle of a statement:
 /// PostgreSQL's FATAL 57P01 reaches the client, the lease is revoked, the role dropped.
 async fn terminated_backend(name: &str, busy: bool) {
@@ -115,7 +91,8 @@ async fn terminated_backend(name: &str, busy: bool) {
         "terminating connection due to administrator",
     );
     f.wait_all_revoked(Duration::from_secs(10)).await;
-    wait_revocations_ok(&f, 1.0).await;
+    f.wait_revocations_ok(1.0, None, Duration::from_secs(15))
+        .await;
     let ended = counter(
         &f.proxy,
         "leasegate_sessions_ended_total",
@@ -163,7 +140,8 @@ async fn database_closed_then_dropped_is_relayed_and_every_lease_revoked() {
         "55000",
         &[&db, "not currently accepting connections"],
     );
-    wait_revocations_ok(&f, 1.0).await;
+    f.wait_revocations_ok(1.0, None, Duration::from_secs(15))
+        .await;
     assert_eq!(
         dynamic_roles(&f.mount.prefix).await,
         vec![user.clone().expect("current_user")],
@@ -187,7 +165,8 @@ async fn database_closed_then_dropped_is_relayed_and_every_lease_revoked() {
     );
     let answer = attempt(&f, "readonly").await;
     assert_fatal(&answer, "3D000", &[&db, "does not exist"]);
-    wait_revocations_ok(&f, 3.0).await;
+    f.wait_revocations_ok(3.0, None, Duration::from_secs(15))
+        .await;
     f.wait_all_revoked(Duration::from_secs(10)).await;
     let m = f.proxy.metrics().await;
     let rejected = value_or_zero(

@@ -12,14 +12,13 @@ use reqwest::Method;
 use crate::faults_vault::{wait_no_revocation_pending, wait_readyz};
 use crate::harness::bao::Target;
 use crate::harness::client::{Raw, Transport, raw_startup, tls_config};
+use crate::harness::env;
 use crate::harness::fake_vault::{FakeVault, Reply, Request};
 use crate::harness::fixture::{Fixture, messages_until_closed};
 use crate::harness::metrics::value_or_zero;
 use crate::harness::pg::{backend_titles, dynamic_roles};
 use crate::harness::proxy::set;
-use crate::harness::security::counter;
 use crate::harness::wire::{PROTOCOL_3_0, Wire, startup_packet, tls_connect};
-use crate::harness::{env, poll_until};
 
 /// Forwards `req` to the shared OpenBao after `delay`.
 async fn slow_forward(bao: Target, req: Request, delay: Duration) -> Reply {
@@ -160,26 +159,8 @@ async fn client_that_leaves_during_a_slow_creds_call_has_its_lease_revoked() {
         .await;
     drop(wire);
     // The credential arrives after the client left: revoked, and no backend is left.
-    let proxy = &f.proxy;
-    poll_until(
-        Duration::from_secs(15),
-        "the lease revoked",
-        || async move {
-            let ok = counter(
-                proxy,
-                "leasegate_lease_revocations_total",
-                &[("result", "ok")],
-            )
-            .await;
-            let active = counter(proxy, "leasegate_leases_active", &[]).await;
-            if ok == 1.0 && active == 0.0 {
-                Ok(())
-            } else {
-                Err(format!("revocations ok {ok}, leases active {active}"))
-            }
-        },
-    )
-    .await;
+    f.wait_revocations_ok(1.0, Some(0.0), Duration::from_secs(15))
+        .await;
     f.assert_nothing_outstanding().await;
     assert!(
         backend_titles(&env().pg, &f.mount.prefix).is_empty(),

@@ -283,26 +283,8 @@ async fn broken_creds_body_is_revoked(name: &str, lease_id: &'static str, data: 
         ],
     );
     wait_revoked_at(&fake, lease_id).await;
-    let proxy = &f.proxy;
-    poll_until(
-        Duration::from_secs(5),
-        "revocation counted",
-        || async move {
-            let ok = counter(
-                proxy,
-                "leasegate_lease_revocations_total",
-                &[("result", "ok")],
-            )
-            .await;
-            let active = counter(proxy, "leasegate_leases_active", &[]).await;
-            if ok == 1.0 && active == 0.0 {
-                Ok(())
-            } else {
-                Err(format!("revocations ok {ok}, leases active {active}"))
-            }
-        },
-    )
-    .await;
+    f.wait_revocations_ok(1.0, Some(0.0), Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

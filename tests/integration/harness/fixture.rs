@@ -146,6 +146,26 @@ impl Fixture {
         assert!(leases.is_empty(), "no lease expected, found {leases:?}");
     }
 
+    /// Polls (up to `within`) until `leasegate_lease_revocations_total{result="ok"}` is `n`,
+    /// no revocation is waiting, and, when `active` is given, `leasegate_leases_active` is it.
+    pub async fn wait_revocations_ok(&self, n: f64, active: Option<f64>, within: Duration) {
+        let proxy = &self.proxy;
+        poll_until(within, "revocations finished", || async move {
+            let m = proxy.metrics().await;
+            let ok = value_or_zero(&m, "leasegate_lease_revocations_total", &[("result", "ok")]);
+            let held = value_or_zero(&m, "leasegate_leases_active", &[]);
+            let pending = value_or_zero(&m, "leasegate_revocations_pending", &[]);
+            if ok == n && pending == 0.0 && active.is_none_or(|a| a == held) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "revocations ok {ok}, leases active {held}, pending {pending}"
+                ))
+            }
+        })
+        .await;
+    }
+
     /// Polls until every lease of this mount is gone and no role with its prefix remains.
     pub async fn wait_all_revoked(&self, timeout: Duration) {
         wait_all_revoked(&self.mount, timeout).await;
