@@ -9,10 +9,9 @@
 use std::time::Duration;
 
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, assert_no_busy_closes, client_available, client_fixture,
-    run_client,
+    CompatRow, assert_cancels_forwarded_and_clean_end, assert_dynamic_role, client_available,
+    client_fixture, run_client,
 };
-use crate::harness::security::wait_counter;
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -74,14 +73,5 @@ async fn dbd_pg_query_copy_cancel_and_errors() {
     let notify = &checks["listen_notify"];
     assert_eq!(notify["own_pid"], notify["key_pid"]);
     assert_dynamic_role(checks, "verify_full_tls", &f);
-    wait_counter(
-        &f.proxy,
-        "leasegate_cancel_requests_total",
-        &[("result", "forwarded")],
-        1.0,
-    )
-    .await;
-    f.wait_all_revoked(Duration::from_secs(15)).await;
-    // Every session ended at ReadyForQuery (the cancelled one too): none was closed as busy.
-    assert_no_busy_closes(&f).await;
+    assert_cancels_forwarded_and_clean_end(&f, 1.0).await;
 }

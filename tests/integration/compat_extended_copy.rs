@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, client_available, client_fixture, run_client,
+    CompatRow, assert_dynamic_role, client_available, client_fixture, run_client, upstream_closes,
 };
 use crate::harness::fixture::Fixture;
 use crate::harness::ops::{config_path, output_text};
@@ -51,18 +51,7 @@ async fn extended_protocol_copy_in_leaves_the_session_idle() {
     assert_eq!(checks["copy_extended"]["failed_copy"], "22P02");
     assert_dynamic_role(checks, "copy_extended", &f);
     f.wait_all_revoked(Duration::from_secs(15)).await;
-    let busy = counter(
-        &f.proxy,
-        "leasegate_upstream_closes_total",
-        &[("how", "busy")],
-    )
-    .await;
-    let idle = counter(
-        &f.proxy,
-        "leasegate_upstream_closes_total",
-        &[("how", "idle")],
-    )
-    .await;
+    let (busy, idle) = upstream_closes(&f).await;
     assert_eq!(
         (busy, idle),
         (0.0, 1.0),

@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use crate::compat_pgx::{GOPATH, build_go, debian_version};
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, assert_no_busy_closes, client_available, client_env, run_script,
+    CompatRow, assert_cancels_forwarded_and_clean_end, assert_dynamic_role, client_available,
+    client_env, run_script,
 };
 use crate::harness::fixture::Fixture;
 use crate::harness::pki::Pki;
 use crate::harness::root;
-use crate::harness::security::wait_counter;
 
 /// The Debian packages the program needs.
 const PACKAGES: &str = "golang-go golang-github-lib-pq-dev";
@@ -114,15 +114,5 @@ async fn libpq_go_queries_copy_cancel_and_listen() {
     let notify = &checks["listen_notify"];
     assert_eq!(notify["own_pid"], notify["key_pid"]);
     assert_dynamic_role(checks, "verify_full_tls", &f);
-    wait_counter(
-        &f.proxy,
-        "leasegate_cancel_requests_total",
-        &[("result", "forwarded")],
-        1.0,
-    )
-    .await;
-    f.wait_all_revoked(Duration::from_secs(15)).await;
-    // Every connection was closed at ReadyForQuery (the cancelled queries had ended): none
-    // was closed as busy.
-    assert_no_busy_closes(&f).await;
+    assert_cancels_forwarded_and_clean_end(&f, 1.0).await;
 }

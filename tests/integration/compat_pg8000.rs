@@ -12,9 +12,8 @@
 use std::time::Duration;
 
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, client_fixture, python_module, run_client,
+    CompatRow, assert_dynamic_role, client_fixture, python_module, run_client, upstream_closes,
 };
-use crate::harness::security::counter;
 
 /// Check name in the script's JSON → feature named in the compatibility table.
 const FEATURES: &[(&str, &str)] = &[
@@ -87,18 +86,7 @@ async fn pg8000_queries_prepared_copy_errors_and_notify() {
     // pg8000 closed every connection at ReadyForQuery: leasegate saw each upstream idle, so
     // none was cancelled on the way out (its COPY sends a Sync in copy-in mode, which the
     // server ignores: one ReadyForQuery fewer than the Syncs).
-    let busy = counter(
-        &f.proxy,
-        "leasegate_upstream_closes_total",
-        &[("how", "busy")],
-    )
-    .await;
-    let idle = counter(
-        &f.proxy,
-        "leasegate_upstream_closes_total",
-        &[("how", "idle")],
-    )
-    .await;
+    let (busy, idle) = upstream_closes(&f).await;
     assert_eq!(busy, 0.0, "upstream closes while busy ({idle} idle)");
     assert!(idle >= 10.0, "{idle} idle upstream closes");
 }

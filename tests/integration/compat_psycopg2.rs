@@ -9,10 +9,9 @@
 use std::time::Duration;
 
 use crate::harness::compat::{
-    CompatRow, assert_dynamic_role, assert_no_busy_closes, client_available, client_fixture,
-    run_client,
+    CompatRow, assert_cancels_forwarded_and_clean_end, assert_dynamic_role, client_available,
+    client_fixture, run_client,
 };
-use crate::harness::security::wait_counter;
 
 /// Debian's Python, the one `python3-psycopg2` installs into.
 const PYTHON: &str = "/usr/bin/python3";
@@ -75,15 +74,5 @@ async fn psycopg2_query_copy_cancel_and_errors() {
     assert_eq!(checks["cancel"]["sqlstate"], "57014");
     assert_eq!(checks["queries"]["sqlstates"]["unique_violation"], "23505");
     assert_dynamic_role(checks, "verify_full_tls", &f);
-    wait_counter(
-        &f.proxy,
-        "leasegate_cancel_requests_total",
-        &[("result", "forwarded")],
-        1.0,
-    )
-    .await;
-    f.wait_all_revoked(Duration::from_secs(15)).await;
-    // Every connection was closed at ReadyForQuery (the cancelled queries had ended): none
-    // was closed as busy.
-    assert_no_busy_closes(&f).await;
+    assert_cancels_forwarded_and_clean_end(&f, 1.0).await;
 }

@@ -290,7 +290,7 @@ async fn protocol_versions_are_negotiated_or_refused_as_postgres_does() {
     .await;
     // 1234.5679 with parameters is an SSLRequest with a body, inside TLS.
     let packet = startup_packet((1234, 5679), &[("user", "readonly")]);
-    let msgs = answer_to(&f, &packet).await;
+    let msgs = answer_in_tls(&f, &packet).await;
     let fields = msgs.last().map(Msg::fields).unwrap_or_default();
     assert_eq!(
         fields.get(&'C').map(String::as_str),
@@ -305,15 +305,15 @@ async fn protocol_versions_are_negotiated_or_refused_as_postgres_does() {
     f.wait_all_revoked(Duration::from_secs(10)).await;
 }
 
-/// Sends `packet` inside TLS; the messages up to a FATAL error (or ReadyForQuery).
-async fn answer_to(f: &Fixture, packet: &[u8]) -> Vec<Msg> {
+/// Sends `packet` inside TLS (good certificate); the messages up to ReadyForQuery or FATAL.
+pub(crate) async fn answer_in_tls(f: &Fixture, packet: &[u8]) -> Vec<Msg> {
     let tls = tls_connect(f.proxy.port, tls_config(&f.pki, Some(&f.good)))
         .await
         .expect("TLS");
     let mut wire = Wire::new(tls);
     wire.send(packet).await.expect("send");
     let msgs = wire
-        .recv_until_ready(Duration::from_secs(10))
+        .recv_until_ready(Duration::from_secs(30))
         .await
         .expect("an answer");
     wire.terminate().await;

@@ -14,22 +14,7 @@ use crate::harness::client::tls_config;
 use crate::harness::fixture::{Fixture, logged_in};
 use crate::harness::security::creds_requests;
 use crate::harness::wire::{Msg, PROTOCOL_3_0, Wire, startup_packet, tls_connect};
-use crate::sec_hostile::{SSL_REQUEST, assert_refused};
-
-/// Sends `packet` inside TLS (good certificate); the messages up to ReadyForQuery or FATAL.
-async fn answer_in_tls(f: &Fixture, packet: &[u8]) -> Vec<Msg> {
-    let tls = tls_connect(f.proxy.port, tls_config(&f.pki, Some(&f.good)))
-        .await
-        .expect("TLS");
-    let mut wire = Wire::new(tls);
-    wire.send(packet).await.expect("send");
-    let msgs = wire
-        .recv_until_ready(Duration::from_secs(30))
-        .await
-        .expect("an answer");
-    wire.terminate().await;
-    msgs
-}
+use crate::sec_hostile::{SSL_REQUEST, answer_in_tls, assert_refused};
 
 /// The FATAL error's (SQLSTATE, message) of an answer, or panics.
 #[track_caller]

@@ -335,9 +335,33 @@ pub fn assert_dynamic_role(checks: &serde_json::Map<String, Value>, name: &str, 
 /// busy (a busy close means a statement was still running, or leasegate's request and
 /// ReadyForQuery counts went wrong, e.g. after a COPY over the extended protocol).
 pub async fn assert_no_busy_closes(f: &Fixture) {
-    let how = [("how", "busy")];
-    let busy = super::security::counter(&f.proxy, "leasegate_upstream_closes_total", &how).await;
+    let (busy, _) = upstream_closes(f).await;
     assert_eq!(busy, 0.0, "upstream connections closed while busy");
+}
+
+/// `leasegate_upstream_closes_total` of the fixture's proxy: (closed busy, closed idle).
+pub async fn upstream_closes(f: &Fixture) -> (f64, f64) {
+    let closes = |how| super::security::counter(&f.proxy, "leasegate_upstream_closes_total", how);
+    (
+        closes(&[("how", "busy")]).await,
+        closes(&[("how", "idle")]).await,
+    )
+}
+
+/// The end a client script that cancelled shares: its `cancels` CancelRequests went upstream,
+/// every lease of the fixture was revoked, and every upstream connection was closed at
+/// ReadyForQuery (the cancelled statements had ended): none as busy.
+pub async fn assert_cancels_forwarded_and_clean_end(f: &Fixture, cancels: f64) {
+    let forwarded = [("result", "forwarded")];
+    super::security::wait_counter(
+        &f.proxy,
+        "leasegate_cancel_requests_total",
+        &forwarded,
+        cancels,
+    )
+    .await;
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+    assert_no_busy_closes(f).await;
 }
 
 /// A fixture whose test client (the `GOOD_URI` certificate) may use role `readwrite` on
