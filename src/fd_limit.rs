@@ -13,7 +13,9 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 pub(crate) const PER_SESSION: u64 = 2;
 
 /// Descriptors for everything else: standard streams, the runtimes' pollers, the listeners,
-/// the admin server, Vault and peer connections, the audit file, cancel connections.
+/// the admin server, Vault and peer connections, the audit file, cancel connections (the
+/// listeners' overflow slots included: [`crate::limits::slots::OVERFLOW`] each, and a
+/// cancel's upstream connection).
 pub(crate) const RESERVE: u64 = 128;
 
 /// The soft limit to ask for, given the current `soft` and `hard` limits (`None`: unlimited)

@@ -37,7 +37,8 @@
 //!                        ← creds; login ← auth (keeping leasegate's token alive)
 //!          tls           client-facing acceptor and verifier; upstream connector
 //!          policy        grants: identity + database + role → allow or why not
-//!          limits        global and per-identity session limits and rate buckets
+//!          limits        global and per-identity session limits and rate buckets; the
+//!                        listeners' connection slots, cancels' overflow (limits::slots)
 //! floor 0  config        schema (serde) → validate → model (typed: static | reloadable)
 //!          lease_clock   when to renew, whether a grant is final, when to warn and end,
 //!                        retry backoff: pure decisions (watcher, prefetch, tokens, revoker)

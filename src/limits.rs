@@ -1,6 +1,10 @@
 //! Abuse limits, checked after the certificate is known and before any Vault call: a global
 //! cap on sessions, and per identity a cap on concurrent sessions and a token bucket for new
-//! sessions per second. A refused client gets FATAL 53300 (`SessionError::Limited`).
+//! sessions per second. A refused client gets FATAL 53300 (`SessionError::Limited`). The
+//! listeners' connection slots (`max_connections`, and the overflow that serves cancels past
+//! it) are in [`slots`].
+
+pub(crate) mod slots;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,7 @@
-//! The accept loop: one connection permit per client (so `max_connections` bounds memory), one
-//! task per session on the shared tracker, each with a child of the sessions' stop token, run
-//! on a session thread ([`crate::runtime::Shards`]).
+//! The accept loop: one connection permit per client (so `max_connections` bounds memory), a
+//! few more connections to find cancels among ([`crate::limits::slots`]), one task per
+//! session on the shared tracker, each with a child of the sessions' stop token, run on a
+//! session thread ([`crate::runtime::Shards`]).
 
 pub(crate) mod unix;
 
@@ -8,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::limits::slots::{Admission, Slots};
 use crate::net::tune_socket;
 use crate::runtime::Shards;
 use crate::state::AppState;
@@ -26,40 +27,37 @@ pub(crate) async fn accept_loop(
     sessions: CancellationToken,
     shards: Shards,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
-    while let Some((permit, (tcp, peer))) =
-        next_connection(&permits, &accepting, || listener.accept()).await
+    let slots = Slots::new(max_connections);
+    while let Some((admission, (tcp, peer))) =
+        next_connection(&slots, &accepting, || listener.accept()).await
     {
         tune_socket(&tcp, state.live.load().tcp_keepalive);
         let state = state.clone();
         let stop = sessions.child_token();
-        shards.spawn(&tracker, tcp, move |tcp| async move {
-            crate::session::run(state, tcp, peer, stop).await;
-            drop(permit);
+        shards.spawn(&tracker, tcp, move |tcp| {
+            crate::session::run(state, tcp, peer, stop, admission)
         });
     }
 }
 
-/// The next connection of a listener (TCP or Unix socket) with the permit it holds: the
-/// permit is taken before `accept`, so past `max_connections` further connections wait in the
-/// kernel's queue and cost no file descriptor. A failed accept (EMFILE and friends) backs off
-/// briefly instead of spinning. `None` once `accepting` is cancelled.
+/// The next connection of a listener (TCP or Unix socket) with the slot it holds: the slot is
+/// taken before `accept`, so past `max_connections` and the overflow slots further
+/// connections wait in the kernel's queue and cost no file descriptor. A failed accept
+/// (EMFILE and friends) backs off briefly instead of spinning. `None` once `accepting` is
+/// cancelled.
 pub(crate) async fn next_connection<T, F>(
-    permits: &Arc<Semaphore>,
+    slots: &Arc<Slots>,
     accepting: &CancellationToken,
     mut accept: impl FnMut() -> F,
-) -> Option<(OwnedSemaphorePermit, T)>
+) -> Option<(Admission, T)>
 where
     F: Future<Output = std::io::Result<T>>,
 {
-    let permit = tokio::select! {
-        p = permits.clone().acquire_owned() => p.ok()?,
-        _ = accepting.cancelled() => return None,
-    };
+    let admission = slots.next(accepting).await?;
     loop {
         tokio::select! {
             r = accept() => match r {
-                Ok(conn) => return Some((permit, conn)),
+                Ok(conn) => return Some((admission, conn)),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -2,7 +2,7 @@
 //! `<dir>/.s.PGSQL.<port>` (libpq's name for a server's socket), replacing a stale socket file
 //! only when nothing listens on it, sets the file's mode before the name appears (the socket
 //! is bound under a temporary name, chmod-ed, then renamed into place), accepts with its own
-//! permit pool of `max_connections`, runs each connection as a Unix session
+//! slots ([`crate::limits::slots`]), runs each connection as a Unix session
 //! ([`crate::session::unix::run`]), and removes the socket file when accepting stops.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -117,15 +116,14 @@ pub(crate) async fn accept_loop(
     sessions: CancellationToken,
     shards: Shards,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
-    while let Some((permit, (stream, _))) =
-        super::next_connection(&permits, &accepting, || socket.listener.accept()).await
+    let slots = crate::limits::slots::Slots::new(max_connections);
+    while let Some((admission, (stream, _))) =
+        super::next_connection(&slots, &accepting, || socket.listener.accept()).await
     {
         let state = state.clone();
         let stop = sessions.child_token();
-        shards.spawn(&tracker, stream, move |stream| async move {
-            crate::session::unix::run(state, stream, stop).await;
-            drop(permit);
+        shards.spawn(&tracker, stream, move |stream| {
+            crate::session::unix::run(state, stream, stop, admission)
         });
     }
 }

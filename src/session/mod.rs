@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditEvent;
 use crate::error::SessionError;
+use crate::limits::slots::{Admission, Held};
 use crate::metrics::labels::SetupPhase;
 use crate::net::ClientAddr;
 use crate::policy::Denial;
@@ -53,16 +54,32 @@ pub(crate) async fn run(
     tcp: TcpStream,
     peer: SocketAddr,
     stop: CancellationToken,
+    admission: Admission,
 ) {
     let live = state.live.load_full();
     let started = Instant::now();
     let mut peer = peer;
     let accepted = setup(&live, &stop, Box::pin(accept(tcp, &mut peer, &live))).await;
+    let Some(_slot) = settle(admission, &accepted, &stop).await else {
+        return;
+    };
     let peer = ClientAddr::Tcp(peer);
     let ready = Box::pin(finish(&state, &live, accepted, peer, started, &stop)).await;
     if let Some(relay) = ready {
         relay.run().await;
     }
+}
+
+/// The connection's slot once its first packet is known: a session accepted on an overflow
+/// slot waits here for a session permit, before any Vault call (see
+/// [`crate::limits::slots`]). `None`: leasegate is stopping.
+async fn settle(
+    admission: Admission,
+    accepted: &Result<Accepted, SessionError>,
+    stop: &CancellationToken,
+) -> Option<Held> {
+    let session = matches!(accepted, Ok(Accepted::Session(_)));
+    admission.settle(session, stop).await
 }
 
 /// The pre-authentication phase under `login_timeout`, given up at shutdown. Callers pass the

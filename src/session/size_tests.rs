@@ -31,8 +31,8 @@ fn handshake_size() -> usize {
 #[test]
 fn the_session_task_is_sized_by_its_relay_phase_not_its_setup() {
     let run = future_size(
-        |s: Arc<AppState>, t: TcpStream, p: SocketAddr, c: CancellationToken| {
-            super::run(s, t, p, c)
+        |s: Arc<AppState>, t: TcpStream, (p, a): (SocketAddr, Admission), c: CancellationToken| {
+            super::run(s, t, p, c, a)
         },
     );
     let relay = relay_phase_size();

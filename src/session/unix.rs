@@ -17,13 +17,19 @@ use super::handshake::{
 use crate::cancel::CancelKind;
 use crate::error::SessionError;
 use crate::identity::{Principal, UnixIdentity};
+use crate::limits::slots::Admission;
 use crate::metrics::labels::SessionOutcome;
 use crate::net::ClientAddr;
 use crate::protocol::startup::{InitialPacket, PacketError, read_initial_packet};
 use crate::state::AppState;
 
 /// Serves one connection accepted on the Unix socket to its end.
-pub(crate) async fn run(state: Arc<AppState>, mut stream: UnixStream, stop: CancellationToken) {
+pub(crate) async fn run(
+    state: Arc<AppState>,
+    mut stream: UnixStream,
+    stop: CancellationToken,
+    admission: Admission,
+) {
     let live = state.live.load_full();
     let started = Instant::now();
     let cred = match stream.peer_cred() {
@@ -39,6 +45,9 @@ pub(crate) async fn run(state: Arc<AppState>, mut stream: UnixStream, stop: Canc
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
     let peer = ClientAddr::Unix { uid, pid };
     let accepted = super::setup(&live, &stop, Box::pin(accept(stream, uid, gid, pid))).await;
+    let Some(_slot) = super::settle(admission, &accepted, &stop).await else {
+        return;
+    };
     let ready = Box::pin(super::finish(&state, &live, accepted, peer, started, &stop)).await;
     if let Some(relay) = ready {
         relay.run().await;

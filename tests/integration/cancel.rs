@@ -86,3 +86,97 @@ async fn psql_sigint_cancels_the_query() {
     );
     eprintln!("psql cancelled after {:?}", sent.elapsed());
 }
+
+/// With every connection slot taken (`listen.max_connections = 2`: psql and tokio-postgres
+/// each running a statement), cancels are still served at once, as PostgreSQL serves cancels
+/// past its own limit: tokio-postgres's inside TLS (as libpq 17 sends them), then psql's Ctrl-C
+/// in plaintext (libpq ≤ 16). A further session waits, and gets the slot psql frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_are_served_while_every_connection_slot_is_taken() {
+    use crate::harness::client::current_user;
+    use crate::harness::proxy::set;
+    use crate::harness::security::counter;
+    let f = Fixture::start_edited(
+        "cancel-full",
+        |cfg| cfg,
+        |t| set(t, "listen.max_connections", 2),
+    )
+    .await;
+    let info = conninfo(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp");
+    let child = psql_command(&info, SLEEP).spawn().expect("spawn psql");
+    let pid = child.id().expect("psql pid");
+    wait_sleep_running(&f.mount.prefix).await;
+    let s = pg_connect(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp")
+        .await
+        .expect("second session");
+    let (token, tls, client) = (s.client.cancel_token(), s.tls.clone(), s.client);
+    let query = tokio::spawn(async move {
+        let r = client.simple_query(SLEEP).await.map(drop);
+        (r, client)
+    });
+    let prefix = &f.mount.prefix;
+    poll_until(
+        Duration::from_secs(15),
+        "two pg_sleep running",
+        || async move {
+            match active_queries(prefix, "pg_sleep").await {
+                2 => Ok(()),
+                n => Err(format!("{n} active pg_sleep backends")),
+            }
+        },
+    )
+    .await;
+
+    let (port, pki, good) = (f.proxy.port, f.pki.clone(), f.good.clone());
+    let mut third =
+        tokio::spawn(async move { pg_connect(port, &pki, Some(&good), "readonly", "myapp").await });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut third)
+            .await
+            .is_err(),
+        "a third session while both slots are taken"
+    );
+
+    tokio::time::timeout(Duration::from_secs(5), token.cancel_query(tls))
+        .await
+        .expect("the cancel inside TLS is served within 5 s")
+        .expect("send CancelRequest inside TLS");
+    let (result, _client) = tokio::time::timeout(Duration::from_secs(5), query)
+        .await
+        .expect("the cancelled query returns within 5 s")
+        .expect("query task");
+    let err = result.expect_err("the query is cancelled, not completed");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
+
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "SIGINT delivered to psql");
+    let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+        .await
+        .expect("psql returns within 5 s of SIGINT: its cancel was served")
+        .expect("psql output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("57014") && stderr.contains("canceling statement due to user request"),
+        "psql says: {stderr}"
+    );
+    let forwarded = counter(
+        &f.proxy,
+        "leasegate_cancel_requests_total",
+        &[("result", "forwarded")],
+    )
+    .await;
+    assert_eq!(forwarded, 2.0);
+
+    // psql's session has ended, so the waiting one takes its slot.
+    let third = tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("the waiting session gets through once a slot frees")
+        .expect("task")
+        .expect("third session");
+    assert!(current_user(&third).await.starts_with(&f.mount.prefix));
+    drop((third, _client));
+    f.wait_all_revoked(Duration::from_secs(20)).await;
+}
