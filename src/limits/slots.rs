@@ -101,8 +101,14 @@ impl Slots {
 impl Admission {
     /// What the connection runs on once its first packet is known: its session permit; for
     /// an overflow slot, the slot itself unless it is a `session` (a cancel, or a refusal on
-    /// its way out), which waits for a session permit. `None`: `stop` was cancelled first.
-    pub(crate) async fn settle(self, session: bool, stop: &CancellationToken) -> Option<Held> {
+    /// its way out), which waits for a session permit. `None`: `stop` was cancelled first, or
+    /// `gone` (the client closed while it waited) resolved: it then costs no Vault call.
+    pub(crate) async fn settle(
+        self,
+        session: bool,
+        gone: impl Future<Output = ()>,
+        stop: &CancellationToken,
+    ) -> Option<Held> {
         let overflow = match self.slot {
             Slot::Session(p) => return Some(Held { _permit: p }),
             Slot::Overflow(p) if !session => return Some(Held { _permit: p }),
@@ -121,6 +127,7 @@ impl Admission {
             Ok(p) = rx => p,
             Ok(p) = slots.sessions.clone().acquire_owned() => p,
             _ = stop.cancelled() => return None,
+            _ = gone => return None,
         };
         drop(overflow);
         Some(Held { _permit: permit })
@@ -162,12 +169,23 @@ mod tests {
         let slots = Slots::new(1);
         let (accepting, stop) = (CancellationToken::new(), CancellationToken::new());
         let first = slots.next(&accepting).await.expect("permit");
-        let held = first.settle(true, &stop).await.expect("a session permit");
+        let held = first
+            .settle(true, std::future::pending(), &stop)
+            .await
+            .expect("a session permit");
         let cancel = slots.next(&accepting).await.expect("overflow");
         assert!(matches!(cancel.slot, Slot::Overflow(_)));
-        let cancel = cancel.settle(false, &stop).await.expect("runs at once");
+        let cancel = cancel
+            .settle(false, std::future::pending(), &stop)
+            .await
+            .expect("runs at once");
         let session = slots.next(&accepting).await.expect("overflow");
-        let waiting = tokio::spawn(async move { session.settle(true, &stop).await.is_some() });
+        let waiting = tokio::spawn(async move {
+            session
+                .settle(true, std::future::pending(), &stop)
+                .await
+                .is_some()
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "waits while every permit is taken");
         drop(held);
@@ -178,6 +196,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_waiting_session_whose_client_left_gives_up() {
+        let slots = Slots::new(1);
+        let (accepting, stop) = (CancellationToken::new(), CancellationToken::new());
+        let _held = slots.next(&accepting).await.expect("permit");
+        let session = slots.next(&accepting).await.expect("overflow");
+        assert!(session.settle(true, async {}, &stop).await.is_none());
+        assert_eq!(slots.overflow.available_permits(), OVERFLOW);
+    }
+
+    #[tokio::test]
     async fn a_waiting_session_gives_up_at_stop() {
         let slots = Slots::new(1);
         let (accepting, stop) = (CancellationToken::new(), CancellationToken::new());
@@ -185,11 +213,16 @@ mod tests {
             .next(&accepting)
             .await
             .expect("permit")
-            .settle(true, &stop)
+            .settle(true, std::future::pending(), &stop)
             .await;
         let session = slots.next(&accepting).await.expect("overflow");
         stop.cancel();
-        assert!(session.settle(true, &stop).await.is_none());
+        assert!(
+            session
+                .settle(true, std::future::pending(), &stop)
+                .await
+                .is_none()
+        );
         assert_eq!(slots.overflow.available_permits(), OVERFLOW);
     }
 }

@@ -22,6 +22,24 @@ pub(crate) enum ClientStream {
     Unix(UnixStream),
 }
 
+impl ClientStream {
+    /// Resolves once the client has closed its connection, or sent a TLS alert (before its
+    /// authentication only a closing client does), without taking any of its bytes; never
+    /// for the Unix socket, or while other bytes wait unread.
+    pub(crate) async fn hung_up(&self) {
+        if let ClientStream::Tls(tls) = self {
+            const ALERT: u8 = 21;
+            let mut first = [0u8; 1];
+            match tls.get_ref().0.peek(&mut first).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if first[0] == ALERT => return,
+                Ok(_) => {}
+            }
+        }
+        std::future::pending().await
+    }
+}
+
 macro_rules! forward {
     ($self:ident, $s:ident => $call:expr) => {
         match $self.get_mut() {

@@ -78,8 +78,10 @@ async fn settle(
     accepted: &Result<Accepted, SessionError>,
     stop: &CancellationToken,
 ) -> Option<Held> {
-    let session = matches!(accepted, Ok(Accepted::Session(_)));
-    admission.settle(session, stop).await
+    let Ok(Accepted::Session(hello)) = accepted else {
+        return admission.settle(false, std::future::pending(), stop).await;
+    };
+    admission.settle(true, hello.stream.hung_up(), stop).await
 }
 
 /// The pre-authentication phase under `login_timeout`, given up at shutdown. Callers pass the

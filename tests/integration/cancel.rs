@@ -90,12 +90,15 @@ async fn psql_sigint_cancels_the_query() {
 /// With every connection slot taken (`listen.max_connections = 2`: psql and tokio-postgres
 /// each running a statement), cancels are still served at once, as PostgreSQL serves cancels
 /// past its own limit: tokio-postgres's inside TLS (as libpq 17 sends them), then psql's Ctrl-C
-/// in plaintext (libpq ≤ 16). A further session waits, and gets the slot psql frees.
+/// in plaintext (libpq ≤ 16). A further session waits, and gets the slot psql frees; one whose
+/// client leaves while it waits asks Vault for nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_are_served_while_every_connection_slot_is_taken() {
-    use crate::harness::client::current_user;
+    use crate::harness::client::{current_user, tls_config};
     use crate::harness::proxy::set;
-    use crate::harness::security::counter;
+    use crate::harness::security::{counter, creds_requests};
+    use crate::harness::wire::{PROTOCOL_3_0, startup_packet, tls_connect};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f = Fixture::start_edited(
         "cancel-full",
         |cfg| cfg,
@@ -177,6 +180,33 @@ async fn cancels_are_served_while_every_connection_slot_is_taken() {
         .expect("task")
         .expect("third session");
     assert!(current_user(&third).await.starts_with(&f.mount.prefix));
-    drop((third, _client));
+
+    // Full again: a client that gives up while it waits for a slot costs no Vault call.
+    let asked = creds_requests(&f.proxy).await;
+    let mut gone = tls_connect(f.proxy.port, tls_config(&f.pki, Some(&f.good)))
+        .await
+        .expect("TLS while full");
+    let startup = startup_packet(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")]);
+    gone.write_all(&startup).await.expect("startup");
+    gone.flush().await.expect("flush");
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), gone.read(&mut buf))
+            .await
+            .is_err(),
+        "waits for a slot, unanswered"
+    );
+    drop(gone);
+    drop(third);
+    let next = pg_connect(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp")
+        .await
+        .expect("a session once the slot is free");
+    assert!(current_user(&next).await.starts_with(&f.mount.prefix));
+    assert_eq!(
+        creds_requests(&f.proxy).await,
+        asked + 1.0,
+        "only the session that stayed asked Vault"
+    );
+    drop((next, _client));
     f.wait_all_revoked(Duration::from_secs(20)).await;
 }
