@@ -15,17 +15,48 @@ const SLEEP: &str = "select pg_sleep(30)";
 
 /// Waits until a backend of this test's dynamic roles runs pg_sleep.
 async fn wait_sleep_running(prefix: &str) {
+    wait_sleeps_running(prefix, 1).await;
+}
+
+/// Waits until `want` backends of this test's dynamic roles run pg_sleep.
+async fn wait_sleeps_running(prefix: &str, want: i64) {
     poll_until(
         Duration::from_secs(15),
         "pg_sleep running upstream",
         || async move {
             match active_queries(prefix, "pg_sleep").await {
-                1 => Ok(()),
-                n => Err(format!("{n} active pg_sleep backends")),
+                n if n == want => Ok(()),
+                n => Err(format!("{n} active pg_sleep backends, want {want}")),
             }
         },
     )
     .await;
+}
+
+/// Sends psql SIGINT (its Ctrl-C: libpq 15 sends a plaintext CancelRequest) and checks that
+/// it reports its statement cancelled (57014) within 5 s.
+async fn sigint_cancels(child: tokio::process::Child) {
+    let pid = child.id().expect("psql pid");
+    let sent = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "SIGINT delivered to psql");
+    let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+        .await
+        .expect("psql returns within 5 s of SIGINT")
+        .expect("psql output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "psql reports the cancelled query as an error"
+    );
+    assert!(
+        stderr.contains("57014") && stderr.contains("canceling statement due to user request"),
+        "psql says: {stderr}"
+    );
+    eprintln!("psql cancelled after {:?}", sent.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,29 +93,8 @@ async fn psql_sigint_cancels_the_query() {
     let f = Fixture::start("cancel-psql").await;
     let info = conninfo(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp");
     let child = psql_command(&info, SLEEP).spawn().expect("spawn psql");
-    let pid = child.id().expect("psql pid");
     wait_sleep_running(&f.mount.prefix).await;
-
-    let sent = Instant::now();
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "SIGINT delivered to psql");
-    let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
-        .await
-        .expect("psql returns within 5 s of SIGINT")
-        .expect("psql output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "psql reports the cancelled query as an error"
-    );
-    assert!(
-        stderr.contains("57014") && stderr.contains("canceling statement due to user request"),
-        "psql says: {stderr}"
-    );
-    eprintln!("psql cancelled after {:?}", sent.elapsed());
+    sigint_cancels(child).await;
 }
 
 /// With every connection slot taken (`listen.max_connections = 2`: psql and tokio-postgres
@@ -107,7 +117,6 @@ async fn cancels_are_served_while_every_connection_slot_is_taken() {
     .await;
     let info = conninfo(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp");
     let child = psql_command(&info, SLEEP).spawn().expect("spawn psql");
-    let pid = child.id().expect("psql pid");
     wait_sleep_running(&f.mount.prefix).await;
     let s = pg_connect(f.proxy.port, &f.pki, Some(&f.good), "readonly", "myapp")
         .await
@@ -117,18 +126,7 @@ async fn cancels_are_served_while_every_connection_slot_is_taken() {
         let r = client.simple_query(SLEEP).await.map(drop);
         (r, client)
     });
-    let prefix = &f.mount.prefix;
-    poll_until(
-        Duration::from_secs(15),
-        "two pg_sleep running",
-        || async move {
-            match active_queries(prefix, "pg_sleep").await {
-                2 => Ok(()),
-                n => Err(format!("{n} active pg_sleep backends")),
-            }
-        },
-    )
-    .await;
+    wait_sleeps_running(&f.mount.prefix, 2).await;
 
     let (port, pki, good) = (f.proxy.port, f.pki.clone(), f.good.clone());
     let mut third =
@@ -151,20 +149,7 @@ async fn cancels_are_served_while_every_connection_slot_is_taken() {
     let err = result.expect_err("the query is cancelled, not completed");
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
 
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "SIGINT delivered to psql");
-    let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
-        .await
-        .expect("psql returns within 5 s of SIGINT: its cancel was served")
-        .expect("psql output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("57014") && stderr.contains("canceling statement due to user request"),
-        "psql says: {stderr}"
-    );
+    sigint_cancels(child).await;
     let forwarded = counter(
         &f.proxy,
         "leasegate_cancel_requests_total",
