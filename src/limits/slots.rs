@@ -68,20 +68,15 @@ impl Slots {
 
     async fn next_slot(&self, accepting: &CancellationToken) -> Option<Slot> {
         loop {
-            let slot = tokio::select! {
+            let permit = tokio::select! {
                 biased;
                 _ = accepting.cancelled() => return None,
-                p = self.sessions.clone().acquire_owned() => Slot::Session(p.ok()?),
-                p = self.overflow.clone().acquire_owned() => Slot::Overflow(p.ok()?),
+                p = self.sessions.clone().acquire_owned() => p.ok()?,
+                p = self.overflow.clone().acquire_owned() => return Some(Slot::Overflow(p.ok()?)),
             };
-            let Slot::Session(mut permit) = slot else {
-                return Some(slot);
-            };
-            match self.hand_to_waiting(permit) {
-                Some(p) => permit = p,
-                None => continue,
+            if let Some(permit) = self.hand_to_waiting(permit) {
+                return Some(Slot::Session(permit));
             }
-            return Some(Slot::Session(permit));
         }
     }
 
