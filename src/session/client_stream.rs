@@ -4,10 +4,12 @@
 //! indirection.
 
 use std::io::IoSlice;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::server::TlsStream;
 
@@ -25,18 +27,41 @@ pub(crate) enum ClientStream {
 impl ClientStream {
     /// Resolves once the client has closed its connection, or sent a TLS alert (before its
     /// authentication only a closing client does), without taking any of its bytes; never
-    /// for the Unix socket, or while other bytes wait unread.
+    /// while other bytes wait unread.
     pub(crate) async fn hung_up(&self) {
-        if let ClientStream::Tls(tls) = self {
-            const ALERT: u8 = 21;
-            let mut first = [0u8; 1];
-            match tls.get_ref().0.peek(&mut first).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) if first[0] == ALERT => return,
-                Ok(_) => {}
+        match self {
+            ClientStream::Tls(tls) => {
+                const ALERT: u8 = 21;
+                let mut first = [0u8; 1];
+                match tls.get_ref().0.peek(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if first[0] == ALERT => return,
+                    Ok(_) => {}
+                }
+            }
+            ClientStream::Unix(unix) => {
+                if unix_closed(unix).await {
+                    return;
+                }
             }
         }
         std::future::pending().await
+    }
+}
+
+/// Whether the peer of `unix` closed (`true`) or sent bytes (`false`, left unread): tokio has
+/// no peek for Unix sockets, so the socket's readiness is awaited and `MSG_PEEK` asked of it.
+async fn unix_closed(unix: &UnixStream) -> bool {
+    let mut first = [MaybeUninit::<u8>::uninit(); 1];
+    loop {
+        if unix.readable().await.is_err() {
+            return true;
+        }
+        match unix.try_io(Interest::READABLE, || SockRef::from(unix).peek(&mut first)) {
+            Ok(n) => return n == 0,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return true,
+        }
     }
 }
 
@@ -122,5 +147,29 @@ mod tests {
         assert_eq!(&got, b"pong");
         client.shutdown().await.expect("shutdown");
         assert_eq!(b.read(&mut got).await.expect("eof"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_unix_client_that_closes_has_hung_up() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let client = ClientStream::Unix(a);
+        let waiting = client.hung_up();
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the close is seen");
+    }
+
+    #[tokio::test]
+    async fn a_unix_client_with_bytes_waiting_has_not_hung_up_and_keeps_its_bytes() {
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let mut client = ClientStream::Unix(a);
+        b.write_all(b"Q").await.expect("write");
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(200), client.hung_up()).await;
+        assert!(waited.is_err(), "bytes are not a hang-up");
+        let mut got = [0u8; 1];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"Q", "the peeked byte is still there");
     }
 }

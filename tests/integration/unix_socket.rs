@@ -466,3 +466,67 @@ async fn limits_count_a_unix_session_under_the_unix_identity_it_matched() {
     drop(first);
     f.wait_all_revoked(Duration::from_secs(15)).await;
 }
+
+/// With the socket's one slot taken (`listen.max_connections = 1`), a client that sends its
+/// StartupMessage waits unanswered; when it closes meanwhile it causes no Vault call, and the
+/// freed slot goes to the next session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_client_that_leaves_while_it_waits_for_a_slot_asks_vault_for_nothing() {
+    use crate::harness::security::creds_requests;
+    use crate::harness::wire::startup_packet;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = socket_dir();
+    let dir_text = dir.path().display().to_string();
+    let f = Fixture::start_edited(
+        "unix-full",
+        |cfg| cfg.grant("unix:user=root", &["myapp"], &["readonly"]),
+        |t| {
+            set(t, "listen.unix_socket_dir", dir_text);
+            set(t, "listen.max_connections", 1);
+        },
+    )
+    .await;
+    let path = socket_path(dir.path(), f.proxy.port);
+    let startup = startup_packet(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")]);
+    let login = |path: std::path::PathBuf| async move {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
+        let mut wire = Wire::new(stream);
+        let login = wire
+            .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+            .await
+            .expect("startup");
+        assert_eq!(
+            login.messages.last().map(|m| m.tag),
+            Some(b'Z'),
+            "{:?}",
+            login.messages
+        );
+        wire
+    };
+    let held = login(path.clone()).await;
+
+    let asked = creds_requests(&f.proxy).await;
+    let mut gone = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect while full");
+    gone.write_all(&startup).await.expect("startup");
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), gone.read(&mut buf))
+            .await
+            .is_err(),
+        "waits for the slot, unanswered"
+    );
+    drop(gone);
+    drop(held);
+    let next = login(path.clone()).await;
+    assert_eq!(
+        creds_requests(&f.proxy).await,
+        asked + 1.0,
+        "only the session that stayed asked Vault"
+    );
+    drop(next);
+    f.wait_all_revoked(Duration::from_secs(20)).await;
+}
