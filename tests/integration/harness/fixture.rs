@@ -167,8 +167,41 @@ impl Fixture {
     }
 
     /// Polls until every lease of this mount is gone and no role with its prefix remains.
+    /// On a time-out it also says what leasegate reports (when it still answers): its open
+    /// sessions and its revocations, so a session still open tells from a revocation retried.
     pub async fn wait_all_revoked(&self, timeout: Duration) {
-        wait_all_revoked(&self.mount, timeout).await;
+        let (proxy, mount) = (&self.proxy, &self.mount);
+        poll_until(
+            timeout,
+            "all leases revoked and roles dropped",
+            || async move {
+                let roles = dynamic_roles(&mount.prefix).await;
+                let leases = all_leases(mount).await;
+                if roles.is_empty() && leases.is_empty() {
+                    return Ok(());
+                }
+                let leasegate = match proxy.get("/metrics").await {
+                    Ok((200, m)) => {
+                        let read =
+                            |name: &str, labels: &[(&str, &str)]| value_or_zero(&m, name, labels);
+                        format!(
+                            "sessions active {}, leases active {}, revocations pending {}, \
+                             ok {}, error {}",
+                            read("leasegate_sessions_active", &[]),
+                            read("leasegate_leases_active", &[]),
+                            read("leasegate_revocations_pending", &[]),
+                            read("leasegate_lease_revocations_total", &[("result", "ok")]),
+                            read("leasegate_lease_revocations_total", &[("result", "error")]),
+                        )
+                    }
+                    other => format!("no metrics: {other:?}"),
+                };
+                Err(format!(
+                    "roles {roles:?}, leases {leases:?}; leasegate: {leasegate}"
+                ))
+            },
+        )
+        .await;
     }
 
     /// Polls until the leases of `role` and the mount's dynamic roles are gone and exactly one
