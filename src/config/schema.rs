@@ -330,7 +330,8 @@ pub struct MetricsConfig {
 pub struct Database {
     /// The database name clients ask for.
     pub name: String,
-    /// Upstream host name or address.
+    /// Upstream host name or address, or (starting with `/`) the directory of the server's
+    /// Unix socket.
     pub host: String,
     /// Upstream port.
     #[serde(default = "default_pg_port")]

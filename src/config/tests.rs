@@ -82,6 +82,27 @@ fn verify_full_needs_a_checkable_host() {
 }
 
 #[test]
+fn a_socket_directory_host_needs_tls_disable() {
+    let socket = BASE.replace(
+        "host = \"127.0.0.1\"\nmount",
+        "host = \"/var/run/postgresql\"\nmount",
+    );
+    let all = problems(&socket).join("\n");
+    assert!(!all.contains("Unix socket"), "{all}");
+    let text = socket.replace(
+        "host = \"/var/run/postgresql\"\nmount",
+        "host = \"/var/run/postgresql\"\ntls = \"require\"\nmount",
+    );
+    let all = problems(&text).join("\n");
+    assert!(
+        all.contains(
+            "database \"myapp\": host \"/var/run/postgresql\" is a Unix socket directory, where TLS does not apply: set tls = \"disable\""
+        ),
+        "{all}"
+    );
+}
+
+#[test]
 fn limits_must_be_finite_and_positive() {
     for (limits, key) in [
         ("max_sessions = 0", "limits.max_sessions must be at least 1"),

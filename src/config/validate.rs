@@ -235,7 +235,12 @@ fn database(db: &Database, problems: &mut Vec<String>) {
             db.name
         ));
     }
-    if db.tls == TlsMode::VerifyFull
+    if db.host.starts_with('/') && db.tls != TlsMode::Disable {
+        problems.push(format!(
+            "database {:?}: host {:?} is a Unix socket directory, where TLS does not apply: set tls = \"disable\"",
+            db.name, db.host
+        ));
+    } else if db.tls == TlsMode::VerifyFull
         && rustls::pki_types::ServerName::try_from(db.host.as_str()).is_err()
     {
         problems.push(format!(

@@ -226,7 +226,7 @@ fn choose_mechanism(
             .peer_certificates()
             .and_then(|c| c.first())
             .map(server_end_point),
-        UpstreamStream::Plain(_) => None,
+        UpstreamStream::Plain(_) | UpstreamStream::Local(_) => None,
     };
     let offers = |m: &str| mechanisms.iter().any(|x| x == m);
     match cert {

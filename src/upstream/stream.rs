@@ -1,18 +1,21 @@
-//! The connection to an upstream database, plain or TLS, as one stream type.
+//! The connection to an upstream database, plain TCP, TLS, or a Unix socket on this host, as
+//! one stream type.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 
-/// A connection to the upstream, plain or TLS.
+/// A connection to the upstream, plain, TLS, or local.
 pub(crate) enum UpstreamStream {
     /// `tls = "disable"`.
     Plain(TcpStream),
     /// Any TLS mode.
     Tls(Box<TlsStream<TcpStream>>),
+    /// A `host` that is a socket directory (always `tls = "disable"`).
+    Local(UnixStream),
 }
 
 impl UpstreamStream {
@@ -26,6 +29,9 @@ impl UpstreamStream {
             UpstreamStream::Plain(tcp) => {
                 Ok(UpstreamStream::Plain(TcpStream::from_std(tcp.into_std()?)?))
             }
+            UpstreamStream::Local(unix) => Ok(UpstreamStream::Local(UnixStream::from_std(
+                unix.into_std()?,
+            )?)),
             tls @ UpstreamStream::Tls(_) => Ok(tls),
         }
     }
@@ -40,6 +46,7 @@ impl AsyncRead for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamStream::Local(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -53,18 +60,21 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamStream::Local(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamStream::Local(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamStream::Local(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

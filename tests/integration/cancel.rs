@@ -14,7 +14,7 @@ use crate::harness::poll_until;
 const SLEEP: &str = "select pg_sleep(30)";
 
 /// Waits until a backend of this test's dynamic roles runs pg_sleep.
-async fn wait_sleep_running(prefix: &str) {
+pub async fn wait_sleep_running(prefix: &str) {
     wait_sleeps_running(prefix, 1).await;
 }
 

@@ -87,6 +87,7 @@ mod unix_socket_clients;
 mod unix_socket_ops;
 mod upstream_errors;
 mod upstream_tls;
+mod upstream_unix;
 mod vault_auth;
 mod warm;
 mod warm_params;

@@ -88,12 +88,13 @@ impl WarmSession {
         if !self.logged_in.leftover.is_empty() {
             return true;
         }
-        let tcp = match &self.logged_in.stream {
-            UpstreamStream::Plain(tcp) => tcp,
-            UpstreamStream::Tls(tls) => tls.get_ref().0,
+        let socket = match &self.logged_in.stream {
+            UpstreamStream::Plain(tcp) => socket2::SockRef::from(tcp),
+            UpstreamStream::Tls(tls) => socket2::SockRef::from(tls.get_ref().0),
+            UpstreamStream::Local(unix) => socket2::SockRef::from(unix),
         };
         let mut byte = [MaybeUninit::<u8>::uninit()];
-        match socket2::SockRef::from(tcp).peek(&mut byte) {
+        match socket.peek(&mut byte) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
             // EOF, a byte, or a reset: not a session to hand out.
             _ => true,

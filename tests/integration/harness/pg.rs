@@ -25,6 +25,8 @@ pub struct Pg {
     pub password: String,
     /// Server log, shown when startup fails.
     pub log: std::path::PathBuf,
+    /// Its Unix socket directory (`unix_socket_directories`).
+    pub sock: std::path::PathBuf,
 }
 
 impl Pg {
@@ -34,6 +36,7 @@ impl Pg {
             port: server.conn.port,
             password: server.conn.password.clone(),
             log: server.log.clone(),
+            sock: server.cluster.sock.clone(),
         }
     }
 
@@ -91,6 +94,7 @@ impl Cluster {
                 port: free_port(),
                 password,
                 log: dir.path().join("postgres-1.log"),
+                sock: cluster.sock.clone(),
             },
             cluster,
             child: None,
