@@ -23,7 +23,7 @@ use crate::harness::security::wait_auth_failures;
 use crate::harness::unix::{
     OUTSIDER, audit_events, psql_as, run, socket_dir, socket_path, start, text,
 };
-use crate::harness::wire::{PROTOCOL_3_0, Wire};
+use crate::harness::wire::{Login, PROTOCOL_3_0, Wire};
 
 /// psycopg over the socket (as `as_uid` when given: the script drops to it after the import).
 async fn psycopg_over(dir: &Path, port: u16, as_uid: Option<(u32, u32)>) -> Value {
@@ -411,40 +411,60 @@ async fn a_unix_group_grant_admits_members_from_the_group_database_only() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limits_count_a_unix_session_under_the_unix_identity_it_matched() {
+/// A fixture on a fresh socket directory with `unix:user=root` granted `readonly`, and
+/// `key = value` set: the fixture, the directory (removed when dropped) and the socket path.
+async fn granted_root_on_socket(
+    name: &str,
+    key: &str,
+    value: i64,
+) -> (Fixture, tempfile::TempDir, std::path::PathBuf) {
     let dir = socket_dir();
     let dir_text = dir.path().display().to_string();
     let f = Fixture::start_edited(
-        "unix-limits",
+        name,
         |cfg| cfg.grant("unix:user=root", &["myapp"], &["readonly"]),
         |t| {
             set(t, "listen.unix_socket_dir", dir_text);
-            set(t, "limits.max_sessions_per_identity", 1);
+            set(t, key, value);
         },
     )
     .await;
     let path = socket_path(dir.path(), f.proxy.port);
-    let login = |path: std::path::PathBuf| async move {
-        let stream = tokio::net::UnixStream::connect(path)
-            .await
-            .expect("connect");
-        let mut wire = Wire::new(stream);
-        let login = wire
-            .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
-            .await
-            .expect("startup");
-        (wire, login)
-    };
-    let (first, held) = login(path.clone()).await;
+    (f, dir, path)
+}
+
+/// Logs in over the socket as `readonly` to `myapp`: the connection and what it answered.
+async fn socket_login(path: &Path) -> (Wire<tokio::net::UnixStream>, Login) {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .expect("connect");
+    let mut wire = Wire::new(stream);
+    let login = wire
+        .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
+        .await
+        .expect("startup");
+    (wire, login)
+}
+
+/// [`socket_login`], which must reach ReadyForQuery.
+async fn socket_session(path: &Path) -> Wire<tokio::net::UnixStream> {
+    let (wire, login) = socket_login(path).await;
     assert_eq!(
-        held.messages.last().map(|m| m.tag),
+        login.messages.last().map(|m| m.tag),
         Some(b'Z'),
         "{:?}",
-        held.messages
+        login.messages
     );
+    wire
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_count_a_unix_session_under_the_unix_identity_it_matched() {
+    let (f, _dir, path) =
+        granted_root_on_socket("unix-limits", "limits.max_sessions_per_identity", 1).await;
+    let first = socket_session(&path).await;
     let before = f.issued().await;
-    let (_second, refused) = login(path.clone()).await;
+    let (_second, refused) = socket_login(&path).await;
     let error = refused.messages.last().expect("an answer");
     let fields = error.fields();
     assert_eq!(
@@ -475,42 +495,14 @@ async fn a_unix_client_that_leaves_while_it_waits_for_a_slot_asks_vault_for_noth
     use crate::harness::security::creds_requests;
     use crate::harness::wire::startup_packet;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = socket_dir();
-    let dir_text = dir.path().display().to_string();
-    let f = Fixture::start_edited(
-        "unix-full",
-        |cfg| cfg.grant("unix:user=root", &["myapp"], &["readonly"]),
-        |t| {
-            set(t, "listen.unix_socket_dir", dir_text);
-            set(t, "listen.max_connections", 1);
-        },
-    )
-    .await;
-    let path = socket_path(dir.path(), f.proxy.port);
-    let startup = startup_packet(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")]);
-    let login = |path: std::path::PathBuf| async move {
-        let stream = tokio::net::UnixStream::connect(path)
-            .await
-            .expect("connect");
-        let mut wire = Wire::new(stream);
-        let login = wire
-            .startup(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")])
-            .await
-            .expect("startup");
-        assert_eq!(
-            login.messages.last().map(|m| m.tag),
-            Some(b'Z'),
-            "{:?}",
-            login.messages
-        );
-        wire
-    };
-    let held = login(path.clone()).await;
+    let (f, _dir, path) = granted_root_on_socket("unix-full", "listen.max_connections", 1).await;
+    let held = socket_session(&path).await;
 
     let asked = creds_requests(&f.proxy).await;
     let mut gone = tokio::net::UnixStream::connect(&path)
         .await
         .expect("connect while full");
+    let startup = startup_packet(PROTOCOL_3_0, &[("user", "readonly"), ("database", "myapp")]);
     gone.write_all(&startup).await.expect("startup");
     let mut buf = [0u8; 64];
     assert!(
@@ -521,7 +513,7 @@ async fn a_unix_client_that_leaves_while_it_waits_for_a_slot_asks_vault_for_noth
     );
     drop(gone);
     drop(held);
-    let next = login(path.clone()).await;
+    let next = socket_session(&path).await;
     assert_eq!(
         creds_requests(&f.proxy).await,
         asked + 1.0,
