@@ -21,6 +21,23 @@ pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
     }
 }
 
+/// The longest path a Unix socket can have on Linux (`sun_path` is 108 bytes, with the NUL).
+pub(crate) const PATH_MAX: usize = 107;
+
+/// The socket's path in `dir` for `port` is short enough, including the temporary name it is
+/// bound under first (`.s.PGSQL.<port>.<pid>.tmp`, for the largest pid Linux gives out).
+pub(crate) fn check_length(dir: &Path, port: u16) -> Result<(), String> {
+    let longest = dir.join(format!(".s.PGSQL.{port}.4194304.tmp"));
+    let len = longest.as_os_str().len();
+    if len > PATH_MAX {
+        return Err(format!(
+            "listen.unix_socket_dir {} is too long for a Unix socket: the socket's path would be up to {len} bytes, at most {PATH_MAX} fit",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// The directory exists, is a directory, belongs to the user leasegate runs as (or root),
 /// and neither its group nor others may write to it (whoever can write there could replace
 /// the socket with one of their own).
@@ -60,6 +77,16 @@ pub(crate) fn check_dir(dir: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_directory_too_long_for_the_socket_and_its_temporary_name_is_refused() {
+        // "/" + 80 + "/.s.PGSQL.6432.4194304.tmp" (26) = 107 bytes: fits.
+        let fits = format!("/{}", "d".repeat(80));
+        assert!(check_length(Path::new(&fits), 6432).is_ok());
+        let long = format!("/{}", "d".repeat(81));
+        let e = check_length(Path::new(&long), 6432).expect_err("one byte too long");
+        assert!(e.contains("up to 108 bytes, at most 107 fit"), "{e}");
+    }
 
     #[test]
     fn modes_are_octal_and_at_most_0777() {

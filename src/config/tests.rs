@@ -103,6 +103,23 @@ fn a_socket_directory_host_needs_tls_disable() {
 }
 
 #[test]
+fn a_socket_directory_host_must_leave_room_for_the_socket_name() {
+    let long = format!("/{}", "d".repeat(96));
+    let text = BASE.replace(
+        "host = \"127.0.0.1\"\nmount",
+        &format!("host = \"{long}\"\nmount"),
+    );
+    let all = problems(&text).join("\n");
+    assert!(
+        all.contains("is 111 bytes long, at most 107 fit in a Unix socket address"),
+        "{all}"
+    );
+    let fits = text.replace(&long, &long[..93]);
+    let all = problems(&fits).join("\n");
+    assert!(!all.contains("Unix socket address"), "{all}");
+}
+
+#[test]
 fn limits_must_be_finite_and_positive() {
     for (limits, key) in [
         ("max_sessions = 0", "limits.max_sessions must be at least 1"),

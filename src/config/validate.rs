@@ -60,10 +60,12 @@ fn unix_socket(listen: &super::schema::Listen, problems: &mut Vec<String>) {
     {
         problems.push(e);
     }
-    if let Some(dir) = &listen.unix_socket_dir
-        && let Err(e) = socket_dir::check_dir(dir)
-    {
-        problems.push(e);
+    if let Some(dir) = &listen.unix_socket_dir {
+        let checked = socket_dir::check_dir(dir)
+            .and_then(|()| socket_dir::check_length(dir, listen.address.port()));
+        if let Err(e) = checked {
+            problems.push(e);
+        }
     }
 }
 
@@ -233,6 +235,16 @@ fn database(db: &Database, problems: &mut Vec<String>) {
         problems.push(format!(
             "database {:?}: warm = {{ {role} = {n} }} is more than {MAX_WARM} sessions per role",
             db.name
+        ));
+    }
+    let socket = std::path::Path::new(&db.host).join(format!(".s.PGSQL.{}", db.port));
+    let len = socket.as_os_str().len();
+    if db.host.starts_with('/') && len > socket_dir::PATH_MAX {
+        problems.push(format!(
+            "database {:?}: the upstream socket {} is {len} bytes long, at most {} fit in a Unix socket address",
+            db.name,
+            socket.display(),
+            socket_dir::PATH_MAX
         ));
     }
     if db.host.starts_with('/') && db.tls != TlsMode::Disable {
