@@ -328,15 +328,19 @@ def render(doc):
     add("")
     add("## Setup")
     add("")
+    upstream = "over PostgreSQL's Unix socket" if knobs.get("UPSTREAM_SOCKET") == "1" else "on loopback"
     add("- **direct**: PostgreSQL 15 (ssl=on, dev server certificate, scram-sha-256), static password user `bench`, "
         f"client `sslmode=verify-full`. `max_connections={knobs.get('PG_MAX_CONNECTIONS')}`, `shared_buffers=256MB`, "
         f"`synchronous_commit={knobs.get('PG_SYNC_COMMIT')}`.")
     add("- **pgbouncer**: `pool_mode=session`, `client_tls_sslmode=require` (same dev server certificate), "
-        "`auth_type=scram-sha-256` with user `bench` in `userlist.txt`, plaintext upstream on loopback, "
+        "`auth_type=scram-sha-256` with user `bench` in `userlist.txt`, plaintext upstream "
+        f"{upstream}, "
         "`max_client_conn=10000`, `default_pool_size=50`, other settings default.")
     add("- **leasegate**: release build, mutual TLS (client certificate, no password), per-session credentials "
         "from an OpenBao dev server's database secrets engine (`readonly` for select-only and session setup, "
-        "`readwrite` for TPC-B), plaintext upstream on loopback, `[limits]` raised, log level `info`.")
+        "`readwrite` for TPC-B), plaintext upstream "
+        f"{upstream}, "
+        "`[limits]` raised, log level `info`.")
     add(f"- Every process of the benchmark runs at nice {knobs.get('NICE') or '0'} (the machine may be shared).")
     add("")
     add("Commands:")

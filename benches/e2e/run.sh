@@ -39,6 +39,8 @@
 #   NICE=-10             niceness of the whole run (empty: unchanged), against noise from other work
 #   PERF=1               also profile leasegate with `perf record -g` during one extra pgbench -S
 #   EXTRA_GRANTS=N       add N non-matching [[grants]] ahead of the matching one (grant-matching cost)
+#   UPSTREAM_SOCKET=1    leasegate and pgbouncer reach PostgreSQL over its Unix socket instead of TCP on
+#                        loopback (a proxy beside the database); direct stays TLS over TCP
 #   LEASEGATE_WORKER_THREADS=N  [runtime] worker_threads = N (session threads; default: one per core)
 #   LG_ALT_THREADS=N     also run a second leasegate with worker_threads = N as the steady-state target
 #                        `leasegate_alt` (informational: the thread-count trade-off measured in the same
@@ -96,6 +98,7 @@ CHURN_FRESH_SECONDS="${CHURN_FRESH_SECONDS:-10}"
 PG_SYNC_COMMIT="${PG_SYNC_COMMIT:-off}"
 PERF="${PERF:-0}"
 EXTRA_GRANTS="${EXTRA_GRANTS:-0}"
+UPSTREAM_SOCKET="${UPSTREAM_SOCKET:-0}"
 KEEP="${KEEP:-0}"
 MAX_SECONDS="${MAX_SECONDS:-2400}"
 # Each session holds two descriptors in leasegate (client and upstream): no stage can go past
@@ -247,6 +250,10 @@ eval "$VARS"
 PG_PORT="$DEVENV_PG_PORT" LG_PORT="$DEVENV_PORT_LEASEGATE" METRICS_PORT="$DEVENV_PORT_METRICS"
 PGB_PORT="$DEVENV_PORT_PGBOUNCER" VAULT_ADDR="$DEVENV_VAULT_ADDR"
 PM_PID="$DEVENV_PG_PID" BAO_PID="$DEVENV_VAULT_PID"
+# Where the proxies reach PostgreSQL: loopback TCP, or (UPSTREAM_SOCKET=1) the cluster's socket
+# directory, beside its data directory.
+UP_HOST=127.0.0.1
+[[ "$UPSTREAM_SOCKET" == 1 ]] && UP_HOST="$(dirname "$DEVENV_PG_DATA")/sock"
 METRICS_URL="http://127.0.0.1:$METRICS_PORT/metrics"
 PG_NOFILE="$(awk '/Max open files/ {print $4}' "/proc/$PM_PID/limits")"
 pg_super() { PGPASSWORD="$DEVENV_PG_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"; }
@@ -270,7 +277,7 @@ cp "$DEVENV_SERVER_KEY" "$T/pgbouncer/server-key.pem"
 printf '"bench" "%s"\n' "$BENCH_PASSWORD" >"$T/pgbouncer/userlist.txt"
 cat >"$T/pgbouncer/pgbouncer.ini" <<EOF
 [databases]
-$DB = host=127.0.0.1 port=$PG_PORT dbname=$DB
+$DB = host=$UP_HOST port=$PG_PORT dbname=$DB
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -327,7 +334,7 @@ burst_per_identity = 100000
 
 [[databases]]
 name = "$DB"
-host = "127.0.0.1"
+host = "$UP_HOST"
 port = $PG_PORT
 tls = "disable"
 mount = "$MOUNT"
@@ -337,7 +344,7 @@ roles = ["readonly", "readwrite"]
 [[databases]]
 name = "${DB}_prefetch"
 upstream_database = "$DB"
-host = "127.0.0.1"
+host = "$UP_HOST"
 port = $PG_PORT
 tls = "disable"
 mount = "$MOUNT"
@@ -347,8 +354,8 @@ prefetch = { readonly = 4 }
 EOF
 if [[ -n "$WARM" ]]; then
     # Session setup with warm upstream sessions (WARM='{ readonly = 4 }').
-    printf '[[databases]]\nname = "%s_warm"\nupstream_database = "%s"\nhost = "127.0.0.1"\nport = %s\ntls = "disable"\nmount = "%s"\nroles = ["readonly", "readwrite"]\nwarm = %s\n\n' \
-        "$DB" "$DB" "$PG_PORT" "$MOUNT" "$WARM" >>"$LG_CONFIG"
+    printf '[[databases]]\nname = "%s_warm"\nupstream_database = "%s"\nhost = "%s"\nport = %s\ntls = "disable"\nmount = "%s"\nroles = ["readonly", "readwrite"]\nwarm = %s\n\n' \
+        "$DB" "$DB" "$UP_HOST" "$PG_PORT" "$MOUNT" "$WARM" >>"$LG_CONFIG"
 fi
 LG_DATABASES="\"$DB\", \"${DB}_prefetch\""
 [[ -n "$WARM" ]] && LG_DATABASES+=", \"${DB}_warm\""
@@ -665,7 +672,7 @@ META=(--timestamp "$TS" --pgbin "$PGBIN" --bao "$DEVENV_BAO" --leasegate "$LG_SH
 for knob in ROUNDS PGBENCH_SECONDS PGBENCH_CLIENTS PGBENCH_JOBS SCALE SETUP_N SETUP_BLOCK SETUP_GAP_MS FLOOR_N IDLE_STAGES \
     IDLE_CONCURRENCY CHURN_SECONDS CHURN_FRESH_SECONDS IDLE_REOPEN CHURN_CLIENTS PG_SYNC_COMMIT NICE \
     IDLE_MIN_AVAILABLE_MIB C1 C1_REPS C1_SECONDS BULK_MB CEILING_SECONDS WARM LG_ALT_THREADS \
-    LEASEGATE_WORKER_THREADS EXTRA_GRANTS PG_MAX_CONNECTIONS; do
+    LEASEGATE_WORKER_THREADS EXTRA_GRANTS UPSTREAM_SOCKET PG_MAX_CONNECTIONS; do
     META+=(--knob "$knob=${!knob:-}")
 done
 python3 "$HERE/lgbench.py" meta "${META[@]}" --out "$T/out/meta.json" >/dev/null
