@@ -151,7 +151,7 @@ fn assert_fake_saw_one_creds_request(fake: &FakeVault, f: &Fixture) {
 }
 
 /// Starts a session and asserts FATAL 08006 within `within`; returns the message.
-async fn expect_08006(f: &Fixture, within: Duration) -> String {
+pub async fn expect_08006(f: &Fixture, within: Duration) -> String {
     let started = Instant::now();
     let answer = raw_startup(
         f.proxy.port,

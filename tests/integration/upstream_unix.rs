@@ -97,3 +97,28 @@ async fn sessions_cancels_and_warm_sessions_over_the_upstream_unix_socket() {
     );
     f.wait_all_revoked(Duration::from_secs(30)).await;
 }
+
+/// A socket directory where no server listens: the client gets FATAL 08006 naming the failed
+/// connection, and the credential issued for it is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_directory_without_a_server_gives_08006_and_revokes_the_lease() {
+    let empty = crate::harness::root().tempdir("no-server-");
+    let dir = empty.path().display().to_string();
+    let f = Fixture::start_edited(
+        "up-unix-none",
+        |cfg| cfg,
+        |t| set(t, "databases.0.host", dir),
+    )
+    .await;
+    let message = crate::faults::expect_08006(&f, Duration::from_secs(8)).await;
+    assert!(
+        message.starts_with("could not connect to upstream"),
+        "{message:?}"
+    );
+    assert_eq!(
+        f.issued().await.creds_requests,
+        1.0,
+        "one credential, for the attempt"
+    );
+    f.wait_all_revoked(Duration::from_secs(15)).await;
+}
