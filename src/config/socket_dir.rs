@@ -24,6 +24,13 @@ pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
 /// The longest path a Unix socket can have on Linux (`sun_path` is 108 bytes, with the NUL).
 pub(crate) const PATH_MAX: usize = 107;
 
+/// The server's socket file when a `[[databases]] host` names a socket directory (it starts
+/// with `/`, as libpq tells a directory from a host name): `<host>/.s.PGSQL.<port>`.
+pub(crate) fn upstream_socket(host: &str, port: u16) -> Option<std::path::PathBuf> {
+    host.starts_with('/')
+        .then(|| Path::new(host).join(format!(".s.PGSQL.{port}")))
+}
+
 /// The socket's path in `dir` for `port` is short enough, including the temporary name it is
 /// bound under first (`.s.PGSQL.<port>.<pid>.tmp`, for the largest pid Linux gives out).
 pub(crate) fn check_length(dir: &Path, port: u16) -> Result<(), String> {
@@ -77,6 +84,21 @@ pub(crate) fn check_dir(dir: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_host_that_starts_with_a_slash_is_a_socket_directory() {
+        assert_eq!(
+            upstream_socket("/var/run/postgresql", 5433),
+            Some("/var/run/postgresql/.s.PGSQL.5433".into())
+        );
+        assert_eq!(
+            upstream_socket("/tmp/", 5432),
+            Some("/tmp/.s.PGSQL.5432".into())
+        );
+        assert_eq!(upstream_socket("db.internal", 5432), None);
+        assert_eq!(upstream_socket("127.0.0.1", 5432), None);
+        assert_eq!(upstream_socket("::1", 5432), None);
+    }
 
     #[test]
     fn a_directory_too_long_for_the_socket_and_its_temporary_name_is_refused() {

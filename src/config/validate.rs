@@ -237,17 +237,19 @@ fn database(db: &Database, problems: &mut Vec<String>) {
             db.name
         ));
     }
-    let socket = std::path::Path::new(&db.host).join(format!(".s.PGSQL.{}", db.port));
-    let len = socket.as_os_str().len();
-    if db.host.starts_with('/') && len > socket_dir::PATH_MAX {
+    let socket = socket_dir::upstream_socket(&db.host, db.port);
+    if let Some(path) = &socket
+        && path.as_os_str().len() > socket_dir::PATH_MAX
+    {
         problems.push(format!(
-            "database {:?}: the upstream socket {} is {len} bytes long, at most {} fit in a Unix socket address",
+            "database {:?}: the upstream socket {} is {} bytes long, at most {} fit in a Unix socket address",
             db.name,
-            socket.display(),
+            path.display(),
+            path.as_os_str().len(),
             socket_dir::PATH_MAX
         ));
     }
-    if db.host.starts_with('/') && db.tls != TlsMode::Disable {
+    if socket.is_some() && db.tls != TlsMode::Disable {
         problems.push(format!(
             "database {:?}: host {:?} is a Unix socket directory, where TLS does not apply: set tls = \"disable\"",
             db.name, db.host

@@ -1,9 +1,9 @@
 //! A `[[databases]]` entry ready to connect to: the configuration with its TLS connector,
 //! built when the configuration loads. Connecting is TCP with NODELAY and keepalive, then,
 //! when the entry asks for it, SSLRequest and TLS; or, for a `host` that is a directory (as
-//! libpq reads it), the server's Unix socket `<host>/.s.PGSQL.<port>` in plaintext. Exactly one byte is read after the
-//! SSLRequest, so a server cannot slip plaintext bytes in front of the TLS handshake
-//! (CVE-2021-23222).
+//! libpq reads it), the server's Unix socket `<host>/.s.PGSQL.<port>` in plaintext. Exactly
+//! one byte is read after the SSLRequest, so a server cannot slip plaintext bytes in front of
+//! the TLS handshake (CVE-2021-23222).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -12,6 +12,7 @@ use tokio_rustls::TlsConnector;
 use super::error::UpstreamError;
 use super::stream::UpstreamStream;
 use crate::config::DatabaseConfig;
+use crate::config::socket_dir::upstream_socket;
 use crate::tls::TlsError;
 use crate::tls::upstream::{connector, server_name};
 
@@ -37,7 +38,7 @@ impl Database {
     /// Connects to the entry's upstream. The caller bounds the time.
     pub(crate) async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
         let db = &self.config;
-        if let Some(path) = socket_path(&db.host, db.port) {
+        if let Some(path) = upstream_socket(&db.host, db.port) {
             let unix =
                 UnixStream::connect(&path)
                     .await
@@ -74,32 +75,5 @@ impl Database {
                 reason: e.to_string(),
             })?;
         Ok(UpstreamStream::Tls(Box::new(stream)))
-    }
-}
-
-/// The server's socket file when `host` names a socket directory (it starts with `/`, as
-/// libpq tells a directory from a host name): `<host>/.s.PGSQL.<port>`.
-pub(crate) fn socket_path(host: &str, port: u16) -> Option<std::path::PathBuf> {
-    host.starts_with('/')
-        .then(|| std::path::Path::new(host).join(format!(".s.PGSQL.{port}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::socket_path;
-
-    #[test]
-    fn a_host_that_starts_with_a_slash_is_a_socket_directory() {
-        assert_eq!(
-            socket_path("/var/run/postgresql", 5433),
-            Some("/var/run/postgresql/.s.PGSQL.5433".into())
-        );
-        assert_eq!(
-            socket_path("/tmp/", 5432),
-            Some("/tmp/.s.PGSQL.5432".into())
-        );
-        assert_eq!(socket_path("db.internal", 5432), None);
-        assert_eq!(socket_path("127.0.0.1", 5432), None);
-        assert_eq!(socket_path("::1", 5432), None);
     }
 }

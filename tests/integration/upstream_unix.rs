@@ -12,7 +12,7 @@ use crate::harness::client::{current_user, pg_connect};
 use crate::harness::env;
 use crate::harness::fixture::{Fixture, GOOD_URI};
 use crate::harness::proxy::set;
-use crate::warm::{wait_warm_ready, warm_count};
+use crate::warm::{shut_down_and_check_revoked, wait_warm_ready, warm_count};
 
 /// `inet_client_addr()` of the session's backend: NULL over a Unix socket.
 async fn over_the_socket(s: &crate::harness::client::PgSession) -> bool {
@@ -89,13 +89,7 @@ async fn sessions_cancels_and_warm_sessions_over_the_upstream_unix_socket() {
     assert!(over_the_socket(&cold).await);
     drop(cold);
     // The warm sessions waiting for the next clients are revoked at shutdown.
-    let status = f.proxy.terminate(Duration::from_secs(60));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "exits 0 after its drain"
-    );
-    f.wait_all_revoked(Duration::from_secs(30)).await;
+    shut_down_and_check_revoked(&mut f).await;
 }
 
 /// A socket directory where no server listens: the client gets FATAL 08006 naming the failed

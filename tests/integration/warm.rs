@@ -72,7 +72,7 @@ async fn one_session(f: &Fixture) -> String {
 
 /// Stops leasegate (SIGTERM), expects exit status 0, and polls until every lease of the
 /// mount is revoked and every role dropped.
-async fn shut_down_and_check_revoked(f: &mut Fixture) {
+pub async fn shut_down_and_check_revoked(f: &mut Fixture) {
     let status = f.proxy.terminate(Duration::from_secs(60));
     assert_eq!(
         status.and_then(|s| s.code()),
