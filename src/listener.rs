@@ -42,9 +42,10 @@ pub(crate) async fn accept_loop(
 
 /// The next connection of a listener (TCP or Unix socket) with the slot it holds: the slot is
 /// taken before `accept`, so past `max_connections` and the overflow slots further
-/// connections wait in the kernel's queue and cost no file descriptor. A failed accept
-/// (EMFILE and friends) backs off briefly instead of spinning. `None` once `accepting` is
-/// cancelled.
+/// connections wait in the kernel's queue and cost no file descriptor. A session permit taken
+/// so goes to a connection that starts waiting for one meanwhile ([`Admission::hand_on`]). A
+/// failed accept (EMFILE and friends) backs off briefly instead of spinning. `None` once
+/// `accepting` is cancelled.
 pub(crate) async fn next_connection<T, F>(
     slots: &Arc<Slots>,
     accepting: &CancellationToken,
@@ -53,9 +54,10 @@ pub(crate) async fn next_connection<T, F>(
 where
     F: Future<Output = std::io::Result<T>>,
 {
-    let admission = slots.next(accepting).await?;
+    let mut admission = slots.next(accepting).await?;
     loop {
         tokio::select! {
+            () = admission.waiter_came() => admission = admission.hand_on(accepting).await?,
             r = accept() => match r {
                 Ok(conn) => return Some((admission, conn)),
                 Err(e) => {

@@ -6,12 +6,14 @@
 //! then runs at once on the overflow slot, and a session waits there for a session permit,
 //! ahead of the connections still in the kernel's queue, before anything else happens (no
 //! Vault call). When the overflow slots are taken too, further connections wait in the accept
-//! queue.
+//! queue. The accept loop takes its next slot before it accepts, so it may be holding a
+//! session permit when a connection starts to wait: it then hands that permit on
+//! ([`Admission::hand_on`]) rather than keep it for a connection that has not come yet.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Connections each listener accepts past its session permits to find cancels among them
@@ -25,6 +27,9 @@ pub(crate) struct Slots {
     sessions: Arc<Semaphore>,
     overflow: Arc<Semaphore>,
     waiting: Mutex<VecDeque<oneshot::Sender<OwnedSemaphorePermit>>>,
+    /// A connection started to wait: wakes the accept loop, which may hold a session permit
+    /// it took before that connection came.
+    waiter: Notify,
 }
 
 /// What an accepted connection holds.
@@ -53,6 +58,7 @@ impl Slots {
             sessions: Arc::new(Semaphore::new(max_connections)),
             overflow: Arc::new(Semaphore::new(OVERFLOW)),
             waiting: Mutex::new(VecDeque::new()),
+            waiter: Notify::new(),
         })
     }
 
@@ -94,6 +100,38 @@ impl Slots {
 }
 
 impl Admission {
+    /// Resolves when an overflow connection started to wait for a session permit while this
+    /// admission (the accept loop's next one) holds one; never while it holds an overflow slot.
+    pub(crate) async fn waiter_came(&self) {
+        match self.slot {
+            Slot::Session(_) => self.slots.waiter.notified().await,
+            Slot::Overflow(_) => std::future::pending().await,
+        }
+    }
+
+    /// The accept loop's next admission after a connection started to wait: its session
+    /// permit goes to the oldest connection still waiting (if none is, it is kept), and the
+    /// loop takes its next slot anew. `None` once `accepting` is cancelled.
+    pub(crate) async fn hand_on(self, accepting: &CancellationToken) -> Option<Admission> {
+        let Admission { slot, slots } = self;
+        let permit = match slot {
+            Slot::Session(p) => p,
+            overflow @ Slot::Overflow(_) => {
+                return Some(Admission {
+                    slot: overflow,
+                    slots,
+                });
+            }
+        };
+        if let Some(kept) = slots.hand_to_waiting(permit) {
+            return Some(Admission {
+                slot: Slot::Session(kept),
+                slots,
+            });
+        }
+        slots.next(accepting).await
+    }
+
     /// What the connection runs on once its first packet is known: its session permit; for
     /// an overflow slot, the slot itself unless it is a `session` (a cancel, or a refusal on
     /// its way out), which waits for a session permit. `None`: `stop` was cancelled first, or
@@ -116,6 +154,7 @@ impl Admission {
             waiting.retain(|tx| !tx.is_closed());
             waiting.push_back(tx);
         }
+        slots.waiter.notify_one();
         // Straight from the semaphore too: the accept loop may be waiting in `accept` (on an
         // overflow slot) when a session ends.
         let permit = tokio::select! {
@@ -188,6 +227,41 @@ mod tests {
         drop(cancel);
         assert_eq!(slots.overflow.available_permits(), OVERFLOW);
         assert_eq!(slots.sessions.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_session_permit_the_accept_loop_holds_goes_to_a_connection_that_starts_waiting() {
+        let slots = Slots::new(1);
+        let (accepting, stop) = (CancellationToken::new(), CancellationToken::new());
+        let held = slots
+            .next(&accepting)
+            .await
+            .expect("permit")
+            .settle(true, std::future::pending(), &stop)
+            .await;
+        let session = slots.next(&accepting).await.expect("overflow");
+        drop(held);
+        // The accept loop takes the freed permit before the overflow connection waits for one,
+        // then waits in `accept` for a connection that does not come.
+        let (loop_slots, loop_accepting) = (slots.clone(), accepting.clone());
+        let accept_loop = tokio::spawn(async move {
+            let accept = || std::future::pending::<std::io::Result<()>>();
+            crate::listener::next_connection(&loop_slots, &loop_accepting, accept).await;
+        });
+        while slots.sessions.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let settled = tokio::time::timeout(
+            Duration::from_secs(5),
+            session.settle(true, std::future::pending(), &stop),
+        )
+        .await;
+        assert!(
+            matches!(settled, Ok(Some(_))),
+            "the waiting connection gets the permit the accept loop held"
+        );
+        accepting.cancel();
+        accept_loop.await.expect("accept loop");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use crate::harness::pki::{ClientCert, Identity};
 use crate::harness::poll_until;
 use crate::harness::proxy::{ProcessOptions, ProxyConfig, set};
 use crate::harness::security::{
-    assert_fatal, creds_requests, fixture_edited, tls_startup, wait_auth_failures,
+    assert_fatal, counter, creds_requests, fixture_edited, tls_startup, wait_auth_failures,
 };
 
 const OTHER_URI: &str = "spiffe://leasegate.test/app/other";
@@ -211,6 +211,40 @@ async fn session_over_the_global_limit_gets_53300() {
     )
     .await;
     close(b).await;
+    f.wait_all_revoked(Duration::from_secs(10)).await;
+}
+
+/// With every one of `listen.max_connections` taken, leasegate's accept loop holds an overflow
+/// slot while it waits for the next client; a session that then ends frees its permit. The
+/// next client must get it. It used to stay in the accept loop's hand (taken when that client
+/// was accepted, before it asked for it), so that client waited until yet another one came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_freed_while_the_listener_was_full_goes_to_the_next_client() {
+    let f = Fixture::start_edited(
+        "sec-limit-maxconn-freed",
+        |cfg| cfg,
+        |t| set(t, "listen.max_connections", 1),
+    )
+    .await;
+    let first = open(&f, &f.good).await;
+    close(first).await;
+    let proxy = &f.proxy;
+    poll_until(
+        Duration::from_secs(10),
+        "the first session ended",
+        || async move {
+            match counter(proxy, "leasegate_sessions_active", &[]).await {
+                0.0 => Ok(()),
+                n => Err(format!("{n} sessions active")),
+            }
+        },
+    )
+    .await;
+    let next = tokio::time::timeout(Duration::from_secs(20), open(&f, &f.good))
+        .await
+        .expect("the next client gets the freed slot");
+    close(next).await;
+    assert_eq!(creds_requests(&f.proxy).await, 2.0);
     f.wait_all_revoked(Duration::from_secs(10)).await;
 }
 
