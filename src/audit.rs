@@ -392,9 +392,19 @@ mod tests {
             blocked: None,
             written: written.clone(),
         };
+        let log = three_lines_then_stop(Box::new(sink), Counter::default()).await;
+        let w = written.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(w.iter().filter(|b| **b == b'\n').count(), 3);
+        drop(log);
+    }
+
+    /// Records three events into a log writing to `sink`, stops the tasks and waits for the
+    /// writer to end. The log (a sender) is returned alive: the writer must end without it
+    /// being dropped.
+    async fn three_lines_then_stop(sink: Box<dyn Write + Send>, dropped: Counter) -> AuditLog {
         let tracker = tokio_util::task::TaskTracker::new();
         let tasks = Tasks::new(tracker.clone(), tokio_util::sync::CancellationToken::new());
-        let log = AuditLog::with_writer(Box::new(sink), 100, Counter::default(), &tasks);
+        let log = AuditLog::with_writer(sink, 100, dropped, &tasks);
         for _ in 0..3 {
             log.record(AuditEvent::new(
                 "refused",
@@ -403,13 +413,10 @@ mod tests {
         }
         tasks.stop().cancel();
         tracker.close();
-        // Ends although `log` (a sender) is still alive.
         tokio::time::timeout(Duration::from_secs(60), tracker.wait())
             .await
             .expect("the writer ended");
-        let w = written.lock().unwrap_or_else(|e| e.into_inner());
-        assert_eq!(w.iter().filter(|b| **b == b'\n').count(), 3);
-        drop(log);
+        log
     }
 
     /// A sink that refuses every write, as a full disk does.
@@ -427,21 +434,8 @@ mod tests {
 
     #[tokio::test]
     async fn lines_the_sink_refuses_are_counted_as_dropped() {
-        let tracker = tokio_util::task::TaskTracker::new();
-        let tasks = Tasks::new(tracker.clone(), tokio_util::sync::CancellationToken::new());
         let dropped = Counter::default();
-        let log = AuditLog::with_writer(Box::new(Full), 100, dropped.clone(), &tasks);
-        for _ in 0..3 {
-            log.record(AuditEvent::new(
-                "refused",
-                "127.0.0.1:5000".parse().expect("addr"),
-            ));
-        }
-        tasks.stop().cancel();
-        tracker.close();
-        tokio::time::timeout(Duration::from_secs(60), tracker.wait())
-            .await
-            .expect("the writer ended");
+        let log = three_lines_then_stop(Box::new(Full), dropped.clone()).await;
         assert_eq!(dropped.get(), 3);
         drop(log);
     }

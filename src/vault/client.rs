@@ -141,7 +141,8 @@ impl VaultClient {
         })
     }
 
-    async fn request(
+    /// A request with the current token.
+    pub(super) async fn request(
         &self,
         op: VaultOp,
         method: Method,

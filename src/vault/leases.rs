@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::client::{Body, VaultClient};
+use super::client::VaultClient;
 use super::error::VaultError;
 use crate::metrics::labels::VaultOp;
 
@@ -63,27 +63,12 @@ impl VaultClient {
         self.timeout
     }
 
-    async fn with_token(
-        &self,
-        op: VaultOp,
-        method: Method,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> Result<reqwest::Response, VaultError> {
-        let token = self.tokens.current().ok_or(VaultError::NoToken)?;
-        self.request_as(op, method, path, body.map(Body::Json), Some(token.secret()))
-            .await
-    }
-
     /// Every lease id under `prefix` (`<mount>/creds/<role>`); none when Vault answers 404,
     /// as OpenBao does when no lease exists there.
     pub(crate) async fn list_leases(&self, prefix: &str) -> Result<Vec<String>, VaultError> {
         let list = Method::from_bytes(b"LIST").map_err(|e| VaultError::Setup(e.to_string()))?;
         let path = format!("sys/leases/lookup/{prefix}/");
-        match self
-            .with_token(VaultOp::ListLeases, list, &path, None)
-            .await
-        {
+        match self.request(VaultOp::ListLeases, list, &path, None).await {
             Ok(resp) => {
                 let listed: Listed = self.read_json("lease list", resp).await?;
                 let keys = listed.data.keys.into_iter();
@@ -100,7 +85,7 @@ impl VaultClient {
     pub(crate) async fn lookup_lease(&self, lease_id: &str) -> Result<LeaseInfo, VaultError> {
         let body = serde_json::json!({ "lease_id": lease_id });
         let resp = self
-            .with_token(
+            .request(
                 VaultOp::LookupLease,
                 Method::PUT,
                 "sys/leases/lookup",
@@ -120,7 +105,7 @@ impl VaultClient {
     pub(crate) async fn token_created(&self) -> Result<Option<SystemTime>, VaultError> {
         let path = "auth/token/lookup-self";
         let resp = self
-            .with_token(VaultOp::Lookup, Method::GET, path, None)
+            .request(VaultOp::Lookup, Method::GET, path, None)
             .await?;
         let found: TokenLookup = self.read_json("token lookup", resp).await?;
         Ok(found
