@@ -229,16 +229,26 @@ mod tests {
         assert_eq!(slots.sessions.available_permits(), 1);
     }
 
+    /// A session settled on the first slot of a listener with one permit.
+    async fn the_only_permit(
+        slots: &Arc<Slots>,
+        accepting: &CancellationToken,
+        stop: &CancellationToken,
+    ) -> Held {
+        slots
+            .next(accepting)
+            .await
+            .expect("permit")
+            .settle(true, std::future::pending(), stop)
+            .await
+            .expect("a session permit")
+    }
+
     #[tokio::test]
     async fn a_session_permit_the_accept_loop_holds_goes_to_a_connection_that_starts_waiting() {
         let slots = Slots::new(1);
         let (accepting, stop) = (CancellationToken::new(), CancellationToken::new());
-        let held = slots
-            .next(&accepting)
-            .await
-            .expect("permit")
-            .settle(true, std::future::pending(), &stop)
-            .await;
+        let held = the_only_permit(&slots, &accepting, &stop).await;
         let session = slots.next(&accepting).await.expect("overflow");
         drop(held);
         // The accept loop takes the freed permit before the overflow connection waits for one,
@@ -278,12 +288,7 @@ mod tests {
     async fn a_waiting_session_gives_up_at_stop() {
         let slots = Slots::new(1);
         let (accepting, stop) = (CancellationToken::new(), CancellationToken::new());
-        let _held = slots
-            .next(&accepting)
-            .await
-            .expect("permit")
-            .settle(true, std::future::pending(), &stop)
-            .await;
+        let _held = the_only_permit(&slots, &accepting, &stop).await;
         let session = slots.next(&accepting).await.expect("overflow");
         stop.cancel();
         assert!(
